@@ -1,0 +1,2 @@
+"""Built-in criteria, one module per family. Importing this package registers them."""
+from . import basic  # noqa: F401

@@ -1,0 +1,283 @@
+"""Masks: one object owns the boolean masks of a model's prunable tensors.
+
+It applies them, keeps pruned weights exactly zero through training, reports per-layer and global sparsity, and
+saves/loads with the model.
+
+Keeping pruned weights at zero is done with two optimizer hooks (see :meth:`Masks.attach`):
+
+- before each step the gradients of pruned entries are zeroed, so momentum buffers and Adam moments never gain
+  mass there and weight decay (``wd * w`` with ``w = 0``) adds nothing;
+- after each step the weights are multiplied by the mask, which makes the invariant hold for any optimizer,
+  including ones that move weights with no gradient (decoupled weight decay, custom rules).
+
+On :meth:`Masks.attach` and on every mask change, the optimizer's state tensors (momentum buffers, Adam moments) are
+zeroed at pruned entries. Both hooks use ``torch._foreach_mul_`` over the tensors that actually have pruned
+entries, so the cost is two fused elementwise passes per step (see ``bench/bench_masked_step.py``).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .errors import PrunekitError
+from .params import ParamSpec, PrunableParam, prunable_params
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    name: str
+    shape: tuple[int, ...]
+    kept: int
+    total: int
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+
+class Masks:
+    """Boolean masks (``True`` = kept) for the prunable tensors of ``model``.
+
+    ``Masks(model)`` starts all-ones over the default prunable tensors; pass ``params`` (from
+    :func:`prunekit.params.prunable_params`) or ``spec`` to choose other tensors, and ``masks`` to start from given
+    masks. Masks live on the device of their tensor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: list[PrunableParam] | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        spec: ParamSpec | None = None,
+    ):
+        self.model = model
+        self.params = list(params) if params is not None else prunable_params(model, spec)
+        self._by_name = {p.name: p for p in self.params}
+        self._masks: dict[str, torch.Tensor] = {
+            p.name: torch.ones_like(p.tensor, dtype=torch.bool) for p in self.params
+        }
+        self._float: dict[str, torch.Tensor] | None = None
+        self._optimizers: list[weakref.ref] = []
+        if masks is not None:
+            self.set(masks)
+
+    # ----------------------------------------------------------------------------------------------------- access
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._masks
+
+    def items(self):
+        return self._masks.items()
+
+    def names(self) -> list[str]:
+        return list(self._masks)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """A shallow copy ``{param name: bool mask}``."""
+        return dict(self._masks)
+
+    # ----------------------------------------------------------------------------------------------------- update
+    def set(self, masks: Mapping[str, torch.Tensor], nested: bool = False) -> "Masks":
+        """Replace masks (a subset of names is fine) and apply them to the model.
+
+        With ``nested=True`` it is an error for a new mask to revive an entry the current mask prunes.
+        """
+        for name, m in masks.items():
+            if name not in self._masks:
+                raise PrunekitError(f"mask for {name!r} does not match a prunable tensor; known: {', '.join(self._masks)}")
+            cur = self._masks[name]
+            if tuple(m.shape) != tuple(cur.shape):
+                raise PrunekitError(f"mask for {name!r} has shape {tuple(m.shape)}, the tensor has {tuple(cur.shape)}")
+            m = m.to(device=cur.device, dtype=torch.bool)
+            if nested and bool((m & ~cur).any()):
+                raise PrunekitError(f"mask for {name!r} revives pruned entries, but masks must be nested")
+            self._masks[name] = m.clone()
+        self._float = None
+        self.apply()
+        for opt in self.optimizers():
+            self.zero_optimizer_state(opt)
+        return self
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero the pruned entries of every prunable tensor."""
+        for p in self.params:
+            t = p.tensor
+            m = self._masks[p.name]
+            if m.device != t.device:  # the model moved (e.g. .to(cuda)) after the masks were made
+                self._masks[p.name] = m = m.to(t.device)
+                self._float = None
+            t.mul_(m)
+
+    def _active(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(tensors, float masks) for the prunable tensors that have at least one pruned entry."""
+        if self._float is None:
+            self._float = {n: m.to(self._by_name[n].tensor.dtype) for n, m in self._masks.items() if not bool(m.all())}
+        tensors = [self._by_name[n].tensor for n in self._float]
+        return tensors, list(self._float.values())
+
+    # -------------------------------------------------------------------------------------------------- optimizer
+    def attach(self, optimizer: torch.optim.Optimizer) -> "MaskHandle":
+        """Keep pruned weights exactly zero through ``optimizer.step()``; returns a handle with ``remove()``."""
+        self.zero_optimizer_state(optimizer)
+        pre = optimizer.register_step_pre_hook(lambda *_: self.mask_grads())
+        post = optimizer.register_step_post_hook(lambda *_: self.enforce())
+        self._optimizers.append(weakref.ref(optimizer))
+        return MaskHandle(self, optimizer, (pre, post))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        alive = [r() for r in self._optimizers]
+        return [o for o in alive if o is not None]
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        tensors, fmasks = self._active()
+        pairs = [(t.grad, m) for t, m in zip(tensors, fmasks) if t.grad is not None]
+        if pairs:
+            grads, ms = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(ms))
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """θ ← m ⊙ θ for every tensor with pruned entries (called after each optimizer step)."""
+        tensors, fmasks = self._active()
+        if tensors:
+            if tensors[0].device != fmasks[0].device:
+                self.apply()
+                tensors, fmasks = self._active()
+            torch._foreach_mul_(tensors, fmasks)
+
+    @torch.no_grad()
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero pruned entries of every state tensor (momentum, Adam moments) the optimizer keeps for our tensors."""
+        for p in self.params:
+            t = p.tensor
+            state = optimizer.state.get(t)
+            if not state:
+                continue
+            m = self._masks[p.name]
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == t.shape:
+                    value.mul_(m.to(value.dtype))
+
+    # ------------------------------------------------------------------------------------------------------ stats
+    def layer_stats(self) -> list[LayerStat]:
+        return [
+            LayerStat(n, tuple(m.shape), int(m.sum()), m.numel()) for n, m in self._masks.items()
+        ]
+
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self._masks.values())
+
+    def total(self) -> int:
+        return sum(m.numel() for m in self._masks.values())
+
+    def density(self) -> float:
+        return self.kept() / self.total()
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def collapsed(self) -> list[str]:
+        """Prunable tensors left with no kept entry (layer collapse)."""
+        return [n for n, m in self._masks.items() if not bool(m.any())]
+
+    def summary(self) -> str:
+        """Per-layer table: kept / total / density, with a global row."""
+        rows = [(s.name, "x".join(map(str, s.shape)), s.kept, s.total, s.density) for s in self.layer_stats()]
+        rows.append(("(global)", "", self.kept(), self.total(), self.density()))
+        w = max(len(r[0]) for r in rows)
+        ws = max(5, max(len(r[1]) for r in rows))
+        lines = [f"{'layer':<{w}}  {'shape':<{ws}}  {'kept':>10}  {'total':>10}  {'density':>8}"]
+        lines.append("-" * len(lines[0]))
+        for i, (n, sh, k, t, d) in enumerate(rows):
+            if i == len(rows) - 1:
+                lines.append("-" * len(lines[0]))
+            flag = "  collapsed" if k == 0 and n != "(global)" else ""
+            lines.append(f"{n:<{w}}  {sh:<{ws}}  {k:>10,}  {t:>10,}  {d:>8.4f}{flag}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} tensors, density={self.density():.4f})"
+
+    # -------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{param name: bool mask}`` on the CPU."""
+        return {n: m.detach().cpu().clone() for n, m in self._masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> "Masks":
+        missing = [n for n in self._masks if n not in state]
+        if missing:
+            raise PrunekitError(f"saved masks lack {missing[0]!r}: they were made for another model or other options")
+        return self.set(state)
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: Mapping[str, torch.Tensor]) -> "Masks":
+        """Masks for exactly the tensors named in ``state`` (which may differ from the default prunable set)."""
+        named = dict(model.named_modules())
+        params = []
+        for full in state:
+            mname, _, attr = full.rpartition(".")
+            if mname not in named or not isinstance(getattr(named[mname], attr, None), nn.Parameter):
+                raise PrunekitError(f"saved mask {full!r} names no parameter of {type(model).__name__}")
+            params.append(PrunableParam(full, mname, attr, named[mname]))
+        return cls(model, params=params, masks=state)
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module, spec: ParamSpec | None = None) -> "Masks":
+        """Masks that keep exactly the nonzero entries of the prunable tensors."""
+        params = prunable_params(model, spec)
+        return cls(model, params=params, masks={p.name: p.tensor.detach() != 0 for p in params})
+
+
+class MaskHandle:
+    """Returned by :meth:`Masks.attach`; ``remove()`` detaches the optimizer hooks."""
+
+    def __init__(self, masks: Masks, optimizer: torch.optim.Optimizer, hooks):
+        self._masks, self._opt, self._hooks = masks, weakref.ref(optimizer), hooks
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        opt = self._opt()
+        self._masks._optimizers = [r for r in self._masks._optimizers if r() is not None and r() is not opt]
+
+
+def save(path, model: nn.Module, masks: Masks | None = None, **meta) -> None:
+    """Save a (pruned) model: its state_dict, its masks and any metadata, written atomically."""
+    from .io import atomic_torch_save
+
+    atomic_torch_save(
+        {"model": model.state_dict(), "masks": masks.state_dict() if masks is not None else None, "meta": meta}, path
+    )
+
+
+def load(path, model: nn.Module) -> Masks | None:
+    """Load a model saved by :func:`save` into ``model`` (a freshly built one); returns its masks (or None)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "model" not in blob:
+        raise PrunekitError(f"{path} is not a prunekit model file (expected one written by prunekit.save)")
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise PrunekitError(f"{path} does not fit {type(model).__name__}: {first}") from None
+    if blob.get("masks") is None:
+        return None
+    return Masks.from_state_dict(model, blob["masks"])

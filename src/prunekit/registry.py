@@ -1,0 +1,130 @@
+"""The method registry: every pruning method under its seed code, with metadata and typed options.
+
+A method is a *criterion* (a pure score function ``score(ctx) -> {param name: Tensor}``, higher = keep) plus
+metadata. Register one with :func:`register`::
+
+    @dataclass(frozen=True)
+    class MyOptions:
+        temperature: float = 1.0
+
+    @register("mine", family="pruning at init", needs_data="labels", summary="...", options=MyOptions)
+    def mine(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        ...
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from .errors import PrunekitError, unknown
+from .params import PrunableParam
+
+NeedsData = Literal["none", "inputs", "labels", "training"]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options of its own."""
+
+
+@dataclass
+class ScoreContext:
+    """Everything a criterion may read. Criteria must not modify the model, its buffers or its gradients.
+
+    - ``params``: the prunable tensors, in order; ``masks``: their current boolean masks (the model's weights are
+      already masked, so ``p.tensor`` is the effective weight).
+    - ``data``: an iterable of ``(inputs, targets)`` batches, or None for data-free methods.
+    - ``loss``: ``loss(outputs, targets) -> scalar`` (mean over the batch), cross-entropy by default.
+    - ``options``: the method's typed options; ``generator``: a seeded generator reserved for the mask
+      (independent of the training RNG); ``round``: 1-based pruning round.
+    """
+
+    model: nn.Module
+    params: list[PrunableParam]
+    masks: Mapping[str, torch.Tensor]
+    data: Iterable | None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    options: Any
+    generator: torch.Generator
+    round: int = 1
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Metadata of a registered method. ``score`` is None for ``none`` (no mask)."""
+
+    name: str
+    family: str
+    needs_data: NeedsData
+    structured: bool
+    summary: str
+    options: type = NoOptions
+    score: Callable[[ScoreContext], dict] | None = field(default=None, repr=False)
+    default_rounds: int = 1
+    seeds: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.options)]
+
+    def make_options(self, **kw):
+        """The method's typed options from keyword arguments; an unknown option lists the valid ones."""
+        from .typed import from_dict
+
+        return from_dict(self.options, kw, error=PrunekitError) if kw else self.options()
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    needs_data: NeedsData,
+    summary: str,
+    options: type = NoOptions,
+    structured: bool = False,
+    default_rounds: int = 1,
+    seeds: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (),
+):
+    """Decorator registering a score function as method ``name``."""
+
+    def deco(fn):
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"method {name!r} registered twice")
+        info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases)
+        _REGISTRY[name] = info
+        for a in aliases:
+            _ALIASES[a] = name
+        return fn
+
+    return deco
+
+
+def _load_builtin() -> None:
+    from . import criteria  # noqa: F401  (registers the built-in methods)
+
+
+def get_method(name: str) -> MethodInfo:
+    """The :class:`MethodInfo` registered under ``name`` or one of its aliases."""
+    _load_builtin()
+    if not isinstance(name, str):
+        raise PrunekitError(f"method must be a method code string, got {name!r}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise unknown("method", name, list(_REGISTRY) + list(_ALIASES))
+    return _REGISTRY[key]
+
+
+def methods() -> list[MethodInfo]:
+    """All registered methods, in registration order."""
+    _load_builtin()
+    return list(_REGISTRY.values())

@@ -1,0 +1,186 @@
+"""Public API: pk.prune / pk.score / pk.methods / pk.sparsity, masks and parameter discovery."""
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+
+
+def test_methods_table_has_baselines():
+    names = [m.name for m in pk.methods()]
+    for code in ("none", "random", "magnitude"):
+        assert code in names
+    info = pk.get_method("magnitude")
+    assert info.needs_data == "none" and not info.structured and info.summary
+
+
+def test_unknown_method_suggests_close_names(tiny_mlp):
+    with pytest.raises(pk.PrunekitError, match="did you mean 'random'"):
+        pk.prune(tiny_mlp, "randm", sparsity=0.5)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "lots"])
+def test_sparsity_outside_range(tiny_mlp, bad):
+    with pytest.raises(pk.PrunekitError, match="sparsity"):
+        pk.prune(tiny_mlp, "magnitude", sparsity=bad)
+
+
+def test_density_and_compression_convert(tiny_mlp):
+    assert pk.resolve_sparsity(density=0.1) == pytest.approx(0.9)
+    assert pk.resolve_sparsity(compression=2) == pytest.approx(0.99)
+    with pytest.raises(pk.PrunekitError, match="only one"):
+        pk.resolve_sparsity(sparsity=0.5, density=0.5)
+
+
+def test_nothing_prunable():
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU())
+    with pytest.raises(pk.PrunekitError, match="nothing prunable"):
+        pk.prune(model, "magnitude", sparsity=0.5)
+
+
+def test_unknown_option_lists_valid_ones(tiny_mlp):
+    with pytest.raises(pk.PrunekitError, match="valid options: .*scope"):
+        pk.prune(tiny_mlp, "magnitude", sparsity=0.5, temprature=3)
+
+
+def test_magnitude_keeps_exactly_the_largest(tiny_mlp):
+    w = torch.cat([p.detach().abs().reshape(-1) for n, p in tiny_mlp.named_parameters() if n.endswith("weight")])
+    n = w.numel()
+    k = pk.keep_count(n, 0.7)
+    thr = torch.sort(w, descending=True).values[k - 1]
+    masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.7)
+    assert masks.kept() == k
+    kept_vals = torch.cat([tiny_mlp[i].weight.detach().abs()[masks[f"{i}.weight"]] for i in (0, 2, 4)])
+    assert kept_vals.min() >= thr
+    assert pk.sparsity(tiny_mlp) == pytest.approx(1 - k / n)
+
+
+def test_random_is_seeded_exact_and_independent_of_global_rng(tiny_mlp):
+    import copy
+
+    a, b = copy.deepcopy(tiny_mlp), copy.deepcopy(tiny_mlp)
+    torch.manual_seed(123)
+    ma = pk.prune(a, "random", sparsity=0.8, seed=7)
+    torch.manual_seed(999)
+    mb = pk.prune(b, "random", sparsity=0.8, seed=7)
+    assert all(torch.equal(ma[n], mb[n]) for n in ma)
+    mc = pk.prune(copy.deepcopy(tiny_mlp), "random", sparsity=0.8, seed=8)
+    assert not all(torch.equal(ma[n], mc[n]) for n in ma)
+    assert ma.kept() == pk.keep_count(ma.total(), 0.8)
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_rounds_give_nested_masks_and_exact_final_count(tiny_mlp, method, scope):
+    masks = pk.prune(tiny_mlp, method, sparsity=0.5, scope=scope)
+    first = masks.state_dict()
+    masks = pk.prune(tiny_mlp, method, sparsity=0.9, scope=scope, rounds=5, masks=masks)
+    for n in first:
+        assert not bool((masks[n] & ~first[n]).any())
+    if scope == "global":
+        assert masks.kept() == pk.keep_count(masks.total(), 0.9)
+    else:
+        for s in masks.layer_stats():
+            assert s.kept == max(1, int(0.1 * s.total + 0.5))
+
+
+def test_round_sparsities_exponential_and_linear():
+    s = pk.round_sparsities(0.99, 2, "exponential")
+    assert s[0] == pytest.approx(0.9) and s[1] == pytest.approx(0.99)
+    assert pk.round_sparsities(0.9, 3, "linear") == pytest.approx([0.3, 0.6, 0.9])
+
+
+def test_none_adds_no_mask(tiny_mlp):
+    masks = pk.prune(tiny_mlp, "none", sparsity=0.9)
+    assert masks.density() == 1.0 and pk.sparsity(tiny_mlp) == 0.0
+
+
+def test_score_is_pure(tiny_mlp):
+    before = {k: v.clone() for k, v in tiny_mlp.state_dict().items()}
+    scores = pk.score(tiny_mlp, "magnitude")
+    assert set(scores) == {"0.weight", "2.weight", "4.weight"}
+    assert all(torch.equal(before[k], v) for k, v in tiny_mlp.state_dict().items())
+
+
+def test_param_options(tiny_mlp):
+    names = [p.name for p in pk.prunable_params(tiny_mlp, exclude_output=True)]
+    assert names == ["0.weight", "2.weight"]
+    names = [p.name for p in pk.prunable_params(tiny_mlp, exclude_first=True, include_bias=True)]
+    assert names == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    assert [p.name for p in pk.prunable_params(tiny_mlp, modules=["2"])] == ["2.weight"]
+    with pytest.raises(pk.PrunekitError, match="did you mean"):
+        pk.prunable_params(tiny_mlp, exclude=["44"])
+
+
+def test_bn_never_prunable_by_default():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4, 2))
+    assert [p.name for p in pk.prunable_params(model)] == ["0.weight", "4.weight"]
+
+
+def test_save_load_round_trip_into_fresh_model(tmp_path, tiny_mlp):
+    masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.8, scope="layer")
+    pk.save(tmp_path / "m.pt", tiny_mlp, masks, note="x")
+    torch.manual_seed(42)
+    fresh = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    loaded = pk.load(tmp_path / "m.pt", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_mlp.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(loaded[n], masks[n]) for n in masks)
+    x = torch.randn(5, 12)
+    assert torch.equal(tiny_mlp(x), fresh(x))
+    # the loaded masks still enforce zeros during training
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    loaded.attach(opt)
+    for _ in range(5):
+        opt.zero_grad()
+        fresh(x).pow(2).sum().backward()
+        opt.step()
+    assert pk.sparsity(fresh) == pytest.approx(masks.sparsity())
+
+
+def test_load_wrong_model_is_clear_error(tmp_path, tiny_mlp):
+    pk.save(tmp_path / "m.pt", tiny_mlp)
+    with pytest.raises(pk.PrunekitError, match="does not fit"):
+        pk.load(tmp_path / "m.pt", nn.Sequential(nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+def test_pruned_weights_exactly_zero_after_many_steps(tiny_mlp, opt_name):
+    torch.manual_seed(0)
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    }
+    opt = make[opt_name](tiny_mlp.parameters())
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+        opt.step()
+
+    for _ in range(20):  # build up optimizer state densely first
+        step()
+    masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.75)
+    masks.attach(opt)
+    for _ in range(300):
+        step()
+        for n, m in masks.items():
+            w = dict(tiny_mlp.named_parameters())[n]
+            assert torch.count_nonzero(w[~m]) == 0
+    for n, m in masks.items():
+        w = dict(tiny_mlp.named_parameters())[n]
+        for v in opt.state[w].values():
+            if torch.is_tensor(v) and v.shape == w.shape:
+                assert torch.count_nonzero(v[~m]) == 0
+        assert torch.count_nonzero(w[m]) == int(m.sum())  # kept weights still train (none stuck at zero)
+
+
+def test_masks_summary_reports_collapse():
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 2))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-6)
+    with pytest.warns(UserWarning, match="collapse"):
+        masks = pk.prune(model, "magnitude", sparsity=0.9)
+    assert masks.collapsed() == ["1.weight"]
+    assert "collapsed" in masks.summary()
