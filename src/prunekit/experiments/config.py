@@ -1,0 +1,252 @@
+"""Typed experiment configs (YAML or JSON), validated with errors that name the bad field and the allowed values.
+
+A config file holds one experiment, optionally with a ``grid`` of values that expands into several::
+
+    name: quickstart
+    model: lenet_300_100            # or {name: lenet_300_100}
+    data: mnist                     # or {name: mnist, subset: 10000}
+    train: {epochs: 6, optimizer: sgd, lr: 0.05, momentum: 0.9}
+    prune: {method: magnitude, sparsity: 0.9, scope: global}
+    seed: 0
+    grid:
+      prune.method: [none, random, magnitude]
+      prune.sparsity: [0.9, 0.98]
+
+``prune`` takes ``method``, one of ``sparsity`` / ``density`` / ``compression``, ``warmup`` (epochs of dense
+training before the mask), the options every method shares (``scope``, ``rounds``, ...) and the method's own options,
+all flat. :func:`resolve` fills in every default, so configs that mean the same run hash the same.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, PrunekitError
+from ..train.config import TrainConfig
+from ..typed import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "lenet_300_100"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``val_size``: hold-out size (count, or fraction if < 1; None = the dataset's default split);
+    ``subset``: a class-balanced subset of the training split (quick runs); ``augment``: None = dataset default."""
+
+    name: str = "mnist"
+    val_size: float | None = None
+    subset: int | None = None
+    augment: bool | None = None
+    split_seed: int = 42
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    plot: bool = True
+    metric: str = "test_acc"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    seed: int = 0
+    grid: dict[str, list] = field(default_factory=dict)
+    report: ReportSection = field(default_factory=ReportSection)
+
+
+# Keys of the prune section that are not options of prunekit.prune.
+_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup")
+
+
+def _shorthand(data: dict) -> dict:
+    data = dict(data)
+    for key in ("model", "data"):
+        if isinstance(data.get(key), str):
+            data[key] = {"name": data[key]}
+    return data
+
+
+def parse(data: dict) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from plain data (the grid is kept, not expanded)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections (model, data, train, prune, ...), got {type(data).__name__}")
+    cfg = from_dict(ExperimentConfig, _shorthand(data))
+    for key in cfg.grid:
+        _check_grid_key(key)
+    return cfg
+
+
+def _check_grid_key(key: str) -> None:
+    head = key.split(".")[0]
+    fields = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "grid"]
+    if head not in fields:
+        raise ConfigError(f"grid key {key!r} does not name a config field; top-level fields: {', '.join(fields)}")
+
+
+def load(path: str | Path) -> dict:
+    """Plain data from a YAML or JSON config file (one-line errors for missing files and syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parser error is the user's config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections (model, data, train, prune, ...)")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar/list syntax (``0.9``, ``true``, ``[0.9, 0.98]``, ``sgd``)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except Exception:  # noqa: BLE001
+        return text
+
+
+def set_path(data: dict, dotted: str, value: Any) -> dict:
+    """Return a copy of ``data`` with ``a.b.c = value`` (creating sections as needed)."""
+    out = copy.deepcopy(data)
+    keys = dotted.split(".")
+    node = out
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if isinstance(nxt, str) and k in ("model", "data"):
+            nxt = {"name": nxt}
+        if nxt is None:
+            nxt = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {k!r} is not a section")
+        node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides (the CLI's ``--set``)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. --set train.epochs=3), got {item!r}")
+        key, _, text = item.partition("=")
+        data = set_path(data, key.strip(), parse_value(text.strip()))
+    return data
+
+
+def expand(data: dict) -> list[dict]:
+    """The grid's cartesian product as plain configs without ``grid`` (a config without a grid yields itself)."""
+    cfg = parse(data)  # validates the grid keys and everything else
+    base = {k: v for k, v in data.items() if k != "grid"}
+    if not cfg.grid:
+        return [base]
+    keys = list(cfg.grid)
+    for k in keys:
+        if not isinstance(cfg.grid[k], list) or not cfg.grid[k]:
+            raise ConfigError(f"grid field {k!r} must be a non-empty list of values")
+    out = []
+    for values in itertools.product(*(cfg.grid[k] for k in keys)):
+        d = base
+        for k, v in zip(keys, values):
+            d = set_path(d, k, v)
+        out.append(d)
+    return out
+
+
+def resolve(data: dict | ExperimentConfig) -> dict:
+    """Fully resolved plain config (every default filled in, names canonical) of ONE run (no grid)."""
+    from ..models import canonical_name
+    from ..prune import resolve_sparsity, split_options
+    from ..registry import get_method
+
+    cfg = data if isinstance(data, ExperimentConfig) else parse(data)
+    if cfg.grid:
+        raise ConfigError("resolve() takes one run; expand the grid first (prunekit.experiments.expand)")
+    out = to_dict(cfg)
+    out.pop("grid")
+    out.pop("report")
+    try:
+        out["model"]["name"] = canonical_name(cfg.model.name)
+    except PrunekitError as e:
+        raise ConfigError(f"field 'model.name': {e}") from None
+    from ..data import dataset_names
+
+    if cfg.data.name not in dataset_names():
+        from ..errors import unknown
+
+        raise ConfigError(f"field 'data.name': {unknown('dataset', cfg.data.name, dataset_names())}")
+    p = dict(cfg.prune)
+    if "method" not in p:
+        raise ConfigError("missing required field 'prune.method' (e.g. magnitude; `prunekit methods` lists them)")
+    try:
+        info = get_method(p["method"])
+    except PrunekitError as e:
+        raise ConfigError(f"field 'prune.method': {e}") from None
+    warmup = p.get("warmup", 0)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ConfigError(f"field 'prune.warmup': expected a whole number of epochs >= 0, got {warmup!r}")
+    if warmup > cfg.train.epochs:
+        raise ConfigError(f"field 'prune.warmup': {warmup} epochs of warm-up exceed train.epochs={cfg.train.epochs}")
+    try:
+        if info.name == "none":
+            s = 0.0
+        else:
+            s = resolve_sparsity(p.get("sparsity"), p.get("density"), p.get("compression"))
+        rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
+        rest.setdefault("seed", cfg.seed)  # the mask generator follows the run's seed unless set explicitly
+        common, method_opts = split_options(info, rest)
+    except PrunekitError as e:
+        raise ConfigError(f"section 'prune': {e}") from None
+    if info.name == "none":  # the dense baseline ignores every pruning option: all configs of it are one run
+        common, method_opts = split_options(info, {"seed": cfg.seed})
+    common = dataclasses.replace(common, rounds=common.rounds or info.default_rounds)
+    out["prune"] = {
+        "method": info.name,
+        "sparsity": s,
+        "warmup": warmup if info.name != "none" else 0,
+        "options": to_dict(common),
+        "method_options": to_dict(method_opts),
+    }
+    return out
+
+
+#: Resolved fields that do not change a run's result and so are left out of its identity.
+NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size")
+
+
+def run_id(resolved: dict) -> str:
+    """Identity of a run: a hash of its resolved config, without the fields in :data:`NOT_IDENTITY` (the
+    experiment's name, progress display, device choice, checkpoint frequency, evaluation batch size)."""
+    ident = copy.deepcopy(resolved)
+    for dotted in NOT_IDENTITY:
+        *parents, leaf = dotted.split(".")
+        node = ident
+        for k in parents:
+            node = node.get(k, {})
+        node.pop(leaf, None)
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

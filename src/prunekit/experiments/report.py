@@ -1,0 +1,151 @@
+"""Tables and plots from the results store.
+
+The table follows the seeds' layout: one row per sparsity, one column per method, each cell the mean ± std over
+seeds of a metric (test accuracy in %, final epoch by default), the best of each row marked with ``*``. The dense
+baseline (``none``) is shown in its own row.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .store import Store
+
+METRICS = {
+    "test_acc": "final_test_acc",
+    "final_test_acc": "final_test_acc",
+    "best_val_test_acc": "test_acc_at_best_val",
+    "test_acc_at_best_val": "test_acc_at_best_val",
+    "best_val_acc": "best_val_acc",
+}
+
+
+def _metric_column(metric: str) -> str:
+    from ..errors import unknown
+
+    if metric not in METRICS:
+        raise unknown("report metric", metric, METRICS)
+    return METRICS[metric]
+
+
+def aggregate(runs: list[dict], metric: str = "test_acc") -> dict[tuple, dict]:
+    """``{(model, dataset, method, sparsity): {"mean", "std", "n", "values"}}`` of a metric over seeds (in %)."""
+    col = _metric_column(metric)
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in runs:
+        v = r.get(col)
+        if v is None:
+            continue
+        groups[(r["model"], r["dataset"], r["method"], round(r["sparsity"], 10))].append(100.0 * v)
+    out = {}
+    for key, vals in groups.items():
+        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "n": len(vals), "values": vals}
+    return out
+
+
+def table(runs: list[dict], metric: str = "test_acc") -> str:
+    """A text table per (model, dataset): sparsity rows x method columns, mean ± std over seeds."""
+    agg = aggregate(runs, metric)
+    if not agg:
+        return "(no finished runs)"
+    blocks = []
+    for md in sorted({(k[0], k[1]) for k in agg}):
+        cells = {k[2:]: v for k, v in agg.items() if (k[0], k[1]) == md}
+        methods = sorted({m for m, _ in cells if m != "none"}, key=_method_order)
+        sparsities = sorted({s for m, s in cells if m != "none"})
+        head = ["sparsity"] + methods
+        rows = []
+        if any(m == "none" for m, _ in cells):
+            v = cells[("none", 0.0)]
+            rows.append(["dense"] + [_fmt(v)] + [""] * (len(methods) - 1) if methods else ["dense", _fmt(v)])
+            if not methods:
+                head = ["sparsity", "none"]
+        for s in sparsities:
+            vals = {m: cells.get((m, s)) for m in methods}
+            best = max((v["mean"] for v in vals.values() if v), default=None)
+            row = [f"{s:g}"]
+            for m in methods:
+                v = vals[m]
+                row.append("—" if v is None else _fmt(v) + ("*" if len(methods) > 1 and v["mean"] == best else ""))
+            rows.append(row)
+        n_seeds = sorted({v["n"] for v in cells.values()})
+        title = f"{md[0]} on {md[1]}: {metric} (%), mean ± std over {'/'.join(map(str, n_seeds))} seed(s); * = best"
+        blocks.append(title + "\n" + _render([head] + rows))
+    return "\n\n".join(blocks)
+
+
+def _method_order(m: str) -> tuple:
+    first = {"random": 0, "magnitude": 1}
+    return (first.get(m, 2), m)
+
+
+def _fmt(v: dict) -> str:
+    return f"{v['mean']:.2f} ± {v['std']:.2f}"
+
+
+def _render(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: str | None = None) -> Path:
+    """Accuracy vs remaining weights (log axis) per method, seed std as error bars; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(runs, metric)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    methods = sorted({k[2] for k in agg if k[2] != "none"}, key=_method_order)
+    for m in methods:
+        pts = sorted((1.0 - k[3], v) for k, v in agg.items() if k[2] == m)
+        xs = [100 * d for d, _ in pts]
+        ax.errorbar(xs, [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts], marker="o", capsize=3, label=m)
+    for k, v in agg.items():
+        if k[2] == "none":
+            ax.axhline(v["mean"], color="k", ls="--", lw=1, label="dense")
+            break
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("remaining weights (%)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def report(root: str | Path = "runs", name: str | None = None, metric: str = "test_acc",
+           plot_path: str | Path | None = None) -> str:
+    """The text table of the store under ``root`` (optionally one experiment), and a plot when asked."""
+    from ..errors import PrunekitError
+
+    path = Path(root) / "results.sqlite"
+    if not path.exists():
+        raise PrunekitError(f"no results store at {path}: run an experiment first (prunekit run CONFIG)")
+    with Store(path) as store:
+        if name is not None and name not in store.experiment_names():
+            from ..errors import unknown
+
+            raise unknown("experiment", name, store.experiment_names())
+        runs = store.runs(name=name)
+    text = table(runs, metric)
+    if plot_path is not None and runs:
+        plot(runs, plot_path, metric, title=name)
+    return text

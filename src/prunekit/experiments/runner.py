@@ -1,0 +1,180 @@
+"""``run(cfg) -> RunRecord``: one experiment, a pure function of its resolved config.
+
+The run's identity is the hash of its resolved config. Its folder is ``<root>/runs/<run_id>/`` (config.json,
+last.pt for resuming, best.pt, record.json) and its rows in ``<root>/results.sqlite`` are keyed by the same id:
+rerunning a finished config is a no-op that returns the stored record; an interrupted run resumes from its last
+checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..io import atomic_write_json
+from .config import resolve, run_id
+from .store import Store
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    method: str
+    sparsity: float
+    seed: int
+    model: str
+    dataset: str
+    final_test_acc: float | None = None
+    best_val_acc: float | None = None
+    test_acc_at_best_val: float | None = None
+    best_epoch: int | None = None
+    achieved_sparsity: float = 0.0
+    collapsed: list[str] = field(default_factory=list)
+    prune_events: list[dict] = field(default_factory=list)
+    prune_seconds: float = 0.0
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+    epochs: int = 0
+    run_dir: str = ""
+    cached: bool = False  # True when the record came from the store without running
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from .. import __version__
+
+    return {"prunekit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def hardware(device: str) -> dict[str, Any]:
+    info = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run(
+    cfg: dict,
+    root: str | Path = "runs",
+    *,
+    data_dir: str | Path | None = None,
+    store: Store | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RunRecord:
+    """Run (or resume, or look up) the experiment ``cfg`` (plain data of one run, no grid)."""
+    from ..data import load_dataset, loaders
+    from ..masks import Masks
+    from ..models import get_model
+    from ..schedules import OneShot, PruningCallback
+    from ..seeding import seed_everything
+    from ..train import Callback, Trainer
+    from ..train.config import TrainConfig
+    from ..typed import from_dict
+
+    resolved = resolve(cfg)
+    rid = run_id(resolved)
+    name = resolved["name"]
+    root = Path(root)
+    own_store = store is None
+    store = store or Store(root / "results.sqlite")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    try:
+        done = store.record(rid)
+        if done is not None:
+            store.link(name, rid)
+            rec = RunRecord.from_dict(done)
+            rec.cached = True
+            return rec
+
+        run_dir = root / "runs" / rid
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", resolved)
+        tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
+        device = _device(tcfg.device)
+        store.begin_run(rid, name, resolved, versions(), hardware(device))
+        p = resolved["prune"]
+        resuming = (run_dir / "last.pt").exists()
+        log(f"[{rid}] {name}: {resolved['model']['name']} on {resolved['data']['name']}, {p['method']} "
+            f"at sparsity {p['sparsity']:g}, seed {resolved['seed']}" + (" (resuming)" if resuming else ""))
+        t_start = time.perf_counter()
+        try:
+            d = resolved["data"]
+            splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
+                                  subset=d["subset"])
+            seed_everything(resolved["seed"])
+            model = get_model(resolved["model"]["name"], num_classes=splits.num_classes,
+                              input_shape=tuple(splits.input_shape))
+            train_dl, val_dl, test_dl = loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.eval_batch_size,
+                                                device=device, seed=resolved["seed"], augment=d["augment"])
+
+            class StoreEpochs(Callback):
+                def on_epoch_end(self, trainer, epoch, metrics):
+                    store.log_epoch(rid, epoch, metrics)
+
+            callbacks: list = [StoreEpochs()]
+            pruner = None
+            if p["method"] != "none":
+                def score_data():
+                    # the eval-transform training split, in a fixed seeded order (issue 3 adds sample budgets)
+                    return loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.batch_size, device=device,
+                                   seed=resolved["seed"], augment=False)[0]
+
+                pruner = PruningCallback(OneShot(p["sparsity"], at_epoch=p["warmup"]), p["method"], data=score_data,
+                                         **p["options"], **p["method_options"])
+                callbacks.insert(0, pruner)
+            trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=run_dir,
+                              seed=resolved["seed"], log=log)
+            trainer.fit()
+            summary = trainer.summary()
+        except BaseException as e:
+            msg = f"{type(e).__name__}: {e}"
+            store.fail_run(rid, msg if not isinstance(e, KeyboardInterrupt) else "interrupted")
+            if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+            raise
+        masks = trainer.masks if trainer.masks is not None else Masks(model)
+        events = pruner.events if pruner is not None else []
+        layers = [{"layer": s.name, "shape": "x".join(map(str, s.shape)), "kept": s.kept, "total": s.total,
+                   "density": s.density} for s in masks.layer_stats()]
+        rec = RunRecord(
+            run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
+            model=resolved["model"]["name"], dataset=resolved["data"]["name"],
+            final_test_acc=summary.get("final_test_acc"), best_val_acc=summary.get("best_val_acc"),
+            test_acc_at_best_val=summary.get("test_acc_at_best_val"), best_epoch=summary.get("best_epoch"),
+            achieved_sparsity=masks.sparsity(), collapsed=masks.collapsed(), prune_events=events,
+            prune_seconds=sum(e.get("seconds", 0.0) for e in events), train_seconds=summary.get("train_seconds", 0.0),
+            total_seconds=time.perf_counter() - t_start, epochs=summary.get("epochs", tcfg.epochs),
+            run_dir=str(run_dir),
+        )
+        atomic_write_json(run_dir / "record.json", rec.to_dict())
+        store.finish_run(rid, rec.to_dict(), layers)
+        return rec
+    finally:
+        if own_store:
+            store.close()
