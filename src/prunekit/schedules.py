@@ -29,21 +29,21 @@ class OneShot:
 
 
 class PruningCallback(Callback):
-    """Calls ``prunekit.prune(model, method, sparsity, data=data(), **options)`` whenever ``schedule`` says so.
+    """Calls ``prunekit.prune(model, method, sparsity, data=data(), **options)`` whenever the schedule ``when`` says so.
 
     ``data`` is a zero-argument callable returning the scoring batches (built lazily, only when a method needs
     them). Every pruning event is appended to ``self.events`` (epoch, method, sparsity reached, seconds, collapsed
     tensors), and restored on resume.
     """
 
-    def __init__(self, schedule, method: str, data: Callable[[], Iterable] | None = None, loss=None,
+    def __init__(self, when, method: str, data: Callable[[], Iterable] | None = None, loss=None,
                  on_prune: Callable[[Any, dict], None] | None = None, **options):
-        self.schedule, self.method, self.data, self.loss, self.options = schedule, method, data, loss, options
+        self.when, self.method, self.data, self.loss, self.options = when, method, data, loss, options
         self.on_prune = on_prune
         self.events: list[dict] = []
 
     def on_epoch_begin(self, trainer, epoch: int) -> None:
-        target = self.schedule.target(epoch)
+        target = self.when.target(epoch)
         if target is None or any(e["epoch"] == epoch for e in self.events):
             return
         from .registry import get_method

@@ -6,6 +6,8 @@ baseline (``none``) is shown in its own row.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -29,15 +31,23 @@ def _metric_column(metric: str) -> str:
     return METRICS[metric]
 
 
+def recipe(run: dict) -> str:
+    """Short hash of what a comparison must hold equal: model, data and training recipe (not seed, not method)."""
+    cfg = json.loads(run["config"])
+    blob = json.dumps({k: cfg.get(k) for k in ("model", "data", "train")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
 def aggregate(runs: list[dict], metric: str = "test_acc") -> dict[tuple, dict]:
-    """``{(model, dataset, method, sparsity): {"mean", "std", "n", "values"}}`` of a metric over seeds (in %)."""
+    """``{(model, dataset, recipe, method, sparsity): {"mean", "std", "n", "values"}}`` of a metric over seeds
+    (in %). Runs with a different model, data or training recipe are never averaged together."""
     col = _metric_column(metric)
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in runs:
         v = r.get(col)
         if v is None:
             continue
-        groups[(r["model"], r["dataset"], r["method"], round(r["sparsity"], 10))].append(100.0 * v)
+        groups[(r["model"], r["dataset"], recipe(r), r["method"], round(r["sparsity"], 10))].append(100.0 * v)
     out = {}
     for key, vals in groups.items():
         out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -51,17 +61,13 @@ def table(runs: list[dict], metric: str = "test_acc") -> str:
     if not agg:
         return "(no finished runs)"
     blocks = []
-    for md in sorted({(k[0], k[1]) for k in agg}):
-        cells = {k[2:]: v for k, v in agg.items() if (k[0], k[1]) == md}
+    keys = sorted({k[:3] for k in agg})
+    for md in keys:
+        cells = {k[3:]: v for k, v in agg.items() if k[:3] == md}
         methods = sorted({m for m, _ in cells if m != "none"}, key=_method_order)
         sparsities = sorted({s for m, s in cells if m != "none"})
         head = ["sparsity"] + methods
         rows = []
-        if any(m == "none" for m, _ in cells):
-            v = cells[("none", 0.0)]
-            rows.append(["dense"] + [_fmt(v)] + [""] * (len(methods) - 1) if methods else ["dense", _fmt(v)])
-            if not methods:
-                head = ["sparsity", "none"]
         for s in sparsities:
             vals = {m: cells.get((m, s)) for m in methods}
             best = max((v["mean"] for v in vals.values() if v), default=None)
@@ -71,8 +77,17 @@ def table(runs: list[dict], metric: str = "test_acc") -> str:
                 row.append("—" if v is None else _fmt(v) + ("*" if len(methods) > 1 and v["mean"] == best else ""))
             rows.append(row)
         n_seeds = sorted({v["n"] for v in cells.values()})
-        title = f"{md[0]} on {md[1]}: {metric} (%), mean ± std over {'/'.join(map(str, n_seeds))} seed(s); * = best"
-        blocks.append(title + "\n" + _render([head] + rows))
+        title = f"{md[0]} on {md[1]}: {metric} (%), mean ± std over {'/'.join(map(str, n_seeds))} seed(s)"
+        if sum(1 for k in keys if k[:2] == md[:2]) > 1:
+            title += f" [training recipe {md[2]}]"
+        lines = [title]
+        if ("none", 0.0) in cells:
+            lines.append(f"dense (none): {_fmt(cells[('none', 0.0)])}")
+        if rows:
+            lines.append(_render([head] + rows))
+            if len(methods) > 1:
+                lines.append("* = best in its row")
+        blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
@@ -101,19 +116,24 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     agg = aggregate(runs, metric)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    methods = sorted({k[2] for k in agg if k[2] != "none"}, key=_method_order)
+    methods = sorted({k[3] for k in agg if k[3] != "none"}, key=_method_order)
     for m in methods:
-        pts = sorted((1.0 - k[3], v) for k, v in agg.items() if k[2] == m)
+        pts = sorted((1.0 - k[4], v) for k, v in agg.items() if k[3] == m)
         xs = [100 * d for d, _ in pts]
         ax.errorbar(xs, [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts], marker="o", capsize=3, label=m)
     for k, v in agg.items():
-        if k[2] == "none":
+        if k[3] == "none":
             ax.axhline(v["mean"], color="k", ls="--", lw=1, label="dense")
             break
     ax.set_xscale("log")
+    ticks = sorted({100 * (1.0 - k[4]) for k in agg if k[3] != "none"})
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("remaining weights (%)")
     ax.set_ylabel(f"{metric} (%)")

@@ -117,6 +117,10 @@ def run(
         atomic_write_json(run_dir / "config.json", resolved)
         tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
         device = _device(tcfg.device)
+        d = resolved["data"]
+        # before the run is registered: a missing dataset is the user's to fix, not a failed run
+        splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
+                              subset=d["subset"])
         store.begin_run(rid, name, resolved, versions(), hardware(device))
         p = resolved["prune"]
         resuming = (run_dir / "last.pt").exists()
@@ -124,9 +128,6 @@ def run(
             f"at sparsity {p['sparsity']:g}, seed {resolved['seed']}" + (" (resuming)" if resuming else ""))
         t_start = time.perf_counter()
         try:
-            d = resolved["data"]
-            splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
-                                  subset=d["subset"])
             seed_everything(resolved["seed"])
             model = get_model(resolved["model"]["name"], num_classes=splits.num_classes,
                               input_shape=tuple(splits.input_shape))

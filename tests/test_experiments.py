@@ -1,0 +1,240 @@
+"""Experiments: config validation, grid expansion, run identity, the SQLite store, resume, CLI, quickstart."""
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import prunekit as pk
+from prunekit.cli import main
+from prunekit.experiments import Store, config as C, run
+from prunekit.experiments.report import aggregate, table
+
+BASE = {
+    "name": "tiny",
+    "model": "lenet_300_100",
+    "data": {"name": "synthetic"},
+    "train": {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
+    "prune": {"method": "magnitude", "sparsity": 0.8, "warmup": 1},
+    "seed": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"train": {"optimzer": "sgd"}}, r"unknown field 'train.optimzer' \(did you mean 'optimizer'\?\)"),
+    ({"train": {"optimizer": "sgdd"}}, r"field 'train.optimizer': 'sgdd' is not one of"),
+    ({"train": {"epochs": "ten"}}, r"field 'train.epochs': expected an integer"),
+    ({"prune": {"method": "magnitud"}}, r"field 'prune.method': unknown method 'magnitud': did you mean 'magnitude'"),
+    ({"prune": {"method": "magnitude", "sparsity": 1.0}}, r"sparsity 1.0 is outside \[0, 1\)"),
+    ({"prune": {"method": "magnitude", "sparsity": -0.1}}, r"outside \[0, 1\)"),
+    ({"prune": {"method": "magnitude", "scop": "layer"}}, r"unknown option 'scop'.*did you mean 'scope'"),
+    ({"prune": {"method": "magnitude", "scope": "per-layer"}}, r"'per-layer' is not one of 'global', 'layer'"),
+    ({"prune": {"sparsity": 0.5}}, r"missing required field 'prune.method'"),
+    ({"prune": {"method": "magnitude", "warmup": 9}}, r"warm-up exceed train.epochs"),
+    ({"model": "resnet2"}, r"field 'model.name': unknown model 'resnet2': did you mean 'resnet20'"),
+    ({"data": "cifar11"}, r"field 'data.name': unknown dataset 'cifar11'"),
+    ({"train": {"lr_schedule": "multistep", "milestones": [5, 3]}}, r"train.milestones"),
+    ({"grid": {"prunes.method": ["none"]}}, r"grid key 'prunes.method' does not name a config field"),
+])
+def test_config_errors_name_the_field(patch, match):
+    data = {**BASE, **patch}
+    with pytest.raises(pk.ConfigError, match=match) as e:
+        for r in C.expand(data):
+            C.resolve(r)
+    assert "\n" not in str(e.value)
+
+
+def test_malformed_files(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(pk.ConfigError, match="not valid YAML"):
+        C.load(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(pk.ConfigError, match="mapping"):
+        C.load(tmp_path / "list.yaml")
+    with pytest.raises(pk.ConfigError, match="not found"):
+        C.load(tmp_path / "missing.yaml")
+
+
+def test_grid_expansion_and_identity():
+    data = {**BASE, "grid": {"prune.method": ["none", "random", "magnitude"], "prune.sparsity": [0.5, 0.9],
+                             "seed": [0, 1]}}
+    runs = C.expand(data)
+    assert len(runs) == 12
+    ids = {C.run_id(C.resolve(r)) for r in runs}
+    assert len(ids) == 10  # 'none' ignores sparsity: 2 seeds x 1 + 2 methods x 2 sparsities x 2 seeds
+    # defaults written out or left implicit are the same run; the experiment name is not part of the identity
+    a = C.resolve({**BASE, "prune": {"method": "magnitude", "sparsity": 0.8, "warmup": 1, "scope": "global"}})
+    b = C.resolve({**BASE, "name": "other", "train": {**BASE["train"], "device": "cpu"}})
+    assert C.run_id(a) == C.run_id(b)
+    c = C.resolve({**BASE, "prune": {"method": "magnitude", "density": 0.2, "warmup": 1}})
+    assert C.run_id(a) == C.run_id(c)
+    assert C.run_id(a) != C.run_id(C.resolve({**BASE, "seed": 1}))
+
+
+def test_overrides():
+    d = C.apply_overrides(BASE, ["train.epochs=7", "prune.sparsity=0.95", "model=mlpnet", "train.milestones=[2, 4]"])
+    assert d["train"]["epochs"] == 7 and d["prune"]["sparsity"] == 0.95 and d["model"] == "mlpnet"
+    assert d["train"]["milestones"] == [2, 4]
+    assert BASE["train"]["epochs"] == 3  # no mutation
+    with pytest.raises(pk.ConfigError, match="key=value"):
+        C.apply_overrides(BASE, ["train.epochs"])
+
+
+def _weights(run_dir: Path):
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_run_store_and_noop_rerun(tmp_path):
+    rec = run(BASE, tmp_path, log=lambda m: None)
+    assert not rec.cached and rec.method == "magnitude" and rec.achieved_sparsity == pytest.approx(0.8, abs=1e-4)
+    assert rec.final_test_acc > 0.5  # the synthetic task is learnable
+    with Store(tmp_path / "results.sqlite") as s:
+        rows = s.runs(name="tiny")
+        assert len(rows) == 1 and rows[0]["status"] == "done"
+        assert [e["epoch"] for e in s.epochs(rec.run_id)] == [0, 1, 2]
+        layers = s.layers(rec.run_id)
+        assert [l["layer"] for l in layers] == ["fc1.weight", "fc2.weight", "fc3.weight"]
+        assert sum(l["kept"] for l in layers) == pk.keep_count(sum(l["total"] for l in layers), 0.8)
+        assert json.loads(rows[0]["config"])["prune"]["method"] == "magnitude"
+        assert json.loads(rows[0]["versions"])["torch"] == torch.__version__
+    # sparsity in the epochs table: dense during warm-up, pruned after
+    with Store(tmp_path / "results.sqlite") as s:
+        sp = [e["sparsity"] for e in s.epochs(rec.run_id)]
+    assert sp[0] == 0.0 and sp[1] == pytest.approx(0.8, abs=1e-4)
+    mtime = (Path(rec.run_dir) / "last.pt").stat().st_mtime_ns
+    again = run(BASE, tmp_path, log=lambda m: None)
+    assert again.cached and again.final_test_acc == rec.final_test_acc
+    assert (Path(rec.run_dir) / "last.pt").stat().st_mtime_ns == mtime  # nothing retrained
+    # the saved best model loads into a fresh model with its masks
+    from prunekit.models import get_model
+
+    fresh = get_model("lenet_300_100", input_shape=(1, 8, 8), num_classes=4)
+    masks = pk.load(Path(rec.run_dir) / "best.pt", fresh)
+    assert masks is not None and masks.sparsity() == pytest.approx(0.8, abs=1e-4)
+    assert pk.sparsity(fresh) == pytest.approx(masks.sparsity())
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    straight = run(BASE, tmp_path / "a", log=lambda m: None)
+
+    calls = {"n": 0}
+    real = Store.log_epoch
+
+    def dying(self, rid, epoch, metrics):
+        real(self, rid, epoch, metrics)
+        calls["n"] += 1
+        if epoch == 1:  # dies after epoch 1 is logged but before its checkpoint is written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "log_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(BASE, tmp_path / "b", log=lambda m: None)
+    with Store(tmp_path / "b" / "results.sqlite") as s:
+        assert s.status(straight.run_id) == "failed"
+        assert s.runs(status="done") == []
+    monkeypatch.setattr(Store, "log_epoch", real)
+    resumed = run(BASE, tmp_path / "b", log=lambda m: None)
+    assert resumed.run_id == straight.run_id and not resumed.cached
+    assert resumed.final_test_acc == straight.final_test_acc
+    wa, wb = _weights(Path(straight.run_dir)), _weights(Path(resumed.run_dir))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with Store(tmp_path / "b" / "results.sqlite") as s:
+        assert [e["epoch"] for e in s.epochs(resumed.run_id)] == [0, 1, 2]
+        assert s.status(resumed.run_id) == "done"
+        assert len(s.runs(status="done")) == 1
+
+
+def test_store_transactions_roll_back(tmp_path):
+    with Store(tmp_path / "r.sqlite") as s:
+        with pytest.raises(RuntimeError):
+            with s.transaction() as c:
+                c.execute("INSERT INTO experiments (name, run_id, added) VALUES ('x', 'y', 0)")
+                raise RuntimeError("crash mid-write")
+        assert s.experiment_names() == []
+
+
+def test_report_table_equals_direct_computation(tmp_path):
+    data = {**BASE, "train": {**BASE["train"], "epochs": 1}, "prune": {"method": "random", "sparsity": 0.5},
+            "grid": {"seed": [0, 1, 2]}}
+    recs = [run(r, tmp_path, log=lambda m: None) for r in C.expand(data)]
+    with Store(tmp_path / "results.sqlite") as s:
+        rows = s.runs(name="tiny")
+    agg = aggregate(rows)
+    (cell,) = agg.values()
+    vals = [100 * r.final_test_acc for r in recs]
+    mean = sum(vals) / 3
+    std = (sum((v - mean) ** 2 for v in vals) / 2) ** 0.5
+    assert cell["n"] == 3 and cell["mean"] == pytest.approx(mean) and cell["std"] == pytest.approx(std)
+    assert f"{mean:.2f} ± {std:.2f}" in table(rows)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "prune": {"method": "snipp", "sparsity": 0.9}}))
+    assert main(["run", str(cfg), "--root", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["prunekit: error: field 'prune.method': unknown method 'snipp': did you mean 'snip'?"] or (
+        len(err) == 1 and "unknown method 'snipp'" in err[0])
+    assert main(["run", str(cfg), "--set", "prune.method=random", "--set", "prune.sparsity=1.5",
+                 "--root", str(tmp_path / "runs")]) == 2
+    assert "outside [0, 1)" in capsys.readouterr().err
+    assert main(["report", "--root", str(tmp_path / "nothing")]) == 2
+    assert "run an experiment first" in capsys.readouterr().err
+
+
+def test_missing_dataset_names_the_fetch_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_DATA", str(tmp_path / "empty"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "data": "mnist"}))
+    assert main(["run", str(cfg), "--root", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("prunekit: error:") and "prunekit data fetch mnist" in last
+    assert "Traceback" not in err
+
+
+def test_cli_run_grid_report_and_methods(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "train": {**BASE["train"], "epochs": 2},
+                                   "grid": {"prune.method": ["none", "random", "magnitude"]}}))
+    assert main(["run", str(cfg), "--root", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "dense (none)" in out and "random" in out and "magnitude" in out
+    assert (tmp_path / "runs" / "tiny.png").stat().st_size > 1000
+    assert main(["report", "--root", str(tmp_path / "runs"), "--name", "tiny"]) == 0
+    assert "0.8" in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude" in out and "random" in out
+
+
+MNIST = Path(os.environ.get("PRUNEKIT_DATA", Path.home() / ".cache/prunekit/data")) / "mnist" / "mnist.pkl.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST.exists(), reason="real MNIST absent: run `prunekit data fetch mnist` (make test does)")
+def test_quickstart_on_real_mnist(tmp_path, capsys):
+    """The README's default experiment end to end: 15 LeNet-300-100 runs on real MNIST."""
+    torch.set_num_threads(2)
+    root = Path(__file__).resolve().parents[1]
+    assert main(["run", str(root / "configs" / "quickstart.yaml"), "--root", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dense (none)" in out
+    with Store(tmp_path / "results.sqlite") as s:
+        agg = {(k[3], k[4]): v for k, v in aggregate(s.runs(name="quickstart")).items()}
+    assert agg[("none", 0.0)]["mean"] > 97.5
+    assert agg[("magnitude", 0.9)]["mean"] > 97.0
+    assert agg[("magnitude", 0.98)]["mean"] > agg[("random", 0.98)]["mean"] + 5
+    assert all(v["n"] == 3 for v in agg.values())
+    assert (tmp_path / "quickstart.png").stat().st_size > 1000
