@@ -67,6 +67,8 @@ class MethodInfo:
     default_rounds: int = 1
     seeds: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    default_samples: Any = "all"
+    rebatches: bool = True
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -93,13 +95,22 @@ def register(
     default_rounds: int = 1,
     seeds: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
+    default_samples: Any = "all",
+    rebatches: bool = True,
 ):
-    """Decorator registering a score function as method ``name``."""
+    """Decorator registering a score function as method ``name``.
+
+    ``default_samples``: the scoring-data budget used by experiments unless a config sets ``samples``
+    (:mod:`prunekit.data.scoring`); ``rebatches``: the criterion regroups its data into its own mini-batches, so the
+    experiment may feed it in any batch size (False when the composition of the given batches matters, e.g. PX's
+    batch statistics).
+    """
 
     def deco(fn):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} registered twice")
-        info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases)
+        info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases,
+                          default_samples, rebatches)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name

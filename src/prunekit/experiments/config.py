@@ -13,8 +13,9 @@ A config file holds one experiment, optionally with a ``grid`` of values that ex
       prune.sparsity: [0.9, 0.98]
 
 ``prune`` takes ``method``, one of ``sparsity`` / ``density`` / ``compression``, ``warmup`` (epochs of dense
-training before the mask), the options every method shares (``scope``, ``rounds``, ...) and the method's own options,
-all flat. :func:`resolve` fills in every default, so configs that mean the same run hash the same.
+training before the mask), ``samples`` and ``score_transform`` (the scoring set of data-dependent methods, see
+:mod:`prunekit.data.scoring`), the options every method shares (``scope``, ``rounds``, ...) and the method's own
+options, all flat. :func:`resolve` fills in every default, so configs that mean the same run hash the same.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class ExperimentConfig:
 
 
 # Keys of the prune section that are not options of prunekit.prune.
-_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup")
+_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform")
 
 
 def _shorthand(data: dict) -> dict:
@@ -224,10 +225,24 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     if info.name == "none":  # the dense baseline ignores every pruning option: all configs of it are one run
         common, method_opts = split_options(info, {"seed": cfg.seed})
     common = dataclasses.replace(common, rounds=common.rounds or info.default_rounds)
+    uses_data = info.needs_data in ("inputs", "labels")
+    samples = p.get("samples", info.default_samples) if uses_data else None
+    transform = p.get("score_transform", "eval") if uses_data else None
+    if uses_data:
+        from ..data.scoring import check_samples
+
+        try:
+            check_samples(samples)
+        except PrunekitError as e:
+            raise ConfigError(f"field 'prune.samples': {e}") from None
+        if transform not in ("eval", "train"):
+            raise ConfigError(f"field 'prune.score_transform': {transform!r} is not one of 'eval', 'train'")
     out["prune"] = {
         "method": info.name,
         "sparsity": s,
         "warmup": warmup if info.name != "none" else 0,
+        "samples": samples,
+        "score_transform": transform,
         "options": to_dict(common),
         "method_options": to_dict(method_opts),
     }

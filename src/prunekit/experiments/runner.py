@@ -39,6 +39,7 @@ class RunRecord:
     best_epoch: int | None = None
     achieved_sparsity: float = 0.0
     collapsed: list[str] = field(default_factory=list)
+    connected: bool | None = None  # does an input-output path of kept weights survive? (None: dense)
     prune_events: list[dict] = field(default_factory=list)
     prune_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -88,7 +89,9 @@ def run(
     log: Callable[[str], None] | None = None,
 ) -> RunRecord:
     """Run (or resume, or look up) the experiment ``cfg`` (plain data of one run, no grid)."""
-    from ..data import load_dataset, loaders
+    from ..data import load_dataset, loaders, scoring_data
+    from ..diagnostics import collapse_report
+    from ..registry import get_method
     from ..masks import Masks
     from ..models import get_model
     from ..schedules import OneShot, PruningCallback
@@ -141,13 +144,22 @@ def run(
             callbacks: list = [StoreEpochs()]
             pruner = None
             if p["method"] != "none":
+                info = get_method(p["method"])
+                bs = p["method_options"].get("batch_size", 256)
+
                 def score_data():
-                    # the eval-transform training split, in a fixed seeded order (issue 3 adds sample budgets)
-                    return loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.batch_size, device=device,
-                                   seed=resolved["seed"], augment=False)[0]
+                    # criteria that regroup their data get large batches; others get exactly their batch_size
+                    return scoring_data(splits, p["samples"], batch_size=max(bs, 256) if info.rebatches else bs,
+                                        seed=resolved["seed"], transform=p["score_transform"], device=device)
+
+                def diagnose(masks, event):
+                    event["diagnostics"] = collapse_report(masks.model, masks).to_dict()
+                    if event["diagnostics"]["connected"] is False:
+                        log(f"[{rid}] warning: no input-output path survives pruning (collapsed: "
+                            f"{', '.join(event['diagnostics']['collapsed'])})")
 
                 pruner = PruningCallback(OneShot(p["sparsity"], at_epoch=p["warmup"]), p["method"], data=score_data,
-                                         **p["options"], **p["method_options"])
+                                         on_prune=diagnose, **p["options"], **p["method_options"])
                 callbacks.insert(0, pruner)
             trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=run_dir,
                               seed=resolved["seed"], log=log)
@@ -169,6 +181,7 @@ def run(
             final_test_acc=summary.get("final_test_acc"), best_val_acc=summary.get("best_val_acc"),
             test_acc_at_best_val=summary.get("test_acc_at_best_val"), best_epoch=summary.get("best_epoch"),
             achieved_sparsity=masks.sparsity(), collapsed=masks.collapsed(), prune_events=events,
+            connected=events[-1].get("diagnostics", {}).get("connected") if events else None,
             prune_seconds=sum(e.get("seconds", 0.0) for e in events), train_seconds=summary.get("train_seconds", 0.0),
             total_seconds=time.perf_counter() - t_start, epochs=summary.get("epochs", tcfg.epochs),
             run_dir=str(run_dir),
