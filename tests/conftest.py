@@ -15,3 +15,12 @@ def tiny_mlp():
     return torch.nn.Sequential(
         torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add contention (and make timings erratic on small shared machines)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,12 +16,7 @@ N = 10  # not a multiple of 3 or 7: the last mini-batch is smaller
 SPLITS = (4, 3, 3)  # incoming batch sizes, not aligned with B
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SeqNet(nn.Module):

@@ -13,12 +13,7 @@ from prunekit.diagnostics import collapse_report
 DATA_METHODS = ["grad_norm", "snip", "grasp", "fisher_diag", "fisher_pruner", "fts", "fbss"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(bn=False):

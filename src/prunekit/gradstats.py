@@ -50,7 +50,6 @@ for such models.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -60,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PrunekitError
+from .modes import scoring_mode
 from .params import PrunableParam
 
 try:  # torch >= 2.4
@@ -176,38 +176,6 @@ class _Stream:
             return x[:k], y[:k]
         self._xs, self._ys, self._n = [], [], 0
         return x, y
-
-
-@contextlib.contextmanager
-def _pure(model: nn.Module, tensors: Sequence[torch.Tensor], mode: str, device: torch.device):
-    """Sets the mode and requires_grad for scoring; restores modes, flags, buffers and RNG state afterwards."""
-    training = [(m, m.training) for m in model.modules()]
-    buffers = []
-    for m in model.modules():
-        for name, b in m.named_buffers(recurse=False):
-            if b is not None:
-                buffers.append((m, name, b, b.detach().clone()))
-    leaves = [t for t in {id(t): t for t in tensors}.values() if t.is_leaf]
-    flags = [(t, t.requires_grad) for t in leaves]
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            model.train(mode == "train")
-            for t in leaves:
-                t.requires_grad_(True)
-            yield
-    finally:
-        for t, flag in flags:
-            t.requires_grad_(flag)
-        for m, flag in training:
-            m.training = flag
-        with torch.no_grad():
-            for m, name, b, saved in buffers:
-                if getattr(m, name, None) is not b:
-                    setattr(m, name, b)
-                b.copy_(saved)
 
 
 class _Unsupported(Exception):
@@ -599,7 +567,7 @@ def grad_stats(
                                 "or 'vmap'")
 
     n_samples = n_batches = 0
-    with _pure(model, [p.tensor for p in params], mode, device):
+    with scoring_mode(model, mode, [p.tensor for p in params]):
         if mode == "eval" and B > max_chunk:
             # micro-batches of one mini-batch: sum the summed-loss gradients, divide by |b|
             while True:

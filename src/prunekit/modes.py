@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,24 +18,40 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.mo
 
 
 @contextmanager
-def scoring_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+def scoring_mode(model: nn.Module, mode: str = "eval", tensors: Sequence[torch.Tensor] = ()) -> Iterator[nn.Module]:
+    """Put ``model`` in ``mode`` with gradients enabled and ``tensors`` requiring grad; on exit restore every
+    module's mode, the requires_grad flags, every buffer (running statistics updated by train-mode forwards) and
+    the RNG state (dropout draws), so scoring leaves no trace."""
     if mode not in ("eval", "train"):
         raise PrunekitError(f"score_bn must be 'eval' or 'train', got {mode!r}")
-    modes = {m: m.training for m in model.modules()}
-    saved = {}
-    if mode == "train":
-        saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-    model.train(mode == "train")
+    training = [(m, m.training) for m in model.modules()]
+    buffers = []
+    for m in model.modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None:
+                buffers.append((m, name, b, b.detach().clone()))
+    leaves = [t for t in {id(t): t for t in tensors}.values() if t.is_leaf]
+    flags = [(t, t.requires_grad) for t in leaves]
+    device = model_device(model)
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     try:
-        yield model
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            model.train(mode == "train")
+            for t in leaves:
+                t.requires_grad_(True)
+            yield model
     finally:
-        for m, was in modes.items():
-            m.training = was
-        if saved:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    if n in saved:
-                        b.copy_(saved[n])
+        for t, flag in flags:
+            t.requires_grad_(flag)
+        for m, flag in training:
+            m.training = flag
+        with torch.no_grad():
+            for m, name, b, saved in buffers:
+                if getattr(m, name, None) is not b:
+                    setattr(m, name, b)
+                b.copy_(saved)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -79,7 +79,7 @@ def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     tensors = [p.tensor for p in ctx.params]
     dev = model_device(ctx.model)
     batches = [(x.to(dev), y.to(dev)) for x, y in _rebatch(ctx.data, o.batch_size)]
-    with scoring_mode(ctx.model, o.score_bn):
+    with scoring_mode(ctx.model, o.score_bn, tensors):
         v = [torch.zeros_like(t) for t in tensors]
         for x, y in batches:
             loss = ctx.loss(ctx.model(x) / T, y)
