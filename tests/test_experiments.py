@@ -211,7 +211,14 @@ def test_cli_run_grid_report_and_methods(tmp_path, capsys):
     assert "0.8" in capsys.readouterr().out
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "magnitude" in out and "random" in out
+    for code in ("none", "random", "magnitude", "grad_norm", "snip", "grasp", "fisher_diag", "fisher_pruner", "fts",
+                 "fbss", "synflow", "px"):
+        assert f"\n{code} " in out
+    assert main(["methods", "fbss"]) == 0
+    out = capsys.readouterr().out
+    assert "damp " in out and "1e-05" in out and "scope" in out
+    assert main(["methods", "fbs"]) == 2
+    assert "did you mean 'fbss'" in capsys.readouterr().err
 
 
 MNIST = Path(os.environ.get("PRUNEKIT_DATA", Path.home() / ".cache/prunekit/data")) / "mnist" / "mnist.pkl.gz"

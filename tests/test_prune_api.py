@@ -209,3 +209,28 @@ def test_custom_optimizer_gets_post_step_masking(tiny_mlp):
     handle.remove()
     opt.step()
     assert pk.sparsity(tiny_mlp) < masks.sparsity()
+
+
+def test_method_update_runs_between_selection_and_masking(tiny_mlp):
+    """A registered update sees the masks before and after selection, moves weights, and pruned ones end at 0."""
+    seen = {}
+
+    def update(ctx, before, after):
+        seen["state"] = ctx.state.get("from_score")
+        seen["newly_pruned"] = sum(int((before[n] & ~after[n]).sum()) for n in after)
+        for p in ctx.params:
+            p.tensor.add_(1.0)  # shift every weight, pruned ones included
+
+    def score(ctx):
+        ctx.state["from_score"] = "hello"
+        return {p.name: p.tensor.detach().abs() for p in ctx.params}
+
+    if "test_shift_update" not in [m.name for m in pk.methods()]:
+        pk.register("test_shift_update", family="test", needs_data="none", summary="test only", update=update)(score)
+    before = {n: p.detach().clone() for n, p in tiny_mlp.named_parameters()}
+    masks = pk.prune(tiny_mlp, "test_shift_update", sparsity=0.5)
+    assert seen == {"state": "hello", "newly_pruned": masks.total() - masks.kept()}
+    for n, m in masks.items():
+        w = dict(tiny_mlp.named_parameters())[n]
+        assert torch.count_nonzero(w[~m]) == 0
+        torch.testing.assert_close(w[m], before[n][m] + 1.0)

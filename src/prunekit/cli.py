@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("methods", help="list every pruning method")
+    p = sub.add_parser("methods", help="list every pruning method, or show one method's options")
+    p.add_argument("method", nargs="?", default=None, help="show this method's options and defaults")
     p.add_argument("--family", default=None, help="only methods whose family contains this text")
 
     p = sub.add_parser("run", help="run the experiment(s) of a config file")
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_methods(args) -> int:
     from .registry import methods
 
+    if args.method is not None:
+        return _show_method(args.method)
+
     rows = [(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else ""), m.family, m.needs_data, m.summary)
             for m in methods() if args.family is None or args.family.lower() in m.family.lower()]
     if not rows:
@@ -78,6 +82,28 @@ def cmd_methods(args) -> int:
     print(f"{'-' * w[0]}  {'-' * w[1]}  {'-' * w[2]}  {'-' * 7}")
     for r in rows:
         print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    return 0
+
+
+def _show_method(name: str) -> int:
+    import dataclasses
+
+    from .prune import PruneOptions
+    from .registry import get_method
+
+    info = get_method(name)
+    print(f"{info.name}: {info.summary}")
+    print(f"  family: {info.family}; data: {info.needs_data}; structured: {'yes' if info.structured else 'no'}; "
+          f"seeds: {', '.join(info.seeds) or '-'}; default rounds: {info.default_rounds}")
+    if info.needs_data in ("inputs", "labels"):
+        print(f"  default scoring samples (config key prune.samples): {info.default_samples}")
+    rows = [(f.name, f.default, "method") for f in dataclasses.fields(info.options)]
+    rows += [(f.name, f.default, "shared") for f in dataclasses.fields(PruneOptions)]
+    if rows:
+        w = max(len(r[0]) for r in rows)
+        print("  options (keyword arguments of pk.prune, or keys of the config's prune section):")
+        for n, d, kind in rows:
+            print(f"    {n:<{w}}  {d!r:<14} {kind}")
     return 0
 
 

@@ -176,6 +176,9 @@ def prune(
             scores = _check_scores(info, masks, info.score(ctx))
             new = select(scores, masks.as_dict(), s_r, common.scope,
                          min_keep_per_layer=common.min_keep_per_layer, nan_policy=common.nan_policy)
+            if info.update is not None:
+                with torch.no_grad():
+                    info.update(ctx, masks.as_dict(), new)
             masks.set(new)
     collapsed = masks.collapsed()
     if collapsed:

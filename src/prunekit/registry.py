@@ -40,7 +40,8 @@ class ScoreContext:
     - ``data``: an iterable of ``(inputs, targets)`` batches, or None for data-free methods.
     - ``loss``: ``loss(outputs, targets) -> scalar`` (mean over the batch), cross-entropy by default.
     - ``options``: the method's typed options; ``generator``: a seeded generator reserved for the mask
-      (independent of the training RNG); ``round``: 1-based pruning round.
+      (independent of the training RNG); ``round``: 1-based pruning round; ``state``: scratch space that the
+      score fills for the method's update (same round).
     """
 
     model: nn.Module
@@ -51,6 +52,7 @@ class ScoreContext:
     options: Any
     generator: torch.Generator
     round: int = 1
+    state: dict = field(default_factory=dict)  # what a score leaves for the method's update (e.g. Fisher factors)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class MethodInfo:
     aliases: tuple[str, ...] = ()
     default_samples: Any = "all"
     rebatches: bool = True
+    update: Callable[[ScoreContext, dict, dict], None] | None = field(default=None, repr=False)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -97,20 +100,22 @@ def register(
     aliases: tuple[str, ...] = (),
     default_samples: Any = "all",
     rebatches: bool = True,
+    update: Callable[[ScoreContext, dict, dict], None] | None = None,
 ):
     """Decorator registering a score function as method ``name``.
 
     ``default_samples``: the scoring-data budget used by experiments unless a config sets ``samples``
     (:mod:`prunekit.data.scoring`); ``rebatches``: the criterion regroups its data into its own mini-batches, so the
     experiment may feed it in any batch size (False when the composition of the given batches matters, e.g. PX's
-    batch statistics).
+    batch statistics); ``update(ctx, masks_before, masks_after)``: moves the surviving weights after selection
+    (the OBS family), reading what the score left in ``ctx.state``; it runs before the new masks are applied.
     """
 
     def deco(fn):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} registered twice")
         info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases,
-                          default_samples, rebatches)
+                          default_samples, rebatches, update)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name
