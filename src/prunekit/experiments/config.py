@@ -13,7 +13,8 @@ A config file holds one experiment, optionally with a ``grid`` of values that ex
       prune.sparsity: [0.9, 0.98]
 
 ``prune`` takes ``method``, one of ``sparsity`` / ``density`` / ``compression``, ``warmup`` (epochs of dense
-training before the mask), ``samples`` and ``score_transform`` (the scoring set of data-dependent methods, see
+training before the mask) or ``gradual`` (a :class:`prunekit.schedules.Gradual` schedule without its target, which
+is the sparsity), ``samples`` and ``score_transform`` (the scoring set of data-dependent methods, see
 :mod:`prunekit.data.scoring`), the options every method shares (``scope``, ``rounds``, ...) and the method's own
 options, all flat. :func:`resolve` fills in every default, so configs that mean the same run hash the same.
 """
@@ -69,7 +70,7 @@ class ExperimentConfig:
 
 
 # Keys of the prune section that are not options of prunekit.prune.
-_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform")
+_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform", "gradual")
 
 
 def _shorthand(data: dict) -> dict:
@@ -225,6 +226,25 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     if info.name == "none":  # the dense baseline ignores every pruning option: all configs of it are one run
         common, method_opts = split_options(info, {"seed": cfg.seed})
     common = dataclasses.replace(common, rounds=common.rounds or info.default_rounds)
+    gradual = p.get("gradual")
+    if gradual is not None and info.name != "none":
+        from ..schedules import Gradual
+
+        if not isinstance(gradual, dict):
+            raise ConfigError("field 'prune.gradual': expected a mapping {start, freq, end, initial_sparsity, ...}")
+        if "target_sparsity" in gradual:
+            raise ConfigError("field 'prune.gradual.target_sparsity': the target is prune.sparsity; remove it here")
+        sched = from_dict(Gradual, {"target_sparsity": s, **gradual}, "prune.gradual")
+        sched.validate("prune.gradual", ConfigError)
+        if warmup:
+            raise ConfigError("prune.warmup and prune.gradual exclude each other: a gradual schedule starts at "
+                              "gradual.start")
+        if sched.end >= cfg.train.epochs:
+            raise ConfigError(f"field 'prune.gradual.end': the last pruning step (epoch {sched.end}) must come before "
+                              f"the end of training; set train.epochs to at least {sched.end + 1}")
+        gradual = {k: v for k, v in to_dict(sched).items() if k != "target_sparsity"}
+    else:
+        gradual = None
     uses_data = info.needs_data in ("inputs", "labels")
     samples = p.get("samples", info.default_samples) if uses_data else None
     transform = p.get("score_transform", "eval") if uses_data else None
@@ -243,6 +263,7 @@ def resolve(data: dict | ExperimentConfig) -> dict:
         "warmup": warmup if info.name != "none" else 0,
         "samples": samples,
         "score_transform": transform,
+        "gradual": gradual,
         "options": to_dict(common),
         "method_options": to_dict(method_opts),
     }
@@ -253,15 +274,20 @@ def resolve(data: dict | ExperimentConfig) -> dict:
 NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size")
 
 
+#: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
+ABSENT_WHEN_NONE = ("prune.gradual",)
+
+
 def run_id(resolved: dict) -> str:
     """Identity of a run: a hash of its resolved config, without the fields in :data:`NOT_IDENTITY` (the
     experiment's name, progress display, device choice, checkpoint frequency, evaluation batch size)."""
     ident = copy.deepcopy(resolved)
-    for dotted in NOT_IDENTITY:
+    for dotted in NOT_IDENTITY + ABSENT_WHEN_NONE:
         *parents, leaf = dotted.split(".")
         node = ident
         for k in parents:
             node = node.get(k, {})
-        node.pop(leaf, None)
+        if dotted in NOT_IDENTITY or node.get(leaf, 0) is None:
+            node.pop(leaf, None)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -94,8 +94,8 @@ def run(
     from ..registry import get_method
     from ..masks import Masks
     from ..models import get_model
-    from ..schedules import OneShot, PruningCallback
-    from ..seeding import seed_everything
+    from ..schedules import Gradual, OneShot, PruningCallback
+    from ..seeding import derive_seed, seed_everything
     from ..train import Callback, Trainer
     from ..train.config import TrainConfig
     from ..typed import from_dict
@@ -147,10 +147,12 @@ def run(
                 info = get_method(p["method"])
                 bs = p["method_options"].get("batch_size", 256)
 
-                def score_data():
-                    # criteria that regroup their data get large batches; others get exactly their batch_size
+                def score_data(step: int):
+                    # criteria that regroup their data get large batches; others get exactly their batch_size.
+                    # Step 0 draws with the run's seed; every later (sub-)step draws afresh.
+                    seed = resolved["seed"] if step == 0 else derive_seed(resolved["seed"], "scoring", str(step))
                     return scoring_data(splits, p["samples"], batch_size=max(bs, 256) if info.rebatches else bs,
-                                        seed=resolved["seed"], transform=p["score_transform"], device=device)
+                                        seed=seed, transform=p["score_transform"], device=device)
 
                 def diagnose(masks, event):
                     event["diagnostics"] = collapse_report(masks.model, masks).to_dict()
@@ -158,8 +160,10 @@ def run(
                         log(f"[{rid}] warning: no input-output path survives pruning (collapsed: "
                             f"{', '.join(event['diagnostics']['collapsed'])})")
 
-                pruner = PruningCallback(OneShot(p["sparsity"], at_epoch=p["warmup"]), p["method"], data=score_data,
-                                         on_prune=diagnose, **p["options"], **p["method_options"])
+                when = (Gradual(p["sparsity"], **p["gradual"]) if p["gradual"] is not None
+                        else OneShot(p["sparsity"], at_epoch=p["warmup"]))
+                pruner = PruningCallback(when, p["method"], data=score_data, on_prune=diagnose, **p["options"],
+                                         **p["method_options"])
                 callbacks.insert(0, pruner)
             trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=run_dir,
                               seed=resolved["seed"], log=log)

@@ -150,11 +150,12 @@ class Trainer:
         return self.run_dir / BEST if self.run_dir is not None else None
 
     # ------------------------------------------------------------------------------------------------- masks
-    def set_masks(self, masks: Masks) -> None:
+    def set_masks(self, masks: Masks, final: bool = True) -> None:
         """Use ``masks`` from now on: apply them and keep pruned weights (and optimizer state) exactly zero.
 
         Replaces the previous masks' optimizer hooks. With ``cfg.weight_decay_after_prune=False`` weight decay is set
-        to 0 in every parameter group, for the rest of the run (a resumed run included).
+        to 0 in every parameter group once the masks are ``final`` (the last step of a pruning schedule; a gradual
+        schedule passes ``final=False`` before its last step), for the rest of the run (a resumed run included).
 
         When the masks differ from the previous ones (per-tensor kept counts), best-validation tracking restarts:
         ``best.pt`` and ``test_acc_at_best_val`` only ever describe a model trained under the current masks (never
@@ -174,7 +175,7 @@ class Trainer:
         if key != self._mask_key:  # a new sparsity pattern: models from earlier epochs no longer compete for best
             self._mask_key = key
             self.best_val_acc = self.best_epoch = self.test_acc_at_best_val = None
-        if not self.cfg.weight_decay_after_prune:
+        if final and not self.cfg.weight_decay_after_prune:
             self._wd_off = True
         self._apply_wd_off()
 
@@ -367,7 +368,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self._wd_off = bool(state["weight_decay_off"])
         if state["masks"] is not None:
-            self.set_masks(Masks.from_state_dict(self.model, state["masks"]))
+            self.set_masks(Masks.from_state_dict(self.model, state["masks"]), final=False)  # _wd_off is restored
         else:
             if self._mask_handle is not None:
                 self._mask_handle.remove()
