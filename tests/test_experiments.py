@@ -240,3 +240,54 @@ def test_quickstart_on_real_mnist(tmp_path, capsys):
     assert agg[("magnitude", 0.98)]["mean"] > agg[("random", 0.98)]["mean"] + 5
     assert all(v["n"] == 3 for v in agg.values())
     assert (tmp_path / "quickstart.png").stat().st_size > 1000
+
+
+def test_pretrained_config_and_one_shot_evaluation(tmp_path):
+    """A one-shot run (train.epochs 0) starts from a dense run named by its config, which runs first if needed."""
+    dense = {**BASE, "name": "dense", "prune": {"method": "none"}}
+    dense_file = tmp_path / "dense.yaml"
+    dense_file.write_text(yaml.safe_dump(dense))
+    oneshot = {**BASE, "name": "oneshot", "model": {"name": "lenet_300_100", "pretrained": str(dense_file)},
+               "train": {**BASE["train"], "epochs": 0}, "prune": {"method": "magnitude", "sparsity": 0.7}}
+    rec = run(oneshot, tmp_path / "runs", log=lambda m: None)
+    with Store(tmp_path / "runs" / "results.sqlite") as s:
+        assert {r["method"] for r in s.runs()} == {"none", "magnitude"}  # the dense run ran first
+        dense_id = [r["run_id"] for r in s.runs() if r["method"] == "none"][0]
+        assert [e["epoch"] for e in s.epochs(rec.run_id)] == [0]
+    # the recorded accuracy is that of the dense final weights pruned by magnitude, with no training
+    from prunekit.data import load_dataset, loaders
+    from prunekit.models import get_model
+
+    splits = load_dataset("synthetic")
+    model = get_model("lenet_300_100", num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model.load_state_dict(torch.load(tmp_path / "runs" / dense_id / "last.pt", weights_only=False)["model"])
+    pk.prune(model, "magnitude", sparsity=0.7, seed=0)
+    _, _, test_dl = loaders(splits, 64)
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in test_dl)
+    assert rec.final_test_acc == pytest.approx(correct / len(splits.test.y))
+    assert rec.achieved_sparsity == pytest.approx(0.7, abs=1e-4)
+    # the identity follows the dense run, not the file's path
+    moved = tmp_path / "elsewhere.yaml"
+    moved.write_text(dense_file.read_text())
+    moved_cfg = {**oneshot, "model": {"name": "lenet_300_100", "pretrained": str(moved)}}
+    assert C.run_id(C.resolve(moved_cfg)) == rec.run_id
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**dense, "seed": 5}))
+    assert C.run_id(C.resolve({**oneshot, "model": {"name": "lenet_300_100", "pretrained": str(changed)}})) != rec.run_id
+
+
+def test_pretrained_model_file(tmp_path):
+    from prunekit.models import get_model
+
+    torch.manual_seed(3)
+    model = get_model("lenet_300_100", num_classes=4, input_shape=(1, 8, 8))
+    masks = pk.prune(model, "random", sparsity=0.5)
+    pk.save(tmp_path / "start.pt", model, masks)
+    cfg = {**BASE, "model": {"name": "lenet_300_100", "pretrained": str(tmp_path / "start.pt")},
+           "prune": {"method": "magnitude", "sparsity": 0.8}}
+    rec = run(cfg, tmp_path / "runs", log=lambda m: None)
+    assert rec.achieved_sparsity == pytest.approx(0.8, abs=1e-4)
+    final = torch.load(Path(rec.run_dir) / "last.pt", weights_only=False)["masks"]
+    assert all(not bool((final[n] & ~masks[n]).any()) for n in masks.names())  # nested in the starting masks
+    with pytest.raises(pk.ConfigError, match="not found"):
+        C.resolve({**cfg, "model": {"name": "lenet_300_100", "pretrained": str(tmp_path / "nope.pt")}})

@@ -27,7 +27,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ConfigError, PrunekitError
 from ..train.config import TrainConfig
@@ -36,7 +36,13 @@ from ..typed import from_dict, to_dict
 
 @dataclass(frozen=True)
 class ModelSection:
+    """``pretrained``: start from trained weights, either a config file of the dense (or pruned) run to start from,
+    which is run first when the store does not have it yet, or a model file written by ``prunekit.save``.
+    ``weights``: the ``final`` weights of that run or its ``best`` validation checkpoint. Masks come along."""
+
     name: str = "lenet_300_100"
+    pretrained: str | None = None
+    weights: Literal["final", "best"] = "final"
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,7 @@ def resolve(data: dict | ExperimentConfig) -> dict:
         out["model"]["name"] = canonical_name(cfg.model.name)
     except PrunekitError as e:
         raise ConfigError(f"field 'model.name': {e}") from None
+    out["model"] = _resolve_pretrained(out["model"])
     from ..data import dataset_names
 
     if cfg.data.name not in dataset_names():
@@ -270,8 +277,33 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     return out
 
 
+def _resolve_pretrained(model: dict) -> dict:
+    """Replace ``pretrained`` by what identifies it: the run id of a config, or the sha256 of a model file."""
+    src, weights = model.pop("pretrained"), model.pop("weights")
+    if src is None:
+        return model
+    path = Path(src)
+    if path.suffix in (".pt", ".pth"):
+        if not path.is_file():
+            raise ConfigError(f"field 'model.pretrained': model file {src!r} not found")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        model["pretrained"] = {"file": str(path), "sha256": digest}
+        return model
+    data = load(path)
+    runs = expand(data)
+    if len(runs) != 1:
+        raise ConfigError(f"field 'model.pretrained': {src} expands to {len(runs)} runs; point it at a config of "
+                          "exactly one run (no grid)")
+    pre = resolve(runs[0])
+    if pre["model"]["name"] != model["name"]:
+        raise ConfigError(f"field 'model.pretrained': {src} trains {pre['model']['name']}, not {model['name']}")
+    model["pretrained"] = {"run_id": run_id(pre), "weights": weights, "config": runs[0]}
+    return model
+
+
 #: Resolved fields that do not change a run's result and so are left out of its identity.
-NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size")
+NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size",
+                "model.pretrained.config", "model.pretrained.file")
 
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
@@ -286,7 +318,9 @@ def run_id(resolved: dict) -> str:
         *parents, leaf = dotted.split(".")
         node = ident
         for k in parents:
-            node = node.get(k, {})
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
         if dotted in NOT_IDENTITY or node.get(leaf, 0) is None:
             node.pop(leaf, None)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)

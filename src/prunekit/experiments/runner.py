@@ -80,6 +80,37 @@ def _device(name: str) -> str:
     return name
 
 
+def _load_pretrained(model, pre: dict | None, root: Path, data_dir, store: Store, log):
+    """Load the starting weights (and masks) named by a resolved ``model.pretrained``; returns the masks or None."""
+    from ..masks import Masks, load
+
+    if pre is None:
+        return None
+    if "file" in pre:
+        return load(pre["file"], model)
+    rec = run(pre["config"], root, data_dir=data_dir, store=store, log=log)  # a no-op once it is done
+    if pre["weights"] == "best":
+        return load(Path(rec.run_dir) / "best.pt", model)
+    state = torch.load(Path(rec.run_dir) / "last.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return Masks.from_state_dict(model, state["masks"]) if state["masks"] is not None else None
+
+
+def _one_shot(trainer, callbacks, val_dl, test_dl) -> dict:
+    """``train.epochs: 0``: prune (the schedule's epoch-0 step) and evaluate right after, with no training."""
+    for cb in callbacks:
+        cb.on_epoch_begin(trainer, 0)
+    val_loss, val_acc = trainer.evaluate(val_dl)
+    test_loss, test_acc = trainer.evaluate(test_dl)
+    sparsity = trainer.masks.sparsity() if trainer.masks is not None else 0.0
+    metrics = {"epoch": 0, "lr": 0.0, "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss,
+               "test_acc": test_acc, "seconds": 0.0, "sparsity": sparsity}
+    for cb in callbacks:
+        cb.on_epoch_end(trainer, 0, metrics)
+    return {"final_test_acc": test_acc, "best_val_acc": val_acc, "test_acc_at_best_val": test_acc, "best_epoch": 0,
+            "epochs": 0, "train_seconds": 0.0}
+
+
 def run(
     cfg: dict,
     root: str | Path = "runs",
@@ -134,6 +165,7 @@ def run(
             seed_everything(resolved["seed"])
             model = get_model(resolved["model"]["name"], num_classes=splits.num_classes,
                               input_shape=tuple(splits.input_shape))
+            start_masks = _load_pretrained(model, resolved["model"].get("pretrained"), root, data_dir, store, log)
             train_dl, val_dl, test_dl = loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.eval_batch_size,
                                                 device=device, seed=resolved["seed"], augment=d["augment"])
 
@@ -166,9 +198,12 @@ def run(
                                          **p["method_options"])
                 callbacks.insert(0, pruner)
             trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=run_dir,
-                              seed=resolved["seed"], log=log)
-            trainer.fit()
-            summary = trainer.summary()
+                              seed=resolved["seed"], masks=start_masks, log=log)
+            if tcfg.epochs == 0:
+                summary = _one_shot(trainer, callbacks, val_dl, test_dl)
+            else:
+                trainer.fit()
+                summary = trainer.summary()
         except BaseException as e:
             msg = f"{type(e).__name__}: {e}"
             store.fail_run(rid, msg if not isinstance(e, KeyboardInterrupt) else "interrupted")
