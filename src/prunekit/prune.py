@@ -20,6 +20,7 @@ from .errors import PrunekitError
 from .masks import Masks
 from .params import ParamSpec, prunable_params
 from .registry import MethodInfo, ScoreContext, get_method
+from .registry import methods as _methods
 from .select import check_sparsity, select
 from .seeding import generator
 from .typed import from_dict
@@ -110,7 +111,18 @@ def split_options(info: MethodInfo, options: dict) -> tuple[PruneOptions, object
         near = closest(bad[0], valid)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise PrunekitError(f"unknown option {bad[0]!r} for method {info.name!r}{hint}; valid options: {', '.join(valid)}")
-    common = from_dict(PruneOptions, {k: v for k, v in options.items() if k in _COMMON}, error=PrunekitError)
+    common_kw = {k: v for k, v in options.items() if k in _COMMON}
+    if info.scope is not None:
+        given = common_kw.get("scope")
+        if given is not None and given != info.scope:
+            other = [m.name for m in _methods() if m.scope == given and m.family == info.family]
+            hint = f": use method {other[0]!r} for that" if other else ""
+            raise PrunekitError(f"method {info.name!r} always selects with scope={info.scope!r}, got "
+                                f"scope={given!r}{hint}")
+        common_kw["scope"] = info.scope
+    elif common_kw.get("scope") is None:
+        common_kw.pop("scope", None)
+    common = from_dict(PruneOptions, common_kw, error=PrunekitError)
     method_opts = info.make_options(**{k: v for k, v in options.items() if k in own})
     return common, method_opts
 
@@ -148,7 +160,7 @@ def prune(
     method: str,
     sparsity: float | None = None,
     data: Iterable | None = None,
-    scope: str = "global",
+    scope: str | None = None,
     *,
     density: float | None = None,
     compression: float | None = None,
@@ -157,6 +169,8 @@ def prune(
     **options,
 ) -> Masks:
     """Prune ``model`` in place with ``method`` to ``sparsity`` and return its :class:`Masks`.
+
+    ``scope``: ``global`` (default) or ``layer``; codes that fix their scope (``magni``, ``globalmagni``) use it.
 
     Scores the current masked model, selects nested masks with exact counts and applies them, ``rounds`` times on
     the density schedule. Pass ``masks`` to continue from earlier masks (they stay nested). ``options`` are the

@@ -72,6 +72,7 @@ class MethodInfo:
     default_samples: Any = "all"
     rebatches: bool = True
     update: Callable[[ScoreContext, dict, dict], None] | None = field(default=None, repr=False)
+    scope: str | None = None  # a method whose code fixes the scope (magni: layer, globalmagni: global)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -101,6 +102,7 @@ def register(
     default_samples: Any = "all",
     rebatches: bool = True,
     update: Callable[[ScoreContext, dict, dict], None] | None = None,
+    scope: str | None = None,
 ):
     """Decorator registering a score function as method ``name``.
 
@@ -109,13 +111,15 @@ def register(
     experiment may feed it in any batch size (False when the composition of the given batches matters, e.g. PX's
     batch statistics); ``update(ctx, masks_before, masks_after)``: moves the surviving weights after selection
     (the OBS family), reading what the score left in ``ctx.state``; it runs before the new masks are applied.
+    ``scope``: the selection scope the code itself means (``magni`` is layer-wise, ``globalmagni`` global); asking
+    such a method for the other scope is an error.
     """
 
     def deco(fn):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} registered twice")
         info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases,
-                          default_samples, rebatches, update)
+                          default_samples, rebatches, update, scope)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name

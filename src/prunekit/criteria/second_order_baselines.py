@@ -13,9 +13,8 @@ freshly drawn, seeded subset at every pruning step); with fewer examples it uses
 taken in eval mode under :func:`prunekit.modes.scoring_mode`: weights, buffers, ``.grad`` fields, ``requires_grad``
 flags, module modes and the RNG state are unchanged by scoring (only ``kfac``'s update moves weights, by design).
 
-Scopes: ``magni`` means layer-wise selection and ``globalmagni`` global selection (:data:`FIXED_SCOPES`).
-:func:`check_scope` raises the user error for the other scope; the selection itself is done by ``pk.prune`` with
-the scope it is given.
+Scopes: ``magni`` means layer-wise selection and ``globalmagni`` global selection; both register their scope
+(``register(..., scope=...)``), so ``pk.prune`` uses it and rejects the other one.
 """
 from __future__ import annotations
 
@@ -43,24 +42,6 @@ except ImportError:  # pragma: no cover
 MAX_BYTES = 256 * 2**20
 
 #: The selection scope each magnitude code stands for, and what to use instead for the other scope.
-FIXED_SCOPES: dict[str, tuple[str, str]] = {
-    "magni": ("layer", "use method 'globalmagni' for one global magnitude threshold"),
-    "globalmagni": ("global", "use method 'magni' for an exact count per layer"),
-}
-
-
-def check_scope(method: str, scope: str | None) -> str:
-    """The scope ``method`` must select with; a :class:`PrunekitError` when ``scope`` (given by the user)
-    contradicts it. Methods without a fixed scope return ``scope`` (or 'global' for None)."""
-    fixed = FIXED_SCOPES.get(method)
-    if fixed is None:
-        return scope or "global"
-    want, hint = fixed
-    if scope is not None and scope != want:
-        raise PrunekitError(f"method {method!r} always selects with scope={want!r}, got scope={scope!r}: {hint}")
-    return want
-
-
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
@@ -73,7 +54,8 @@ def _first_examples(data: Iterable | None, n: int, what: str, option: str, chunk
     try:
         it = iter(data)
     except TypeError:
-        raise PrunekitError(f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}") from None
+        raise PrunekitError(f"data must be an iterable of (inputs, targets) batches, got "
+                            f"{type(data).__name__}") from None
     got = 0
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
@@ -141,12 +123,13 @@ def _check_positive(error, **values) -> None:
 
 @dataclass(frozen=True)
 class MagniOptions:
-    """``magni`` has no options of its own. It means layer-wise selection (exact count per layer): run it with
-    ``scope='layer'``; ``scope='global'`` is an error that points to ``globalmagni`` (:func:`check_scope`)."""
+    """``magni`` has no options of its own. It means layer-wise selection (exact count per layer):
+    :func:`check_scope` turns ``scope='global'`` into an error that points to ``globalmagni``. Until ``pk.prune``
+    consults it, pass ``scope='layer'``."""
 
 
 @register("magni", family="second-order baseline (magnitude)", needs_data="none", options=MagniOptions,
-          seeds=("003",), summary="|w| with an exact count per layer (every layer gets the sparsity)")
+          seeds=("003",), scope="layer", summary="|w| with an exact count per layer (every layer gets the sparsity)")
 def magni(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |w|, selected per layer: exactly round((1 − s)·n_ℓ) weights kept in each layer (ties by index). The
     reference scores (|w| + 1e-4)·mask; prunekit simply excludes pruned weights from the ranking (same order)."""
@@ -170,7 +153,7 @@ class GlobalMagniOptions:
 
 
 @register("globalmagni", family="second-order baseline (magnitude)", needs_data="none", options=GlobalMagniOptions,
-          seeds=("003",), summary="|w| with one global count; optional FLOPs reweighting |w|/φ_ℓ^p")
+          seeds=("003",), scope="global", summary="|w| with one global count; optional FLOPs reweighting |w|/φ_ℓ^p")
 def globalmagni(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |w| / φ_ℓ^p (p = ``flops_power``; p = 0 gives |w|), selected globally.
 
@@ -294,7 +277,7 @@ def hessian_diagonal(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                     if g is None or not g.requires_grad or idx[j].numel() == 0:
                         continue  # loss does not depend on t (or linearly): zero curvature
                     numel = t.numel()
-                    K = o.hvp_chunk or int(min(1024, max(1, MAX_BYTES // (es * (3 * numel + 4 * act)))))
+                    K = o.hvp_chunk or int(min(256, max(1, MAX_BYTES // (es * (3 * numel + 4 * act)))))
                     for a in range(0, idx[j].numel(), K):
                         sel = idx[j][a:a + K]
                         k = sel.numel()
@@ -446,6 +429,35 @@ def _patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=0, stride=m.stride)
 
 
+def _factor_sums(m: nn.Module, x: torch.Tensor, d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ_n (1/P)·Σ_p a_np a_npᵀ and Σ_n Σ_p δ_np δ_npᵀ over one chunk (float64), from the layer input ``x`` and the
+    output gradient ``d`` (None when the output does not reach the loss). Examples go in sub-chunks whose unfolded
+    patches fit :data:`MAX_BYTES`; the products run in the activations' dtype and are summed in float64."""
+    n = x.shape[0]
+    linear = _kfac_kind(m) == "linear"
+    dout, din = m.weight.shape[0], m.weight[0].numel()
+    P = x[0].numel() // din if linear else math.prod(d.shape[2:]) if d is not None else 1
+    per = 2 * x.element_size() * din * P + (0 if d is None else d[0].numel() * d.element_size())
+    sub = max(1, MAX_BYTES // max(1, per))
+    A = torch.zeros(din, din, dtype=torch.float64, device=x.device)
+    G = None if d is None else torch.zeros(dout, dout, dtype=torch.float64, device=x.device)
+    for a0 in range(0, n, sub):
+        b0 = min(n, a0 + sub)
+        if linear:  # rows: (example, position)
+            a = x[a0:b0].reshape(-1, din)
+            A += (a.t() @ a).double() / P
+            if d is not None:
+                dd = d[a0:b0].reshape(-1, dout)
+                G += (dd.t() @ dd).double()
+        else:
+            a = _patches(m, x[a0:b0])  # [k, in·kh·kw, P]
+            A += torch.einsum("nip,njp->ij", a, a).double() / a.shape[-1]
+            if d is not None:
+                dd = d[a0:b0].reshape(b0 - a0, dout, -1)  # [k, out, P]
+                G += torch.einsum("nip,njp->ij", dd, dd).double()
+    return A, G
+
+
 @dataclass
 class KFACFactors:
     """Per prunable tensor: the undamped factors A, Γ (float64), the damped inverses, and ``inv_diag`` =
@@ -498,7 +510,6 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
     dev = model_device(model)
     A_sum = {m: None for m in modules}
     G_sum = {m: None for m in modules}
-    P_of: dict[nn.Module, int] = {}
     n_total = 0
     records: dict[nn.Module, list] = {m: [] for m in modules}
 
@@ -532,20 +543,9 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
             grads = torch.autograd.grad(total, [records[m][0][2] for m in live], allow_unused=True) if live else []
             dout = dict(zip(live, grads))
             for m in modules:
-                a = records[m][0][0].detach().double() if records[m] else None
-                d = dout.get(m)
-                if a is None:
+                if not records[m]:
                     continue
-                if _kfac_kind(m) == "linear":
-                    a = a.reshape(n, -1, a.shape[-1]).transpose(1, 2)  # [n, in, P]
-                    d = None if d is None else d.detach().double().reshape(n, -1, d.shape[-1]).transpose(1, 2)
-                else:
-                    a = _patches(m, a)  # [n, in·kh·kw, P]
-                    d = None if d is None else d.detach().double().reshape(n, d.shape[1], -1)  # [n, out, P]
-                P = a.shape[-1]
-                P_of[m] = P
-                At = torch.einsum("nip,njp->ij", a, a) / P
-                Gt = torch.einsum("nip,njp->ij", d, d) if d is not None else None
+                At, Gt = _factor_sums(m, records[m][0][0].detach(), dout.get(m))
                 A_sum[m] = At if A_sum[m] is None else A_sum[m] + At
                 if Gt is not None:
                     G_sum[m] = Gt if G_sum[m] is None else G_sum[m] + Gt
