@@ -291,3 +291,12 @@ def test_pretrained_model_file(tmp_path):
     assert all(not bool((final[n] & ~masks[n]).any()) for n in masks.names())  # nested in the starting masks
     with pytest.raises(pk.ConfigError, match="not found"):
         C.resolve({**cfg, "model": {"name": "lenet_300_100", "pretrained": str(tmp_path / "nope.pt")}})
+
+
+def test_grid_mapping_entries_merge_into_their_section():
+    data = {**BASE, "grid": {"prune": [{"method": "magnitude", "scope": "layer"}, {"method": "random"}],
+                             "prune.sparsity": [0.5, 0.9]}}
+    runs = [C.resolve(r)["prune"] for r in C.expand(data)]
+    assert [(p["method"], p["sparsity"], p["options"]["scope"]) for p in runs] == [
+        ("magnitude", 0.5, "layer"), ("magnitude", 0.9, "layer"), ("random", 0.5, "global"), ("random", 0.9, "global")]
+    assert all(p["warmup"] == 1 for p in runs)  # the base section's other keys are kept

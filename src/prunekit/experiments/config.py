@@ -12,6 +12,13 @@ A config file holds one experiment, optionally with a ``grid`` of values that ex
       prune.method: [none, random, magnitude]
       prune.sparsity: [0.9, 0.98]
 
+A grid entry that is a mapping is merged into the section it names, which gives each method its own options::
+
+    grid:
+      prune:
+        - {method: woodfisher, fisher_samples: 8000}
+        - {method: magni}
+
 ``prune`` takes ``method``, one of ``sparsity`` / ``density`` / ``compression``, ``warmup`` (epochs of dense
 training before the mask) or ``gradual`` (a :class:`prunekit.schedules.Gradual` schedule without its target, which
 is the sparsity), ``samples`` and ``score_transform`` (the scoring set of data-dependent methods, see
@@ -180,9 +187,17 @@ def expand(data: dict) -> list[dict]:
     for values in itertools.product(*(cfg.grid[k] for k in keys)):
         d = base
         for k, v in zip(keys, values):
-            d = set_path(d, k, v)
+            d = merge_path(d, k, v) if isinstance(v, dict) else set_path(d, k, v)
         out.append(d)
     return out
+
+
+def merge_path(data: dict, dotted: str, values: dict) -> dict:
+    """Return a copy of ``data`` with the mapping ``values`` merged into the section at ``dotted`` (a grid entry
+    such as ``{method: woodfisher, fisher_samples: 8000}`` for ``prune`` sets those keys and keeps the others)."""
+    for key, value in values.items():
+        data = set_path(data, f"{dotted}.{key}", value)
+    return data
 
 
 def resolve(data: dict | ExperimentConfig) -> dict:
