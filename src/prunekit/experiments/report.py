@@ -119,12 +119,15 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     import matplotlib.ticker
 
     agg = aggregate(runs, metric)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     methods = sorted({k[3] for k in agg if k[3] != "none"}, key=_method_order)
-    for m in methods:
+    fig, ax = plt.subplots(figsize=(6 + (2 if len(methods) > 4 else 0), 4), dpi=120)
+    colors = plt.cm.tab10.colors if len(methods) <= 10 else plt.cm.tab20.colors
+    markers = "osD^vP*Xhp<>"
+    for i, m in enumerate(methods):
         pts = sorted((1.0 - k[4], v) for k, v in agg.items() if k[3] == m)
         xs = [100 * d for d, _ in pts]
-        ax.errorbar(xs, [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts], marker="o", capsize=3, label=m)
+        ax.errorbar(xs, [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts], marker=markers[i % len(markers)],
+                    color=colors[i % len(colors)], capsize=3, label=m)
     for k, v in agg.items():
         if k[3] == "none":
             ax.axhline(v["mean"], color="k", ls="--", lw=1, label="dense")
@@ -138,7 +141,10 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     ax.set_xlabel("remaining weights (%)")
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if len(methods) > 4:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()
