@@ -76,6 +76,22 @@ def _cholesky(A: torch.Tensor, size_for_jitter: int, what: str) -> torch.Tensor:
     return L
 
 
+def _rebuild(cls, **attrs):
+    """A factor object from its stored tensors (device moves, block subsets, caches)."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(attrs)
+    return obj
+
+
+def _col_mean(G: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Column means of G [nb, N, c] in float64, [nb, 1, c], chunk by chunk (no float64 copy of G)."""
+    nb, N, c = G.shape
+    out = torch.empty(nb, 1, c, dtype=F64, device=G.device)
+    for a, b in _col_chunks(c, chunk):
+        out[:, :, a:b] = G[:, :, a:b].to(F64).mean(1, keepdim=True)
+    return out
+
+
 def _col_chunks(c: int, chunk: int):
     chunk = max(1, int(chunk))
     return [(a, min(c, a + chunk)) for a in range(0, c, chunk)]
@@ -116,16 +132,12 @@ class GramFactor(BlockFactor):
 
     route = "gram"
 
-    def __init__(self, G: torch.Tensor, lam: float, *, center: bool = False, col_chunk: int = DEFAULT_COL_CHUNK,
-                 _L=None, _mean=None, _fro2=None):
+    def __init__(self, G: torch.Tensor, lam: float, *, center: bool = False, col_chunk: int = DEFAULT_COL_CHUNK):
         G = _check(G, lam)
         nb, N, c = G.shape
         self.lam, self.n, self.c, self.col_chunk = float(lam), N, c, col_chunk
-        if _L is not None:
-            self.L, self.mean, self.fro2 = _L, _mean, _fro2
-            return
         dev = G.device
-        self.mean = G.double().mean(1, keepdim=True) if center else None  # [nb, 1, c]
+        self.mean = _col_mean(G, col_chunk) if center else None  # [nb, 1, c]
         K = torch.zeros(nb, N, N, dtype=F64, device=dev)
         for a, b in _col_chunks(c, col_chunk):
             Gc = self._g64(G, a, b)
@@ -163,14 +175,15 @@ class GramFactor(BlockFactor):
             out[:, a:b].baddbmm_(self._g64(G, a, b).transpose(1, 2), T, alpha=-1.0)
         return out.div_(self.lam)
 
+    def _map(self, f) -> "GramFactor":
+        return _rebuild(GramFactor, lam=self.lam, n=self.n, c=self.c, col_chunk=self.col_chunk, L=f(self.L),
+                        mean=None if self.mean is None else f(self.mean), fro2=f(self.fro2))
+
     def to(self, device) -> "GramFactor":
-        return GramFactor(torch.empty(self.L.shape[0], self.n, self.c, device="meta"), self.lam, col_chunk=self.col_chunk,
-                          _L=self.L.to(device), _mean=None if self.mean is None else self.mean.to(device),
-                          _fro2=self.fro2.to(device))
+        return self._map(lambda t: t.to(device))
 
     def select(self, idx) -> "GramFactor":
-        return GramFactor(torch.empty(len(idx), self.n, self.c, device="meta"), self.lam, col_chunk=self.col_chunk,
-                          _L=self.L[idx], _mean=None if self.mean is None else self.mean[idx], _fro2=self.fro2[idx])
+        return self._map(lambda t: t[idx])
 
     @property
     def nbytes(self) -> int:
@@ -182,15 +195,11 @@ class DirectFactor(BlockFactor):
 
     route = "direct"
 
-    def __init__(self, G: torch.Tensor, lam: float, *, center: bool = False, row_chunk: int = 1024,
-                 _L=None, _fro2=None, _n=None):
+    def __init__(self, G: torch.Tensor, lam: float, *, center: bool = False, row_chunk: int = 1024):
         G = _check(G, lam)
         nb, N, c = G.shape
-        self.lam, self.n, self.c = float(lam), (N if _n is None else _n), c
-        if _L is not None:
-            self.L, self.fro2 = _L, _fro2
-            return
-        mean = G.double().mean(1, keepdim=True) if center else None
+        self.lam, self.n, self.c = float(lam), N, c
+        mean = _col_mean(G, DEFAULT_COL_CHUNK) if center else None
         Fm = torch.zeros(nb, c, c, dtype=F64, device=G.device)
         for a, b in _col_chunks(N, row_chunk):
             Gr = G[:, a:b].to(F64)
@@ -211,13 +220,14 @@ class DirectFactor(BlockFactor):
     def apply(self, G: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(V.to(F64), self.L)
 
+    def _map(self, f) -> "DirectFactor":
+        return _rebuild(DirectFactor, lam=self.lam, n=self.n, c=self.c, L=f(self.L), fro2=f(self.fro2))
+
     def to(self, device) -> "DirectFactor":
-        return DirectFactor(torch.empty(1, 1, self.c, device="meta"), self.lam, _L=self.L.to(device),
-                            _fro2=self.fro2.to(device), _n=self.n)
+        return self._map(lambda t: t.to(device))
 
     def select(self, idx) -> "DirectFactor":
-        return DirectFactor(torch.empty(1, 1, self.c, device="meta"), self.lam, _L=self.L[idx], _fro2=self.fro2[idx],
-                            _n=self.n)
+        return self._map(lambda t: t[idx])
 
     @property
     def nbytes(self) -> int:
@@ -236,13 +246,10 @@ class ShermanMorrisonFactor(BlockFactor):
     route = "sherman_morrison"
 
     def __init__(self, G: torch.Tensor, lam: float, *, center: bool = False, parts: int = 1,
-                 dtype: torch.dtype = F64, n_steps: int | None = None, _Finv=None, _fro2=None, _n=None):
+                 dtype: torch.dtype = F64, n_steps: int | None = None):
         G = _check(G, lam)
         nb, N, c = G.shape
-        self.lam, self.n, self.c = float(lam), (N if _n is None else _n), c
-        if _Finv is not None:
-            self.Finv, self.fro2 = _Finv, _fro2
-            return
+        self.lam, self.n, self.c = float(lam), N, c
         mean = G.to(dtype).mean(1) if center else None  # [nb, c]
         Finv = torch.zeros(nb, c, c, dtype=dtype, device=G.device)
         Finv.diagonal(dim1=-2, dim2=-1).fill_(1.0 / self.lam)
@@ -270,13 +277,14 @@ class ShermanMorrisonFactor(BlockFactor):
     def apply(self, G: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
         return torch.bmm(self.Finv.to(F64) if self.Finv.dtype != F64 else self.Finv, V.to(F64))
 
+    def _map(self, f) -> "ShermanMorrisonFactor":
+        return _rebuild(ShermanMorrisonFactor, lam=self.lam, n=self.n, c=self.c, Finv=f(self.Finv), fro2=f(self.fro2))
+
     def to(self, device) -> "ShermanMorrisonFactor":
-        return ShermanMorrisonFactor(torch.empty(1, 1, self.c, device="meta"), self.lam, _Finv=self.Finv.to(device),
-                                     _fro2=self.fro2.to(device), _n=self.n)
+        return self._map(lambda t: t.to(device))
 
     def select(self, idx) -> "ShermanMorrisonFactor":
-        return ShermanMorrisonFactor(torch.empty(1, 1, self.c, device="meta"), self.lam, _Finv=self.Finv[idx],
-                                     _fro2=self.fro2[idx], _n=self.n)
+        return self._map(lambda t: t[idx])
 
     @property
     def nbytes(self) -> int:

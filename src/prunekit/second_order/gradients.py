@@ -103,13 +103,20 @@ class _Examples:
 
 def per_example_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the outputs of every leaf module for ONE example (a forward of x[:1] without grad), times 3 for the
-    autograd graph and the backward buffers: a rough size of one example's activations during a backward."""
+    autograd graph and the backward buffers, plus the largest unfolded conv input (the hooks engine forms it per
+    layer): a rough size of one example's working memory while its gradient is formed."""
     total = 0
+    unfold = 0
 
     def hook(mod, inp, out):
-        nonlocal total
+        nonlocal total, unfold
         if isinstance(out, torch.Tensor):
             total += out.numel() * out.element_size()
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+                k = 1
+                for s in mod.kernel_size:
+                    k *= s
+                unfold = max(unfold, mod.in_channels * k * out[0, 0].numel() * out.element_size())
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
@@ -122,7 +129,7 @@ def per_example_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         model.train(was)
         for h in handles:
             h.remove()
-    return 3 * total
+    return 3 * total + unfold
 
 
 def _per_example_loss(out: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -197,7 +204,7 @@ def gradient_matrix(
     loss: Callable | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     active_only: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     label_smoothing: float = 0.0,
     max_micro_batch: int | None = None,
@@ -211,7 +218,8 @@ def gradient_matrix(
     - ``true_fisher``: labels drawn from softmax(outputs) with ``generator`` instead of the data's labels.
     - ``loss``: a MEAN loss ``loss(outputs, targets)``; None (or prunekit's default) = cross-entropy, computed in
       per-example form; ``label_smoothing`` smooths this cross-entropy only (``hess_label_smoothing``).
-    - ``device``: where G lives (``grad_device``; default the model's device); ``dtype``: its precision.
+    - ``device``: where G lives (``grad_device``; default the model's device); ``dtype``: its precision (default
+      float32, float64 for a float64 model).
     - ``max_micro_batch``: examples per batched forward (default: sized to ``chunk_bytes``).
     - ``engine``: 'auto' (hooks where supported, else vmap), 'hooks' or 'vmap'.
     """
@@ -234,6 +242,8 @@ def gradient_matrix(
     mdev = model_device(model)
     gdev = torch.device(device) if device is not None else mdev
     fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+    if dtype is None:
+        dtype = torch.float64 if fdtype == torch.float64 else torch.float32
     b = grad_batch
     want = n_grads * b
     cols = _Columns(params, masks, active_only, mdev)
