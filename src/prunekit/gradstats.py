@@ -185,6 +185,44 @@ class _Unsupported(Exception):
 # ------------------------------------------------------------------------------------------------------------ run
 
 
+def capture_io(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, total_loss
+               ) -> tuple[dict[nn.Module, torch.Tensor], dict[nn.Module, torch.Tensor]]:
+    """One forward of ``x`` with hooks on ``modules`` and one backward of ``total_loss(output)`` (a sum over
+    examples) to the modules' outputs only (no weight or input gradients): returns ``({module: d total/d output},
+    {module: detached input})`` for the modules that were called and reach the loss.
+
+    The output gradient is captured at the output's creation, so a later in-place op (``ReLU(inplace=True)``) does
+    not corrupt it. Raises :class:`_Unsupported` naming the modules called more than once, whose first input is not
+    per-example, or whose input was modified in place.
+    """
+    records: dict[nn.Module, list] = {m: [] for m in modules}
+
+    def hook(module, args, out):
+        rec = records[module]
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor) \
+                or out.grad_fn is None:
+            rec.append(None)
+        else:
+            rec.append((args[0], args[0]._version, _gradient_edge(out)))
+
+    handles = [m.register_forward_hook(hook, prepend=True) for m in modules]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    n = x.shape[0]
+    bad = [m for m, rec in records.items()
+           if len(rec) > 1 or (rec and (rec[0] is None or rec[0][0].shape[0] != n
+                                         or rec[0][0]._version != rec[0][1]))]
+    if bad:
+        raise _Unsupported(bad)
+    live = [m for m, rec in records.items() if rec]
+    grads = torch.autograd.grad(total_loss(out), [records[m][0][2] for m in live], allow_unused=True) if live else []
+    dout = {m: g for m, g in zip(live, grads) if g is not None}
+    return dout, {m: records[m][0][0].detach() for m in live}
+
+
 class _Run:
     def __init__(self, model, params, loss, per_sample_loss, B, need_sq, acc, max_bytes):
         self.model, self.B, self.need_sq, self.acc, self.max_bytes = model, B, need_sq, acc, max_bytes
@@ -306,39 +344,16 @@ class _Run:
         by_module: dict[nn.Module, list[PrunableParam]] = {}
         for p in params:
             by_module.setdefault(p.module, []).append(p)
-        records: dict[nn.Module, list] = {m: [] for m in by_module}
-
-        def hook(module, args, out):
-            rec = records[module]
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor) \
-                    or out.grad_fn is None:
-                rec.append(None)
-            else:
-                rec.append((args[0], args[0]._version, _gradient_edge(out)))
-
-        handles = [m.register_forward_hook(hook, prepend=True) for m in by_module]
-        try:
-            out = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        n = x.shape[0]
-        bad = [m for m, rec in records.items()
-               if len(rec) > 1 or (rec and (rec[0] is None or rec[0][0].shape[0] != n
-                                             or rec[0][0]._version != rec[0][1]))]
-        if bad:
-            raise _Unsupported(bad)
-        live = [m for m, rec in records.items() if rec]
-        total = self.sum_loss(out, y) if self.sum_loss is not None else self.mean_loss(out, y) * n
-        grads = torch.autograd.grad(total, [records[m][0][2] for m in live], allow_unused=True) if live else []
+        total_loss = (lambda out: self.sum_loss(out, y)) if self.sum_loss is not None else (
+            lambda out: self.mean_loss(out, y) * x.shape[0])
+        dout, inputs = capture_io(self.model, list(by_module), x, total_loss)
         self.passes += 1
         self._used("hooks")
-        dout = dict(zip(live, grads))
         for m, ps in by_module.items():
             d = dout.get(m)
             if d is None:  # module not called, or its output does not reach the loss: zero gradient
                 continue
-            self._hooks_module(m, records[m][0][0].detach(), d.detach(), ps)
+            self._hooks_module(m, inputs[m], d.detach(), ps)
 
     def _hooks_module(self, m: nn.Module, x: torch.Tensor, d: torch.Tensor, ps: list[PrunableParam]) -> None:
         kind = _hook_kind(m)

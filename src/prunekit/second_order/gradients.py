@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunekitError
-from ..gradstats import _gradient_edge, _hook_kind, _is_default_ce, _unfolder
+from ..gradstats import _Unsupported, _gradient_edge, _hook_kind, _is_default_ce, _unfolder, capture_io
 from ..modes import model_device, scoring_mode
 from ..params import PrunableParam
 
@@ -40,10 +40,6 @@ ENGINES = ("auto", "hooks", "vmap")
 #: Default budget for the per-chunk temporaries (per-example gradients of one layer plus activations).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 MAX_CHUNK = 256
-
-
-class _Unsupported(Exception):
-    """Internal: the hooks engine cannot handle this model; switch to vmap."""
 
 
 class _Examples:
@@ -332,32 +328,9 @@ class _Hooks:
     def groups(self, G, rows: slice, x, y, size: int, b: int, accumulate: bool = False) -> None:
         """x holds k = len(x) // size consecutive groups of ``size`` examples; row j of ``rows`` gets (1/b)·Σ of the
         per-example gradients of group j (added to the row with ``accumulate``)."""
-        records: dict[nn.Module, list] = {m: [] for m in self.by_module}
-
-        def hook(module, args, out):
-            rec = records[module]
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor) \
-                    or out.grad_fn is None:
-                rec.append(None)
-            else:
-                rec.append((args[0], args[0]._version, _gradient_edge(out)))
-
-        handles = [m.register_forward_hook(hook, prepend=True) for m in self.by_module]
-        try:
-            out = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        dout, inputs = capture_io(self.model, list(self.by_module), x,
+                                  lambda out: _per_example_loss(out, y, self.smoothing).sum())
         n = x.shape[0]
-        bad = [m for m, rec in records.items()
-               if len(rec) > 1 or (rec and (rec[0] is None or rec[0][0].shape[0] != n
-                                             or rec[0][0]._version != rec[0][1]))]
-        if bad:
-            raise _Unsupported(bad)
-        live = [m for m, rec in records.items() if rec]
-        total = _per_example_loss(out, y, self.smoothing).sum()
-        grads = torch.autograd.grad(total, [records[m][0][2] for m in live], allow_unused=True) if live else []
-        dout = dict(zip(live, grads))
         k = n // size
         for mod, ps in self.by_module.items():
             d = dout.get(mod)
@@ -367,7 +340,7 @@ class _Hooks:
                 for p in ps:
                     self.cols.put(G, rows, p.name, torch.zeros(k, p.tensor.numel(), device=x.device))
                 continue
-            self._module(G, rows, mod, records[mod][0][0].detach(), d.detach(), ps, k, size, b, accumulate)
+            self._module(G, rows, mod, inputs[mod], d.detach(), ps, k, size, b, accumulate)
 
     def _module(self, G, rows, mod, xin, d, ps, k, size, b, accumulate):
         kind = _hook_kind(mod)
