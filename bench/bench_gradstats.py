@@ -27,6 +27,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import proc_status, reset_peak_rss  # noqa: E402
 import torch.nn.functional as F
 
 from prunekit.gradstats import grad_stats
@@ -119,21 +122,6 @@ def child(args) -> None:
     print(json.dumps({"peak_bytes": peak}))
 
 
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise KeyError(key)
 
 
 def memory(args, model_name: str, samples: int, engine: str) -> float | None:

@@ -35,6 +35,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import proc_status, reset_peak_rss  # noqa: E402
+
 import prunekit as pk
 import prunekit.criteria.obs as obs
 from prunekit.masks import Masks
@@ -124,21 +127,6 @@ def one_step(model, params, data, code, sparsity, device, G=None, **opts):
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def child(args) -> None:
