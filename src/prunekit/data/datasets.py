@@ -34,7 +34,7 @@ CIFAR_VAL_SIZE = 5000
 SYNTHETIC_DEFAULTS = dict(n_train=512, n_val=128, n_test=128, input_shape=(1, 8, 8), num_classes=4, seed=0,
                           noise=1.0, class_sep=1.0)
 
-_DATASETS = ("mnist", "cifar10", "cifar100", "synthetic")
+_DATASETS = ("mnist", "cifar10", "cifar100", "synthetic", "imagenet")
 
 
 def dataset_names() -> list[str]:
@@ -410,12 +410,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, val_size: int
     key = normalize_name(name)
     if key not in _DATASETS:
         raise unknown("dataset", str(name), dataset_names())
-    if key != "synthetic" and options:
+    if key not in ("synthetic", "imagenet") and options:
         raise PrunekitError(f"dataset {key!r} takes no option {sorted(options)[0]!r}: options such as n_train "
                             f"only apply to 'synthetic'")
     split_seed = check_seed(split_seed, "split_seed")
     if key == "synthetic":
         splits = _synthetic(val_size, options)
+    elif key == "imagenet":  # files decoded on the fly: see prunekit.data.imagenet
+        from .imagenet import load_imagenet
+
+        splits = load_imagenet(data_dir(root), val_size, split_seed, **options)
     elif key == "mnist":
         splits = _load_mnist(data_dir(root), val_size, split_seed)
     else:

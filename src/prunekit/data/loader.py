@@ -176,6 +176,10 @@ def loaders(splits: DatasetSplits, batch_size: int, eval_batch_size: int = 1000,
     if not isinstance(splits, DatasetSplits):
         raise PrunekitError(f"loaders needs DatasetSplits from load_dataset, got {type(splits).__name__}")
     aug = splits.augment if augment is None else bool(augment)
+    if not isinstance(splits.train, TensorData):  # files decoded per batch (ImageNet)
+        from .imagenet import file_loaders
+
+        return file_loaders(splits, batch_size, eval_batch_size, device, seed, aug, drop_last)
     common = dict(mean=splits.mean, std=splits.std, device=device, seed=seed)
     train = TensorLoader(splits.train, batch_size, shuffle=True, drop_last=drop_last, augment=aug, **common)
     val = TensorLoader(splits.val, eval_batch_size, **common)

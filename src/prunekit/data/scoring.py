@@ -20,7 +20,7 @@ import torch
 
 from ..errors import PrunekitError
 from ._util import generator
-from .datasets import DatasetSplits, balanced_subset, random_subset
+from .datasets import DatasetSplits, TensorData, balanced_subset, random_subset
 from .loader import TensorLoader
 
 _SCORING_STREAM = 0x5C0E
@@ -83,6 +83,11 @@ def scoring_data(splits: DatasetSplits, samples: Any = "all", *, batch_size: int
     idx = scoring_indices(splits.train.y, samples, seed)
     subset = splits.train.subset(idx)
     augment = transform == "train" and splits.augment
+    if not isinstance(subset, TensorData):  # files decoded per batch (ImageNet): replay one fixed epoch
+        from .imagenet import FileLoader
+
+        return FileLoader(subset, batch_size, augment=augment, mean=splits.mean, std=splits.std, device=device,
+                          seed=seed, advance=False)
     loader = TensorLoader(subset, batch_size, shuffle=False, augment=augment, mean=splits.mean, std=splits.std,
                           device=device, seed=seed)
     if augment:  # draw the augmentation once: every round must score the same images

@@ -16,10 +16,12 @@ from .common import check_num_classes, check_shape
 from .lenet import LeNet5Caffe, LeNet300100
 from .mlp import MLPNet, SynflowMLP
 from .resnet import CifarResNet, ResNet18
+from .resnet_imagenet import ResNet50
 from .vgg import VGG, VGGKuangliu
 
 MNIST_SHAPE = (1, 28, 28)
 CIFAR_SHAPE = (3, 32, 32)
+IMAGENET_SHAPE = (3, 224, 224)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ _register("resnet18", "resnet", CIFAR_SHAPE, "kuangliu/pytorch-cifar ResNet-18 f
 for _depth in (20, 32, 44, 56, 110):
     _register(f"resnet{_depth}", "resnet", CIFAR_SHAPE, f"He et al. CIFAR ResNet-{_depth} (open_lth cifar_resnet)",
               partial(CifarResNet, _depth))
+_register("resnet50", "resnet", IMAGENET_SHAPE, "torchvision ImageNet ResNet-50 (Bottleneck [3, 4, 6, 3])", ResNet50)
 
 
 def model_names() -> list[str]:
