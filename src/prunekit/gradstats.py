@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import BatchStream
 from .errors import PrunekitError
 from .modes import scoring_mode
 from .params import PrunableParam
@@ -119,63 +120,6 @@ def _hook_kind(module: nn.Module) -> str | None:
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-class _Stream:
-    """Re-chunks an iterable of (x, y) batches of any size into consecutive pieces of requested sizes."""
-
-    def __init__(self, data, device: torch.device, fdtype: torch.dtype | None):
-        if data is None:
-            raise PrunekitError("grad_stats needs data: pass an iterable of (inputs, targets) batches")
-        try:
-            self._it = iter(data)
-        except TypeError:
-            raise PrunekitError(f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}")
-        self._xs: list[torch.Tensor] = []
-        self._ys: list[torch.Tensor] = []
-        self._n = 0
-        self._done = False
-        self.device, self.fdtype = device, fdtype
-
-    def _pull(self) -> None:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self._done = True
-            return
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            what = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-            raise PrunekitError(f"each data batch must be a pair (inputs, targets); got {what}")
-        x, y = batch
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise PrunekitError("data batches must hold tensors (inputs, targets), got "
-                                f"({type(x).__name__}, {type(y).__name__})")
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise PrunekitError(f"inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)} do not hold "
-                                "the same number of samples along dimension 0")
-        if x.shape[0] == 0:
-            return
-        x = x.to(self.device)
-        if self.fdtype is not None and x.is_floating_point() and x.dtype != self.fdtype:
-            x = x.to(self.fdtype)
-        self._xs.append(x)
-        self._ys.append(y.to(self.device))
-        self._n += x.shape[0]
-
-    def take(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The next ``k`` samples (fewer only at the end of the data), or None when the data is exhausted."""
-        while self._n < k and not self._done:
-            self._pull()
-        if self._n == 0:
-            return None
-        x = self._xs[0] if len(self._xs) == 1 else torch.cat(self._xs)
-        y = self._ys[0] if len(self._ys) == 1 else torch.cat(self._ys)
-        if x.shape[0] > k:
-            self._xs, self._ys = [x[k:]], [y[k:]]
-            self._n = x.shape[0] - k
-            return x[:k], y[:k]
-        self._xs, self._ys, self._n = [], [], 0
-        return x, y
 
 
 class _Unsupported(Exception):
@@ -555,7 +499,7 @@ def grad_stats(
                             "see a single sample; use batch_size > 1 or mode='eval'")
 
     run = _Run(model, params, loss, per_sample_loss, B, need_sq, acc, int(max_bytes))
-    stream = _Stream(data, device, fdtype)
+    stream = BatchStream(data, device, fdtype, who="grad_stats")
 
     # which engine handles which tensor
     assign: dict[str, str] = {}

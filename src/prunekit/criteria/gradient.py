@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from ..batches import rebatch
 from ..gradstats import grad_stats
 from ..modes import model_device, scoring_mode
 from ..registry import ScoreContext, register
@@ -77,8 +78,7 @@ def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     o = ctx.options
     T = o.grasp_temperature
     tensors = [p.tensor for p in ctx.params]
-    dev = model_device(ctx.model)
-    batches = [(x.to(dev), y.to(dev)) for x, y in _rebatch(ctx.data, o.batch_size)]
+    batches = list(rebatch(ctx.data, o.batch_size, model_device(ctx.model), who="grasp"))
     with scoring_mode(ctx.model, o.score_bn, tensors):
         v = [torch.zeros_like(t) for t in tensors]
         for x, y in batches:
@@ -97,19 +97,3 @@ def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                 if h is not None:
                     acc.add_(h)
     return {p.name: (p.tensor.detach() * h) for p, h in zip(ctx.params, hv)}
-
-
-def _rebatch(data, size: int):
-    """Consecutive batches of ``size`` samples from an iterable of (x, y) batches of any size (on the model's
-    device is the caller's business: batches are yielded as they come, concatenated)."""
-    xs, ys, n = [], [], 0
-    for x, y in data:
-        xs.append(x)
-        ys.append(y)
-        n += len(y)
-        while n >= size:
-            X, Y = torch.cat(xs), torch.cat(ys)
-            yield X[:size], Y[:size]
-            xs, ys, n = [X[size:]], [Y[size:]], n - size
-    if n:
-        yield torch.cat(xs), torch.cat(ys)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batches import BatchStream
 from ..errors import PrunekitError
 from ..gradstats import _Unsupported, _gradient_edge, _hook_kind, _is_default_ce, _unfolder, capture_io
 from ..modes import model_device, scoring_mode
@@ -40,61 +41,6 @@ ENGINES = ("auto", "hooks", "vmap")
 #: Default budget for the per-chunk temporaries (per-example gradients of one layer plus activations).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 MAX_CHUNK = 256
-
-
-class _Examples:
-    """Consecutive examples from an iterable of (x, y) batches of any size, moved to the model's device."""
-
-    def __init__(self, data, device: torch.device, fdtype: torch.dtype | None):
-        if data is None:
-            raise PrunekitError("the OBS family needs data: pass an iterable of (inputs, targets) batches")
-        try:
-            self._it = iter(data)
-        except TypeError:
-            raise PrunekitError(f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}")
-        self._buf: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._n = 0
-        self.device, self.fdtype = device, fdtype
-
-    def _pull(self) -> bool:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            return False
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, torch.Tensor)
-                                                                             for t in batch):
-            raise PrunekitError("each data batch must be a pair of tensors (inputs, targets)")
-        x, y = batch
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise PrunekitError(f"inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)} do not hold "
-                                "the same number of samples along dimension 0")
-        x = x.to(self.device)
-        if self.fdtype is not None and x.is_floating_point() and x.dtype != self.fdtype:
-            x = x.to(self.fdtype)
-        if x.shape[0]:
-            self._buf.append((x, y.to(self.device)))
-            self._n += x.shape[0]
-        return True
-
-    def peek(self) -> torch.Tensor | None:
-        """The inputs of the next example (not consumed)."""
-        while self._n == 0 and self._pull():
-            pass
-        return self._buf[0][0][:1] if self._n else None
-
-    def take(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The next ``k`` examples (fewer at the end of the data), or None when the data is exhausted."""
-        while self._n < k and self._pull():
-            pass
-        if self._n == 0:
-            return None
-        x = torch.cat([a for a, _ in self._buf]) if len(self._buf) > 1 else self._buf[0][0]
-        y = torch.cat([b for _, b in self._buf]) if len(self._buf) > 1 else self._buf[0][1]
-        if x.shape[0] > k:
-            self._buf, self._n = [(x[k:], y[k:])], x.shape[0] - k
-            return x[:k], y[:k]
-        self._buf, self._n = [], 0
-        return x, y
 
 
 def per_example_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -244,7 +190,7 @@ def gradient_matrix(
     want = n_grads * b
     cols = _Columns(params, masks, active_only, mdev)
     G = torch.zeros(n_grads, cols.d, dtype=dtype, device=gdev)
-    stream = _Examples(data, mdev, fdtype)
+    stream = BatchStream(data, mdev, fdtype, who="the OBS family")
 
     use = engine
     if use == "auto":
@@ -417,7 +363,7 @@ def mean_gradient(model: nn.Module, params: Sequence[PrunableParam], data: Itera
     float64: WoodTaylor's ``grad_samples`` estimate. One backward per chunk of ``chunk`` examples."""
     mdev = model_device(model)
     fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
-    stream = _Examples(data, mdev, fdtype)
+    stream = BatchStream(data, mdev, fdtype, who="the OBS family")
     tensors = [p.tensor for p in params]
     total = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float64, device=mdev)
     default = _is_default_ce(loss)
