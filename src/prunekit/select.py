@@ -122,7 +122,7 @@ def select(
         for n in names:
             a = alive[n].reshape(-1)
             k = min(keep_count(a.numel(), s), int(a.sum()))
-            out[n] = _keep_among_alive(clean[n].reshape(-1), a, k).reshape(alive[n].shape)
+            out[n] = keep_among_alive(clean[n].reshape(-1), a, k).reshape(alive[n].shape)
         return out
 
     total = sum(a.numel() for a in alive.values())
@@ -141,7 +141,7 @@ def select(
         for n in names:
             a = alive[n].reshape(-1)
             q = min(int(min_keep_per_layer), int(a.sum()))
-            reserved[off : off + a.numel()] = _keep_among_alive(clean[n].reshape(-1), a, q)
+            reserved[off : off + a.numel()] = keep_among_alive(clean[n].reshape(-1), a, q)
             off += a.numel()
         n_res = int(reserved.sum())
         if n_res > k:
@@ -152,7 +152,7 @@ def select(
         k_rest = k - n_res
     else:
         k_rest = k
-    keep = reserved | _keep_among_alive(flat_scores, flat_alive & ~reserved, k_rest)
+    keep = reserved | keep_among_alive(flat_scores, flat_alive & ~reserved, k_rest)
     out, off = {}, 0
     for n in names:
         numel = alive[n].numel()
@@ -161,7 +161,8 @@ def select(
     return out
 
 
-def _keep_among_alive(flat_scores: torch.Tensor, flat_alive: torch.Tensor, k: int) -> torch.Tensor:
+def keep_among_alive(flat_scores: torch.Tensor, flat_alive: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat bool mask keeping the k alive entries with the largest score (ties: lower flat index)."""
     idx = torch.nonzero(flat_alive, as_tuple=True)[0]
     keep = torch.zeros_like(flat_alive)
     if k > 0 and idx.numel():
