@@ -300,3 +300,16 @@ def test_grid_mapping_entries_merge_into_their_section():
     assert [(p["method"], p["sparsity"], p["options"]["scope"]) for p in runs] == [
         ("magnitude", 0.5, "layer"), ("magnitude", 0.9, "layer"), ("random", 0.5, "global"), ("random", 0.9, "global")]
     assert all(p["warmup"] == 1 for p in runs)  # the base section's other keys are kept
+
+
+def test_unusable_device_is_one_line_and_writes_no_run(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(BASE))
+    assert main(["run", str(cfg), "--device", "cuda", "--root", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("prunekit: error: device 'cuda' is not usable")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["results.sqlite"]
+    with Store(tmp_path / "runs" / "results.sqlite") as s:
+        assert s.runs(status=None) == []

@@ -74,12 +74,6 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _load_pretrained(model, pre: dict | None, root: Path, data_dir, store: Store, log):
     """Load the starting weights (and masks) named by a resolved ``model.pretrained``; returns the masks or None."""
     from ..masks import Masks, load
@@ -128,7 +122,7 @@ def run(
     from ..schedules import Gradual, OneShot, PruningCallback
     from ..seeding import derive_seed, seed_everything
     from ..train import Callback, Trainer
-    from ..train.config import TrainConfig
+    from ..train.config import TrainConfig, resolve_device
     from ..typed import from_dict
 
     resolved = resolve(cfg)
@@ -146,15 +140,15 @@ def run(
             rec.cached = True
             return rec
 
+        # checked before anything is written: a bad device or a missing dataset is the user's to fix, not a run
+        tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
+        device = str(resolve_device(tcfg.device))
+        d = resolved["data"]
+        splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
+                              subset=d["subset"])
         run_dir = root / rid
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", resolved)
-        tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
-        device = _device(tcfg.device)
-        d = resolved["data"]
-        # before the run is registered: a missing dataset is the user's to fix, not a failed run
-        splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
-                              subset=d["subset"])
         store.begin_run(rid, name, resolved, versions(), hardware(device))
         p = resolved["prune"]
         resuming = (run_dir / "last.pt").exists()

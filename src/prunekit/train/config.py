@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PrunekitError
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,17 @@ class TrainConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``'auto'`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    """``'auto'`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device` and must be
+    usable here (a one-line error otherwise)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        raise PrunekitError(f"device {str(device)!r} is not usable ({str(exc).splitlines()[0]}): pass "
+                            f"device='cpu' or an available accelerator") from None
+    return dev
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
