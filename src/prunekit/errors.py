@@ -41,3 +41,8 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> PrunekitError:
     near = closest(name, choices)
     hint = f"did you mean {', '.join(repr(h) for h in near)}?" if near else f"choose one of: {', '.join(choices)}"
     return PrunekitError(f"unknown {kind} {name!r}: {hint}")
+
+
+def is_count(value, minimum: int = 1) -> bool:
+    """True for an int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

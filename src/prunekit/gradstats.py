@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import BatchStream
-from .errors import PrunekitError
+from .errors import PrunekitError, is_count
 from .modes import scoring_mode
 from .params import PrunableParam
 
@@ -471,9 +471,9 @@ def grad_stats(
         raise PrunekitError("params must be PrunableParam objects (see prunekit.params.prunable_params)")
     if len({p.name for p in params}) != len(params):
         raise PrunekitError("params name the same tensor twice")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_count(batch_size):
         raise PrunekitError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1:
+    if not is_count(max_chunk):
         raise PrunekitError(f"max_chunk must be a positive integer, got {max_chunk!r}")
     if engine not in ENGINES:
         raise PrunekitError(f"unknown gradient engine {engine!r}: choose one of {', '.join(ENGINES)}")

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import DatasetMissingError, PrunekitError
+from ..errors import DatasetMissingError, PrunekitError, is_count
 from ._util import check_seed, generator, mix_seed
 from .datasets import DatasetSplits, _val_count, stratified_split
 from .paths import DATA_ENV
@@ -178,7 +178,7 @@ class FileLoader:
                  device: str | torch.device = "cpu", seed: int = 0, workers: int | None = None, advance: bool = True):
         if not isinstance(data, FileData):
             raise PrunekitError(f"FileLoader needs a FileData, got {type(data).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_count(batch_size):
             raise PrunekitError(f"batch_size must be a positive integer, got {batch_size!r}: pass e.g. 256")
         if (mean is None) != (std is None):
             raise PrunekitError("pass both mean and std for normalization, or neither")
@@ -199,7 +199,7 @@ class FileLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if not is_count(epoch, 0):
             raise PrunekitError(f"epoch must be an integer >= 0, got {epoch!r}")
         self.epoch = epoch
 

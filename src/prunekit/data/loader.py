@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import PrunekitError
+from ..errors import PrunekitError, is_count
 from ._util import check_seed, generator
 from .datasets import DatasetSplits, TensorData
 
@@ -74,9 +74,9 @@ class TensorLoader:
         if not isinstance(data, TensorData):
             raise PrunekitError(f"TensorLoader needs a TensorData, got {type(data).__name__}: wrap tensors as "
                                 f"TensorData(x, y)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_count(batch_size):
             raise PrunekitError(f"batch_size must be a positive integer, got {batch_size!r}: pass e.g. 128")
-        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        if not is_count(pad, 0):
             raise PrunekitError(f"pad must be an integer >= 0, got {pad!r}: pass e.g. 4")
         if augment and data.x.dim() != 4:
             raise PrunekitError(f"augmentation needs images [n, C, H, W], got x of shape {tuple(data.x.shape)}: "
@@ -109,7 +109,7 @@ class TensorLoader:
     # -- epochs ---------------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch`` (e.g. when resuming a run)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if not is_count(epoch, 0):
             raise PrunekitError(f"epoch must be an integer >= 0, got {epoch!r}")
         self.epoch = epoch
 

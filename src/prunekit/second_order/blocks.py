@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..errors import PrunekitError
+from ..errors import PrunekitError, is_count
 
 LAYOUTS = ("layer", "global", "full", "dynamic")
 
@@ -146,7 +146,7 @@ class BlockLayout:
 
 
 def _check_size(block_size: int | None) -> None:
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+    if block_size is not None and not is_count(block_size):
         raise PrunekitError(f"block_size must be a positive integer or null (whole tensor), got {block_size!r}")
 
 

@@ -111,16 +111,20 @@ class BlockFactor:
     def apply(self, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def to(self, device) -> "BlockFactor":  # pragma: no cover - interface
+    def _map(self, f) -> "BlockFactor":  # pragma: no cover - interface
+        """The same factor with ``f`` applied to each of its tensors."""
         raise NotImplementedError
+
+    def to(self, device) -> "BlockFactor":
+        return self._map(lambda t: t.to(device))
 
     @property
     def nbytes(self) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def select(self, idx: torch.Tensor) -> "BlockFactor":  # pragma: no cover - interface
+    def select(self, idx: torch.Tensor) -> "BlockFactor":
         """The factor of a subset of the blocks of the batch."""
-        raise NotImplementedError
+        return self._map(lambda t: t[idx])
 
     def _floor(self) -> torch.Tensor:
         # [F⁻¹]_qq ≥ 1/λ_max(F) ≥ 1/(λ + ‖G_B‖_F²/N)
@@ -179,12 +183,6 @@ class GramFactor(BlockFactor):
         return _rebuild(GramFactor, lam=self.lam, n=self.n, c=self.c, col_chunk=self.col_chunk, L=f(self.L),
                         mean=None if self.mean is None else f(self.mean), fro2=f(self.fro2))
 
-    def to(self, device) -> "GramFactor":
-        return self._map(lambda t: t.to(device))
-
-    def select(self, idx) -> "GramFactor":
-        return self._map(lambda t: t[idx])
-
     @property
     def nbytes(self) -> int:
         return self.L.numel() * 8 + (0 if self.mean is None else self.mean.numel() * 8)
@@ -222,12 +220,6 @@ class DirectFactor(BlockFactor):
 
     def _map(self, f) -> "DirectFactor":
         return _rebuild(DirectFactor, lam=self.lam, n=self.n, c=self.c, L=f(self.L), fro2=f(self.fro2))
-
-    def to(self, device) -> "DirectFactor":
-        return self._map(lambda t: t.to(device))
-
-    def select(self, idx) -> "DirectFactor":
-        return self._map(lambda t: t[idx])
 
     @property
     def nbytes(self) -> int:
@@ -279,12 +271,6 @@ class ShermanMorrisonFactor(BlockFactor):
 
     def _map(self, f) -> "ShermanMorrisonFactor":
         return _rebuild(ShermanMorrisonFactor, lam=self.lam, n=self.n, c=self.c, Finv=f(self.Finv), fro2=f(self.fro2))
-
-    def to(self, device) -> "ShermanMorrisonFactor":
-        return self._map(lambda t: t.to(device))
-
-    def select(self, idx) -> "ShermanMorrisonFactor":
-        return self._map(lambda t: t[idx])
 
     @property
     def nbytes(self) -> int:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import BatchStream
-from ..errors import PrunekitError
+from ..errors import PrunekitError, is_count
 from ..gradstats import _Unsupported, _gradient_edge, _hook_kind, _is_default_ce, _unfolder, capture_io
 from ..modes import model_device, scoring_mode
 from ..params import PrunableParam
@@ -168,9 +168,9 @@ def gradient_matrix(
     params = list(params)
     if not params:
         raise PrunekitError("gradient_matrix needs at least one prunable parameter")
-    if isinstance(n_grads, bool) or not isinstance(n_grads, int) or n_grads < 1:
+    if not is_count(n_grads):
         raise PrunekitError(f"the number of gradients must be a positive integer, got {n_grads!r}")
-    if isinstance(grad_batch, bool) or not isinstance(grad_batch, int) or grad_batch < 1:
+    if not is_count(grad_batch):
         raise PrunekitError(f"fisher_batch must be a positive integer, got {grad_batch!r}")
     if engine not in ENGINES:
         raise PrunekitError(f"unknown gradient engine {engine!r}: choose one of {', '.join(ENGINES)}")
