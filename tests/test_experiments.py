@@ -313,3 +313,17 @@ def test_unusable_device_is_one_line_and_writes_no_run(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["results.sqlite"]
     with Store(tmp_path / "runs" / "results.sqlite") as s:
         assert s.runs(status=None) == []
+
+
+def test_grid_runs_load_their_dataset_once(tmp_path, monkeypatch):
+    import prunekit.data as D
+    from prunekit.experiments import runner
+
+    calls = []
+    real = D.load_dataset
+    monkeypatch.setattr(D, "load_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+    runner._LAST_DATASET.clear()
+    data = {**BASE, "train": {**BASE["train"], "epochs": 1}, "grid": {"seed": [0, 1]}}
+    for r in C.expand(data):
+        run(r, tmp_path, log=lambda m: None)
+    assert len(calls) == 1

@@ -74,6 +74,23 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
+_LAST_DATASET: dict = {}
+
+
+def _dataset(d: dict, data_dir):
+    """The splits of a resolved data section; the last one is kept, so the runs of a grid load it once."""
+    from ..data import load_dataset
+
+    where = str(data_dir) if data_dir is not None else os.environ.get("PRUNEKIT_DATA", "")
+    key = (d["name"], where, d["val_size"], d["split_seed"], d["subset"])
+    if key not in _LAST_DATASET:
+        splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
+                              subset=d["subset"])
+        _LAST_DATASET.clear()
+        _LAST_DATASET[key] = splits
+    return _LAST_DATASET[key]
+
+
 def _load_pretrained(model, pre: dict | None, root: Path, data_dir, store: Store, log):
     """Load the starting weights (and masks) named by a resolved ``model.pretrained``; returns the masks or None."""
     from ..masks import Masks, load
@@ -114,7 +131,7 @@ def run(
     log: Callable[[str], None] | None = None,
 ) -> RunRecord:
     """Run (or resume, or look up) the experiment ``cfg`` (plain data of one run, no grid)."""
-    from ..data import load_dataset, loaders, scoring_data
+    from ..data import loaders, scoring_data
     from ..diagnostics import collapse_report
     from ..registry import get_method
     from ..masks import Masks
@@ -144,8 +161,7 @@ def run(
         tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
         device = str(resolve_device(tcfg.device))
         d = resolved["data"]
-        splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
-                              subset=d["subset"])
+        splits = _dataset(d, data_dir)
         run_dir = root / rid
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", resolved)
