@@ -109,7 +109,7 @@ def _show_method(name: str) -> int:
 
 def cmd_run(args) -> int:
     from .experiments import config as C
-    from .experiments.report import plot, table
+    from .experiments.report import render
     from .experiments.runner import run
     from .experiments.store import Store
 
@@ -137,9 +137,10 @@ def cmd_run(args) -> int:
         if args.no_report:
             return 0
         done = [r for r in store.runs(name=cfg.name) if r["run_id"] in set(ids)]
-    print(table(done, cfg.report.metric))
-    if cfg.report.plot and done:
-        out = plot(done, root / f"{cfg.name}.png", cfg.report.metric, title=cfg.name)
+        plot_path = root / f"{cfg.name}.png" if cfg.report.plot and done else None
+        text, plots = render(store, done, cfg.report.metric, plot_path, title=cfg.name)
+    print(text)
+    for out in plots:
         print(f"plot: {out}")
     return 0
 
@@ -149,7 +150,7 @@ def cmd_report(args) -> int:
 
     print(report(args.root, name=args.name, metric=args.metric, plot_path=args.plot))
     if args.plot:
-        print(f"plot: {args.plot}")
+        print(f"plot: {args.plot} (IMP runs: <name>_accuracy.png and <name>_epochs.png beside it)")
     return 0
 
 

@@ -197,12 +197,24 @@ def run_imp(
     train_epochs: int | None = None,
     control: str | None = None,
     control_seed: int = 1,
+    control_levels: Sequence[int] | None = None,
+    prune_rule: Callable[[Masks, nn.Module, int], tuple[Mapping[str, torch.Tensor], dict]] | None = None,
+    rule_config: Mapping | None = None,
+    on_level: Callable[[dict], None] | None = None,
+    masks_fn: Callable[[nn.Module], Masks] | None = None,
 ) -> list[dict]:
     """Iterative magnitude pruning: ``levels`` pruning levels after the dense level 0 (``levels + 1`` trainings).
 
     Returns one record per level: ``level``, ``kept``, ``total``, ``density``, ``summary`` (``train_fn``'s dict
     without ``rewind_state``) and, with a control, ``control`` (the control branch's summary). See the module
     docstring for the ``train_fn`` protocol. Finished levels found in ``run_dir`` are loaded, not retrained.
+
+    ``prune_rule(masks, model, level) -> (new masks, info)`` replaces the fixed-fraction rule (SAP's PQ index:
+    :func:`prunekit.incop.pq_level_masks`); the new masks must be nested in ``masks``; ``info`` is stored in the
+    NEXT level's record under ``prune``. ``rule_config`` (JSON data) identifies the rule in the resume check.
+    ``control_levels``: the levels that get a control branch (default: every level >= 1). ``on_level(record)``
+    is called after each level is saved (and for levels loaded on resume). ``masks_fn(model)``: the level-0
+    masks, i.e. which tensors are pruned (default ``Masks(model)``: conv and linear weights).
     """
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise PrunekitError(f"levels must be an integer >= 1 (the number of pruning levels), got {levels!r}")
@@ -219,6 +231,10 @@ def run_imp(
     config = {"levels": levels, "prune_fraction": prune_fraction, "output_fraction": output_fraction,
               "scope": scope, "output_name": output_name, "rewind": [mode, rewind_epoch], "control": control,
               "control_seed": control_seed}
+    if control_levels is not None:
+        config["control_levels"] = sorted(int(x) for x in control_levels)
+    if rule_config is not None:
+        config["rule"] = dict(rule_config)
 
     index_path = run_dir / "imp.json"
     init_path = run_dir / "init.pt"
@@ -229,7 +245,8 @@ def run_imp(
         theta0 = _clone_state(model)
         atomic_torch_save(theta0, init_path)
     records: list[dict] = []
-    masks_next = {n: m.cpu() for n, m in Masks(model).state_dict().items()}
+    first = masks_fn(model) if masks_fn is not None else Masks(model)
+    masks_next = {n: m.cpu() for n, m in first.state_dict().items()}
     rewind_state = theta0 if mode in ("init", "epoch") and rewind_epoch in (None, 0) else None
     prev_final = theta0
 
@@ -243,12 +260,16 @@ def run_imp(
             raise PrunekitError(f"{run_dir} holds an IMP search with other settings ({index.get('config')}); "
                                 "use another run_dir")
         done = int(index.get("done", 0))
+    prune_info: dict = {}
     for level in range(done):
         blob = torch.load(run_dir / f"level_{level}.pt", map_location="cpu", weights_only=True)
         records.append(blob["record"])
         masks_next, prev_final = blob["next_masks"], blob["final_state"]
+        prune_info = blob.get("prune_info") or {}
         if blob.get("rewind_state") is not None:
             rewind_state = blob["rewind_state"]
+        if on_level is not None:
+            on_level(blob["record"])
 
     for level in range(done, levels + 1):
         cur_masks = masks_next
@@ -277,19 +298,38 @@ def run_imp(
         prev_final = _clone_state(model)
         record = {"level": level, "kept": masks.kept(), "total": masks.total(), "density": masks.density(),
                   "summary": summary}
-        if control is not None and level >= 1:
+        if level >= 1:
+            record["prune"] = prune_info
+        if control is not None and level >= 1 and (control_levels is None or level in control_levels):
             record["control"] = _run_control(control, control_seed, model_fn, train_fn, cur_masks,
                                              start, level, level_dir / f"control_{control}")
         if level < levels:
-            masks_next = {n: m.cpu() for n, m in level_masks(masks, model, prune_fraction, output_fraction, scope,
-                                                                output_name).items()}
-        atomic_torch_save({"record": record, "masks": cur_masks, "next_masks": masks_next,
+            if prune_rule is None:
+                nxt = level_masks(masks, model, prune_fraction, output_fraction, scope, output_name)
+                prune_info = {}
+            else:
+                nxt, prune_info = prune_rule(masks, model, level)
+                prune_info = dict(prune_info or {})
+                _check_nested(cur_masks, nxt)
+            masks_next = {n: m.cpu().to(torch.bool) for n, m in nxt.items()}
+        atomic_torch_save({"record": record, "masks": cur_masks, "next_masks": masks_next, "prune_info": prune_info,
                            "final_state": prev_final, "rewind_state": saved_rewind}, run_dir / f"level_{level}.pt")
         records.append(record)
         atomic_write_json(index_path, {"config": config, "done": level + 1,
                                        "levels": [{k: r[k] for k in ("level", "kept", "total", "density")}
                                                   for r in records]})
+        if on_level is not None:
+            on_level(record)
     return records
+
+
+def _check_nested(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
+    if set(old) != set(new):
+        raise PrunekitError(f"prune_rule returned masks for {sorted(new)}, expected {sorted(old)}")
+    for n in old:
+        o, m = old[n].cpu().to(torch.bool), new[n].cpu().to(torch.bool)
+        if o.shape != m.shape or bool((m & ~o).any()):
+            raise PrunekitError(f"prune_rule revived pruned weights of {n!r}: IMP masks must be nested")
 
 
 def _run_control(control, seed, model_fn, train_fn, ticket, start, level, level_dir) -> dict:

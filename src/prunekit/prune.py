@@ -177,6 +177,9 @@ def prune(
     fields of :class:`PruneOptions` and the method's own options; an unknown one is an error that lists both.
     """
     info = get_method(method)
+    from .criteria.iterative import check_not_training
+
+    check_not_training(info)
     common, method_opts = split_options(info, {"scope": scope, **options})
     s = resolve_sparsity(sparsity, density, compression)
     if masks is None:

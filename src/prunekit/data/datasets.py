@@ -431,3 +431,26 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, val_size: int
                                 f"smaller subset or leave it out")
         splits.train = splits.train.subset(_subset_total(splits.train.y, total, split_seed))
     return splits
+
+
+def resized(splits: DatasetSplits, size: int) -> DatasetSplits:
+    """``splits`` with every image resized to ``size`` x ``size`` (bilinear, in the [0, 1] scale, float32).
+
+    For models that need a larger input than the data (VGG's five poolings need 32 px; seed 001 resizes MNIST).
+    """
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise PrunekitError(f"resize must be a positive whole number of pixels, got {size!r}")
+    if not isinstance(splits.train, TensorData) or splits.train.x.dim() != 4:
+        raise PrunekitError(f"resize needs in-memory images [n, C, H, W]; {splits.name} has none")
+
+    def one(d: TensorData) -> TensorData:
+        x = F.interpolate(d.inputs(), size=(size, size), mode="bilinear", align_corners=False)
+        return TensorData(x, d.y, 1.0)
+
+    c = splits.input_shape[0]
+    return dataclasses.replace(splits, train=one(splits.train), val=one(splits.val), test=one(splits.test),
+                               input_shape=(c, size, size))

@@ -55,13 +55,15 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     """``val_size``: hold-out size (count, or fraction if < 1; None = the dataset's default split);
-    ``subset``: a class-balanced subset of the training split (quick runs); ``augment``: None = dataset default."""
+    ``subset``: a class-balanced subset of the training split (quick runs); ``augment``: None = dataset default;
+    ``resize``: resize every image to ``resize`` x ``resize`` once at load (bilinear; e.g. MNIST at 32 for VGG)."""
 
     name: str = "mnist"
     val_size: float | None = None
     subset: int | None = None
     augment: bool | None = None
     split_seed: int = 42
+    resize: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,11 @@ def _shorthand(data: dict) -> dict:
 
 def parse(data: dict) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from plain data (the grid is kept, not expanded)."""
+    from .seed001 import translate
+
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model, data, train, prune, ...), got {type(data).__name__}")
-    cfg = from_dict(ExperimentConfig, _shorthand(data))
+    cfg = from_dict(ExperimentConfig, _shorthand(translate(data)))
     for key in cfg.grid:
         _check_grid_key(key)
     return cfg
@@ -175,6 +179,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def expand(data: dict) -> list[dict]:
     """The grid's cartesian product as plain configs without ``grid`` (a config without a grid yields itself)."""
+    from .seed001 import translate
+
+    data = translate(data)  # seed 001's flags (net_arch, prune_method, exper_num_trial, ...) as prunekit fields
     cfg = parse(data)  # validates the grid keys and everything else
     base = {k: v for k, v in data.items() if k != "grid"}
     if not cfg.grid:
@@ -230,6 +237,9 @@ def resolve(data: dict | ExperimentConfig) -> dict:
         info = get_method(p["method"])
     except PrunekitError as e:
         raise ConfigError(f"field 'prune.method': {e}") from None
+    if info.needs_data == "training":
+        out["prune"] = _resolve_imp(info, p, cfg)
+        return out
     warmup = p.get("warmup", 0)
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ConfigError(f"field 'prune.warmup': expected a whole number of epochs >= 0, got {warmup!r}")
@@ -292,6 +302,30 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     return out
 
 
+def _resolve_imp(info, p: dict, cfg: ExperimentConfig) -> dict:
+    """The prune section of an IMP code (lth, sap, ciap, giap): its options, checked; no target sparsity."""
+    from ..criteria.iterative import DEFAULT_SCOPE, check_imp_options
+    from ..prune import split_options
+
+    for key in ("sparsity", "density", "compression", "warmup", "gradual", "samples", "score_transform"):
+        if p.get(key) is not None:
+            hint = ("its final sparsity follows from levels and prune_fraction (lth) or the PQ rule (sap, ciap, giap)"
+                    if key in ("sparsity", "density", "compression") else
+                    "rewind: step:<k>ep is the IMP form of dense warm-up" if key == "warmup" else
+                    "IMP prunes between training levels, with no scoring data")
+            raise ConfigError(f"field 'prune.{key}' does not apply to {info.name!r}: {hint}; remove it")
+    rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
+    rest.setdefault("seed", cfg.seed)
+    rest.setdefault("scope", DEFAULT_SCOPE[info.name])
+    try:
+        common, opts = split_options(info, rest)
+        check_imp_options(info.name, opts, cfg.train.epochs)
+    except PrunekitError as e:
+        raise ConfigError(f"section 'prune': {e}") from None
+    return {"method": info.name, "sparsity": None, "warmup": 0, "samples": None, "score_transform": None,
+            "gradual": None, "options": to_dict(common), "method_options": to_dict(opts)}
+
+
 def _resolve_pretrained(model: dict) -> dict:
     """Replace ``pretrained`` by what identifies it: the run id of a config, or the sha256 of a model file."""
     src, weights = model.pop("pretrained"), model.pop("weights")
@@ -322,7 +356,7 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
 
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
-ABSENT_WHEN_NONE = ("prune.gradual",)
+ABSENT_WHEN_NONE = ("prune.gradual", "data.resize")
 
 
 def run_id(resolved: dict) -> str:

@@ -157,6 +157,31 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     return path
 
 
+def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: str | Path | None = None,
+           title: str | None = None) -> tuple[str, list[Path]]:
+    """The report of ``runs``: the sparsity x method table of one-shot and gradual runs, and the level-by-level
+    tables of IMP runs (:mod:`.imp_report`); with ``plot_path``, the plot of the former at that path and the IMP
+    plots beside it (``<stem>_accuracy.png``, ``<stem>_epochs.png``). Returns (text, plot paths)."""
+    from .imp_report import IMP_METHODS, imp_report
+
+    col = _metric_column(metric)
+    imp = [r for r in runs if r["method"] in IMP_METHODS]
+    other = [r for r in runs if r["method"] not in IMP_METHODS]
+    parts, plots = [], []
+    if other or not imp:
+        parts.append(table(other, metric))
+        if plot_path is not None and other:
+            plots.append(plot(other, plot_path, metric, title=title))
+    if imp:
+        rows = [{**r, "recipe": recipe(r), "levels": store.levels(r["run_id"])} for r in imp]
+        plot_dir = Path(plot_path).parent if plot_path is not None else None
+        stem = Path(plot_path).stem if plot_path is not None else "imp"
+        parts.append(imp_report(rows, col, plot_dir=plot_dir, name=stem))
+        if plot_dir is not None:
+            plots += [plot_dir / f"{stem}_accuracy.png", plot_dir / f"{stem}_epochs.png"]
+    return "\n\n".join(parts), plots
+
+
 def report(root: str | Path = "runs", name: str | None = None, metric: str = "test_acc",
            plot_path: str | Path | None = None) -> str:
     """The text table of the store under ``root`` (optionally one experiment), and a plot when asked."""
@@ -171,7 +196,5 @@ def report(root: str | Path = "runs", name: str | None = None, metric: str = "te
 
             raise unknown("experiment", name, store.experiment_names())
         runs = store.runs(name=name)
-    text = table(runs, metric)
-    if plot_path is not None and runs:
-        plot(runs, plot_path, metric, title=name)
+        text, _ = render(store, runs, metric, plot_path, title=name)
     return text

@@ -47,6 +47,7 @@ class RunRecord:
     epochs: int = 0
     run_dir: str = ""
     cached: bool = False  # True when the record came from the store without running
+    levels: list[dict] = field(default_factory=list)  # IMP codes: one row per level (and control branch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,13 +80,15 @@ _LAST_DATASET: dict = {}
 
 def _dataset(d: dict, data_dir):
     """The splits of a resolved data section; the last one is kept, so the runs of a grid load it once."""
-    from ..data import load_dataset
+    from ..data import load_dataset, resized
 
     where = str(data_dir) if data_dir is not None else os.environ.get("PRUNEKIT_DATA", "")
-    key = (d["name"], where, d["val_size"], d["split_seed"], d["subset"])
+    key = (d["name"], where, d["val_size"], d["split_seed"], d["subset"], d.get("resize"))
     if key not in _LAST_DATASET:
         splits = load_dataset(d["name"], root=data_dir, val_size=d["val_size"], split_seed=d["split_seed"],
                               subset=d["subset"])
+        if d.get("resize") is not None:
+            splits = resized(splits, d["resize"])
         _LAST_DATASET.clear()
         _LAST_DATASET[key] = splits
     return _LAST_DATASET[key]
@@ -105,6 +108,71 @@ def _load_pretrained(model, pre: dict | None, root: Path, data_dir, store: Store
     state = torch.load(Path(rec.run_dir) / "last.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return Masks.from_state_dict(model, state["masks"]) if state["masks"] is not None else None
+
+
+def _layer_rows(masks) -> list[dict]:
+    return [{"layer": s.name, "shape": "x".join(map(str, s.shape)), "kept": s.kept, "total": s.total,
+             "density": s.density} for s in masks.layer_stats()]
+
+
+def _run_imp(resolved, rid, run_dir, splits, loaders_, device, model, start_masks, store: Store, log, t_start):
+    """An IMP code (lth, sap, ciap, giap): the level loop of :mod:`.imp_runner`; levels go to the store as they end.
+
+    Returns the record and the per-layer rows of the final level's masks."""
+    from ..models import get_model
+    from ..seeding import seed_everything
+    from .imp_runner import level_row, run_levels
+
+    if start_masks is not None:
+        from ..errors import PrunekitError
+
+        raise PrunekitError("model.pretrained holds masks: IMP starts from a dense network; point it at a dense run")
+    base = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # θ_0 (pretrained or seeded)
+    shape = tuple(splits.input_shape)
+
+    def model_fn(seed: int | None = None):
+        if seed is None:
+            m = get_model(resolved["model"]["name"], num_classes=splits.num_classes, input_shape=shape)
+            m.load_state_dict(base)
+            return m
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(seed)
+            return get_model(resolved["model"]["name"], num_classes=splits.num_classes, input_shape=shape)
+
+    def on_level(record: dict) -> None:
+        rows = [level_row(record)]
+        if record.get("control") is not None:
+            rows.append(level_row(record, f"control_{resolved['prune']['method_options']['control']}"))
+        store.log_levels(rid, rows)
+        s = record["summary"]
+        log(f"[{rid}] level {record['level']}: density {100 * record['density']:.2f}%, "
+            f"{s.get('epochs')} epochs ({s.get('stop_reason')}), test {100 * (s.get('final_test_acc') or 0):.2f}%")
+
+    records = run_levels(resolved, run_dir, splits, loaders_, device, model_fn, log, on_level)
+    rows = []
+    for r in records:
+        rows.append(level_row(r))
+        if r.get("control") is not None:
+            rows.append(level_row(r, f"control_{resolved['prune']['method_options']['control']}"))
+    last = records[-1]
+    s = last["summary"]
+    p = resolved["prune"]
+    main = [r for r in rows if r["branch"] == "main"]
+    rec = RunRecord(
+        run_id=rid, name=resolved["name"], method=p["method"], sparsity=1.0 - last["density"], seed=resolved["seed"],
+        model=resolved["model"]["name"], dataset=resolved["data"]["name"], final_test_acc=s.get("final_test_acc"),
+        best_val_acc=s.get("best_val_acc"), test_acc_at_best_val=s.get("test_acc_at_best_val"),
+        best_epoch=None, achieved_sparsity=1.0 - last["density"],
+        train_seconds=sum(r.get("seconds") or 0.0 for r in main),
+        prune_seconds=0.0,
+        total_seconds=time.perf_counter() - t_start, epochs=sum(r.get("epochs") or 0 for r in main),
+        run_dir=str(run_dir), levels=rows)
+    from ..masks import Masks
+
+    final = Masks.from_state_dict(model, torch.load(run_dir / "imp" / f"level_{last['level']}.pt",
+                                                    map_location="cpu", weights_only=True)["masks"])
+    rec.collapsed = final.collapsed()
+    return rec, _layer_rows(final)
 
 
 def _one_shot(trainer, callbacks, val_dl, test_dl) -> dict:
@@ -168,8 +236,10 @@ def run(
         store.begin_run(rid, name, resolved, versions(), hardware(device))
         p = resolved["prune"]
         resuming = (run_dir / "last.pt").exists()
+        target = f"at sparsity {p['sparsity']:g}" if p["sparsity"] is not None else \
+            f"for {p['method_options']['levels']} levels"
         log(f"[{rid}] {name}: {resolved['model']['name']} on {resolved['data']['name']}, {p['method']} "
-            f"at sparsity {p['sparsity']:g}, seed {resolved['seed']}" + (" (resuming)" if resuming else ""))
+            f"{target}, seed {resolved['seed']}" + (" (resuming)" if resuming or (run_dir / "imp").exists() else ""))
         t_start = time.perf_counter()
         try:
             seed_everything(resolved["seed"])
@@ -178,6 +248,12 @@ def run(
             start_masks = _load_pretrained(model, resolved["model"].get("pretrained"), root, data_dir, store, log)
             train_dl, val_dl, test_dl = loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.eval_batch_size,
                                                 device=device, seed=resolved["seed"], augment=d["augment"])
+            if get_method(p["method"]).needs_data == "training":
+                rec, layers = _run_imp(resolved, rid, run_dir, splits, (train_dl, val_dl, test_dl), device, model,
+                                       start_masks, store, log, t_start)
+                atomic_write_json(run_dir / "record.json", rec.to_dict())
+                store.finish_run(rid, rec.to_dict(), layers)
+                return rec
 
             class StoreEpochs(Callback):
                 def on_epoch_end(self, trainer, epoch, metrics):
@@ -222,8 +298,7 @@ def run(
             raise
         masks = trainer.masks if trainer.masks is not None else Masks(model)
         events = pruner.events if pruner is not None else []
-        layers = [{"layer": s.name, "shape": "x".join(map(str, s.shape)), "kept": s.kept, "total": s.total,
-                   "density": s.density} for s in masks.layer_stats()]
+        layers = _layer_rows(masks)
         rec = RunRecord(
             run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
             model=resolved["model"]["name"], dataset=resolved["data"]["name"],

@@ -2,7 +2,7 @@
 
 Tables: ``runs`` (one row per run: identity, config, status, headline metrics, timings, versions, hardware),
 ``experiments`` (which experiment names a run belongs to), ``epochs`` (per-epoch metrics), ``layers`` (per-layer
-sparsity of the final masks). Every write is one transaction, so a crash never leaves a half-written row; WAL mode
+sparsity of the final masks), ``levels`` (IMP codes: one row per level and branch, written as each level ends). Every write is one transaction, so a crash never leaves a half-written row; WAL mode
 lets readers (``prunekit report``) work while a run writes.
 """
 from __future__ import annotations
@@ -43,7 +43,19 @@ CREATE TABLE IF NOT EXISTS layers (
     density REAL,
     PRIMARY KEY (run_id, layer)
 );
+CREATE TABLE IF NOT EXISTS levels (
+    run_id TEXT NOT NULL, level INTEGER NOT NULL, branch TEXT NOT NULL,
+    density REAL, kept INTEGER, total INTEGER, epochs INTEGER, seconds REAL, check_seconds REAL,
+    stop_reason TEXT, stop_epoch REAL, best_val_acc REAL, test_acc_at_best_val REAL, final_val_acc REAL,
+    final_test_acc REAL, early_stop_epoch INTEGER, early_stop_test_acc REAL,
+    data TEXT,                         -- the whole row, JSON (stop checks, prune fraction)
+    PRIMARY KEY (run_id, level, branch)
+);
 """
+
+LEVEL_FIELDS = ("density", "kept", "total", "epochs", "seconds", "check_seconds", "stop_reason", "stop_epoch",
+                "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "early_stop_epoch",
+                "early_stop_test_acc")
 
 EPOCH_FIELDS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds", "sparsity")
 
@@ -113,6 +125,17 @@ class Store:
             )
             c.execute("UPDATE runs SET updated=? WHERE run_id=?", (time.time(), run_id))
 
+    def log_levels(self, run_id: str, rows: list[dict]) -> None:
+        """Write (or replace) the rows of finished IMP levels, in one transaction."""
+        with self.transaction() as c:
+            c.executemany(
+                f"INSERT OR REPLACE INTO levels (run_id, level, branch, {', '.join(LEVEL_FIELDS)}, data) "
+                f"VALUES (?, ?, ?, {', '.join('?' * len(LEVEL_FIELDS))}, ?)",
+                [(run_id, r["level"], r.get("branch", "main"), *[r.get(k) for k in LEVEL_FIELDS],
+                  json.dumps(r, default=str)) for r in rows],
+            )
+            c.execute("UPDATE runs SET updated=? WHERE run_id=?", (time.time(), run_id))
+
     def finish_run(self, run_id: str, record: dict, layers: list[dict]) -> None:
         """Write the final record and per-layer sparsity, and mark the run done, in one transaction."""
         now = time.time()
@@ -169,6 +192,12 @@ class Store:
     def layers(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT * FROM layers WHERE run_id=? ORDER BY position", (run_id,)).fetchall()
         return [dict(r) for r in rows]
+
+    def levels(self, run_id: str) -> list[dict[str, Any]]:
+        """The IMP level rows of a run (the JSON data of each row), level order, main branch first."""
+        rows = self._conn.execute("SELECT data FROM levels WHERE run_id=? ORDER BY level, branch != 'main', branch",
+                                  (run_id,)).fetchall()
+        return [json.loads(r["data"]) for r in rows]
 
     def experiment_names(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT DISTINCT name FROM experiments ORDER BY name").fetchall()]

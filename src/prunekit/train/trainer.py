@@ -137,6 +137,8 @@ class Trainer:
         self.best_val_acc: float | None = None
         self.best_epoch: int | None = None
         self.test_acc_at_best_val: float | None = None
+        self.stop_training = False  # a callback sets it in on_epoch_end to end fit() after that epoch
+        self.start_epoch = 0
         if masks is not None:
             self.set_masks(masks)
 
@@ -185,9 +187,33 @@ class Trainer:
                 if "weight_decay" in group:
                     group["weight_decay"] = 0.0
 
+    def start_at(self, epoch: int) -> None:
+        """Begin training at ``epoch`` instead of 0: the LR schedule is advanced ``epoch`` steps and the data order
+        continues from there (IMP levels that rewind to an early-training checkpoint resume its schedule).
+
+        Call before :meth:`fit`; ignored when ``run_dir`` holds a checkpoint to resume (it knows where it was).
+        """
+        epoch = int(epoch)
+        if not 0 <= epoch <= self.cfg.epochs:
+            raise PrunekitError(f"start_at({epoch}): the epoch must be in [0, {self.cfg.epochs}] (train.epochs)")
+        if self._resume_from is not None or self.epochs_done:
+            return
+        import warnings
+
+        with warnings.catch_warnings():  # stepping the schedule before any optimizer step is what we mean here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(epoch):
+                self.scheduler.step()
+        self.epochs_done = self.epoch = self.start_epoch = epoch
+        steps = len(self.train_data) if hasattr(self.train_data, "__len__") else 0
+        self.global_step = epoch * steps
+
     # -------------------------------------------------------------------------------------------------- fit
     def fit(self) -> list[dict]:
         """Train to ``cfg.epochs`` epochs (continuing a checkpoint in ``run_dir``); returns the history.
+
+        A callback that sets ``trainer.stop_training = True`` in ``on_epoch_end`` ends training after that epoch
+        (the checkpoint records it, so a resumed run does not train on).
 
         Each entry: ``epoch, lr, train_loss, train_acc, val_loss, val_acc, test_loss, test_acc, seconds, sparsity``
         (``None`` for missing val/test data) plus anything callbacks add in ``on_epoch_end``.
@@ -197,7 +223,7 @@ class Trainer:
             self.load_checkpoint(path)
             if self.epochs_done < self.cfg.epochs:
                 self._say(f"resuming {path} after epoch {self.epochs_done}/{self.cfg.epochs}")
-        if self.epochs_done >= self.cfg.epochs:
+        if self.epochs_done >= self.cfg.epochs or self.stop_training:
             return list(self.history)
 
         for cb in self.callbacks:
@@ -230,10 +256,12 @@ class Trainer:
             self.epochs_done = epoch + 1
             self._track_best(metrics)
             every = self.cfg.checkpoint_every
-            if self.run_dir is not None and every > 0 and (self.epochs_done % every == 0
+            if self.run_dir is not None and every > 0 and (self.epochs_done % every == 0 or self.stop_training
                                                            or self.epochs_done == self.cfg.epochs):
                 atomic_torch_save(self.checkpoint_state(), self.last_path)
             self._log_epoch(metrics)
+            if self.stop_training:
+                break
         for cb in self.callbacks:
             cb.on_train_end(self)
         return list(self.history)
@@ -334,6 +362,8 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epochs_done,  # number of completed epochs = the next epoch's index
+            "start_epoch": self.start_epoch,
+            "stopped": self.stop_training,
             "global_step": self.global_step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -375,6 +405,8 @@ class Trainer:
             self.masks, self._mask_handle, self._mask_key = None, None, None
         self._apply_wd_off()
         self.epochs_done = self.epoch = int(state["epoch"])
+        self.start_epoch = int(state.get("start_epoch", 0))
+        self.stop_training = bool(state.get("stopped", False))
         self.global_step = int(state["global_step"])
         self.history = [dict(h) for h in state["history"]]
         best = state["best"]

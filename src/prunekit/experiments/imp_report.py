@@ -1,0 +1,387 @@
+"""Tables and plots of iterative-magnitude-pruning (IMP) runs, level by level.
+
+Input: a list of run dicts, one per (method, seed), each with ``model``, ``dataset``, ``recipe``, ``method``
+(``lth``, ``sap``, ``ciap``, ``giap``), ``seed``, an optional display ``label`` (default: the method) and
+``levels``, one row per trained level (``level``, ``branch``, ``density``, ``epochs``, ``seconds``,
+``check_seconds``, accuracies, ...). Runs are grouped by (model, dataset, recipe) and never averaged across groups;
+within a group, runs with the same label are the seeds of one method.
+
+- :func:`level_table`: per group, one row per level and, per method, density %, accuracy % and epochs (mean ± std
+  over seeds), then totals (epochs, seconds, final density and accuracy). Control branches get a small table.
+- :func:`savings` / :func:`savings_table`: each method against the ``lth`` baseline of its group, both for the same
+  number of levels and at equal final sparsity (lth interpolated linearly in log(density)).
+- :func:`plot_accuracy` / :func:`plot_epochs`: PNG plots, one subplot per group, written atomically.
+- :func:`imp_report`: the two tables, and the two plots when a folder is given.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import PrunekitError, unknown
+from .report import _fmt, _render
+
+IMP_METHODS = ("lth", "sap", "ciap", "giap")
+METRICS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc")
+_ROW_KEYS = ("level", "density", "epochs", "seconds")
+
+Group = tuple  # (model, dataset, recipe)
+Stats = dict  # {"mean", "std", "n"}
+
+
+# ---------------------------------------------------------------------------------------------------- collecting
+
+
+def _name(run: dict) -> str:
+    rid = str(run.get("run_id", ""))[:8] or "?"
+    return f"{rid} ({run.get('method', '?')}, seed {run.get('seed', '?')})"
+
+
+def _main_rows(run: dict) -> list[dict]:
+    return sorted((r for r in run.get("levels") or () if r.get("branch", "main") == "main"), key=lambda r: r["level"])
+
+
+def _collect(runs: list[dict], metric: str) -> dict[Group, dict[str, list[dict]]]:
+    """``{(model, dataset, recipe): {label: [run, ...]}}``, after checking the metric and every run's levels."""
+    if metric not in METRICS:
+        raise unknown("IMP report metric", metric, METRICS)
+    if not runs:
+        raise PrunekitError("no runs to report: pass the records of IMP runs (methods " + ", ".join(IMP_METHODS)
+                            + "), whose 'levels' hold one row per pruning level")
+    lacking = [r for r in runs if not _main_rows(r)]
+    if lacking:
+        names = ", ".join(_name(r) for r in lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        raise PrunekitError(f"{len(lacking)} of {len(runs)} run(s) have no IMP levels: {names}; per-level records "
+                            f"come from an IMP method ({', '.join(IMP_METHODS)}): run one of those, or leave the "
+                            "other runs out of the report")
+    groups: dict[Group, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        for row in _main_rows(r):
+            missing = [k for k in _ROW_KEYS + (metric,) if row.get(k) is None]
+            if missing:
+                raise PrunekitError(f"run {_name(r)} level {row.get('level')} lacks {', '.join(missing)}: "
+                                    "every main level row needs level, density, epochs, seconds and the metric")
+        key = (r.get("model", "?"), r.get("dataset", "?"), str(r.get("recipe", "")))
+        groups[key][r.get("label") or r["method"]].append(r)
+    return {k: dict(v) for k, v in sorted(groups.items())}
+
+
+def _order(labels: dict[str, list[dict]]) -> list[str]:
+    """Labels in method order lth, sap, ciap, giap, then the others alphabetically."""
+    def key(lab: str) -> tuple:
+        m = labels[lab][0]["method"]
+        return (IMP_METHODS.index(m) if m in IMP_METHODS else len(IMP_METHODS), m if m not in IMP_METHODS else "", lab)
+    return sorted(labels, key=key)
+
+
+def _stats(values: list[float]) -> Stats:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _per_level(runs: list[dict], metric: str) -> dict[int, dict[str, Stats]]:
+    """``{level: {"density", "acc", "epochs", "cum_epochs"}}`` over the seeds that reached the level (% for density
+    and accuracy; ``cum_epochs`` counts every epoch through that level)."""
+    vals: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        cum = 0.0
+        for row in _main_rows(r):
+            cum += row["epochs"]
+            v = vals[row["level"]]
+            v["density"].append(100.0 * row["density"])
+            v["acc"].append(100.0 * row[metric])
+            v["epochs"].append(float(row["epochs"]))
+            v["cum_epochs"].append(cum)
+    return {k: {name: _stats(x) for name, x in v.items()} for k, v in sorted(vals.items())}
+
+
+def _totals(runs: list[dict], metric: str) -> dict[str, Stats]:
+    """Per-run totals over the main levels, as stats over seeds: epochs, seconds, check seconds, levels, and the
+    last level's density and accuracy (%)."""
+    per_run = [_main_rows(r) for r in runs]
+    return {
+        "epochs": _stats([float(sum(row["epochs"] for row in rows)) for rows in per_run]),
+        "seconds": _stats([float(sum(row["seconds"] for row in rows)) for rows in per_run]),
+        "check_seconds": _stats([float(sum(row.get("check_seconds") or 0.0 for row in rows)) for rows in per_run]),
+        "levels": _stats([float(len(rows)) for rows in per_run]),
+        "density": _stats([100.0 * rows[-1]["density"] for rows in per_run]),
+        "acc": _stats([100.0 * rows[-1][metric] for rows in per_run]),
+    }
+
+
+def _title(group: Group, what: str) -> str:
+    return f"{group[0]} on {group[1]} [recipe {group[2]}]: {what}"
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def level_table(runs: list[dict], metric: str = "final_test_acc") -> str:
+    """A text table per (model, dataset, recipe): one row per level; per method density % (mean), ``metric`` %
+    and epochs (mean ± std over seeds, ``-`` where the method has no such level); then total epochs (mean ± std),
+    total training and stop-check seconds (mean) and the final level's density and accuracy. Control branches
+    (``control_reinit`` / ``control_random_prune``) follow in a small table of their own."""
+    blocks = []
+    for group, labels in _collect(runs, metric).items():
+        order = _order(labels)
+        stats = {lab: _per_level(labels[lab], metric) for lab in order}
+        totals = {lab: _totals(labels[lab], metric) for lab in order}
+        head = ["level"] + [f"{lab} {col}" for lab in order for col in ("dens%", "acc%", "epochs")]
+        rows = []
+        for k in sorted({k for s in stats.values() for k in s}):
+            row = [str(k)]
+            for lab in order:
+                s = stats[lab].get(k)
+                row += ["-"] * 3 if s is None else [f"{s['density']['mean']:.2f}", _fmt(s["acc"]), _fmt(s["epochs"])]
+            rows.append(row)
+        rows.append(["total epochs"] + [c for lab in order for c in ("", "", _fmt(totals[lab]["epochs"]))])
+        rows.append(["total seconds"] + [c for lab in order for c in ("", "", f"{totals[lab]['seconds']['mean']:.1f}")])
+        rows.append(["check seconds"]
+                    + [c for lab in order for c in ("", "", f"{totals[lab]['check_seconds']['mean']:.1f}")])
+        rows.append(["final"] + [c for lab in order
+                                 for c in (f"{totals[lab]['density']['mean']:.2f}", _fmt(totals[lab]["acc"]), "")])
+        seeds = ", ".join(f"{lab} {len(labels[lab])}" for lab in order)
+        table = "\n".join(line.rstrip() for line in _render([head] + rows).splitlines())  # blank total cells
+        lines = [_title(group, f"{metric} (%) per IMP level, mean ± std over seeds ({seeds})"), table]
+        controls = _controls_table(labels, order, metric)
+        if controls:
+            lines += ["", controls]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _controls_table(labels: dict[str, list[dict]], order: list[str], metric: str) -> str:
+    """Accuracy of the non-main branches per level (mean ± std over seeds), or '' when there are none."""
+    vals: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for lab in order:
+        for r in labels[lab]:
+            for row in r.get("levels") or ():
+                if row.get("branch", "main") != "main" and row.get(metric) is not None:
+                    vals[(lab, row["branch"])][row["level"]].append(100.0 * row[metric])
+    if not vals:
+        return ""
+    cols = sorted(vals, key=lambda c: (order.index(c[0]), c[1]))
+    rows = [["level"] + [f"{lab} {branch}" for lab, branch in cols]]
+    for k in sorted({k for v in vals.values() for k in v}):
+        rows.append([str(k)] + [_fmt(_stats(vals[c][k])) if vals[c].get(k) else "-" for c in cols])
+    return f"control branches: {metric} (%), mean ± std over seeds\n" + _render(rows)
+
+
+def _interp_log_density(points: list[tuple[float, float]], density: float) -> float | None:
+    """``value`` at ``density`` from ``(density, value)`` points, linear in log(density); None outside their range."""
+    pts = sorted(points, reverse=True)
+    if not pts or density > pts[0][0] * (1 + 1e-9) or density < pts[-1][0] * (1 - 1e-9):
+        return None
+    for (d0, v0), (d1, v1) in zip(pts, pts[1:]):
+        if d1 <= density <= d0 and d0 > d1:
+            t = (math.log(d0) - math.log(density)) / (math.log(d0) - math.log(d1))
+            return v0 + t * (v1 - v0)
+    return min(pts, key=lambda p: abs(p[0] - density))[1]  # at an end point (within rounding) or a single point
+
+
+def savings(runs: list[dict], metric: str = "final_test_acc") -> list[dict]:
+    """Each non-lth method against each ``lth`` baseline of its (model, dataset, recipe) group.
+
+    Keys: ``model``, ``dataset``, ``recipe``, ``method`` (the label), ``baseline``, ``seeds``, ``levels`` (mean
+    number of levels), ``epochs`` (mean total), ``lth_epochs`` (lth's mean cumulative epochs through the same last
+    level), ``epoch_ratio``, ``epochs_saved_pct`` (100 · (1 - ratio)), ``final_acc``, ``lth_final_acc``,
+    ``acc_diff`` (points, method minus lth, each the mean over seeds of the last level's ``metric``),
+    ``final_density`` (% remaining, mean over seeds) and, at that density with lth interpolated linearly in
+    log(density): ``lth_epochs_at_density``, ``epoch_ratio_at_density``, ``epochs_saved_pct_at_density``,
+    ``lth_acc_at_density``, ``acc_diff_at_density``. Comparisons lth cannot support are None and ``note`` says why
+    (otherwise ``note`` is None).
+    """
+    out = []
+    for group, labels in _collect(runs, metric).items():
+        order = _order(labels)
+        baselines = [lab for lab in order if labels[lab][0]["method"] == "lth"]
+        for base in baselines:
+            curve = _per_level(labels[base], metric)
+            base_tot = _totals(labels[base], metric)
+            for lab in order:
+                if lab in baselines:
+                    continue
+                out.append(_compare(group, lab, labels[lab], base, curve, base_tot, metric))
+    return out
+
+
+def _compare(group: Group, lab: str, runs: list[dict], base: str, curve: dict[int, dict[str, Stats]],
+             base_tot: dict[str, Stats], metric: str) -> dict:
+    tot = _totals(runs, metric)
+    notes = []
+    last_levels = [_main_rows(r)[-1]["level"] for r in runs]
+    if all(k in curve for k in last_levels):
+        lth_epochs = statistics.fmean(curve[k]["cum_epochs"]["mean"] for k in last_levels)
+    else:
+        lth_epochs = None
+        notes.append(f"{base} stops at level {max(curve)} but {lab} reaches level {max(last_levels)}: "
+                     "no same-levels epoch comparison")
+    density = tot["density"]["mean"]
+    dens_pts = [(s["density"]["mean"], s) for s in curve.values()]
+    lth_ep_d = _interp_log_density([(d, s["cum_epochs"]["mean"]) for d, s in dens_pts], density)
+    lth_acc_d = _interp_log_density([(d, s["acc"]["mean"]) for d, s in dens_pts], density)
+    if lth_ep_d is None:
+        lo, hi = min(d for d, _ in dens_pts), max(d for d, _ in dens_pts)
+        where = f"below {base}'s lowest density {lo:.2f}%" if density < lo else f"above {base}'s highest {hi:.2f}%"
+        notes.append(f"{lab}'s final density {density:.2f}% is {where}: no equal-sparsity comparison")
+    epochs = tot["epochs"]["mean"]
+
+    def ratio(ref: float | None) -> float | None:
+        return epochs / ref if ref else None
+
+    return {
+        "model": group[0], "dataset": group[1], "recipe": group[2], "method": lab, "baseline": base,
+        "seeds": len(runs), "levels": tot["levels"]["mean"], "epochs": epochs, "lth_epochs": lth_epochs,
+        "epoch_ratio": ratio(lth_epochs),
+        "epochs_saved_pct": None if ratio(lth_epochs) is None else 100.0 * (1.0 - ratio(lth_epochs)),
+        "final_acc": tot["acc"]["mean"], "lth_final_acc": base_tot["acc"]["mean"],
+        "acc_diff": tot["acc"]["mean"] - base_tot["acc"]["mean"],
+        "final_density": density, "lth_epochs_at_density": lth_ep_d, "epoch_ratio_at_density": ratio(lth_ep_d),
+        "epochs_saved_pct_at_density": None if ratio(lth_ep_d) is None else 100.0 * (1.0 - ratio(lth_ep_d)),
+        "lth_acc_at_density": lth_acc_d,
+        "acc_diff_at_density": None if lth_acc_d is None else tot["acc"]["mean"] - lth_acc_d,
+        "note": "; ".join(notes) or None,
+    }
+
+
+def savings_table(runs: list[dict], metric: str = "final_test_acc") -> str:
+    """:func:`savings` as text: one table per group and baseline, notes underneath."""
+    rows = savings(runs, metric)
+    if not rows:
+        return "(no savings to show: they need lth runs and another method in the same model/dataset/recipe group)"
+
+    def f(v: float | None, spec: str = ".2f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    head = ["method", "levels", "epochs", "lth epochs", "saved %", "Δacc", "dens%", "lth epochs@dens",
+            "saved %@dens", "lth acc@dens", "Δacc@dens"]
+    blocks = []
+    for key in dict.fromkeys((r["model"], r["dataset"], r["recipe"], r["baseline"]) for r in rows):
+        sel = [r for r in rows if (r["model"], r["dataset"], r["recipe"], r["baseline"]) == key]
+        body = [[r["method"], f(r["levels"], "g"), f(r["epochs"], ".1f"), f(r["lth_epochs"], ".1f"),
+                 f(r["epochs_saved_pct"], ".1f"), f(r["acc_diff"], "+.2f"), f(r["final_density"]),
+                 f(r["lth_epochs_at_density"], ".1f"), f(r["epochs_saved_pct_at_density"], ".1f"),
+                 f(r["lth_acc_at_density"]), f(r["acc_diff_at_density"], "+.2f")] for r in sel]
+        what = (f"epochs and {metric} vs {key[3]}, same levels and at equal final density (lth interpolated in "
+                "log density); Δacc in points, method minus lth")
+        lines = [_title(key[:3], what), _render([head] + body)]
+        lines += [f"note ({r['method']}): {r['note']}" for r in sel if r["note"]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+
+def _figure(n: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = min(n, 2)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(6.5 * ncols, 4.2 * nrows), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
+
+
+def _colors(groups: dict[Group, dict[str, list[dict]]]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    labels = list(dict.fromkeys(lab for labels in groups.values() for lab in _order(labels)))
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+
+
+def _save(fig, path: str | Path, title: str | None) -> Path:
+    """Write ``fig`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def plot_accuracy(runs: list[dict], path: str | Path, metric: str = "final_test_acc", title: str | None = None) -> Path:
+    """``metric`` (%) vs remaining weights (%, log axis, 100 on the left) per method: mean line, ± std band over
+    seeds, and the dense level-0 accuracy as a dashed line; one subplot per (model, dataset, recipe)."""
+    import matplotlib.ticker
+
+    groups = _collect(runs, metric)
+    colors = _colors(groups)
+    fig, axes = _figure(len(groups))
+    for ax, (group, labels) in zip(axes, groups.items()):
+        lowest = 100.0
+        for lab in _order(labels):
+            st = _per_level(labels[lab], metric).values()
+            xs = [s["density"]["mean"] for s in st]
+            ys = [s["acc"]["mean"] for s in st]
+            sd = [s["acc"]["std"] for s in st]
+            lowest = min(lowest, *xs)
+            ax.plot(xs, ys, marker="o", ms=3, color=colors[lab], label=lab)
+            ax.fill_between(xs, [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)],
+                            color=colors[lab], alpha=0.2, lw=0)
+        dense = [100.0 * row[metric] for runs_ in labels.values() for r in runs_ for row in _main_rows(r)
+                 if row["level"] == 0]
+        if dense:
+            ax.axhline(statistics.fmean(dense), color="k", ls="--", lw=1, label="dense (level 0)")
+        ax.set_xscale("log")
+        lo, hi = min(1.0, lowest) / 1.15, 100.0 * 1.15
+        ax.set_xlim(hi, lo)  # decreasing left to right
+        ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01) if lo <= t <= hi]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("remaining weights (%)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{group[0]} / {group[1]} [{group[2]}]", fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path, title)
+
+
+def plot_epochs(runs: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Epochs trained per IMP level (mean ± std over seeds as error bars), grouped bars per method; one subplot per
+    (model, dataset, recipe)."""
+    groups = _collect(runs, METRICS[0])
+    colors = _colors(groups)
+    fig, axes = _figure(len(groups))
+    for ax, (group, labels) in zip(axes, groups.items()):
+        order = _order(labels)
+        width = 0.8 / len(order)
+        levels: set[int] = set()
+        for i, lab in enumerate(order):
+            st = _per_level(labels[lab], METRICS[0])
+            levels |= set(st)
+            ax.bar([k + (i - (len(order) - 1) / 2) * width for k in st], [s["epochs"]["mean"] for s in st.values()],
+                   width, yerr=[s["epochs"]["std"] for s in st.values()], capsize=2, color=colors[lab], label=lab)
+        ax.set_xticks(sorted(levels))
+        ax.set_xlabel("IMP level")
+        ax.set_ylabel("epochs trained")
+        ax.set_title(f"{group[0]} / {group[1]} [{group[2]}]", fontsize="medium")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path, title)
+
+
+def imp_report(runs: list[dict], metric: str = "final_test_acc", plot_dir: str | Path | None = None,
+               name: str = "imp") -> str:
+    """:func:`level_table` and :func:`savings_table`; with ``plot_dir``, also writes ``{name}_accuracy.png`` and
+    ``{name}_epochs.png`` there and names them at the end."""
+    text = level_table(runs, metric) + "\n\n" + savings_table(runs, metric)
+    if plot_dir is not None:
+        acc = plot_accuracy(runs, Path(plot_dir) / f"{name}_accuracy.png", metric, title=name)
+        ep = plot_epochs(runs, Path(plot_dir) / f"{name}_epochs.png", title=name)
+        text += f"\n\nplots: {acc}\n       {ep}"
+    return text

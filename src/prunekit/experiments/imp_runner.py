@@ -1,0 +1,233 @@
+"""The IMP experiment: ``lth``, ``sap``, ``ciap``, ``giap`` run from a resolved config (methods/imp.md).
+
+:func:`run_levels` builds the level trainer for :func:`prunekit.lottery.run_imp`: every level is a
+:class:`prunekit.train.Trainer` run in ``<run_dir>/imp/level_<L>/`` (resumable mid-level), with
+
+- the rewind capture at level 0 (``rewind: step:<k>ep``: the weights after epoch k, written to ``rewind.pt``);
+- the stop checks at levels >= 1: every ``chunk_epochs`` epochs the validation accuracy and BOTH flow distances
+  (IF and GF, so a fixed-budget ``lth`` run logs what the InCoP rules would have decided) are computed and the
+  code's :class:`prunekit.incop.StopRule` decides;
+- the references of the flow rules: in ``fixed`` mode the trained dense network of level 0 on fixed validation
+  batches (its best validation accuracy is acc*); in ``original`` mode the dense network at the rewind point, the
+  IF statistic over the training set, the GF statistic from the stale gradient of the last mini-batch, and the
+  best warm-up test accuracy (seed 001, defects kept).
+
+Each finished level becomes one row (:func:`level_row`) that the runner stores in the ``levels`` table.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_epoch
+from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
+from ..io import atomic_torch_save
+from ..lottery import run_imp
+from ..masks import Masks
+from ..params import prunable_params
+from ..prune import PruneOptions
+from ..train import Callback, Trainer
+from ..train.config import TrainConfig
+from ..typed import from_dict
+
+
+def flow_batches(splits, opts: ImpOptions, seed: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``flow_batches`` fixed mini-batches of the validation split (seeded draw, eval transform), drawn once."""
+    from ..data import TensorLoader
+    from ..seeding import generator
+
+    n = min(len(splits.val), opts.flow_batches * opts.flow_batch_size)
+    idx = torch.randperm(len(splits.val), generator=generator(seed, "flow_batches"))[:n]
+    dl = TensorLoader(splits.val.subset(idx), opts.flow_batch_size, mean=splits.mean, std=splits.std, device=device)
+    return list(dl)
+
+
+class _Checks:
+    """The flow statistics of one network state, in the mode's data and definitions."""
+
+    def __init__(self, opts: ImpOptions, batches, train_dl):
+        self.o, self.batches, self.train_dl = opts, batches, train_dl
+
+    def stats(self, model, masks) -> dict:
+        o = self.o
+        if o.stop_mode == "original":
+            out = {"if": information_flow(model, self.train_dl, stat="mean", mode="original").tolist()}
+            g, n = gradient_flow_original(model, masks, len(self.train_dl))
+            out["gf_ref"], out["gf"] = g.tolist(), n.tolist()  # the seed compares n (now) with g (reference)
+            return out
+        return {"if": information_flow(model, self.batches, stat=o.if_stat).tolist(),
+                "gf": gradient_flow(model, masks, self.batches, stat=o.gf_stat).tolist()}
+
+
+class _RewindCapture(Callback):
+    """Level 0 with ``rewind: step:<k>ep``: save the weights (and, in original mode, the references) after epoch k."""
+
+    def __init__(self, k: int, path: Path, on_capture: Callable[[object, int], dict] | None):
+        self.k, self.path, self.on_capture = k, path, on_capture
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch == self.k - 1 and not self.path.exists():
+            extra = self.on_capture(trainer, epoch, metrics) if self.on_capture else {}
+            state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+            atomic_torch_save({"state": state, "extra": extra}, self.path)
+
+
+class _StopCheck(Callback):
+    """Every ``chunk_epochs`` epochs after the level's start: accuracy and flow distances, then the stop rule."""
+
+    def __init__(self, rule: StopRule | None, flow: str | None, checks: _Checks, ref: dict, start: int,
+                 chunk: int, use_test: bool):
+        self.rule, self.flow, self.checks, self.ref = rule, flow, checks, ref
+        self.start, self.chunk, self.use_test = start, chunk, use_test
+        self.log: list[dict] = []
+        self.seconds = 0.0
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if (epoch + 1 - self.start) % self.chunk:
+            return
+        t0 = time.perf_counter()
+        cur = self.checks.stats(trainer.model, trainer.masks)
+        d_if = flow_distance(cur["if"], self.ref["if"])
+        d_gf = flow_distance(cur["gf"], self.ref["gf"])
+        acc = metrics["test_acc"] if self.use_test else metrics["val_acc"]
+        entry = {"epoch": epoch + 1, "acc": acc, "d_if": d_if, "d_gf": d_gf}
+        if self.rule is not None:
+            pruned = cur[self.flow] if self.flow else None
+            dense = self.ref[self.flow] if self.flow else None
+            if trainer.stop_training is False and self.rule.update(epoch + 1, pruned, dense, acc=acc):
+                trainer.stop_training = True
+            entry["passed"] = self.rule.history[-1]["passed"] if self.rule.history else None
+        self.seconds += time.perf_counter() - t0
+        self.log.append(entry)
+
+    def state_dict(self):
+        rule = None
+        if self.rule is not None:
+            rule = {k: getattr(self.rule, k) for k in ("chunks", "streak", "history", "stopped_epoch",
+                                                       "stopped_chunk", "reason")}
+        return {"log": self.log, "seconds": self.seconds, "rule": rule}
+
+    def load_state_dict(self, state):
+        self.log, self.seconds = list(state["log"]), float(state["seconds"])
+        if self.rule is not None and state["rule"] is not None:
+            for k, v in state["rule"].items():
+                setattr(self.rule, k, v)
+
+
+def level_row(record: dict, branch: str = "main") -> dict:
+    """One stored row of a finished level (or control branch) record of :func:`prunekit.lottery.run_imp`."""
+    s = record["summary"] if branch == "main" else record["control"]
+    row = {"level": record["level"], "branch": branch, "density": record["density"], "kept": record["kept"],
+           "total": record["total"]}
+    row.update({k: s.get(k) for k in ("epochs", "seconds", "check_seconds", "stop_reason", "stop_epoch",
+                                      "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc",
+                                      "early_stop_epoch", "early_stop_test_acc", "checks")})
+    if branch == "main" and record.get("prune"):
+        row["prune"] = record["prune"]
+    return row
+
+
+def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: str,
+               model_fn: Callable[..., torch.nn.Module], log: Callable[[str], None],
+               on_level: Callable[[dict], None]) -> list[dict]:
+    """Run (or resume) the IMP search of a resolved config; returns :func:`prunekit.lottery.run_imp`'s records."""
+    p = resolved["prune"]
+    code = p["method"]
+    o = from_dict(ImpOptions, p["method_options"])
+    common = from_dict(PruneOptions, p["options"])
+    tcfg = from_dict(TrainConfig, resolved["train"])
+    seed = resolved["seed"]
+    train_dl, val_dl, test_dl = loaders_
+    k = rewind_epoch(o.rewind, tcfg.epochs)
+    flow = {"if": "if", "gf": "gf"}.get(o.stop or DEFAULT_STOP[code])
+    stop = o.stop or DEFAULT_STOP[code]
+    original = o.stop_mode == "original"
+    budget_chunks = max(1, (tcfg.epochs - (k or 0)) // o.chunk_epochs)
+    max_chunks = o.max_chunks or budget_chunks
+    checks = _Checks(o, flow_batches(splits, o, seed, device) if not original else None, train_dl)
+    ref: dict = {}
+
+    def remember(record: dict) -> None:  # level 0's summary carries the references (also on resume)
+        if record["level"] == 0:
+            ref.update(record["summary"]["reference"])
+        on_level(record)
+
+    def capture(trainer, epoch, metrics) -> dict:  # original mode: references at the rewind point
+        st = checks.stats(trainer.model, trainer.masks if trainer.masks is not None else Masks(trainer.model))
+        accs = [h["test_acc"] for h in trainer.history] + [metrics["test_acc"]]
+        return {"if": st["if"], "gf": st["gf_ref"], "acc": max(a for a in accs if a is not None)}
+
+    def train_fn(model, masks, level, level_dir, rewind_epoch=None):
+        level_dir = Path(level_dir)
+        cbs: list = []
+        rewind_path = level_dir / "rewind.pt"
+        if level == 0 and rewind_epoch:
+            cbs.append(_RewindCapture(rewind_epoch, rewind_path, capture if original else None))
+        checker = None
+        if level >= 1:
+            rule = None
+            if stop != "fixed":
+                rule = StopRule(mode=o.stop_mode, flow=flow, epsilon=o.epsilon, patience=o.patience,
+                                min_chunks=o.min_chunks, max_chunks=max_chunks, acc_guard=o.acc_guard,
+                                acc_tol=o.acc_tol, acc_ref=ref.get("acc"))
+            checker = _StopCheck(rule, flow, checks, ref, k or 0, o.chunk_epochs, use_test=original)
+            cbs.append(checker)
+        trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=cbs, run_dir=level_dir, seed=seed,
+                          masks=masks, log=log)
+        if level >= 1 and k:
+            trainer.start_at(k)
+        t0 = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - t0
+        s = trainer.summary()
+        hist = trainer.history
+        es = min(hist, key=lambda h: (h["val_loss"] if h["val_loss"] is not None else float("inf"), h["epoch"]))
+        out = {k_: s[k_] for k_ in ("best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc")}
+        out.update(epochs=len(hist), seconds=s["train_seconds"], wall_seconds=wall,
+                   early_stop_epoch=es["epoch"], early_stop_test_acc=es["test_acc"],
+                   history=[{k_: h[k_] for k_ in ("epoch", "train_loss", "val_loss", "val_acc", "test_acc")}
+                            for h in hist])
+        if checker is not None:
+            rule = checker.rule
+            out.update(check_seconds=checker.seconds, checks=checker.log,
+                       stop_reason=(rule.reason if rule is not None and rule.reason else "budget"),
+                       stop_epoch=rule.stopped_epoch if rule is not None else None)
+        else:
+            out.update(check_seconds=0.0, checks=[], stop_reason="budget", stop_epoch=None)
+        if level == 0:
+            if original:
+                blob = torch.load(rewind_path, map_location="cpu", weights_only=False) if rewind_epoch else None
+                if blob is None:  # rewinding to init: the references of the trained dense network
+                    st = checks.stats(trainer.model, trainer.masks)
+                    blob = {"extra": {"if": st["if"], "gf": st["gf_ref"],
+                                      "acc": max(h["test_acc"] for h in hist)}}
+                out["reference"] = blob["extra"]
+            else:
+                st = checks.stats(trainer.model, trainer.masks)
+                out["reference"] = {"if": st["if"], "gf": st["gf"], "acc": s["best_val_acc"]}
+            if rewind_epoch:
+                out["rewind_state"] = torch.load(rewind_path, map_location="cpu", weights_only=False)["state"]
+        return out
+
+    def pq_rule(masks, model, level):
+        new, counts = pq_level_masks(masks, model, o.p, o.q, o.eta, o.gamma, o.beta, scope=common.scope)
+        return new, {"n_prune": sum(counts.values()), "fraction": sum(counts.values()) / max(masks.kept(), 1)}
+
+    prune_rule = pq_rule if code != "lth" else None
+    rule_config = {"rule": "pq", "p": o.p, "q": o.q, "eta": o.eta, "gamma": o.gamma, "beta": o.beta} \
+        if code != "lth" else None
+    output_fraction = o.output_fraction
+    if output_fraction is None and code == "lth" and common.scope == "layer":
+        output_fraction = o.prune_fraction / 2
+    spec = common.param_spec()
+    return run_imp(
+        model_fn, train_fn, o.levels, run_dir=run_dir / "imp", prune_fraction=o.prune_fraction,
+        output_fraction=output_fraction, scope=common.scope,
+        rewind=("epoch", k) if k is not None else o.rewind, train_epochs=tcfg.epochs,
+        control=None if o.control == "none" else o.control, control_seed=o.control_seed,
+        control_levels=o.control_levels, prune_rule=prune_rule, rule_config=rule_config, on_level=remember,
+        masks_fn=lambda model: Masks(model, prunable_params(model, spec)),
+    )
