@@ -84,7 +84,6 @@ def test_start_at_advances_schedule_and_epochs():
     ({"method": "ciap", "p": 2.0, "q": 1.0}, r"0 < p < q"),
     ({"levels": 0}, r"levels must be at least 1"),
     ({"rewind": "step:9ep"}, r"after the end of training \(train.epochs = 4\)"),
-    ({"rewind": "step:100it"}, r"write it in epochs"),
     ({"rewind": "late"}, r"unknown rewind 'late'"),
     ({"sparsity": 0.9}, r"'prune.sparsity' does not apply to 'lth'"),
     ({"warmup": 1}, r"rewind: step:<k>ep"),
@@ -192,6 +191,20 @@ def test_rewind_to_epoch_restarts_levels_there(tmp_path):
     assert _levels(tmp_path, rec)[1]["epochs"] == 3
 
 
+def test_rewind_to_iteration_resumes_mid_epoch(tmp_path):
+    rec = run(cfg(rewind="step:10it"), tmp_path)  # synthetic: 512 samples / 64 = 8 steps per epoch
+    d = tmp_path / rec.run_id / "imp"
+    theta0 = torch.load(d / "init.pt", weights_only=True)
+    rewind = torch.load(d / "level_0" / "rewind.pt", weights_only=False)["state"]
+    final0 = torch.load(d / "level_0.pt", weights_only=True)["final_state"]
+    w = "fc1.weight" if "fc1.weight" in rewind else next(k for k in rewind if k.endswith("weight"))
+    assert not torch.equal(rewind[w], theta0[w]) and not torch.equal(rewind[w], final0[w])
+    lvl1 = torch.load(d / "level_1" / "last.pt", weights_only=False)
+    assert [h["epoch"] for h in lvl1["history"]] == [1, 2, 3] and lvl1["global_step"] == 4 * 8
+    with pytest.raises(pk.PrunekitError, match=r"step:1000it.*after the end of training \(4 epochs x 8 steps"):
+        run(cfg(rewind="step:1000it"), tmp_path)
+
+
 def test_original_mode_runs_with_seed_statistics(tmp_path):
     rec = run(cfg(method="giap", stop_mode="original", rewind="step:2ep"), tmp_path)
     blob = torch.load(tmp_path / rec.run_id / "imp" / "level_0.pt", weights_only=True)
@@ -245,3 +258,32 @@ def test_cli_report_shows_levels(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lth acc%" in out and "giap acc%" in out and "saved %" in out
     assert (tmp_path / "r" / "imp_accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name, n_runs", [("vgg16_mnist.yaml", 21), ("lenet300_mnist_cpu.yaml", 12)])
+def test_seed001_configs_resolve(name, n_runs):
+    from pathlib import Path
+
+    from prunekit.models import get_model
+
+    runs = C.expand(C.load(Path(__file__).resolve().parents[1] / "configs" / "seed001" / name))
+    resolved = [C.resolve(r) for r in runs]
+    assert len({C.run_id(r) for r in resolved}) == n_runs
+    r = resolved[0]
+    shape = (1, r["data"]["resize"] or 28, r["data"]["resize"] or 28)
+    model = get_model(r["model"]["name"], num_classes=10, input_shape=shape)
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_resize_keeps_labels_and_values():
+    from prunekit.data import load_dataset, resized
+
+    s = load_dataset("synthetic")
+    same = resized(s, s.input_shape[1])  # the same size is the identity
+    assert torch.allclose(same.train.x, s.train.x) and torch.equal(same.train.y, s.train.y)
+    s.train.x[:] = 0.25  # a constant image stays constant at any size
+    r = resized(s, 20)
+    assert r.input_shape[1:] == (20, 20) and r.train.x.shape[-2:] == (20, 20)
+    assert torch.allclose(r.train.x, torch.full_like(r.train.x, 0.25))
+    with pytest.raises(pk.PrunekitError, match="resize must be a positive whole number"):
+        resized(s, 0)

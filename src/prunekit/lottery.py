@@ -8,9 +8,10 @@
   ``run_dir/level_{k}.pt`` plus ``run_dir/imp.json``, so an interrupted search resumes at the level it stopped.
 
 ``train_fn`` protocol: ``train_fn(model, masks, level, level_dir, rewind_epoch=None) -> dict``. ``model`` already
-holds the level's starting weights with ``masks`` applied; train it in place. With ``rewind=('epoch', k)`` level 0
-is called with ``rewind_epoch=k`` and must return the model's ``state_dict()`` at the end of epoch k under
-``'rewind_state'`` (k = 0: the initial weights). Other levels get ``rewind_epoch=None``.
+holds the level's starting weights with ``masks`` applied; train it in place. With ``rewind=('epoch', k)`` (or
+``('step', k)``, k optimizer steps) level 0 is called with ``rewind_epoch=k`` and must return the model's
+``state_dict()`` at the end of epoch (step) k under ``'rewind_state'`` (k = 0: the initial weights). Other levels get
+``rewind_epoch=None``; starting them at the rewind point of the schedule is the train_fn's job.
 
 Controls (``control='reinit'`` / ``'random_prune'``) are side branches trained at every level >= 1 from that
 level's ticket; they never feed back into the main chain. ``reinit`` calls ``model_fn(seed=control_seed)`` (or,
@@ -151,9 +152,17 @@ def random_masks(masks: Mapping[str, torch.Tensor], seed: int, *tags: str) -> di
     return out
 
 
-def _parse_rewind(rewind, train_epochs):
+def _parse_rewind(rewind, train_epochs, train_steps=None):
     if rewind in ("init", "none"):
         return rewind, None
+    if isinstance(rewind, (tuple, list)) and len(rewind) == 2 and rewind[0] == "step":
+        k = rewind[1]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise PrunekitError(f"rewind step must be an integer >= 0, got {k!r}")
+        if train_steps is not None and k > int(train_steps):
+            raise PrunekitError(f"rewind step {k} is after the end of training ({train_steps} steps per level); "
+                                f"choose k <= {train_steps}")
+        return "step", k
     if isinstance(rewind, (tuple, list)) and len(rewind) == 2 and rewind[0] == "epoch":
         k = rewind[1]
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -164,7 +173,7 @@ def _parse_rewind(rewind, train_epochs):
             raise PrunekitError(f"rewind epoch {k} is after the end of training ({train_epochs} epochs per level); "
                                 f"choose k <= {train_epochs}")
         return "epoch", k
-    raise PrunekitError(f"unknown rewind {rewind!r}: use 'init', 'none' or ('epoch', k)")
+    raise PrunekitError(f"unknown rewind {rewind!r}: use 'init', 'none', ('epoch', k) or ('step', k)")
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,6 +204,7 @@ def run_imp(
     output_name: str | None = None,
     rewind="init",
     train_epochs: int | None = None,
+    train_steps: int | None = None,
     control: str | None = None,
     control_seed: int = 1,
     control_levels: Sequence[int] | None = None,
@@ -225,7 +235,7 @@ def run_imp(
         raise PrunekitError(f"unknown scope {scope!r}: use 'global' or 'layer'")
     if control not in CONTROLS:
         raise PrunekitError(f"unknown control {control!r}: use None, 'reinit' or 'random_prune'")
-    mode, rewind_epoch = _parse_rewind(rewind, train_epochs)
+    mode, rewind_epoch = _parse_rewind(rewind, train_epochs, train_steps)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"levels": levels, "prune_fraction": prune_fraction, "output_fraction": output_fraction,
@@ -247,7 +257,7 @@ def run_imp(
     records: list[dict] = []
     first = masks_fn(model) if masks_fn is not None else Masks(model)
     masks_next = {n: m.cpu() for n, m in first.state_dict().items()}
-    rewind_state = theta0 if mode in ("init", "epoch") and rewind_epoch in (None, 0) else None
+    rewind_state = theta0 if mode in ("init", "epoch", "step") and rewind_epoch in (None, 0) else None
     prev_final = theta0
 
     # ---- resume: load finished levels
@@ -284,14 +294,15 @@ def run_imp(
         masks = Masks.from_state_dict(model, cur_masks)
         level_dir = run_dir / f"level_{level}"
         summary = dict(train_fn(model, masks, level, level_dir,
-                                rewind_epoch=rewind_epoch if (level == 0 and mode == "epoch") else None) or {})
+                                rewind_epoch=rewind_epoch if (level == 0 and mode in ("epoch", "step")) else None)
+                       or {})
         saved_rewind = None
-        if level == 0 and mode == "epoch":
+        if level == 0 and mode in ("epoch", "step"):
             rs = summary.pop("rewind_state", None)
             if rs is None and rewind_epoch == 0:
                 rs = theta0
             if rs is None:
-                raise PrunekitError(f"rewind=('epoch', {rewind_epoch}): train_fn must return the weights at epoch "
+                raise PrunekitError(f"rewind=('{mode}', {rewind_epoch}): train_fn must return the weights at {mode} "
                                     f"{rewind_epoch} under 'rewind_state' at level 0")
             rewind_state = saved_rewind = {k: v.detach().cpu().clone() for k, v in rs.items()}
         summary.pop("rewind_state", None)

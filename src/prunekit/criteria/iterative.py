@@ -31,8 +31,9 @@ class ImpOptions:
     - ``levels``: pruning levels after the dense level 0 (seed ``exper_imp_total_iter`` - 1).
     - ``prune_fraction``: ``lth``'s fraction of the alive weights removed per level; ``output_fraction``: the
       output layer's own rate (None: f/2 in layer scope, ranked with the rest in global scope; 0 exempts it).
-    - ``rewind``: ``init`` (θ_0), ``none`` (continue from the trained weights) or ``step:<k>ep`` (θ after k epochs
-      of dense training; later levels resume the LR schedule and data order at epoch k).
+    - ``rewind``: ``init`` (θ_0), ``none`` (continue from the trained weights), ``step:<k>ep`` or ``step:<k>it``
+      (θ after k epochs / iterations of dense training; later levels resume the LR schedule and the data order
+      there, mid-epoch for iterations).
     - ``stop``: ``fixed`` (the whole budget), ``acc`` (accuracy guard and cap), ``if`` / ``gf`` (the flow rules);
       None = the code's own (lth/sap fixed, ciap if, giap gf). ``stop_mode``: ``fixed`` (prunekit's corrected
       rule) or ``original`` (seed 001, defects kept).
@@ -71,21 +72,27 @@ class ImpOptions:
     gf_stat: Literal["mean_abs", "mean_abs_alive", "fro"] = "mean_abs"
 
 
-def rewind_epoch(rewind: str, epochs: int) -> int | None:
-    """The rewind epoch of ``rewind`` (None for ``init``/``none``), checked against the ``epochs`` of a level."""
+def rewind_step(rewind: str, epochs: int, steps_per_epoch: int | None = None) -> int | None:
+    """The rewind point of ``rewind`` in optimizer steps (None for ``init``/``none``; ``step:<k>ep`` is
+    ``k * steps_per_epoch``), checked against the ``epochs`` of a level. Without ``steps_per_epoch`` only the
+    format and the epoch bound are checked, and the result is the number written (epochs or iterations)."""
     if rewind in ("init", "none"):
         return None
     m = _REWIND.match(str(rewind))
     if m is None:
-        raise PrunekitError(f"unknown rewind {rewind!r}: use 'init', 'none' or 'step:<k>ep' (e.g. step:2ep)")
+        raise PrunekitError(f"unknown rewind {rewind!r}: use 'init', 'none', 'step:<k>ep' (epochs, e.g. step:2ep) "
+                            "or 'step:<k>it' (iterations)")
     k, unit = int(m.group(1)), m.group(2)
-    if unit == "it":
-        raise PrunekitError(f"rewind {rewind!r}: prunekit rewinds to epoch boundaries; write it in epochs "
-                            "(step:<k>ep)")
-    if k > epochs:
+    if unit == "ep" and k > epochs:
         raise PrunekitError(f"rewind {rewind!r} is after the end of training (train.epochs = {epochs}); "
                             f"choose k <= {epochs}")
-    return k
+    if steps_per_epoch is None:
+        return k
+    steps = k * steps_per_epoch if unit == "ep" else k
+    if steps > epochs * steps_per_epoch:
+        raise PrunekitError(f"rewind {rewind!r} is after the end of training ({epochs} epochs x {steps_per_epoch} "
+                            f"steps = {epochs * steps_per_epoch} iterations); choose a smaller k")
+    return steps
 
 
 def check_imp_options(code: str, o: ImpOptions, epochs: int) -> None:
@@ -105,8 +112,8 @@ def check_imp_options(code: str, o: ImpOptions, epochs: int) -> None:
                             f"eta={o.eta}")
     if epochs < 1:
         raise PrunekitError("IMP trains every level: set train.epochs >= 1 (the budget of one level)")
-    k = rewind_epoch(o.rewind, epochs)
-    budget = epochs - (k or 0)
+    k = rewind_step(o.rewind, epochs)
+    budget = epochs - (k or 0) if o.rewind.endswith("ep") else epochs
     if budget < 1:
         raise PrunekitError(f"rewind {o.rewind!r} leaves no training after the rewind point (train.epochs = {epochs})")
     if o.chunk_epochs < 1 or o.min_chunks < 1 or o.patience < 1:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_epoch
+from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_step
 from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
 from ..io import atomic_torch_save
 from ..lottery import run_imp
@@ -63,14 +63,14 @@ class _Checks:
 
 
 class _RewindCapture(Callback):
-    """Level 0 with ``rewind: step:<k>ep``: save the weights (and, in original mode, the references) after epoch k."""
+    """Level 0 with ``rewind: step:<k>``: save the weights (and, in original mode, the references) after k steps."""
 
-    def __init__(self, k: int, path: Path, on_capture: Callable[[object, int], dict] | None):
+    def __init__(self, k: int, path: Path, on_capture: Callable[[object], dict] | None):
         self.k, self.path, self.on_capture = k, path, on_capture
 
-    def on_epoch_end(self, trainer, epoch, metrics):
-        if epoch == self.k - 1 and not self.path.exists():
-            extra = self.on_capture(trainer, epoch, metrics) if self.on_capture else {}
+    def on_batch_end(self, trainer, step, loss):
+        if step == self.k - 1 and not self.path.exists():
+            extra = self.on_capture(trainer) if self.on_capture else {}
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
             atomic_torch_save({"state": state, "extra": extra}, self.path)
 
@@ -141,11 +141,13 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
     tcfg = from_dict(TrainConfig, resolved["train"])
     seed = resolved["seed"]
     train_dl, val_dl, test_dl = loaders_
-    k = rewind_epoch(o.rewind, tcfg.epochs)
+    spe = len(train_dl)
+    k = rewind_step(o.rewind, tcfg.epochs, spe)  # the rewind point in optimizer steps (None: init / none)
+    k_epoch, k_skip = divmod(k or 0, spe)
     flow = {"if": "if", "gf": "gf"}.get(o.stop or DEFAULT_STOP[code])
     stop = o.stop or DEFAULT_STOP[code]
     original = o.stop_mode == "original"
-    budget_chunks = max(1, (tcfg.epochs - (k or 0)) // o.chunk_epochs)
+    budget_chunks = max(1, -(-(tcfg.epochs - k_epoch) // o.chunk_epochs))
     max_chunks = o.max_chunks or budget_chunks
     checks = _Checks(o, flow_batches(splits, o, seed, device) if not original else None, train_dl)
     ref: dict = {}
@@ -155,9 +157,9 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
             ref.update(record["summary"]["reference"])
         on_level(record)
 
-    def capture(trainer, epoch, metrics) -> dict:  # original mode: references at the rewind point
+    def capture(trainer) -> dict:  # original mode: references at the rewind point
         st = checks.stats(trainer.model, trainer.masks if trainer.masks is not None else Masks(trainer.model))
-        accs = [h["test_acc"] for h in trainer.history] + [metrics["test_acc"]]
+        accs = [h["test_acc"] for h in trainer.history] + [trainer.evaluate(trainer.test_data)[1]]
         return {"if": st["if"], "gf": st["gf_ref"], "acc": max(a for a in accs if a is not None)}
 
     def train_fn(model, masks, level, level_dir, rewind_epoch=None):
@@ -173,12 +175,12 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
                 rule = StopRule(mode=o.stop_mode, flow=flow, epsilon=o.epsilon, patience=o.patience,
                                 min_chunks=o.min_chunks, max_chunks=max_chunks, acc_guard=o.acc_guard,
                                 acc_tol=o.acc_tol, acc_ref=ref.get("acc"))
-            checker = _StopCheck(rule, flow, checks, ref, k or 0, o.chunk_epochs, use_test=original)
+            checker = _StopCheck(rule, flow, checks, ref, k_epoch, o.chunk_epochs, use_test=original)
             cbs.append(checker)
         trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=cbs, run_dir=level_dir, seed=seed,
                           masks=masks, log=log)
         if level >= 1 and k:
-            trainer.start_at(k)
+            trainer.start_at(k_epoch, k_skip)
         t0 = time.perf_counter()
         trainer.fit()
         wall = time.perf_counter() - t0
@@ -226,7 +228,7 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
     return run_imp(
         model_fn, train_fn, o.levels, run_dir=run_dir / "imp", prune_fraction=o.prune_fraction,
         output_fraction=output_fraction, scope=common.scope,
-        rewind=("epoch", k) if k is not None else o.rewind, train_epochs=tcfg.epochs,
+        rewind=("step", k) if k is not None else o.rewind, train_epochs=tcfg.epochs, train_steps=tcfg.epochs * spe,
         control=None if o.control == "none" else o.control, control_seed=o.control_seed,
         control_levels=o.control_levels, prune_rule=prune_rule, rule_config=rule_config, on_level=remember,
         masks_fn=lambda model: Masks(model, prunable_params(model, spec)),

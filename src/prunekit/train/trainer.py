@@ -139,6 +139,7 @@ class Trainer:
         self.test_acc_at_best_val: float | None = None
         self.stop_training = False  # a callback sets it in on_epoch_end to end fit() after that epoch
         self.start_epoch = 0
+        self._skip = 0  # batches of the first epoch already trained before the start point (start_at)
         if masks is not None:
             self.set_masks(masks)
 
@@ -187,14 +188,15 @@ class Trainer:
                 if "weight_decay" in group:
                     group["weight_decay"] = 0.0
 
-    def start_at(self, epoch: int) -> None:
-        """Begin training at ``epoch`` instead of 0: the LR schedule is advanced ``epoch`` steps and the data order
-        continues from there (IMP levels that rewind to an early-training checkpoint resume its schedule).
+    def start_at(self, epoch: int, skip_batches: int = 0) -> None:
+        """Begin training at ``epoch`` instead of 0, after its first ``skip_batches`` batches: the LR schedule is
+        advanced ``epoch`` steps and the data order continues from there (IMP levels that rewind to an
+        early-training checkpoint resume its schedule and data order).
 
         Call before :meth:`fit`; ignored when ``run_dir`` holds a checkpoint to resume (it knows where it was).
         """
-        epoch = int(epoch)
-        if not 0 <= epoch <= self.cfg.epochs:
+        epoch, skip_batches = int(epoch), int(skip_batches)
+        if not 0 <= epoch <= self.cfg.epochs or skip_batches < 0:
             raise PrunekitError(f"start_at({epoch}): the epoch must be in [0, {self.cfg.epochs}] (train.epochs)")
         if self._resume_from is not None or self.epochs_done:
             return
@@ -206,7 +208,8 @@ class Trainer:
                 self.scheduler.step()
         self.epochs_done = self.epoch = self.start_epoch = epoch
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else 0
-        self.global_step = epoch * steps
+        self.global_step = epoch * steps + skip_batches
+        self._skip = skip_batches
 
     # -------------------------------------------------------------------------------------------------- fit
     def fit(self) -> list[dict]:
@@ -277,7 +280,10 @@ class Trainer:
         n = 0
         bar = self.cfg.progress and sys.stderr.isatty()
         total = len(self.train_data) if bar and hasattr(self.train_data, "__len__") else None
+        skip, self._skip = self._skip, 0
         for i, (x, y) in enumerate(self.train_data):
+            if i < skip:
+                continue
             x, y = _to(x, dev), _to(y, dev)
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=ls)
