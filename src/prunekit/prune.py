@@ -191,8 +191,11 @@ def prune(
         for rnd, s_r in enumerate(round_sparsities(s, rounds, common.schedule, start=min(start, s)), start=1):
             ctx = _context(model, info, masks, data, loss, method_opts, common, rnd)
             scores = _check_scores(info, masks, info.score(ctx))
-            new = select(scores, masks.as_dict(), s_r, common.scope,
-                         min_keep_per_layer=common.min_keep_per_layer, nan_policy=common.nan_policy)
+            if info.select is not None:
+                new = info.select(ctx, scores, s_r)
+            else:
+                new = select(scores, masks.as_dict(), s_r, common.scope,
+                             min_keep_per_layer=common.min_keep_per_layer, nan_policy=common.nan_policy)
             if info.update is not None:
                 with torch.no_grad():
                     info.update(ctx, masks.as_dict(), new)

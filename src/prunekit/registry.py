@@ -73,6 +73,7 @@ class MethodInfo:
     rebatches: bool = True
     update: Callable[[ScoreContext, dict, dict], None] | None = field(default=None, repr=False)
     scope: str | None = None  # a method whose code fixes the scope (magni: layer, globalmagni: global)
+    select: Callable[[ScoreContext, dict, float], dict] | None = field(default=None, repr=False)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -103,6 +104,7 @@ def register(
     rebatches: bool = True,
     update: Callable[[ScoreContext, dict, dict], None] | None = None,
     scope: str | None = None,
+    select: Callable[[ScoreContext, dict, float], dict] | None = None,
 ):
     """Decorator registering a score function as method ``name``.
 
@@ -112,14 +114,17 @@ def register(
     batch statistics); ``update(ctx, masks_before, masks_after)``: moves the surviving weights after selection
     (the OBS family), reading what the score left in ``ctx.state``; it runs before the new masks are applied.
     ``scope``: the selection scope the code itself means (``magni`` is layer-wise, ``globalmagni`` global); asking
-    such a method for the other scope is an error.
+    such a method for the other scope is an error. ``select(ctx, scores, sparsity) -> {name: bool mask}``: the
+    method's own selection instead of :func:`prunekit.select.select` (SiPP's per-neuron budgets, PFP's channels,
+    filter pruning); it must return masks nested in ``ctx.masks`` and meet the target size (``sparsity`` of the
+    prunable weights, i.e. ``round((1 - s) * n)`` kept, within the method's documented tolerance).
     """
 
     def deco(fn):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} registered twice")
         info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases,
-                          default_samples, rebatches, update, scope)
+                          default_samples, rebatches, update, scope, select)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name
