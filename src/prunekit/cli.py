@@ -101,7 +101,9 @@ def _show_method(name: str) -> int:
     rows += [(f.name, f.default, "shared") for f in dataclasses.fields(PruneOptions)]
     if rows:
         w = max(len(r[0]) for r in rows)
-        print("  options (keyword arguments of pk.prune, or keys of the config's prune section):")
+        where = ("keys of the config's prune section; it trains, so it runs with `prunekit run`"
+                 if info.needs_data == "training" else "keyword arguments of pk.prune, or keys of the config's prune section")
+        print(f"  options ({where}):")
         for n, d, kind in rows:
             print(f"    {n:<{w}}  {d!r:<14} {kind}")
     return 0
