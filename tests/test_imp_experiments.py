@@ -287,3 +287,69 @@ def test_resize_keeps_labels_and_values():
     assert torch.allclose(r.train.x, torch.full_like(r.train.x, 0.25))
     with pytest.raises(pk.PrunekitError, match="resize must be a positive whole number"):
         resized(s, 0)
+
+
+# ------------------------------------------------------------------------------------------------- cascade
+
+
+def cascade_cfg(**cascade):
+    d = copy.deepcopy(BASE)
+    d["train"]["epochs"] = 2
+    d["prune"] = {"method": "magnitude", "cascade": {"ratios": [0.5, 0.3, 0.2], "retrain_epochs": 1, **cascade}}
+    return d
+
+
+def test_cascade_prunes_in_turn_and_retrains(tmp_path):
+    rec = run(cascade_cfg(), tmp_path)
+    rows = _levels(tmp_path, rec)
+    total = rows[0]["total"]
+    assert [r["kept"] for r in rows] == [total] + [round(k * total) for k in (0.5, 0.3, 0.2)]
+    assert [r["epochs"] for r in rows] == [2, 1, 1, 1]
+    assert math.isclose(rec.sparsity, 0.8) and rec.epochs == 5
+    d = tmp_path / rec.run_id / "cascade"
+    blobs = [torch.load(d / f"level_{k}.pt", weights_only=True) for k in range(4)]
+    for a, b in zip(blobs, blobs[1:]):  # nested, and each level starts from the last one's weights (pruned)
+        for name in a["masks"]:
+            assert not (b["masks"][name] & ~a["masks"][name]).any()
+    theta0 = torch.load(d / "init.pt", weights_only=True)
+    start2 = blobs[1]["final_state"]  # level 2 starts here: level 1's weights, pruned, never rewound
+    for name, m in blobs[2]["masks"].items():
+        assert (start2[name][~m] == 0).all() and not torch.equal(start2[name][m], theta0[name][m])
+
+
+def test_cascade_chunks_and_errors():
+    r = C.resolve(cascade_cfg(ratios=None, start=0.8, end=0.1, n=4, retrain_iterations=2))["prune"]["cascade"]
+    assert r["ratios"] == pytest.approx([0.8, 0.8 * (0.125 ** (1 / 3)), 0.8 * (0.125 ** (2 / 3)), 0.1])
+    from prunekit.schedules import Cascade
+
+    assert Cascade(ratios=(0.9, 0.8, 0.7, 0.6, 0.5), retrain_iterations=2).chunks() == [[0.9, 0.8, 0.7], [0.6, 0.5]]
+    with pytest.raises(pk.ConfigError, match="must decrease strictly"):
+        C.resolve(cascade_cfg(ratios=[0.5, 0.6]))
+    bad = cascade_cfg()
+    bad["prune"]["sparsity"] = 0.9
+    with pytest.raises(pk.ConfigError, match="does not combine with prune.cascade"):
+        C.resolve(bad)
+
+
+def test_cascade_resumes_after_interruption(tmp_path, monkeypatch):
+    c = cascade_cfg()
+    ref = run(c, tmp_path / "a")
+    orig = Trainer._train_epoch
+    calls = {"n": 0}
+
+    def flaky(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 4:  # level 2's retraining
+            raise Boom()
+        return orig(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", flaky)
+    with pytest.raises(Boom):
+        run(c, tmp_path / "b")
+    monkeypatch.setattr(Trainer, "_train_epoch", orig)
+    rec = run(c, tmp_path / "b")
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    a, b = _levels(tmp_path / "a", ref), _levels(tmp_path / "b", rec)
+    for r in a + b:
+        r.get("prune", {}).pop("seconds", None)
+    assert strip(a) == strip(b)

@@ -221,7 +221,9 @@ def run_imp(
 
     ``prune_rule(masks, model, level) -> (new masks, info)`` replaces the fixed-fraction rule (SAP's PQ index:
     :func:`prunekit.incop.pq_level_masks`); the new masks must be nested in ``masks``; ``info`` is stored in the
-    NEXT level's record under ``prune``. ``rule_config`` (JSON data) identifies the rule in the resume check.
+    NEXT level's record under ``prune``. ``rule_config`` (JSON data) identifies the rule in the resume check. The rule
+    may also change the weights of ``model`` in place (an OBS or SiPP update): with ``rewind='none'`` the next level
+    starts from the weights as the rule leaves them (the prune-retrain cascade).
     ``control_levels``: the levels that get a control branch (default: every level >= 1). ``on_level(record)``
     is called after each level is saved (and for levels loaded on resume). ``masks_fn(model)``: the level-0
     masks, i.e. which tensors are pruned (default ``Masks(model)``: conv and linear weights).
@@ -306,7 +308,6 @@ def run_imp(
                                     f"{rewind_epoch} under 'rewind_state' at level 0")
             rewind_state = saved_rewind = {k: v.detach().cpu().clone() for k, v in rs.items()}
         summary.pop("rewind_state", None)
-        prev_final = _clone_state(model)
         record = {"level": level, "kept": masks.kept(), "total": masks.total(), "density": masks.density(),
                   "summary": summary}
         if level >= 1:
@@ -323,6 +324,7 @@ def run_imp(
                 prune_info = dict(prune_info or {})
                 _check_nested(cur_masks, nxt)
             masks_next = {n: m.cpu().to(torch.bool) for n, m in nxt.items()}
+        prev_final = _clone_state(model)  # after the prune rule, which may move weights (kept with rewind 'none')
         atomic_torch_save({"record": record, "masks": cur_masks, "next_masks": masks_next, "prune_info": prune_info,
                            "final_state": prev_final, "rewind_state": saved_rewind}, run_dir / f"level_{level}.pt")
         records.append(record)

@@ -7,7 +7,7 @@ defined in epochs, never silently in steps per epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 from .prune import prune
 from .train.callbacks import Callback
@@ -90,6 +90,73 @@ class Gradual:
         R = self.recompute_num
         k = 1.0 if self.recompute_schedule == "linear" else self.recompute_degree
         return [s_prev + (s_target - s_prev) * (1.0 - (1.0 - (r + 1) / (R + 1)) ** k) for r in range(R + 1)]
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """The prune-retrain cascade of seed 002 (sensitivity.md section 8): prune to each keep ratio in turn, the
+    weights carrying over, and retrain after every chunk of ratios.
+
+    Keep ratios (densities of the prunable weights): ``ratios`` (a decreasing list) or ``spacing`` from ``start``
+    to ``end`` in ``n`` points, ``geometric`` (start·(end/start)^(i/(n-1))) or ``linear``. ``retrain_iterations``
+    R splits the list into R consecutive chunks: inside a chunk the ratios are pruned without training, and the
+    chunk's last ratio is followed by retraining; -1 retrains after every ratio. ``retrain_epochs``: epochs of each
+    retraining (None = the whole ``train`` recipe again, as the seed does).
+    """
+
+    ratios: tuple[float, ...] | None = None
+    spacing: Literal["geometric", "linear"] = "geometric"
+    start: float | None = None
+    end: float | None = None
+    n: int | None = None
+    retrain_iterations: int = -1
+    retrain_epochs: int | None = None
+
+    def keep_ratios(self) -> list[float]:
+        if self.ratios is not None:
+            r = [float(x) for x in self.ratios]
+        else:
+            if self.start is None or self.end is None or self.n is None:
+                raise ValueError("cascade needs ratios: [...] or start, end and n (with spacing geometric|linear)")
+            n = int(self.n)
+            if n < 1:
+                raise ValueError(f"cascade n must be >= 1, got {n}")
+            a, b = float(self.start), float(self.end)
+            if n == 1:
+                r = [b]
+            elif self.spacing == "geometric":
+                if a <= 0 or b <= 0:
+                    raise ValueError("geometric cascade spacing needs start and end > 0")
+                r = [a * (b / a) ** (i / (n - 1)) for i in range(n)]
+            else:
+                r = [a + (b - a) * i / (n - 1) for i in range(n)]
+        if not r or any(not 0.0 < x <= 1.0 for x in r) or any(x <= y for x, y in zip(r, r[1:])):
+            raise ValueError(f"cascade keep ratios must decrease strictly within (0, 1], got {r}")
+        return r
+
+    def chunks(self) -> list[list[float]]:
+        """The keep ratios grouped by retraining: one list per retrained level."""
+        r = self.keep_ratios()
+        R = int(self.retrain_iterations)
+        if R == -1 or R >= len(r):
+            return [[x] for x in r]
+        if R < 1:
+            raise ValueError(f"retrain_iterations must be -1 or >= 1, got {R}")
+        size, extra = divmod(len(r), R)
+        out, i = [], 0
+        for c in range(R):
+            k = size + (1 if c < extra else 0)
+            out.append(r[i:i + k])
+            i += k
+        return out
+
+    def validate(self, path="", error=ValueError) -> None:
+        try:
+            self.chunks()
+        except ValueError as e:
+            raise error(f"{path}: {e}" if path else str(e)) from None
+        if self.retrain_epochs is not None and self.retrain_epochs < 1:
+            raise error(f"{path}.retrain_epochs must be >= 1, got {self.retrain_epochs}")
 
 
 class PruningCallback(Callback):

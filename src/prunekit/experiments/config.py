@@ -85,7 +85,8 @@ class ExperimentConfig:
 
 
 # Keys of the prune section that are not options of prunekit.prune.
-_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform", "gradual")
+_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform", "gradual",
+               "cascade")
 
 
 def _shorthand(data: dict) -> dict:
@@ -245,9 +246,12 @@ def resolve(data: dict | ExperimentConfig) -> dict:
         raise ConfigError(f"field 'prune.warmup': expected a whole number of epochs >= 0, got {warmup!r}")
     if warmup > cfg.train.epochs:
         raise ConfigError(f"field 'prune.warmup': {warmup} epochs of warm-up exceed train.epochs={cfg.train.epochs}")
+    cascade = _resolve_cascade(p, cfg) if p.get("cascade") is not None and info.name != "none" else None
     try:
         if info.name == "none":
             s = 0.0
+        elif cascade is not None:
+            s = 1.0 - cascade["ratios"][-1]
         else:
             s = resolve_sparsity(p.get("sparsity"), p.get("density"), p.get("compression"))
         rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
@@ -298,8 +302,28 @@ def resolve(data: dict | ExperimentConfig) -> dict:
         "gradual": gradual,
         "options": to_dict(common),
         "method_options": to_dict(method_opts),
+        "cascade": cascade,
     }
     return out
+
+
+def _resolve_cascade(p: dict, cfg: ExperimentConfig) -> dict:
+    """``prune.cascade`` with its keep ratios written out (so equal cascades hash equal)."""
+    from ..schedules import Cascade
+
+    for key in ("sparsity", "density", "compression", "warmup", "gradual"):
+        if p.get(key) not in (None, 0):
+            raise ConfigError(f"field 'prune.{key}' does not combine with prune.cascade: the cascade's keep ratios "
+                              "set the sparsity, and its level 0 is the dense training; remove it")
+    if not isinstance(p["cascade"], dict):
+        raise ConfigError("field 'prune.cascade': expected a mapping {ratios | start, end, n, spacing, "
+                          "retrain_iterations, retrain_epochs}")
+    c = from_dict(Cascade, p["cascade"], "prune.cascade")
+    c.validate("prune.cascade", ConfigError)
+    if cfg.train.epochs < 1:
+        raise ConfigError("prune.cascade trains the dense network first: set train.epochs >= 1")
+    return {"ratios": c.keep_ratios(), "retrain_iterations": c.retrain_iterations,
+            "retrain_epochs": c.retrain_epochs}
 
 
 def _resolve_imp(info, p: dict, cfg: ExperimentConfig) -> dict:
@@ -356,7 +380,7 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
 
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
-ABSENT_WHEN_NONE = ("prune.gradual", "data.resize")
+ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade")
 
 
 def run_id(resolved: dict) -> str:

@@ -117,6 +117,24 @@ class _StopCheck(Callback):
                 setattr(self.rule, k, v)
 
 
+def fit_level(trainer: Trainer) -> dict:
+    """Train one level and summarize it: accuracies, epochs, seconds, the LTH early-stop epoch (minimum validation
+    loss, found afterwards) with its test accuracy, and the per-epoch history."""
+    t0 = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    s = trainer.summary()
+    hist = trainer.history
+    out = {k: s[k] for k in ("best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc")}
+    out.update(epochs=len(hist), seconds=s["train_seconds"], wall_seconds=wall, early_stop_epoch=None,
+               early_stop_test_acc=None, check_seconds=0.0, checks=[], stop_reason="budget", stop_epoch=None,
+               history=[{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_acc", "test_acc")} for h in hist])
+    if hist:
+        es = min(hist, key=lambda h: (h["val_loss"] if h["val_loss"] is not None else float("inf"), h["epoch"]))
+        out.update(early_stop_epoch=es["epoch"], early_stop_test_acc=es["test_acc"])
+    return out
+
+
 def level_row(record: dict, branch: str = "main") -> dict:
     """One stored row of a finished level (or control branch) record of :func:`prunekit.lottery.run_imp`."""
     s = record["summary"] if branch == "main" else record["control"]
@@ -181,24 +199,13 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
                           masks=masks, log=log)
         if level >= 1 and k:
             trainer.start_at(k_epoch, k_skip)
-        t0 = time.perf_counter()
-        trainer.fit()
-        wall = time.perf_counter() - t0
-        s = trainer.summary()
-        hist = trainer.history
-        es = min(hist, key=lambda h: (h["val_loss"] if h["val_loss"] is not None else float("inf"), h["epoch"]))
-        out = {k_: s[k_] for k_ in ("best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc")}
-        out.update(epochs=len(hist), seconds=s["train_seconds"], wall_seconds=wall,
-                   early_stop_epoch=es["epoch"], early_stop_test_acc=es["test_acc"],
-                   history=[{k_: h[k_] for k_ in ("epoch", "train_loss", "val_loss", "val_acc", "test_acc")}
-                            for h in hist])
+        out = fit_level(trainer)
+        s, hist = trainer.summary(), trainer.history
         if checker is not None:
             rule = checker.rule
             out.update(check_seconds=checker.seconds, checks=checker.log,
                        stop_reason=(rule.reason if rule is not None and rule.reason else "budget"),
                        stop_epoch=rule.stopped_epoch if rule is not None else None)
-        else:
-            out.update(check_seconds=0.0, checks=[], stop_reason="budget", stop_epoch=None)
         if level == 0:
             if original:
                 blob = torch.load(rewind_path, map_location="cpu", weights_only=False) if rewind_epoch else None

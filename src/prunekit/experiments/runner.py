@@ -115,8 +115,10 @@ def _layer_rows(masks) -> list[dict]:
              "density": s.density} for s in masks.layer_stats()]
 
 
-def _run_imp(resolved, rid, run_dir, splits, loaders_, device, model, start_masks, store: Store, log, t_start):
-    """An IMP code (lth, sap, ciap, giap): the level loop of :mod:`.imp_runner`; levels go to the store as they end.
+def _run_levels(resolved, rid, run_dir, splits, loaders_, device, model, start_masks, store: Store, log, t_start,
+                score_data=None):
+    """A run made of levels: an IMP code (lth, sap, ciap, giap, :mod:`.imp_runner`) or a prune-retrain cascade
+    (``prune.cascade``, :mod:`.cascade_runner`). Levels go to the store as they end.
 
     Returns the record and the per-layer rows of the final level's masks."""
     from ..models import get_model
@@ -126,7 +128,7 @@ def _run_imp(resolved, rid, run_dir, splits, loaders_, device, model, start_mask
     if start_masks is not None:
         from ..errors import PrunekitError
 
-        raise PrunekitError("model.pretrained holds masks: IMP starts from a dense network; point it at a dense run")
+        raise PrunekitError("model.pretrained holds masks: levels start from a dense network; point it at a dense run")
     base = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # θ_0 (pretrained or seeded)
     shape = tuple(splits.input_shape)
 
@@ -148,7 +150,14 @@ def _run_imp(resolved, rid, run_dir, splits, loaders_, device, model, start_mask
         log(f"[{rid}] level {record['level']}: density {100 * record['density']:.2f}%, "
             f"{s.get('epochs')} epochs ({s.get('stop_reason')}), test {100 * (s.get('final_test_acc') or 0):.2f}%")
 
-    records = run_levels(resolved, run_dir, splits, loaders_, device, model_fn, log, on_level)
+    if resolved["prune"].get("cascade") is not None:
+        from .cascade_runner import run_cascade
+
+        records = run_cascade(resolved, run_dir, loaders_, model_fn, score_data, log, on_level)
+        sub = "cascade"
+    else:
+        records = run_levels(resolved, run_dir, splits, loaders_, device, model_fn, log, on_level)
+        sub = "imp"
     rows = []
     for r in records:
         rows.append(level_row(r))
@@ -169,7 +178,7 @@ def _run_imp(resolved, rid, run_dir, splits, loaders_, device, model, start_mask
         run_dir=str(run_dir), levels=rows)
     from ..masks import Masks
 
-    final = Masks.from_state_dict(model, torch.load(run_dir / "imp" / f"level_{last['level']}.pt",
+    final = Masks.from_state_dict(model, torch.load(run_dir / sub / f"level_{last['level']}.pt",
                                                     map_location="cpu", weights_only=True)["masks"])
     rec.collapsed = final.collapsed()
     return rec, _layer_rows(final)
@@ -249,8 +258,8 @@ def run(
             train_dl, val_dl, test_dl = loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.eval_batch_size,
                                                 device=device, seed=resolved["seed"], augment=d["augment"])
             if get_method(p["method"]).needs_data == "training":
-                rec, layers = _run_imp(resolved, rid, run_dir, splits, (train_dl, val_dl, test_dl), device, model,
-                                       start_masks, store, log, t_start)
+                rec, layers = _run_levels(resolved, rid, run_dir, splits, (train_dl, val_dl, test_dl), device, model,
+                                          start_masks, store, log, t_start)
                 atomic_write_json(run_dir / "record.json", rec.to_dict())
                 store.finish_run(rid, rec.to_dict(), layers)
                 return rec
@@ -278,6 +287,12 @@ def run(
                         log(f"[{rid}] warning: no input-output path survives pruning (collapsed: "
                             f"{', '.join(event['diagnostics']['collapsed'])})")
 
+                if p.get("cascade") is not None:
+                    rec, layers = _run_levels(resolved, rid, run_dir, splits, (train_dl, val_dl, test_dl), device,
+                                              model, start_masks, store, log, t_start, score_data=score_data)
+                    atomic_write_json(run_dir / "record.json", rec.to_dict())
+                    store.finish_run(rid, rec.to_dict(), layers)
+                    return rec
                 when = (Gradual(p["sparsity"], **p["gradual"]) if p["gradual"] is not None
                         else OneShot(p["sparsity"], at_epoch=p["warmup"]))
                 pruner = PruningCallback(when, p["method"], data=score_data, on_prune=diagnose, **p["options"],
