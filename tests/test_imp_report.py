@@ -181,3 +181,18 @@ def test_missing_levels_raise(runs, tmp_path):
     del broken["levels"][0]["epochs"]
     with pytest.raises(PrunekitError, match="level 0 lacks epochs"):
         level_table([broken])
+
+
+def test_commensurate_smallest_within_delta(runs):
+    from prunekit.experiments.imp_report import commensurate, commensurate_table
+
+    rows = {(r["method"], r["delta"]): r for r in commensurate(runs, deltas=(0.0, 0.005, 0.02))}
+    # lth level means: acc 98.10, 97.85, 97.65, 97.30; densities 100, 80, 64, 51.2 (%)
+    ref = fmean([98.0, 98.2])
+    assert rows[("lth", 0.0)]["level"] == 0 and rows[("lth", 0.0)]["prune_ratio"] == pytest.approx(0.0)
+    assert rows[("lth", 0.005)]["level"] == 2  # 97.65 >= 98.10 - 0.5, 97.30 is not
+    assert rows[("lth", 0.005)]["diff"] == pytest.approx(fmean([97.7, 97.6]) - ref)
+    assert rows[("lth", 0.02)]["density"] == pytest.approx(51.2)
+    # sap level 1 mean 98.05 >= 98.10 - 0.5 but level 2 (97.85) also qualifies and is smaller
+    assert rows[("sap", 0.005)]["level"] == 2
+    assert "PR%" in commensurate_table(runs)

@@ -375,11 +375,60 @@ def plot_epochs(runs: list[dict], path: str | Path, title: str | None = None) ->
     return _save(fig, path, title)
 
 
+DELTAS = (-0.01, -0.005, 0.0, 0.005, 0.01, 0.02, 0.05)
+
+
+def commensurate(runs: list[dict], metric: str = "final_test_acc", deltas=DELTAS) -> list[dict]:
+    """The seed-002 summary: for each δ, the smallest network whose error is within δ of the dense one.
+
+    Per (group, method): the level means over seeds (as in :func:`level_table`); the reference is level 0 (dense).
+    For each δ (a fraction: 0.005 = half a point), the level with the lowest mean density among those with mean
+    accuracy >= reference - δ (i.e. error <= reference error + δ). Rows: ``method``, ``delta``, ``level``,
+    ``density`` and ``prune_ratio`` (%), ``acc`` and ``diff`` (points, vs dense), or None where no level qualifies.
+    """
+    out = []
+    for group, labels in _collect(runs, metric).items():
+        for lab in _order(labels):
+            curve = _per_level(labels[lab], metric)
+            if 0 not in curve:
+                continue
+            ref = curve[0]["acc"]["mean"]
+            for d in deltas:
+                ok = [(v["density"]["mean"], k) for k, v in curve.items() if v["acc"]["mean"] >= ref - 100.0 * d]
+                row = {"group": group, "method": lab, "delta": d, "level": None, "density": None,
+                       "prune_ratio": None, "acc": None, "diff": None}
+                if ok:
+                    dens, k = min(ok)
+                    acc = curve[k]["acc"]["mean"]
+                    row.update(level=k, density=dens, prune_ratio=100.0 - dens, acc=acc, diff=acc - ref)
+                out.append(row)
+    return out
+
+
+def commensurate_table(runs: list[dict], metric: str = "final_test_acc", deltas=DELTAS) -> str:
+    """:func:`commensurate` as text: one row per δ, per method the prune ratio % and the accuracy difference."""
+    rows = commensurate(runs, metric, deltas)
+    blocks = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        sub = [r for r in rows if r["group"] == group]
+        methods = list(dict.fromkeys(r["method"] for r in sub))
+        table = [["δ (points)"] + [f"{m} PR%  Δacc" for m in methods]]
+        for d in deltas:
+            line = [f"{100 * d:+.1f}"]
+            for m in methods:
+                r = next(x for x in sub if x["method"] == m and x["delta"] == d)
+                line.append("-" if r["level"] is None else f"{r['prune_ratio']:.2f}  {r['diff']:+.2f}")
+            table.append(line)
+        title = _title(group, f"smallest network within δ of the dense {metric} (PR = % of weights removed)")
+        blocks.append(title + "\n" + _render(table))
+    return "\n\n".join(blocks)
+
+
 def imp_report(runs: list[dict], metric: str = "final_test_acc", plot_dir: str | Path | None = None,
                name: str = "imp") -> str:
     """:func:`level_table` and :func:`savings_table`; with ``plot_dir``, also writes ``{name}_accuracy.png`` and
     ``{name}_epochs.png`` there and names them at the end."""
-    text = level_table(runs, metric) + "\n\n" + savings_table(runs, metric)
+    text = level_table(runs, metric) + "\n\n" + commensurate_table(runs, metric) + "\n\n" + savings_table(runs, metric)
     if plot_dir is not None:
         acc = plot_accuracy(runs, Path(plot_dir) / f"{name}_accuracy.png", metric, title=name)
         ep = plot_epochs(runs, Path(plot_dir) / f"{name}_epochs.png", title=name)
