@@ -1,0 +1,18 @@
+"""Structured pruning support: channel groups, physical channel removal, and archives of shrunk models.
+
+    from prunekit.structured import channel_groups, shrink, save_shrunk, load_shrunk
+    groups = channel_groups(model, x)                  # which tensors move together, and what may be removed
+    keep = {g.name: torch.rand(g.size) > 0.5 for g in groups if g.prunable}
+    small = shrink(model, keep, x)                     # smaller copy; checked against the masked model
+    save_shrunk("small.pt", small); again = load_shrunk("small.pt")   # no model code needed to reload
+"""
+from .archive import MODULE_TYPES, export_onnx, load_shrunk, save_shrunk
+from .groups import (ChannelGroup, channel_groups, channel_masks_from_masks, channel_masks_to_masks,
+                     check_channel_masks, make_exact, trace)
+from .shrink import TOLERANCE, masked_copy, relative_error, shrink, shrink_report
+
+__all__ = [
+    "ChannelGroup", "channel_groups", "channel_masks_to_masks", "channel_masks_from_masks", "check_channel_masks",
+    "make_exact", "trace", "shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE",
+    "save_shrunk", "load_shrunk", "export_onnx", "MODULE_TYPES",
+]

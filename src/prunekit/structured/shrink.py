@@ -1,0 +1,265 @@
+"""Physical channel removal: turn channel masks into a smaller model that computes the same function.
+
+``shrink(model, channel_masks)`` deep-copies ``model`` and slices every tensor of every removed channel out of
+it: producer rows and biases, BatchNorm entries (γ, β, running statistics), consumer input slices (a conv's
+``weight[:, c]``, a flattened linear layer's ``H*W`` block), and updates the module attributes
+(``in_channels``, ``out_channels``, ``in_features``, ``out_features``, ``num_features``, ``groups`` of depthwise
+convs). Channels are keyed by group (:func:`prunekit.structured.channel_groups`), so the members of a
+residual-tied group are removed together or not at all.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+from ..flops import layer_positions, macs
+from ..masks import Masks
+from .groups import (_CONV, _CONVT, ChannelGroup, _inputs_tuple, channel_groups, channel_masks_from_masks,
+                     channel_masks_to_masks, check_channel_masks, make_exact)
+
+__all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE"]
+
+#: relative tolerance of the shrunk-versus-masked check (max abs difference / max abs masked output)
+TOLERANCE = 1e-5
+
+
+def _example(model: nn.Module, example_input):
+    """``example_input``, or a fixed random batch of 2 built from ``model.input_shape``; None if neither exists."""
+    if example_input is not None:
+        return example_input
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return None
+    p = next(iter(model.parameters()), None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *shape, generator=gen)
+    return x.to(device=p.device, dtype=p.dtype) if p is not None else x
+
+
+def _slice(mod: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> None:
+    t = getattr(mod, attr, None)
+    if not isinstance(t, torch.Tensor):
+        return
+    new = t.detach().index_select(dim, idx.to(t.device)).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(mod, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        setattr(mod, attr, new)
+
+
+def _shrink_producer(mod: nn.Module, idx: torch.Tensor) -> None:
+    n = int(idx.numel())
+    if isinstance(mod, nn.Linear):
+        _slice(mod, "weight", 0, idx)
+        _slice(mod, "bias", 0, idx)
+        mod.out_features = n
+    elif isinstance(mod, _CONVT):
+        _slice(mod, "weight", 1, idx)
+        _slice(mod, "bias", 0, idx)
+        mod.out_channels = n
+    elif isinstance(mod, _CONV):
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        _slice(mod, "weight", 0, idx)
+        _slice(mod, "bias", 0, idx)
+        mod.out_channels = n
+        if depthwise:
+            mod.in_channels = mod.groups = n
+    else:  # pragma: no cover - channel_groups only makes Conv/Linear producers
+        raise PrunekitError(f"cannot shrink producer of type {type(mod).__name__}")
+
+
+def _shrink_consumer(mod: nn.Module, idx: torch.Tensor, block: int) -> None:
+    if isinstance(mod, nn.Linear):
+        cols = (idx[:, None] * block + torch.arange(block)).reshape(-1) if block != 1 else idx
+        _slice(mod, "weight", 1, cols)
+        mod.in_features = int(cols.numel())
+    elif isinstance(mod, _CONVT):
+        _slice(mod, "weight", 0, idx)
+        mod.in_channels = int(idx.numel())
+    elif isinstance(mod, _CONV):
+        _slice(mod, "weight", 1, idx)
+        mod.in_channels = int(idx.numel())
+    else:  # pragma: no cover
+        raise PrunekitError(f"cannot shrink consumer of type {type(mod).__name__}")
+
+
+def _shrink_norm(mod: nn.Module, idx: torch.Tensor) -> None:
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        _slice(mod, attr, 0, idx)
+    mod.num_features = int(idx.numel())
+
+
+@torch.no_grad()
+def masked_copy(model: nn.Module, groups: Sequence[ChannelGroup],
+                channel_masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``model`` with the removed channels zeroed (weight masks of
+    :func:`channel_masks_to_masks` multiplied in, then :func:`make_exact`); shapes unchanged."""
+    masked = copy.deepcopy(model)
+    for name, m in channel_masks_to_masks(masked, groups, channel_masks).items():
+        masked.get_parameter(name).mul_(m.to(masked.get_parameter(name).dtype))
+    make_exact(masked, groups, channel_masks)
+    return masked
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+@torch.no_grad()
+def _eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    was = model.training
+    model.eval()
+    try:
+        return _tensors(model(*inputs))
+    finally:
+        model.train(was)
+
+
+def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """max |a - b| / max |b| over all output tensors (0 when both are identical)."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    scale = max((float(y.double().abs().max()) for y in b if y.numel()), default=0.0)
+    if diff == 0.0:
+        return 0.0
+    return diff / scale if scale > 0 else float("inf")
+
+
+def _are_weight_masks(model: nn.Module, groups: Sequence[ChannelGroup], masks) -> bool:
+    """True for per-weight masks (a :class:`prunekit.Masks`, or a dict keyed by parameter names only)."""
+    if isinstance(masks, Masks):
+        return True
+    names = {g.name for g in groups}
+    params = {n for n, _ in model.named_parameters()}
+    keys = list(masks.keys())
+    return bool(keys) and all(k in params and k not in names for k in keys)
+
+
+def shrink(model: nn.Module, channel_masks: Mapping[str, torch.Tensor], example_input=None,
+           groups: Sequence[ChannelGroup] | None = None, check: bool = True, *,
+           exclude: Sequence[str] = ()) -> nn.Module:
+    """A new, physically smaller copy of ``model`` without the channels that ``channel_masks`` removes.
+
+    ``channel_masks``: ``{group name: bool tensor of length group.size}`` (``True`` = keep) for any subset of the
+    groups of :func:`channel_groups` (``groups`` if given, else computed from ``example_input``; ``exclude`` is
+    passed on). Per-weight masks (a :class:`prunekit.Masks`, or a dict keyed by parameter names) are accepted
+    too: they are turned into channel masks by :func:`channel_masks_from_masks` (a channel goes when all its
+    producer rows or all its consumer slices are masked; tied groups only when all members agree). Guarantees:
+
+    - ``model`` is not modified; the result is a deep copy of the same class and training mode whose removed
+      channels are sliced out of every producer (weight rows / transposed-conv columns, bias), norm (weight,
+      bias, running mean and variance, ``num_features``) and consumer (conv input channels, the ``H*W`` block of
+      each channel in a linear layer after a flatten), with ``in_channels`` / ``out_channels`` /
+      ``in_features`` / ``out_features`` / depthwise ``groups`` updated. Removed parameters are new tensors
+      (optimizer state of the old ones does not carry over; build a new optimizer).
+    - A channel of a residual-tied group is removed from all of its members at once; removing channels from a
+      group that is not prunable, or every channel of a group, raises :class:`PrunekitError`.
+    - With ``check=True``, the shrunk model's eval-mode output on ``example_input`` equals that of the masked
+      model (:func:`masked_copy`: same masks as zeroed weights plus :func:`make_exact`) within relative
+      :data:`TOLERANCE` (1e-5), else :class:`PrunekitError` is raised.
+
+    ``example_input`` may be left out when the model has an ``input_shape`` attribute (a fixed random batch of
+    2 is used); it is needed to find the groups or to check.
+    """
+    example_input = _example(model, example_input)
+    if example_input is None and (groups is None or check):
+        raise PrunekitError(f"shrink needs example_input (a batch for {type(model).__name__}) to trace the channel "
+                            "groups and to check the result; or set model.input_shape")
+    if groups is None:
+        groups = channel_groups(model, example_input, exclude)
+    if _are_weight_masks(model, groups, channel_masks):
+        channel_masks = channel_masks_from_masks(model, groups, channel_masks)
+    cm = check_channel_masks(groups, channel_masks)
+    shrunk = copy.deepcopy(model)
+    mods = dict(shrunk.named_modules())
+    for g in groups:
+        keep = cm.get(g.name)
+        if keep is None or bool(keep.all()):
+            continue
+        idx = keep.nonzero().reshape(-1)
+        for p in g.producers:
+            _shrink_producer(mods[p], idx)
+        for n in g.norms:
+            _shrink_norm(mods[n], idx)
+        for cname, block in g.consumers:
+            _shrink_consumer(mods[cname], idx, block)
+    if check:
+        inputs = _inputs_tuple(example_input)
+        ref = _eval_outputs(masked_copy(model, groups, cm), inputs)
+        try:
+            got = _eval_outputs(shrunk, inputs)
+        except Exception as e:  # noqa: BLE001 - e.g. a hard-coded size in the model's forward
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise PrunekitError(f"the shrunk {type(model).__name__} fails on the example input "
+                                f"({type(e).__name__}: {first}); its forward may hard-code channel counts") from None
+        err = relative_error(got, ref)
+        if not err <= TOLERANCE:
+            raise PrunekitError(f"the shrunk {type(model).__name__} differs from the masked one: relative error "
+                                f"{err:.3g} > {TOLERANCE:g}; an operation in its forward is not handled correctly")
+    return shrunk
+
+
+def _nonzero(model: nn.Module, layers) -> dict[str, int]:
+    mods = dict(model.named_modules())
+    return {name: int(torch.count_nonzero(mods[name].weight)) for name in layers}
+
+
+@torch.no_grad()
+def _latency(model: nn.Module, inputs: tuple, runs: int) -> float:
+    was = model.training
+    model.eval()
+    try:
+        model(*inputs)  # warm-up
+        times = []
+        for _ in range(runs):
+            if inputs and inputs[0].is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(*inputs)
+            if inputs and inputs[0].is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        model.train(was)
+
+
+def shrink_report(dense: nn.Module, shrunk: nn.Module, example_input, *, latency_runs: int = 0) -> dict[str, Any]:
+    """Sizes and costs of ``dense`` (the original, possibly masked model) against ``shrunk``.
+
+    Keys: ``params_dense``, ``params_shrunk`` (all parameters), ``params_ratio`` (shrunk / dense); ``macs_dense``,
+    ``macs_shrunk`` (multiply-accumulates per example of every Conv/Linear: weights × output positions, as
+    :mod:`prunekit.flops`), ``macs_ratio``; ``nonzero_params_*`` and ``nonzero_macs_*`` (the same counting only
+    nonzero weights / entries, which is what a masked model is credited with). With ``latency_runs > 0`` also
+    ``latency_dense_s``, ``latency_shrunk_s`` (median eval-mode forward time of ``example_input`` over that many
+    runs after one warm-up) and ``latency_ratio``. Neither model is changed.
+    """
+    inputs = _inputs_tuple(example_input)
+    shape = tuple(inputs[0].shape[1:])
+    out: dict[str, Any] = {}
+    for key, m in (("dense", dense), ("shrunk", shrunk)):
+        layers = layer_positions(m, shape)
+        out[f"params_{key}"] = sum(p.numel() for p in m.parameters())
+        out[f"nonzero_params_{key}"] = sum(int(torch.count_nonzero(p)) for p in m.parameters())
+        out[f"macs_{key}"] = macs(layers)
+        out[f"nonzero_macs_{key}"] = macs(layers, _nonzero(m, layers))
+    out["params_ratio"] = out["params_shrunk"] / max(1, out["params_dense"])
+    out["macs_ratio"] = out["macs_shrunk"] / max(1, out["macs_dense"])
+    if latency_runs > 0:
+        out["latency_dense_s"] = _latency(dense, inputs, latency_runs)
+        out["latency_shrunk_s"] = _latency(shrunk, inputs, latency_runs)
+        out["latency_ratio"] = out["latency_shrunk_s"] / max(out["latency_dense_s"], 1e-12)
+    return out
