@@ -196,3 +196,15 @@ def test_commensurate_smallest_within_delta(runs):
     # sap level 1 mean 98.05 >= 98.10 - 0.5 but level 2 (97.85) also qualifies and is smaller
     assert rows[("sap", 0.005)]["level"] == 2
     assert "PR%" in commensurate_table(runs)
+
+
+def test_flow_table_means_first_and_last_checks(runs):
+    from prunekit.experiments.imp_report import flow_table
+
+    assert flow_table(runs) == ""  # no checks logged
+    for r in runs:
+        for row in r["levels"]:
+            if row["level"] == 1:
+                row["checks"] = [{"d_if": 0.1 * (1 + r["seed"]), "d_gf": 0.5}, {"d_if": 0.2, "d_gf": 0.25}]
+    text = flow_table(runs)
+    assert "0.1500→0.2000" in text and "0.5000→0.2500" in text

@@ -375,6 +375,31 @@ def plot_epochs(runs: list[dict], path: str | Path, title: str | None = None) ->
     return _save(fig, path, title)
 
 
+def flow_table(runs: list[dict]) -> str:
+    """The logged stop-check distances, to calibrate ``epsilon``: per level and method, the IF and GF distance to
+    the dense reference at the first and at the last check of the level (mean over seeds). Empty when no run
+    logged checks."""
+    blocks = []
+    for group, labels in _collect(runs, "final_test_acc").items():
+        order = [lab for lab in _order(labels) if any(row.get("checks") for r in labels[lab] for row in _main_rows(r))]
+        if not order:
+            continue
+        levels = sorted({row["level"] for lab in order for r in labels[lab] for row in _main_rows(r) if row.get("checks")})
+        head = ["level"] + [f"{lab} {k}" for lab in order for k in ("IF first→last", "GF first→last")]
+        table = [head]
+        for k in levels:
+            line = [str(k)]
+            for lab in order:
+                checks = [row["checks"] for r in labels[lab] for row in _main_rows(r) if row["level"] == k and row.get("checks")]
+                for key in ("d_if", "d_gf"):
+                    first = [c[0][key] for c in checks if c and c[0].get(key) is not None]
+                    last = [c[-1][key] for c in checks if c and c[-1].get(key) is not None]
+                    line.append(f"{statistics.fmean(first):.4f}→{statistics.fmean(last):.4f}" if first and last else "-")
+            table.append(line)
+        blocks.append(_title(group, "stop-check distances to the dense network, mean over seeds") + "\n" + _render(table))
+    return "\n\n".join(blocks)
+
+
 DELTAS = (-0.01, -0.005, 0.0, 0.005, 0.01, 0.02, 0.05)
 
 
@@ -428,7 +453,8 @@ def imp_report(runs: list[dict], metric: str = "final_test_acc", plot_dir: str |
                name: str = "imp") -> str:
     """:func:`level_table` and :func:`savings_table`; with ``plot_dir``, also writes ``{name}_accuracy.png`` and
     ``{name}_epochs.png`` there and names them at the end."""
-    text = level_table(runs, metric) + "\n\n" + commensurate_table(runs, metric) + "\n\n" + savings_table(runs, metric)
+    parts = [level_table(runs, metric), commensurate_table(runs, metric), savings_table(runs, metric), flow_table(runs)]
+    text = "\n\n".join(p for p in parts if p)
     if plot_dir is not None:
         acc = plot_accuracy(runs, Path(plot_dir) / f"{name}_accuracy.png", metric, title=name)
         ep = plot_epochs(runs, Path(plot_dir) / f"{name}_epochs.png", title=name)
