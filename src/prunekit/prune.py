@@ -145,6 +145,7 @@ def _context(model, info, masks: Masks, data, loss, method_opts, common: PruneOp
         options=method_opts,
         generator=generator(common.seed, "mask", info.name, str(rnd)),
         round=rnd,
+        prune_options=common,
     )
 
 

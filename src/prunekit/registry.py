@@ -41,7 +41,8 @@ class ScoreContext:
     - ``loss``: ``loss(outputs, targets) -> scalar`` (mean over the batch), cross-entropy by default.
     - ``options``: the method's typed options; ``generator``: a seeded generator reserved for the mask
       (independent of the training RNG); ``round``: 1-based pruning round; ``state``: scratch space that the
-      score fills for the method's update (same round).
+      score fills for the method's update (same round); ``prune_options``: the shared
+      :class:`prunekit.prune.PruneOptions` of the call (scope, min_keep_per_layer, ...), for methods that select.
     """
 
     model: nn.Module
@@ -53,6 +54,7 @@ class ScoreContext:
     generator: torch.Generator
     round: int = 1
     state: dict = field(default_factory=dict)  # what a score leaves for the method's update (e.g. Fisher factors)
+    prune_options: Any = None
 
 
 @dataclass(frozen=True)
