@@ -1,2 +1,2 @@
 """Built-in criteria, one module per family. Importing this package registers them."""
-from . import basic, fisher, gradient, iterative, obs, paths, second_order_baselines, sensitivity  # noqa: F401
+from . import basic, filters, fisher, gradient, iterative, obs, paths, pfp, second_order_baselines, sensitivity  # noqa: F401

@@ -157,6 +157,59 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     return path
 
 
+def within_delta_table(runs: list[dict], metric: str = "test_acc", deltas=(0.0, 0.005, 0.01, 0.02)) -> str:
+    """Seed 002's summary for one-shot/retrain runs: per method, the highest sparsity whose mean ``metric`` is at
+    least the dense run's (method ``none``, same model, data and recipe) minus δ, with its accuracy difference.
+    Empty when there is no dense run to compare with."""
+    agg = aggregate(runs, metric)
+    dense = {k[:3]: v["mean"] for k, v in agg.items() if k[3] == "none"}
+    blocks = []
+    for key3, ref in dense.items():
+        methods = sorted({k[3] for k in agg if k[:3] == key3 and k[3] != "none"}, key=_method_order)
+        if not methods:
+            continue
+        rows = [["δ (points)"] + [f"{m} sparsity  Δacc" for m in methods]]
+        for d in deltas:
+            line = [f"{100 * d:+.1f}"]
+            for m in methods:
+                ok = [(k[4], v["mean"]) for k, v in agg.items() if k[:3] == key3 and k[3] == m
+                      and v["mean"] >= ref - 100 * d]
+                line.append("-" if not ok else "{:g}  {:+.2f}".format(*(lambda t: (t[0], t[1] - ref))(max(ok))))
+            rows.append(line)
+        blocks.append(f"{key3[0]} on {key3[1]} [recipe {key3[2]}]: highest sparsity within δ of dense "
+                      f"({ref:.2f}%)\n" + _render(rows))
+    return "\n\n".join(blocks)
+
+
+def structured_table(runs: list[dict]) -> str:
+    """Physical size and speed of structured runs (those whose record has ``structured``): per model, method and
+    sparsity, the shrunk model's parameters and MACs as % of dense, the theoretical speedup, and the measured
+    latency speedup over the dense model at each batch size (mean over seeds). Empty if there are none."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        rec = json.loads(r["record"]) if r.get("record") else {}
+        if rec.get("structured"):
+            groups[(r["model"], r["dataset"], r["method"], round(r["sparsity"], 10))].append(rec["structured"])
+    if not groups:
+        return ""
+    sizes = sorted({row["batch_size"] for v in groups.values() for st in v for row in st["latency"]})
+    rows = [["model", "method", "sparsity", "params %", "MACs %", "theory x"] + [f"b{b} x" for b in sizes]
+            + ["device"]]
+    for (model, _ds, method, sp), sts in sorted(groups.items(), key=lambda kv: (kv[0][0], _method_order(kv[0][2]),
+                                                                              kv[0][3])):
+        line = [model, method, f"{sp:g}", f"{100 * statistics.fmean(st['params_ratio'] for st in sts):.1f}",
+                f"{100 * statistics.fmean(st['macs_ratio'] for st in sts):.1f}",
+                f"{statistics.fmean(st['theoretical_speedup'] for st in sts):.2f}"]
+        for b in sizes:
+            v = [row["speedup"] for st in sts for row in st["latency"] if row["model"] == "shrunk"
+                 and row["batch_size"] == b]
+            line.append(f"{statistics.fmean(v):.2f}" if v else "-")
+        line.append(sts[0].get("device", "?"))
+        rows.append(line)
+    return ("structured runs: the shrunk model vs the dense one (params and MACs in % of dense; speedups measured "
+            "in the run, median latency, dense / shrunk)\n" + _render(rows))
+
+
 def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: str | Path | None = None,
            title: str | None = None) -> tuple[str, list[Path]]:
     """The report of ``runs``: the sparsity x method table of one-shot and gradual runs, and the level-by-level
@@ -170,6 +223,7 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
     parts, plots = [], []
     if other or not imp:
         parts.append(table(other, metric))
+        parts += [t for t in (within_delta_table(other, metric), structured_table(other)) if t]
         if plot_path is not None and other:
             plots.append(plot(other, plot_path, metric, title=title))
     if imp:

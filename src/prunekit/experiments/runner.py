@@ -48,6 +48,7 @@ class RunRecord:
     run_dir: str = ""
     cached: bool = False  # True when the record came from the store without running
     levels: list[dict] = field(default_factory=list)  # IMP codes: one row per level (and control branch)
+    structured: dict | None = None  # structured methods: the shrunk model's params, MACs and latency vs dense
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,6 +109,30 @@ def _load_pretrained(model, pre: dict | None, root: Path, data_dir, store: Store
     state = torch.load(Path(rec.run_dir) / "last.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return Masks.from_state_dict(model, state["masks"]) if state["masks"] is not None else None
+
+
+def structured_result(model, masks, input_shape, run_dir: Path, device: str, repeats: int = 10) -> dict:
+    """Make a channel-pruned model physically smaller and measure it: parameters, MACs (theoretical speedup) and
+    median latency at batch 1, 16 and 64 of the dense architecture, the masked model and the shrunk one (timed
+    interleaved on ``device``). The shrunk model is saved to ``run_dir/shrunk.pt`` (reload it with
+    :func:`prunekit.structured.load_shrunk`, no model code needed)."""
+    import copy
+
+    from ..latency import compare_latency
+    from ..structured import save_shrunk, shrink
+    from ..structured.shrink import shrink_report
+
+    model = model.eval()
+    x = torch.randn(2, *input_shape, device=next(model.parameters()).device)
+    small = shrink(model, masks, x)
+    rep = shrink_report(model, small, x)
+    save_shrunk(run_dir / "shrunk.pt", small)
+    dense = copy.deepcopy(model)  # the same architecture and weights, without the mask's zeros mattering
+    rows = compare_latency({"dense": dense, "masked": model, "shrunk": small}, tuple(input_shape), repeats=repeats)
+    return {"params_dense": rep["params_dense"], "params_shrunk": rep["params_shrunk"],
+            "params_ratio": rep["params_ratio"], "macs_dense": rep["macs_dense"], "macs_shrunk": rep["macs_shrunk"],
+            "macs_ratio": rep["macs_ratio"], "theoretical_speedup": 1.0 / max(rep["macs_ratio"], 1e-12),
+            "device": device, "latency": rows}
 
 
 def _layer_rows(masks) -> list[dict]:
@@ -314,8 +339,15 @@ def run(
         masks = trainer.masks if trainer.masks is not None else Masks(model)
         events = pruner.events if pruner is not None else []
         layers = _layer_rows(masks)
+        structured = None
+        if p["method"] != "none" and get_method(p["method"]).structured and trainer.masks is not None:
+            structured = structured_result(model, masks, tuple(splits.input_shape), run_dir, device)
+            best = structured["latency"][-1]
+            log(f"[{rid}] shrunk: params {structured['params_ratio']:.3f} of dense, MACs {structured['macs_ratio']:.3f}"
+                f", batch {best['batch_size']} latency {best['ms']:.2f} ms ({best['speedup']:.2f}x vs dense)")
         rec = RunRecord(
             run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
+            structured=structured,
             model=resolved["model"]["name"], dataset=resolved["data"]["name"],
             final_test_acc=summary.get("final_test_acc"), best_val_acc=summary.get("best_val_acc"),
             test_acc_at_best_val=summary.get("test_acc_at_best_val"), best_epoch=summary.get("best_epoch"),

@@ -16,3 +16,8 @@ __all__ = [
     "make_exact", "trace", "shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE",
     "save_shrunk", "load_shrunk", "export_onnx", "MODULE_TYPES",
 ]
+from .select import (bn_scale_scores, broadcast_channel_scores, cached_channel_groups, example_input_for,  # noqa: E402
+                     filter_norm_scores, masks_from_channels, select_channels)
+
+__all__ += ["example_input_for", "select_channels", "masks_from_channels", "filter_norm_scores", "bn_scale_scores",
+            "broadcast_channel_scores", "cached_channel_groups"]

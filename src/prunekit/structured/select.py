@@ -1,0 +1,564 @@
+"""Channel selection for structured (filter) pruning: which channels to keep so the network meets a size target.
+
+    from prunekit.structured import channel_groups, example_input_for, filter_norm_scores, select_channels
+    groups = channel_groups(model, example_input_for(model, data))
+    keep, kept = select_channels(model, groups, filter_norm_scores(model, groups, p=1), target_kept=10_000,
+                                 alive={n: torch.ones_like(p, dtype=torch.bool) for n, p in weights})
+    masks = masks_from_channels(model, groups, keep, alive)        # per-weight masks, nested in ``alive``
+
+Size. The size of a selection is the number of kept entries of the tensors in ``alive`` (the current masks of
+the prunable tensors) once every removed channel's producer rows (and biases, BN entries if they are masked) and
+consumer slices are zeroed: exactly ``channel_masks_to_masks`` combined with ``alive``. It is computed from
+per-tensor count matrices (alive entries per output channel x input channel), so a size costs a few small
+matrix-vector products, not a pass over the weights.
+
+Order. The candidate channels of the prunable groups are put in one order, and a selection keeps a prefix of it
+(plus ``min_keep`` best channels per group, always kept):
+
+- ``uniform``: group ``g`` with ``a_g`` alive channels keeps its ``round(f * a_g)`` best channels for a keep
+  fraction ``f``. Its r-th best channel enters at ``f = (r - 0.5) / a_g``; channels are ordered by that
+  fraction, so every prefix keeps ``round(f * a_g)`` channels in every group, within one channel where several
+  groups enter at the same ``f`` (ties go to the group that comes first in the forward pass).
+- ``global``: one ranking of all channels by score, descending. With ``normalize="max"`` the scores are first
+  divided by the largest score of the group's alive channels (so a layer of large weights does not win just by
+  scale; the best channel of each group scores 1); ``normalize="none"`` compares raw scores (network slimming
+  compares BN |gamma| across layers as they are).
+
+Search. The size grows with the prefix length, so bisection (at most ``ceil(log2(channels + 1))`` <= 40 steps)
+finds the prefixes just below and just above ``target_kept``; the one within ``size_tol`` (relative) is taken,
+the one below when both are. One channel can carry many weights (a conv channel feeding a flattened linear
+layer), so when neither prefix is within ``size_tol`` the selection walks the order from both sides: up from
+the lower prefix, adding the following channels that still fit and passing over those that do not, and down
+from the upper prefix, keeping the channel that overshot and dropping the channels before it, last first. Once a
+channel of a group is passed over, that group changes no further, so each group always keeps a top set of its
+channels. In ``uniform`` mode a walk also stops where the passed-over group would be more than one channel off
+the common fraction: every group stays within one channel of ``f * a_g`` for one ``f``. Of all candidates, the
+ones within ``size_tol`` win (not exceeding the target first, then the closest); else the closest (the one not
+exceeding on a tie), with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+from .groups import _CONVT, ChannelGroup, channel_masks_from_masks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["example_input_for", "select_channels", "masks_from_channels", "filter_norm_scores", "bn_scale_scores",
+           "broadcast_channel_scores", "cached_channel_groups", "MODES", "NORMALIZATIONS"]
+
+MODES = ("uniform", "global")
+NORMALIZATIONS = ("max", "none")
+#: warn about non-prunable groups when the rows they hold exceed this fraction of the prunable weights
+_WARN_FRACTION = 0.10
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def _first_param(model: nn.Module) -> torch.Tensor | None:
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+
+def example_input_for(model: nn.Module, ctx_or_data: Any = None, batch: int = 2):
+    """An example input batch of ``batch`` (>= 2) samples for tracing ``model``'s channel groups.
+
+    From ``model.input_shape`` (a fixed random batch, seed 0, on the model's device and dtype) when the model has
+    one; else from the first batch of the data (``ctx_or_data``: a :class:`prunekit.ScoreContext`, whose
+    ``data`` is used, or an iterable of ``(inputs, targets)`` batches or of input tensors), cut to ``batch``
+    samples or repeated up to it. Raises :class:`PrunekitError` when neither is available.
+    """
+    batch = max(2, int(batch))
+    p = _first_param(model)
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        x = torch.randn(batch, *tuple(shape), generator=torch.Generator().manual_seed(0))
+        return x.to(device=p.device, dtype=p.dtype) if p is not None else x
+    data = ctx_or_data.data if hasattr(ctx_or_data, "data") and hasattr(ctx_or_data, "model") else ctx_or_data
+    if data is not None:
+        first = next(iter(data), None)
+        x = first[0] if isinstance(first, (tuple, list)) and first else first
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] >= 1:
+            if x.shape[0] < batch:
+                x = x.repeat(math.ceil(batch / x.shape[0]), *([1] * (x.dim() - 1)))
+            x = x[:batch]
+            return x.to(device=p.device) if p is not None else x
+    raise PrunekitError(f"structured pruning needs an example input to trace {type(model).__name__}'s channel "
+                        "groups: set model.input_shape = (C, H, W) or pass data= an iterable of (inputs, targets)")
+
+
+_GROUP_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[ChannelGroup]]]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((n, type(m).__name__) for n, m in model.named_modules()) + tuple(
+        (n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def cached_channel_groups(model: nn.Module, ctx_or_data: Any = None) -> list[ChannelGroup]:
+    """:func:`prunekit.structured.channel_groups` of ``model`` on :func:`example_input_for`, cached per model
+    object (recomputed when its modules or parameter shapes change); pruning rounds reuse one trace."""
+    from .groups import channel_groups
+
+    sig = _signature(model)
+    hit = _GROUP_CACHE.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    groups = channel_groups(model, example_input_for(model, ctx_or_data))
+    _GROUP_CACHE[model] = (sig, groups)
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------- scores
+def _producer_rows(mod: nn.Module) -> torch.Tensor:
+    """The producer's weight as (output channels, rest)."""
+    w = mod.weight.detach()
+    if isinstance(mod, _CONVT):
+        w = w.transpose(0, 1)
+    return w.reshape(w.shape[0], -1)
+
+
+@torch.no_grad()
+def filter_norm_scores(model: nn.Module, groups: Sequence[ChannelGroup], p: float = 1) -> dict[str, torch.Tensor]:
+    """Per channel, the lp norm of the filters that write it (float64, CPU), for every group.
+
+    A filter is the producer's weight row of the channel (a transposed conv's ``weight[:, c]``); the current
+    (masked) weights are used. For a group with several producers (residual-tied) the norm is that of all its
+    filters together: ``p=1`` sums the l1 norms (Li et al.), ``p=2`` is the l2 norm of the concatenated filters
+    (sqrt of the summed squares; SoftNet, He et al.).
+    """
+    mods = dict(model.named_modules())
+    out = {}
+    for g in groups:
+        acc = torch.zeros(g.size, dtype=torch.float64)
+        for name in g.producers:
+            rows = _producer_rows(mods[name]).to(torch.float64)
+            acc += rows.abs().pow(p).sum(1).cpu() if p != 1 else rows.abs().sum(1).cpu()
+        out[g.name] = acc if p == 1 else acc.pow(1.0 / p)
+    return out
+
+
+@torch.no_grad()
+def bn_scale_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, torch.Tensor]:
+    """Per channel, |gamma| of the group's BatchNorm (the largest over the tied norms of a residual group); float64,
+    CPU. Groups without a norm that has an affine ``weight`` are absent."""
+    mods = dict(model.named_modules())
+    out = {}
+    for g in groups:
+        gammas = [mods[n].weight.detach().abs().to(torch.float64).cpu() for n in g.norms
+                  if isinstance(getattr(mods[n], "weight", None), torch.Tensor)]
+        if gammas:
+            out[g.name] = torch.stack(gammas).amax(0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- tensor plans
+@dataclass
+class _Plan:
+    """How one masked tensor meets the selected groups: dims of its output / input channels and a count matrix."""
+
+    name: str
+    out_g: str | None
+    out_dim: int
+    in_g: str | None
+    in_dim: int
+    block: int
+    C: torch.Tensor | None = None  # float64 (n_out or 1, n_in or 1): alive entries per channel pair
+
+    def count(self, keep: Mapping[str, torch.Tensor]) -> float:
+        ko = keep[self.out_g] if self.out_g else None
+        ki = keep[self.in_g] if self.in_g else None
+        v = self.C @ ki if ki is not None else self.C.sum(1)
+        return float(ko @ v if ko is not None else v.sum())
+
+
+def _sides(mods: Mapping[str, nn.Module], name: str, shape: tuple, by: Mapping[str, dict]) -> _Plan:
+    mname, _, attr = name.rpartition(".")
+    mod = mods.get(mname)
+    plan = _Plan(name, None, 0, None, 0, 1)
+    g = by["producer"].get(mname) if attr in ("weight", "bias") else None
+    if g is not None:
+        d = 1 if (attr == "weight" and isinstance(mod, _CONVT)) else 0
+        if len(shape) > d and shape[d] == g.size:
+            plan.out_g, plan.out_dim = g.name, d
+    g = by["norm"].get(mname) if attr in ("weight", "bias") and plan.out_g is None else None
+    if g is not None and len(shape) >= 1 and shape[0] == g.size:
+        plan.out_g, plan.out_dim = g.name, 0
+    hit = by["consumer"].get(mname) if attr == "weight" else None
+    if hit is not None:
+        g, block = hit
+        d = 0 if isinstance(mod, _CONVT) else 1
+        if len(shape) > d and shape[d] == g.size * block and not (plan.out_g and plan.out_dim == d):
+            plan.in_g, plan.in_dim, plan.block = g.name, d, block
+    return plan
+
+
+def _index(groups: Sequence[ChannelGroup]) -> dict[str, dict]:
+    by: dict[str, dict] = {"producer": {}, "norm": {}, "consumer": {}}
+    for g in groups:
+        for p in g.producers:
+            by["producer"][p] = g
+        for n in g.norms:
+            by["norm"][n] = g
+        for c, block in g.consumers:
+            by["consumer"][c] = (g, block)
+    return by
+
+
+def _plans(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor]) -> list[_Plan]:
+    """One plan per tensor of ``alive``, over ``groups`` (the selectable ones), with its count matrix."""
+    mods = dict(model.named_modules())
+    by = _index(groups)
+    sizes = {g.name: g.size for g in groups}
+    plans = []
+    for name, a in alive.items():
+        plan = _sides(mods, name, tuple(a.shape), by)
+        x = a.detach().to(torch.float32)
+        lead = [d for d, g in ((plan.out_dim, plan.out_g), (plan.in_dim, plan.in_g)) if g]
+        if lead:
+            x = x.permute(lead + [d for d in range(x.dim()) if d not in lead])
+        n_out = sizes[plan.out_g] if plan.out_g else 1
+        n_in = sizes[plan.in_g] if plan.in_g else 1
+        plan.C = x.reshape(n_out, n_in, -1).sum(-1).to(device="cpu", dtype=torch.float64)
+        plans.append(plan)
+    return plans
+
+
+def _view(vec: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    shape = [1] * rank
+    shape[dim] = -1
+    return vec.reshape(shape)
+
+
+def masks_from_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_masks: Mapping[str, torch.Tensor],
+                        alive: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-tensor masks for every tensor of ``alive``: ``alive`` AND the removal of the channels that
+    ``channel_masks`` drops (``{group name: bool keep}``): producer weight rows and biases, norm ``weight``/``bias``
+    entries (when those are masked tensors) and consumer input slices. For weights this equals
+    ``channel_masks_to_masks`` combined with ``alive``; the result is on the devices of ``alive``."""
+    named = {g.name: g for g in groups}
+    unknown = [n for n in channel_masks if n not in named]
+    if unknown:
+        raise PrunekitError(f"channel mask for unknown group {unknown[0]!r}")
+    chosen = [named[n] for n in channel_masks]
+    keep = {n: torch.as_tensor(m).detach().to("cpu", torch.bool).reshape(-1) for n, m in channel_masks.items()}
+    mods = dict(model.named_modules())
+    by = _index(chosen)
+    out = {}
+    for name, a in alive.items():
+        a = a.to(torch.bool)
+        plan = _sides(mods, name, tuple(a.shape), by)
+        m = a.clone()
+        if plan.out_g:
+            m &= _view(keep[plan.out_g].to(a.device), plan.out_dim, a.dim())
+        if plan.in_g:
+            k = keep[plan.in_g].repeat_interleave(plan.block) if plan.block != 1 else keep[plan.in_g]
+            m &= _view(k.to(a.device), plan.in_dim, a.dim())
+        out[name] = m
+    return out
+
+
+def broadcast_channel_scores(model: nn.Module, groups: Sequence[ChannelGroup], channel_scores: Mapping[str, torch.Tensor],
+                             tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-entry scores (float32, same shape and device as each tensor of ``tensors``) from channel scores.
+
+    An entry of a producer row (or bias, or norm entry) gets the score of its output channel, an entry of a
+    consumer slice the score of its input channel, an entry that is both the smaller of the two (it goes as soon
+    as either channel goes); entries of no prunable group in ``channel_scores`` get +inf (never removed by
+    channel pruning)."""
+    chosen = [g for g in groups if g.prunable and g.name in channel_scores]
+    mods = dict(model.named_modules())
+    by = _index(chosen)
+    out = {}
+    for name, t in tensors.items():
+        plan = _sides(mods, name, tuple(t.shape), by)
+        s = torch.full(t.shape, math.inf, dtype=torch.float32, device=t.device)
+        if plan.out_g:
+            v = torch.as_tensor(channel_scores[plan.out_g]).to(device=t.device, dtype=torch.float32)
+            s = torch.minimum(s, _view(v, plan.out_dim, t.dim()))
+        if plan.in_g:
+            v = torch.as_tensor(channel_scores[plan.in_g]).to(device=t.device, dtype=torch.float32)
+            v = v.repeat_interleave(plan.block) if plan.block != 1 else v
+            s = torch.minimum(s, _view(v, plan.in_dim, t.dim()))
+        out[name] = s
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- selection
+def _warn_fixed(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor],
+                n_alive: int) -> None:
+    """One warning naming the groups that cannot lose channels when their rows hold > 10% of the weights."""
+    fixed = [g for g in groups if not g.prunable]
+    if not fixed or n_alive == 0:
+        return
+    held = {}
+    for g in fixed:
+        for p in g.producers:
+            for attr in ("weight", "bias"):
+                name = f"{p}.{attr}" if p else attr
+                if name in alive:
+                    held[g.name] = held.get(g.name, 0) + int(alive[name].sum())
+    total = sum(held.values())
+    if total > _WARN_FRACTION * n_alive:
+        reasons = "; ".join(f"{g.name!r} ({g.reason})" for g in fixed if held.get(g.name))
+        warnings.warn(f"channel pruning works around {len(held)} channel group(s) that cannot lose channels and "
+                      f"hold {total / n_alive:.1%} of the prunable weights: {reasons}", stacklevel=3)
+
+
+def _describe_fixed(plans: list[_Plan], n: int = 3) -> str:
+    fixed: dict[str, float] = {}
+    for p in plans:
+        if not p.out_g and not p.in_g:
+            mod = p.name.rpartition(".")[0] or p.name
+            fixed[mod] = fixed.get(mod, 0.0) + float(p.C.sum())
+    top = sorted((v, k) for k, v in fixed.items() if v > 0)[::-1][:n]
+    return ", ".join(f"'{k}' ({int(v)})" for v, k in top)
+
+
+def _largest_sparsity(c_min: float, total: int, tol: float) -> tuple[float, int]:
+    """The largest sparsity, rounded down to as few decimals as possible (4 to 9), whose target keeps ``c_min``
+    within ``tol``; and the number of decimals."""
+    exact = 1.0 - c_min / total
+    for digits in range(4, 10):
+        s = math.floor(exact * 10 ** digits) / 10 ** digits
+        target = math.floor((1.0 - s) * total + 0.5)
+        if abs(c_min - target) <= tol * max(target, 1):
+            return max(0.0, s), digits
+    return max(0.0, s), 9
+
+
+class _Selector:
+    """Channel order, prefix sizes and the walks of :func:`select_channels`."""
+
+    def __init__(self, groups, scores, alive_ch, plans, mode, min_keep, normalize):
+        self.groups, self.plans = groups, plans
+        self.by_group: dict[str, list[int]] = {g.name: [] for g in groups}
+        for i, p in enumerate(plans):
+            for g in {p.out_g, p.in_g} - {None}:
+                self.by_group[g].append(i)
+        self.active = [i for i, p in enumerate(plans) if p.out_g or p.in_g]
+        self.fixed_count = sum(float(p.C.sum()) for p in plans if not (p.out_g or p.in_g))
+        self.pos: dict[str, torch.Tensor] = {}   # per channel: -1 forced, >= 0 position in the order, inf dead
+        items_g, items_c, items_k, items_r, items_a = [], [], [], [], []
+        for gi, g in enumerate(groups):
+            s, live = scores[g.name], alive_ch[g.name]
+            a = int(live.sum())
+            key = torch.where(live, s, torch.full_like(s, -math.inf))
+            ranked = torch.sort(key, descending=True, stable=True).indices[:a]
+            m = min(min_keep, a)
+            pos = torch.full((g.size,), math.inf, dtype=torch.float64)
+            pos[ranked[:m]] = -1.0
+            self.pos[g.name] = pos
+            rest = ranked[m:]
+            if rest.numel() == 0:
+                continue
+            ranks = torch.arange(m + 1, a + 1, dtype=torch.float64)
+            if mode == "uniform":
+                k = (ranks - 0.5) / a
+            else:
+                scale = 1.0
+                if normalize == "max":
+                    top = float(s[ranked].abs().max())
+                    scale = top if math.isfinite(top) and top > 0 else 1.0
+                k = -(s[rest] / scale)
+            items_g.append(torch.full((rest.numel(),), gi, dtype=torch.long))
+            items_c.append(rest)
+            items_k.append(k)
+            items_r.append(ranks)
+            items_a.append(torch.full((rest.numel(),), float(a), dtype=torch.float64))
+        if items_k:
+            keys = torch.cat(items_k)
+            order = torch.sort(keys, stable=True).indices  # ties: forward order of groups, then rank
+            self.item_g = torch.cat(items_g)[order].tolist()
+            self.item_c = torch.cat(items_c)[order].tolist()
+            self.item_key = keys[order].tolist()
+            self.item_rank = torch.cat(items_r)[order].tolist()
+            self.item_a = torch.cat(items_a)[order].tolist()
+        else:
+            self.item_g, self.item_c, self.item_key, self.item_rank, self.item_a = [], [], [], [], []
+        for j, (gi, c) in enumerate(zip(self.item_g, self.item_c)):
+            self.pos[groups[gi].name][c] = float(j)
+        self.n_items = len(self.item_g)
+        self.mode = mode
+        self.evaluations = 0
+
+    def keep(self, k: int) -> dict[str, torch.Tensor]:
+        return {name: (pos < k).to(torch.float64) for name, pos in self.pos.items()}
+
+    def count_keep(self, keep: Mapping[str, torch.Tensor]) -> tuple[float, list[float]]:
+        parts = [self.plans[i].count(keep) for i in self.active]
+        return self.fixed_count + sum(parts), parts
+
+    def count(self, k: int) -> float:
+        self.evaluations += 1
+        return self.count_keep(self.keep(k))[0]
+
+    def adjust(self, k: int, target: int, tol: float, add: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        """From prefix ``k``, walk the order to get within ``tol`` of ``target`` (see the module docstring).
+
+        ``add``: continue past the prefix with the channels that fit (size <= target·(1 + tol)). Otherwise the
+        prefix ends with the channel that overshoots: keep it and drop the channels before it, last first, while
+        the size stays >= target·(1 - tol). A group whose channel is passed over takes no further change (each
+        group keeps a top set); in uniform mode the walk stops where that group would be more than one channel
+        off the common keep fraction."""
+        keep = self.keep(k)
+        total, parts = self.count_keep(keep)
+        part_of = {i: j for j, i in enumerate(self.active)}
+        hi_ok, lo_ok = target * (1.0 + tol), target * (1.0 - tol)
+        blocked: set[int] = set()
+        if add:
+            bound, steps = math.inf, range(k, self.n_items)
+        else:
+            last = k - 1
+            blocked.add(self.item_g[last])
+            bound, steps = (self.item_rank[last] - 1) / self.item_a[last], range(k - 2, -1, -1)
+        for j in steps:
+            if (lo_ok <= total <= target) if not add else (lo_ok <= total):
+                break
+            if self.mode == "uniform" and (self.item_key[j] >= bound if add else self.item_key[j] <= bound):
+                break
+            gi = self.item_g[j]
+            if gi in blocked:
+                continue
+            name, c = self.groups[gi].name, self.item_c[j]
+            keep[name][c] = 1.0 if add else 0.0
+            touched = self.by_group[name]
+            new = {i: self.plans[i].count(keep) for i in touched}
+            cand = total + sum(new[i] - parts[part_of[i]] for i in touched)
+            if (cand <= hi_ok) if add else (cand >= lo_ok):
+                total = cand
+                for i in touched:
+                    parts[part_of[i]] = new[i]
+            else:
+                keep[name][c] = 0.0 if add else 1.0
+                blocked.add(gi)
+                r, a = self.item_rank[j], self.item_a[j]
+                bound = min(bound, r / a) if add else max(bound, (r - 1) / a)
+                if len(blocked) == len(self.groups):
+                    break
+        return total, keep
+
+
+def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_scores: Mapping[str, torch.Tensor],
+                    target_kept: int, alive: Mapping[str, torch.Tensor], mode: str = "uniform", min_keep: int = 1,
+                    size_tol: float = 0.005, *, normalize: str = "max") -> tuple[dict[str, torch.Tensor], int]:
+    """Which channels of the prunable groups to keep so that ``target_kept`` entries of ``alive`` remain.
+
+    - ``groups``: from :func:`prunekit.structured.channel_groups`. A group takes part when it is prunable, has
+      scores in ``channel_scores`` (``{group name: 1-D tensor of its size}``, higher = keep) and every producer's
+      ``weight`` is in ``alive``; every other group is left whole (a warning names the non-prunable ones with
+      their reasons when their rows hold more than 10% of the weights).
+    - ``alive``: ``{tensor name: bool mask}``, the current masks of the prunable tensors; the size counted is the
+      number of their kept entries after the removal (see the module docstring). Channels whose producer rows or
+      consumer slices are already fully masked count as removed and are never kept again (masks stay nested).
+    - ``mode``: ``uniform`` (the same keep fraction in every group, +-1 channel) or ``global`` (one ranking of
+      the scores, normalized per group by their maximum with ``normalize="max"``, raw with ``"none"``).
+    - ``min_keep``: channels always kept per group (its best alive ones), at least 1.
+
+    Returns ``({group name: bool keep mask}, achieved kept entries)`` for the groups that take part. The achieved
+    size is the closest reachable one, within ``size_tol`` relative whenever a selection reaches that (a
+    warning says so otherwise). Raises :class:`PrunekitError` when even the smallest network (``min_keep``
+    channels in each group, plus every entry outside the selectable groups) keeps more than ``target_kept`` by
+    more than ``size_tol``: the message gives the largest reachable sparsity and how to prune further.
+    """
+    if mode not in MODES:
+        raise PrunekitError(f"allocation mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if normalize not in NORMALIZATIONS:
+        raise PrunekitError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1:
+        raise PrunekitError(f"min_keep must be an int >= 1 (a group cannot lose every channel), got {min_keep!r}")
+    if not 0.0 <= float(size_tol) < 1.0:
+        raise PrunekitError(f"size_tol must be in [0, 1), got {size_tol!r}")
+    target = int(target_kept)
+    alive = {n: torch.as_tensor(m).to(torch.bool) for n, m in alive.items()}
+    total = sum(m.numel() for m in alive.values())
+    n_alive = sum(int(m.sum()) for m in alive.values())
+    if target < 0 or target > n_alive:
+        raise PrunekitError(f"target of {target} kept weights is outside [0, {n_alive}] (the alive entries; masks "
+                            "are nested, so pruned weights cannot come back)")
+    named = {g.name: g for g in groups}
+    unknown = [n for n in channel_scores if n not in named]
+    if unknown:
+        from ..errors import closest
+
+        near = closest(unknown[0], list(named))
+        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+        raise PrunekitError(f"channel scores for unknown group {unknown[0]!r}{hint}")
+    chosen = [g for g in groups if g.prunable and g.name in channel_scores
+              and all((f"{p}.weight" if p else "weight") in alive for p in g.producers)]
+    _warn_fixed(model, groups, alive, n_alive)
+    scores = {}
+    for g in chosen:
+        s = torch.as_tensor(channel_scores[g.name]).detach().to("cpu", torch.float64).reshape(-1)
+        if s.numel() != g.size:
+            raise PrunekitError(f"channel scores of group {g.name!r} have {s.numel()} entries, the group has {g.size}")
+        if bool(torch.isnan(s).any()):
+            raise PrunekitError(f"channel scores of group {g.name!r} contain NaN")
+        scores[g.name] = s
+    alive_ch = channel_masks_from_masks(model, chosen, alive, side="either") if chosen else {}
+    plans = _plans(model, chosen, alive)
+    sel = _Selector(chosen, scores, alive_ch, plans, mode, min_keep, normalize)
+
+    def within(c: float) -> bool:
+        return abs(c - target) <= size_tol * max(target, 1)
+
+    c_min = sel.count(0)
+    if c_min > target and not within(c_min):
+        smax, digits = _largest_sparsity(c_min, total, size_tol)
+        fixed = _describe_fixed(plans)
+        where = (f"; {int(sel.fixed_count)} of them are in tensors no prunable channel group touches: {fixed}"
+                 if fixed else "")
+        raise PrunekitError(
+            f"cannot keep only {target} of {total} weights (sparsity {1 - target / total:.4f}) by removing whole "
+            f"channels: the smallest network, with {min_keep} channel(s) in each of {len(chosen)} prunable group(s), "
+            f"keeps {int(c_min)} (the largest reachable sparsity is {smax:.{digits}f}){where}. Ask for "
+            f"sparsity <= {smax:.{digits}f}, or leave the layers that cannot shrink out of pruning (exclude=[...] or "
+            "exclude_output=True) so they do not count")
+    if c_min >= target or sel.n_items == 0:
+        best_k, best_c, keep = 0, c_min, None
+    else:
+        lo, hi = 0, sel.n_items
+        c_lo, c_hi = c_min, sel.count(hi)
+        if c_hi <= target:
+            lo, c_lo = hi, c_hi
+        else:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                c = sel.count(mid)
+                if c <= target:
+                    lo, c_lo = mid, c
+                else:
+                    hi, c_hi = mid, c
+        keep = None
+        if within(c_lo) or lo == sel.n_items:
+            best_k, best_c = lo, c_lo
+        elif within(c_hi):
+            best_k, best_c = hi, c_hi
+        else:  # one channel jumps over the tolerance band: walk up from below, then down from above
+            cands = [(c_lo, lo), (c_hi, hi), sel.adjust(lo, target, size_tol, add=True)]
+            if not within(cands[-1][0]):
+                cands.append(sel.adjust(hi, target, size_tol, add=False))
+            best_c, best = min(cands, key=lambda t: (0, t[0] > target, abs(t[0] - target)) if within(t[0])
+                               else (1, abs(t[0] - target), t[0] > target))
+            if isinstance(best, dict):
+                keep, best_k = best, -1
+            else:
+                best_k = best
+    if keep is None:
+        keep = sel.keep(best_k)
+    channel_masks = {g.name: keep[g.name] > 0.5 for g in chosen}
+    achieved = int(round(best_c))
+    log.info("select_channels (%s): kept %d of target %d weights (%+.4f) after %d size evaluations%s", mode,
+             achieved, target, achieved / max(target, 1) - 1.0, sel.evaluations, " and a walk" if best_k < 0 else "")
+    if not within(achieved):
+        warnings.warn(f"channel selection ({mode}) keeps {achieved} weights for a target of {target} "
+                      f"({achieved / max(target, 1) - 1:+.2%}), outside size_tol={size_tol:g}: single channels carry "
+                      "too many weights to get closer", stacklevel=2)
+    return channel_masks, achieved
