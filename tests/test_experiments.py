@@ -327,3 +327,20 @@ def test_grid_runs_load_their_dataset_once(tmp_path, monkeypatch):
     for r in C.expand(data):
         run(r, tmp_path, log=lambda m: None)
     assert len(calls) == 1
+
+
+def test_structured_run_records_the_shrunk_model(tmp_path):
+    from prunekit.structured import load_shrunk
+
+    cfg = {**BASE, "prune": {"method": "filter_l1", "sparsity": 0.5, "warmup": 1}}
+    rec = run(cfg, tmp_path)
+    st = rec.structured
+    assert st is not None and st["params_shrunk"] < st["params_dense"] and 0 < st["macs_ratio"] < 1
+    assert {(r["model"], r["batch_size"]) for r in st["latency"]} == {
+        (m, b) for m in ("dense", "masked", "shrunk") for b in (1, 16, 64)}
+    small = load_shrunk(tmp_path / rec.run_id / "shrunk.pt")
+    assert sum(p.numel() for p in small.parameters()) == st["params_shrunk"]
+    with Store(tmp_path / "results.sqlite") as s:
+        from prunekit.experiments.report import structured_table
+
+        assert "filter_l1" in structured_table(s.runs())

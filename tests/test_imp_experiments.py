@@ -353,3 +353,14 @@ def test_cascade_resumes_after_interruption(tmp_path, monkeypatch):
     for r in a + b:
         r.get("prune", {}).pop("seconds", None)
     assert strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("control", ["reinit", "random_prune"])
+def test_control_branches_are_stored_beside_the_ticket(tmp_path, control):
+    rec = run(cfg(control=control, control_levels=[2]), tmp_path)
+    rows = _levels(tmp_path, rec)
+    ctrl = [r for r in rows if r["branch"] != "main"]
+    assert [(r["level"], r["branch"]) for r in ctrl] == [(2, f"control_{control}")]
+    ticket = next(r for r in rows if r["level"] == 2 and r["branch"] == "main")
+    assert ctrl[0]["kept"] == ticket["kept"] and ctrl[0]["epochs"] == 4
+    assert [r["level"] for r in rows if r["branch"] == "main"] == [0, 1, 2, 3]  # controls never feed back
