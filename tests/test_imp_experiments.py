@@ -364,3 +364,11 @@ def test_control_branches_are_stored_beside_the_ticket(tmp_path, control):
     ticket = next(r for r in rows if r["level"] == 2 and r["branch"] == "main")
     assert ctrl[0]["kept"] == ticket["kept"] and ctrl[0]["epochs"] == 4
     assert [r["level"] for r in rows if r["branch"] == "main"] == [0, 1, 2, 3]  # controls never feed back
+
+
+def test_structured_cascade_ends_with_a_shrunk_model(tmp_path):
+    d = cascade_cfg()
+    d["prune"]["method"] = "filter_l1"
+    rec = run(d, tmp_path)
+    assert rec.structured is not None and rec.structured["params_shrunk"] < rec.structured["params_dense"]
+    assert (tmp_path / rec.run_id / "shrunk.pt").exists()

@@ -93,15 +93,38 @@ class Gradual:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """``n`` keep ratios from ``start`` to ``end``: ``geometric`` (start·(end/start)^(i/(n-1))) or ``linear``."""
+
+    start: float = 1.0
+    end: float = 0.1
+    n: int = 2
+    spacing: Literal["geometric", "linear"] = "geometric"
+
+    def points(self) -> list[float]:
+        n, a, b = int(self.n), float(self.start), float(self.end)
+        if n < 1:
+            raise ValueError(f"cascade n must be >= 1, got {n}")
+        if n == 1:
+            return [b]
+        if self.spacing == "geometric":
+            if a <= 0 or b <= 0:
+                raise ValueError("geometric cascade spacing needs start and end > 0")
+            return [a * (b / a) ** (i / (n - 1)) for i in range(n)]
+        return [a + (b - a) * i / (n - 1) for i in range(n)]
+
+
+@dataclass(frozen=True)
 class Cascade:
     """The prune-retrain cascade of seed 002 (sensitivity.md section 8): prune to each keep ratio in turn, the
     weights carrying over, and retrain after every chunk of ratios.
 
-    Keep ratios (densities of the prunable weights): ``ratios`` (a decreasing list) or ``spacing`` from ``start``
-    to ``end`` in ``n`` points, ``geometric`` (start·(end/start)^(i/(n-1))) or ``linear``. ``retrain_iterations``
-    R splits the list into R consecutive chunks: inside a chunk the ratios are pruned without training, and the
-    chunk's last ratio is followed by retraining; -1 retrains after every ratio. ``retrain_epochs``: epochs of each
-    retraining (None = the whole ``train`` recipe again, as the seed does).
+    Keep ratios (densities of the prunable weights): ``ratios`` (a decreasing list), or ``spacing`` from ``start``
+    to ``end`` in ``n`` points (``geometric`` or ``linear``), or ``segments``, a list of such ``{start, end, n,
+    spacing}`` pieces joined in order (the seed's ResNet-20 schedule is three). ``retrain_iterations`` R splits the
+    list into R consecutive chunks: inside a chunk the ratios are pruned without training, and the chunk's last
+    ratio is followed by retraining; -1 retrains after every ratio. ``retrain_epochs``: epochs of each retraining
+    (None = the whole ``train`` recipe again, as the seed does).
     """
 
     ratios: tuple[float, ...] | None = None
@@ -109,27 +132,22 @@ class Cascade:
     start: float | None = None
     end: float | None = None
     n: int | None = None
+    segments: tuple[Segment, ...] | None = None
     retrain_iterations: int = -1
     retrain_epochs: int | None = None
 
     def keep_ratios(self) -> list[float]:
+        given = [k for k, v in (("ratios", self.ratios), ("segments", self.segments), ("start", self.start)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("cascade needs exactly one of ratios: [...], segments: [...] or start, end and n")
         if self.ratios is not None:
             r = [float(x) for x in self.ratios]
+        elif self.segments is not None:
+            r = [x for seg in self.segments for x in seg.points()]
         else:
-            if self.start is None or self.end is None or self.n is None:
+            if self.end is None or self.n is None:
                 raise ValueError("cascade needs ratios: [...] or start, end and n (with spacing geometric|linear)")
-            n = int(self.n)
-            if n < 1:
-                raise ValueError(f"cascade n must be >= 1, got {n}")
-            a, b = float(self.start), float(self.end)
-            if n == 1:
-                r = [b]
-            elif self.spacing == "geometric":
-                if a <= 0 or b <= 0:
-                    raise ValueError("geometric cascade spacing needs start and end > 0")
-                r = [a * (b / a) ** (i / (n - 1)) for i in range(n)]
-            else:
-                r = [a + (b - a) * i / (n - 1) for i in range(n)]
+            r = Segment(self.start, self.end, self.n, self.spacing).points()
         if not r or any(not 0.0 < x <= 1.0 for x in r) or any(x <= y for x, y in zip(r, r[1:])):
             raise ValueError(f"cascade keep ratios must decrease strictly within (0, 1], got {r}")
         return r

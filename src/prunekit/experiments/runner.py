@@ -203,9 +203,15 @@ def _run_levels(resolved, rid, run_dir, splits, loaders_, device, model, start_m
         run_dir=str(run_dir), levels=rows)
     from ..masks import Masks
 
-    final = Masks.from_state_dict(model, torch.load(run_dir / sub / f"level_{last['level']}.pt",
-                                                    map_location="cpu", weights_only=True)["masks"])
+    from ..registry import get_method
+
+    blob = torch.load(run_dir / sub / f"level_{last['level']}.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(blob["final_state"])  # the last level's trained weights
+    final = Masks.from_state_dict(model, blob["masks"])
+    final.apply()
     rec.collapsed = final.collapsed()
+    if get_method(p["method"]).structured:
+        rec.structured = structured_result(model, final, tuple(splits.input_shape), run_dir, device)
     return rec, _layer_rows(final)
 
 
