@@ -344,3 +344,13 @@ def test_structured_run_records_the_shrunk_model(tmp_path):
         from prunekit.experiments.report import structured_table
 
         assert "filter_l1" in structured_table(s.runs())
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(Path(__file__).resolve().parents[1]))
+                                        for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")))
+def test_every_shipped_config_resolves(path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # configs name their pretrained configs relative to the repository root
+    runs = C.expand(C.load(root / path))
+    ids = {C.run_id(C.resolve(r)) for r in runs}
+    assert runs and ids
