@@ -1,12 +1,12 @@
 """Structured pruning that becomes real speed: a channel-pruned, physically shrunk model against the dense one.
 
-CIFAR-shaped VGG-16 (vgg16_bn, 3x32x32) in eval mode. Channels are chosen by ``--method`` (``l1``: ℓ1 filter norm
-with the same keep fraction in every group; ``pfp`` once registered: its sensitivity allocation through
-``pk.prune``), the keep fraction found by bisection so the shrunk model has about half the dense MACs
-(``--macs 0.5``). Latency: median forward time at batch 1, 16 and 64, dense and shrunk timed interleaved in the
+CIFAR-shaped VGG-16 (vgg16_bn, 3x32x32) in eval mode. Channels are chosen by ``--method`` (``pfp``, default: its
+sensitivity allocation through ``pk.prune`` and ``pk.shrink``, the weight sparsity bisected; ``l1``: ℓ1 filter norm
+with the same keep fraction in every group, the fraction bisected) so that the shrunk model has about half the
+dense MACs (``--macs 0.5``). Latency: median forward time at batch 1, 16 and 64, dense and shrunk timed interleaved in the
 same run (``prunekit.latency.compare_latency``). Target: speedup >= 1.6x at batch 64 on 2 CPU cores.
 
-    python bench/bench_shrink.py [--threads 2] [--macs 0.5] [--repeats 20] [--device cpu]
+    python bench/bench_shrink.py [--method pfp|l1] [--threads 2] [--macs 0.5] [--repeats 20] [--device cpu]
 """
 from __future__ import annotations
 
@@ -34,6 +34,30 @@ def l1_channel_masks(model, groups, keep: float) -> dict:
     return out
 
 
+def pfp_half_macs(model, x, target: float, samples: int = 16):
+    """PFP's own allocation (``pk.prune(..., "pfp")``), its weight sparsity bisected until the shrunk model has
+    ``target`` of the dense MACs. Only shapes matter for latency, so the sensitivities use a few random inputs."""
+    import copy
+    import warnings
+
+    import prunekit as pk
+
+    data = [(torch.randn(samples, *x.shape[1:]), torch.zeros(samples, dtype=torch.long))]
+    lo, hi, best = 0.05, 0.95, None
+    for _ in range(10):
+        s = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            masks = pk.prune(m, "pfp", sparsity=s, data=data, sample_size=samples)
+        small = pk.shrink(m, masks, x)
+        ratio = shrink_report(model, small, x)["macs_ratio"]
+        if best is None or abs(ratio - target) < abs(best[1] - target):
+            best = (s, ratio, small)
+        lo, hi = (lo, s) if ratio < target else (s, hi)
+    return best
+
+
 def half_macs(model, x, target: float):
     groups = channel_groups(model, x)
     lo, hi, best = 0.05, 1.0, None
@@ -55,15 +79,21 @@ def main():
     ap.add_argument("--macs", type=float, default=0.5, help="target MACs of the shrunk model / dense")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--method", choices=("pfp", "l1"), default="pfp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense = get_model("vgg16_bn", num_classes=10, input_shape=(3, 32, 32)).eval()
     x = torch.randn(4, 3, 32, 32)
-    keep, ratio, small = half_macs(dense, x, args.macs)
+    if args.method == "pfp":
+        sp, ratio, small = pfp_half_macs(dense, x, args.macs)
+        how = f"pfp at weight sparsity {sp:.3f}"
+    else:
+        keep, ratio, small = half_macs(dense, x, args.macs)
+        how = f"l1, keep {keep:.3f} of the channels in every group"
     rep = shrink_report(dense, small, x)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
-    print(f"vgg16_bn: keep {keep:.3f} of the channels in every group -> params {rep['params_shrunk']:,} / "
+    print(f"vgg16_bn, {how} -> params {rep['params_shrunk']:,} / "
           f"{rep['params_dense']:,} ({rep['params_ratio']:.3f}), MACs {rep['macs_shrunk']:,} / {rep['macs_dense']:,} "
           f"({ratio:.3f}, theoretical speedup {1 / ratio:.2f}x)")
     dense, small = dense.to(args.device), small.to(args.device)
