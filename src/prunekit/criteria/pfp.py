@@ -102,7 +102,7 @@ PREDICT_STEPS = 64
 
 
 @dataclass(frozen=True)
-class PfpOptions:
+class PfpOptions(sv.SensitivityOptions):
     """Options of ``pfp`` (methods/sensitivity.md §0).
 
     - ``variant``: ``det`` (top-u_ℓ channels by sensitivity), ``rand`` (importance sampling of channels, kept
@@ -113,23 +113,6 @@ class PfpOptions:
     """
 
     variant: Literal["det", "rand", "top"] = "det"
-    delta_s: float = 1e-16
-    C: float = 3.0
-    sample_size: int | None = None
-    size_tol: float = 0.005
-    search_iters: int = 20
-
-    def validate(self, path, error) -> None:
-        if not (0.0 < self.delta_s < 1.0):
-            raise error(f"delta_s must be in (0, 1) (a failure probability), got {self.delta_s}")
-        if not (self.C > 0 and math.isfinite(self.C)):
-            raise error(f"C must be a positive number, got {self.C}")
-        if self.sample_size is not None and self.sample_size < 1:
-            raise error(f"sample_size must be >= 1 (or null for the automatic |S|), got {self.sample_size}")
-        if not (self.size_tol >= 0 and math.isfinite(self.size_tol)):
-            raise error(f"size_tol must be >= 0, got {self.size_tol}")
-        if self.search_iters < 1:
-            raise error(f"search_iters must be >= 1, got {self.search_iters}")
 
 
 # ------------------------------------------------------------------------------------ channel sensitivities (§3)

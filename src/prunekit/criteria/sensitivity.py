@@ -82,18 +82,12 @@ _LOG2, _LOG3, _LOG9 = math.log(2.0), math.log(3.0), math.log(9.0)
 
 
 @dataclass(frozen=True)
-class SippOptions:
-    """Options of ``sipp`` (methods/sensitivity.md §0).
+class SensitivityOptions:
+    """Options shared by ``sipp`` and ``pfp`` (methods/sensitivity.md §0): ``delta_s`` δ_S and ``C`` (failure
+    probability and constant of the bounds; they fix |S|), ``sample_size`` (|S|; None = ⌈C·ln(8·η*·η/δ_S)⌉, 152 for
+    LeNet-300-100), ``size_tol`` (relative tolerance on the kept count) and ``search_iters`` (most evaluations of
+    the size search)."""
 
-    - ``variant``: ``det`` (global top-k of the sensitivities), ``rand`` (importance sampling with reweighting) or
-      ``hybrid`` (per neuron side, deterministic or sampled, whichever error bound is smaller).
-    - ``delta_s`` δ_S and ``C``: failure probability and constant of the bounds; they fix |S| and the ε_i(m).
-    - ``sample_size``: |S|; None = ⌈C·ln(8·η*·η/δ_S)⌉ (152 for LeNet-300-100).
-    - ``size_tol``: relative tolerance on the kept count of ``rand``/``hybrid``; ``search_iters``: most evaluations
-      of the keep-ratio search.
-    """
-
-    variant: Literal["det", "rand", "hybrid"] = "det"
     delta_s: float = 1e-16
     C: float = 3.0
     sample_size: int | None = None
@@ -111,6 +105,21 @@ class SippOptions:
             raise error(f"size_tol must be >= 0, got {self.size_tol}")
         if self.search_iters < 1:
             raise error(f"search_iters must be >= 1, got {self.search_iters}")
+
+
+@dataclass(frozen=True)
+class SippOptions(SensitivityOptions):
+    """Options of ``sipp`` (methods/sensitivity.md §0).
+
+    - ``variant``: ``det`` (global top-k of the sensitivities), ``rand`` (importance sampling with reweighting) or
+      ``hybrid`` (per neuron side, deterministic or sampled, whichever error bound is smaller).
+    - ``delta_s`` δ_S and ``C``: failure probability and constant of the bounds; they fix |S| and the ε_i(m).
+    - ``sample_size``: |S|; None = ⌈C·ln(8·η*·η/δ_S)⌉ (152 for LeNet-300-100).
+    - ``size_tol``: relative tolerance on the kept count of ``rand``/``hybrid``; ``search_iters``: most evaluations
+      of the keep-ratio search.
+    """
+
+    variant: Literal["det", "rand", "hybrid"] = "det"
 
 
 # ------------------------------------------------------------------------------------------------- sample size (§1)
