@@ -83,9 +83,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..batches import BatchStream
 from ..errors import PrunekitError
-from ..modes import model_device
 from ..params import PrunableParam
 from ..registry import ScoreContext, register
 from ..seeding import derive_seed
@@ -518,26 +516,6 @@ class _Plan:
 # --------------------------------------------------------------------------------------------------- the method
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _sample_inputs(ctx: ScoreContext, o: PfpOptions) -> tuple[torch.Tensor, int]:
-    """The first |S| examples of the scoring data, and |S| (§1 unless ``sample_size`` is given)."""
-    stream = BatchStream(ctx.data, model_device(ctx.model), _dtype(ctx.model), who="pfp")
-    first = stream.peek()
-    if first is None:
-        raise PrunekitError("pfp needs data: the scoring data hold no example (pass batches of inputs)")
-    modules = list({id(p.module): p.module for p in ctx.params}.values())
-    need = o.sample_size if o.sample_size is not None else sv.sample_size(
-        ctx.model, tuple(first.shape[1:]), o.delta_s, o.C, modules=modules)
-    x = stream.take(need)[0]
-    if x.shape[0] < need:
-        warnings.warn(f"pfp: the scoring data hold only {x.shape[0]} examples, fewer than |S| = {need} "
-                      f"(δ_S = {o.delta_s:g}, C = {o.C:g}); the sensitivities use all {x.shape[0]}", stacklevel=3)
-    return x, need
-
-
 def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
     """PFP's selection (§5–7): shared-ε allocation, det/rand/top channels, propagation, size search in log ε."""
     o = ctx.options
@@ -643,7 +621,7 @@ def pfp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         raise PrunekitError("pfp: the model has nothing prunable")
     for p in ctx.params:
         _check_layer(p)
-    x, need = _sample_inputs(ctx, o)
+    x, need = sv.sample_inputs(ctx, o, who="pfp")
     groups = channel_groups(ctx.model, x[:2])
     run, layers = sv._collect(ctx.model, ctx.params, x, "max")
     out = {}

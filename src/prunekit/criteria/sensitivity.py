@@ -675,18 +675,19 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _sample_inputs(ctx: ScoreContext, o: SippOptions) -> tuple[torch.Tensor, int]:
-    """The first |S| examples of the scoring data, and |S| (auto from §1 unless ``sample_size`` is given)."""
-    stream = BatchStream(ctx.data, model_device(ctx.model), _dtype(ctx.model), who="sipp")
+def sample_inputs(ctx: ScoreContext, o: SensitivityOptions, who: str = "sipp") -> tuple[torch.Tensor, int]:
+    """The first |S| examples of the scoring data, and |S| (auto from §1 unless ``sample_size`` is given); shared
+    by ``sipp`` and ``pfp`` (``who`` names the method in messages)."""
+    stream = BatchStream(ctx.data, model_device(ctx.model), _dtype(ctx.model), who=who)
     first = stream.peek()
     if first is None:
-        raise PrunekitError("sipp needs data: the scoring data hold no example (pass batches of inputs)")
+        raise PrunekitError(f"{who} needs data: the scoring data hold no example (pass batches of inputs)")
     modules = list({id(p.module): p.module for p in ctx.params}.values())
     need = o.sample_size if o.sample_size is not None else sample_size(
         ctx.model, tuple(first.shape[1:]), o.delta_s, o.C, modules=modules)
     x = stream.take(need)[0]
     if x.shape[0] < need:
-        warnings.warn(f"sipp: the scoring data hold only {x.shape[0]} examples, fewer than |S| = {need} "
+        warnings.warn(f"{who}: the scoring data hold only {x.shape[0]} examples, fewer than |S| = {need} "
                       f"(δ_S = {o.delta_s:g}, C = {o.C:g}); the sensitivities use all {x.shape[0]}", stacklevel=3)
     return x, need
 
@@ -810,7 +811,7 @@ def sipp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         raise PrunekitError("sipp: the model has nothing prunable")
     for p in ctx.params:  # a clear error before any forward pass
         _layer(p)
-    x, need = _sample_inputs(ctx, o)
+    x, need = sample_inputs(ctx, o)
     aggregate = "mean" if o.variant == "det" else "max"
     run, layers = _collect(ctx.model, ctx.params, x, aggregate)
     out = {}
