@@ -1,12 +1,13 @@
 """Structured pruning that becomes real speed: a channel-pruned, physically shrunk model against the dense one.
 
 CIFAR-shaped VGG-16 (vgg16_bn, 3x32x32) in eval mode. Channels are chosen by ``--method`` (``pfp``, default: its
-sensitivity allocation through ``pk.prune`` and ``pk.shrink``, the weight sparsity bisected; ``l1``: ℓ1 filter norm
+sensitivity allocation through ``pk.prune`` and ``pk.shrink``, kept widths rounded up to multiples of ``--round``
+(16 by default; 1 = PFP's exact counts), the weight sparsity bisected; ``l1``: ℓ1 filter norm
 with the same keep fraction in every group, the fraction bisected) so that the shrunk model has about half the
 dense MACs (``--macs 0.5``). Latency: median forward time at batch 1, 16 and 64, dense and shrunk timed interleaved in the
 same run (``prunekit.latency.compare_latency``). Target: speedup >= 1.6x at batch 64 on 2 CPU cores.
 
-    python bench/bench_shrink.py [--method pfp|l1] [--threads 2] [--macs 0.5] [--repeats 20] [--device cpu]
+    python bench/bench_shrink.py [--method pfp|l1] [--round 16] [--threads 2] [--macs 0.5] [--repeats 20]
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def l1_channel_masks(model, groups, keep: float) -> dict:
     return out
 
 
-def pfp_half_macs(model, x, target: float, samples: int = 16):
+def pfp_half_macs(model, x, target: float, samples: int = 16, round_channels: int = 1):
     """PFP's own allocation (``pk.prune(..., "pfp")``), its weight sparsity bisected until the shrunk model has
     ``target`` of the dense MACs. Only shapes matter for latency, so the sensitivities use a few random inputs."""
     import copy
@@ -49,7 +50,7 @@ def pfp_half_macs(model, x, target: float, samples: int = 16):
         m = copy.deepcopy(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            masks = pk.prune(m, "pfp", sparsity=s, data=data, sample_size=samples)
+            masks = pk.prune(m, "pfp", sparsity=s, data=data, sample_size=samples, round_channels=round_channels)
         small = pk.shrink(m, masks, x)
         ratio = shrink_report(model, small, x)["macs_ratio"]
         if best is None or abs(ratio - target) < abs(best[1] - target):
@@ -80,14 +81,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--method", choices=("pfp", "l1"), default="pfp")
+    ap.add_argument("--round", type=int, default=16, help="pfp round_channels (1 = PFP's exact counts)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense = get_model("vgg16_bn", num_classes=10, input_shape=(3, 32, 32)).eval()
     x = torch.randn(4, 3, 32, 32)
     if args.method == "pfp":
-        sp, ratio, small = pfp_half_macs(dense, x, args.macs)
-        how = f"pfp at weight sparsity {sp:.3f}"
+        sp, ratio, small = pfp_half_macs(dense, x, args.macs, round_channels=args.round)
+        how = f"pfp (round_channels={args.round}) at weight sparsity {sp:.3f}"
     else:
         keep, ratio, small = half_macs(dense, x, args.macs)
         how = f"l1, keep {keep:.3f} of the channels in every group"

@@ -376,3 +376,27 @@ def test_registration_and_options():
         info.make_options(variant="hybrid")
     with pytest.raises(PrunekitError, match="delta_s"):
         info.make_options(delta_s=2.0)
+
+
+def test_round_channels_gives_multiples_and_still_matches_size():
+    import warnings
+
+    import prunekit as pk
+    from prunekit.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("vgg11_bn", num_classes=10, input_shape=(3, 32, 32)).eval()
+    data = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = pk.prune(model, "pfp", 0.7, data=data, sample_size=8, round_channels=16)
+    from prunekit.structured import channel_groups, channel_masks_from_masks
+
+    x = torch.randn(2, 3, 32, 32)
+    groups = channel_groups(model, x)
+    cm = channel_masks_from_masks(model, groups, masks)
+    counts = {g.name: int(cm[g.name].sum()) for g in groups if g.name in cm}
+    sizes = {g.name: g.size for g in groups}
+    assert counts and all(c % 16 == 0 or c == sizes[n] for n, c in counts.items())
+    assert any(c < sizes[n] for n, c in counts.items())  # something was pruned
+    assert abs(masks.sparsity() - 0.7) < 0.05  # rounding costs precision, not the order of magnitude
