@@ -2,6 +2,7 @@
 
     prunekit methods                          table of all methods with family and one-line summary
     prunekit run CONFIG [--set a.b=v ...]     the experiment(s) in CONFIG, recorded in the results store
+    prunekit sweep CONFIG [--workers N]       the grid on a process pool; rerun to finish what is missing
     prunekit report [--name N] [--plot F]     tables (mean ± std over seeds) from the store
     prunekit data fetch mnist                 obtain a dataset into the data directory
 
@@ -45,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's train.device)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress output")
     p.add_argument("--no-report", action="store_true", help="skip the table and plot after the runs")
+    _add_common(p)
+    _add_data_dir(p)
+
+    p = sub.add_parser("sweep", help="every run of a config's grid on a process pool; resumable")
+    p.add_argument("config", help="a YAML or JSON config with a grid")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the number of CPU cores)")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's train.device)")
+    p.add_argument("--no-report", action="store_true", help="skip the table after the sweep")
     _add_common(p)
     _add_data_dir(p)
 
@@ -147,6 +159,36 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .experiments import config as C
+    from .experiments.report import render
+    from .experiments.store import Store
+    from .experiments.sweep import sweep
+
+    data = C.apply_overrides(C.load(args.config), args.overrides)
+    if args.device:
+        data = C.set_path(data, "train.device", args.device)
+    data = C.set_path(data, "train.progress", False)  # workers print one line per run instead
+    cfg = C.parse(data)
+    root = Path(args.root)
+    res = sweep(data, root, workers=args.workers, data_dir=args.data_dir, retry_failed=args.retry_failed)
+    for rid, err in res.failed.items():
+        print(f"failed: {rid}: {err}", file=sys.stderr)
+    if not args.no_report:
+        with Store(root / "results.sqlite") as store:
+            done = [r for r in store.runs(name=cfg.name)]
+            text, plots = render(store, done, cfg.report.metric, root / f"{cfg.name}.png" if done else None,
+                                 title=cfg.name)
+        print(text)
+        for out in plots:
+            print(f"plot: {out}")
+    if res.failed:
+        print(f"{len(res.failed)} run(s) failed (errors above and in the store); fix the cause and rerun with "
+              "--retry-failed", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_report(args) -> int:
     from .experiments.report import report
 
@@ -175,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"methods": cmd_methods, "run": cmd_run, "report": cmd_report, "data": cmd_data}
+    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "data": cmd_data}
     if args.command not in handlers:
         ap.print_help()
         return 2

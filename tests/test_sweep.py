@@ -1,0 +1,91 @@
+"""prunekit sweep: idempotent runs on a process pool, resume, failures recorded and retried on request."""
+import copy
+
+import pytest
+import yaml
+
+from prunekit.cli import main
+from prunekit.experiments import Store, config as C
+from prunekit.experiments.sweep import sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID = {
+    "name": "sw",
+    "model": "lenet_300_100",
+    "data": {"name": "synthetic"},
+    "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
+    "prune": {"method": "magnitude", "sparsity": 0.8},
+    "seed": 0,
+    "grid": {"prune.method": ["random", "magnitude"], "prune.sparsity": [0.5, 0.8]},
+}
+
+
+def test_sweep_runs_everything_once_and_skips_on_restart(tmp_path):
+    logs = []
+    res = sweep(GRID, tmp_path, workers=1, log=logs.append)
+    ids = {C.run_id(C.resolve(r)) for r in C.expand(GRID)}
+    assert res.ok and set(res.done) == ids and res.total == 4
+    assert any("ETA" in line for line in logs)
+    again = sweep(GRID, tmp_path, workers=1, log=lambda m: None)
+    assert again.done == [] and set(again.skipped) == ids
+    with Store(tmp_path / "results.sqlite") as s:
+        assert {r["run_id"] for r in s.runs(name="sw")} == ids
+
+
+def test_interrupted_run_is_resumed(tmp_path):
+    one = copy.deepcopy(GRID)
+    one["grid"] = {"prune.sparsity": [0.5]}
+    [cfg] = C.expand(one)
+    rid = C.run_id(C.resolve(cfg))
+    with Store(tmp_path / "results.sqlite") as s:  # a run left "running" by a killed sweep
+        from prunekit.experiments.runner import hardware, versions
+
+        s.begin_run(rid, "sw", C.resolve(cfg), versions(), hardware("cpu"))
+        assert s.status(rid) == "running"
+    res = sweep(one, tmp_path, workers=1, log=lambda m: None)
+    assert res.done == [rid]
+    with Store(tmp_path / "results.sqlite") as s:
+        assert s.status(rid) == "done"
+
+
+def test_failures_are_recorded_and_retried_on_request(tmp_path):
+    bad = copy.deepcopy(GRID)
+    bad["grid"] = {"data.name": ["synthetic", "cifar10"]}  # no CIFAR archive here: that run fails
+    res = sweep(bad, tmp_path, workers=1, data_dir=tmp_path / "nodata", log=lambda m: None)
+    assert len(res.done) == 1 and len(res.failed) == 1
+    [(rid, err)] = res.failed.items()
+    assert "cifar" in err.lower()
+    with Store(tmp_path / "results.sqlite") as s:
+        assert s.status(rid) == "failed"
+    again = sweep(bad, tmp_path, workers=1, data_dir=tmp_path / "nodata", log=lambda m: None)
+    assert again.done == [] and rid in again.failed  # not retried silently, still reported
+    retry = sweep(bad, tmp_path, workers=1, data_dir=tmp_path / "nodata", retry_failed=True, log=lambda m: None)
+    assert rid in retry.failed and retry.done == []
+
+
+@pytest.mark.slow
+def test_process_pool_and_cli(tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(GRID))
+    assert main(["sweep", str(path), "--root", str(tmp_path / "r"), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude" in out and "random" in out
+    with Store(tmp_path / "r" / "results.sqlite") as s:
+        assert len(s.runs(name="sw")) == 4
+
+
+def test_pretrained_dependency_runs_first(tmp_path):
+    dense = copy.deepcopy(GRID)
+    dense.pop("grid")
+    dense["prune"] = {"method": "none"}
+    (tmp_path / "dense.yaml").write_text(yaml.safe_dump(dense))
+    ft = copy.deepcopy(GRID)
+    ft["model"] = {"name": "lenet_300_100", "pretrained": str(tmp_path / "dense.yaml")}
+    logs = []
+    res = sweep(ft, tmp_path / "r", workers=1, log=logs.append)
+    assert res.ok and len(res.done) == 4
+    assert any("starting point" in line for line in logs)
+    pre = C.resolve(C.expand(ft)[0])["model"]["pretrained"]["run_id"]
+    with Store(tmp_path / "r" / "results.sqlite") as s:
+        assert s.status(pre) == "done"
