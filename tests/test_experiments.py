@@ -354,3 +354,19 @@ def test_every_shipped_config_resolves(path, monkeypatch):
     runs = C.expand(C.load(root / path))
     ids = {C.run_id(C.resolve(r)) for r in runs}
     assert runs and ids
+
+
+def test_fairness_notes_flag_missed_sparsity_and_mixed_recipes():
+    from prunekit.experiments.report import fairness_notes
+
+    def row(rid, method, req, got, lr):
+        cfg = {"model": {"name": "m"}, "data": {"name": "d"}, "train": {"lr": lr}}
+        return {"run_id": rid, "method": method, "seed": 0, "sparsity": req, "achieved_sparsity": got,
+                "model": "m", "dataset": "d", "config": json.dumps(cfg)}
+
+    ok = [row("a", "snip", 0.9, 0.9, 0.1), row("b", "pfp", 0.9, 0.9004, 0.1)]  # 0.4% of the kept 10%: fine
+    assert fairness_notes(ok) == ""
+    bad = ok + [row("c", "filter_l1", 0.9, 0.901, 0.1)]  # 1% of the kept weights
+    assert "c filter_l1" in fairness_notes(bad) and "budget" not in fairness_notes(bad)
+    mixed = ok + [row("d", "snip", 0.9, 0.9, 0.05)]
+    assert "2 different recipes" in fairness_notes(mixed)

@@ -89,3 +89,20 @@ def test_pretrained_dependency_runs_first(tmp_path):
     pre = C.resolve(C.expand(ft)[0])["model"]["pretrained"]["run_id"]
     with Store(tmp_path / "r" / "results.sqlite") as s:
         assert s.status(pre) == "done"
+
+
+def test_baselines_join_a_method_grid_unless_switched_off():
+    from prunekit.experiments.sweep import with_baselines
+
+    g = copy.deepcopy(GRID)
+    g["grid"]["prune.method"] = ["snip"]
+    assert with_baselines(g)["grid"]["prune.method"] == ["snip", "random", "magnitude"]
+    g2 = copy.deepcopy(GRID)
+    g2["grid"] = {"prune": [{"method": "snip"}, {"method": "magnitude"}]}
+    assert with_baselines(g2)["grid"]["prune"] == [{"method": "snip"}, {"method": "magnitude"}, {"method": "random"}]
+    imp = copy.deepcopy(GRID)
+    imp["grid"] = {"prune.method": ["lth", "ciap"]}
+    assert with_baselines(imp) == imp  # IMP codes compare among themselves
+    assert with_baselines(GRID) == GRID  # both baselines already there
+    plain = {k: v for k, v in GRID.items() if k != "grid"}
+    assert with_baselines(plain) == plain

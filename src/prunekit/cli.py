@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the number of CPU cores)")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="do not add the random and magnitude baselines to a grid over methods")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's train.device)")
     p.add_argument("--no-report", action="store_true", help="skip the table after the sweep")
     _add_common(p)
@@ -171,7 +173,8 @@ def cmd_sweep(args) -> int:
     data = C.set_path(data, "train.progress", False)  # workers print one line per run instead
     cfg = C.parse(data)
     root = Path(args.root)
-    res = sweep(data, root, workers=args.workers, data_dir=args.data_dir, retry_failed=args.retry_failed)
+    res = sweep(data, root, workers=args.workers, data_dir=args.data_dir, retry_failed=args.retry_failed,
+                baselines=not args.no_baselines)
     for rid, err in res.failed.items():
         print(f"failed: {rid}: {err}", file=sys.stderr)
     if not args.no_report:

@@ -157,6 +157,32 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     return path
 
 
+def fairness_notes(runs: list[dict], tol: float = 0.005) -> str:
+    """What makes a comparison unequal, said next to the tables: runs whose achieved sparsity misses the requested
+    one by more than ``tol`` of the requested kept fraction, and models trained with more than one recipe (their
+    tables are separate and must not be compared). Empty when there is nothing to say."""
+    lines = []
+    for r in runs:
+        req, got = r.get("sparsity"), r.get("achieved_sparsity")
+        if r["method"] == "none" or req is None or got is None:
+            continue
+        if abs(got - req) > tol * max(1.0 - req, 1e-12):
+            lines.append(f"  {r['run_id']} {r['method']} seed {r['seed']}: requested sparsity {req:g}, achieved "
+                         f"{got:.5f}")
+    out = []
+    if lines:
+        out.append(f"sparsity check: {len(lines)} run(s) miss the requested sparsity by more than {100 * tol:g}% "
+                   "of the kept weights\n" + "\n".join(lines))
+    recipes: dict[tuple, set] = defaultdict(set)
+    for r in runs:
+        recipes[(r["model"], r["dataset"])].add(recipe(r))
+    for (model, ds), rs in sorted(recipes.items()):
+        if len(rs) > 1:
+            out.append(f"budget check: {model} on {ds} was trained with {len(rs)} different recipes "
+                       f"({', '.join(sorted(rs))}); their tables are separate and not comparable")
+    return "\n".join(out)
+
+
 def within_delta_table(runs: list[dict], metric: str = "test_acc", deltas=(0.0, 0.005, 0.01, 0.02)) -> str:
     """Seed 002's summary for one-shot/retrain runs: per method, the highest sparsity whose mean ``metric`` is at
     least the dense run's (method ``none``, same model, data and recipe) minus δ, with its accuracy difference.
@@ -223,7 +249,7 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
     parts, plots = [], []
     if other or not imp:
         parts.append(table(other, metric))
-        parts += [t for t in (within_delta_table(other, metric), structured_table(other)) if t]
+        parts += [t for t in (within_delta_table(other, metric), structured_table(other), fairness_notes(other)) if t]
         if plot_path is not None and other:
             plots.append(plot(other, plot_path, metric, title=title))
     if imp:

@@ -65,14 +65,47 @@ def _fmt_eta(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+BASELINES = ("random", "magnitude")
+
+
+def with_baselines(data: dict) -> dict:
+    """``data`` with the ``random`` and ``magnitude`` baselines added to a grid over pruning methods (a
+    ``prune.method`` list, or ``prune`` mapping entries), when they are missing. Grids over one-shot/gradual
+    methods only: IMP codes and cascades compare among themselves."""
+    from ..registry import get_method
+
+    grid = dict(data.get("grid") or {})
+    if "prune.method" in grid and isinstance(grid["prune.method"], list):
+        methods = [get_method(m).name for m in grid["prune.method"]]
+        if any(get_method(m).needs_data == "training" for m in methods):
+            return data
+        extra = [b for b in BASELINES if b not in methods]
+        if extra:
+            grid["prune.method"] = list(grid["prune.method"]) + extra
+    elif isinstance(grid.get("prune"), list) and all(isinstance(e, dict) for e in grid["prune"]):
+        entries = grid["prune"]
+        base = (data.get("prune") or {})
+        names = [get_method(e.get("method", base.get("method", "none"))).name for e in entries]
+        if any(get_method(m).needs_data == "training" for m in names) or any("cascade" in e for e in entries):
+            return data
+        grid["prune"] = list(entries) + [{"method": b} for b in BASELINES if b not in names]
+    else:
+        return data
+    return {**data, "grid": grid}
+
+
 def sweep(data: dict, root: str | Path = "runs", *, workers: int | None = None, data_dir=None,
-          retry_failed: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
+          retry_failed: bool = False, baselines: bool = True,
+          log: Callable[[str], None] | None = None) -> SweepResult:
     """Run every run of the config ``data`` (plain data, grid included) that the store under ``root`` lacks.
 
     ``workers``: parallel processes (default: the number of CPU cores; 1 runs in this process). Each worker uses
-    cores / workers torch threads. Returns what was done, skipped and failed.
+    cores / workers torch threads. ``baselines``: add ``random`` and ``magnitude`` to a grid over methods
+    (:func:`with_baselines`). Returns what was done, skipped and failed.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if baselines:
+        data = with_baselines(data)
     runs = C.expand(data)
     resolved = [C.resolve(r) for r in runs]  # every cell is validated before anything runs
     by_id: dict[str, tuple[dict, dict]] = {}
