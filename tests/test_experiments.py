@@ -370,3 +370,25 @@ def test_fairness_notes_flag_missed_sparsity_and_mixed_recipes():
     assert "c filter_l1" in fairness_notes(bad) and "budget" not in fairness_notes(bad)
     mixed = ok + [row("d", "snip", 0.9, 0.9, 0.05)]
     assert "2 different recipes" in fairness_notes(mixed)
+
+
+def test_record_has_before_finetune_accuracy_compression_speedup_memory(tmp_path):
+    rec = run(BASE, tmp_path)  # magnitude 0.8 after one warm-up epoch, then 2 more epochs
+    assert rec.test_acc_before_finetune is not None and 0.0 <= rec.test_acc_before_finetune <= 1.0
+    assert rec.val_acc_before_finetune is not None
+    assert rec.compression == pytest.approx(1.0 / (1.0 - rec.achieved_sparsity))
+    assert rec.theoretical_speedup > 1.0 and rec.peak_memory_mb > 0
+    # one-shot (no training): before and after fine-tuning are the same model
+    one = {**BASE, "train": {**BASE["train"], "epochs": 0}, "prune": {**BASE["prune"], "warmup": 0}}
+    rec0 = run(one, tmp_path)
+    assert rec0.test_acc_before_finetune == pytest.approx(rec0.final_test_acc)
+
+
+def test_report_before_finetune_metric_reads_the_record(tmp_path):
+    from prunekit.experiments.report import aggregate
+
+    rec = run(BASE, tmp_path)
+    with Store(tmp_path / "results.sqlite") as s:
+        agg = aggregate(s.runs(), "test_acc_before_finetune")
+    [(key, v)] = agg.items()
+    assert key[3] == "magnitude" and v["mean"] == pytest.approx(100 * rec.test_acc_before_finetune)

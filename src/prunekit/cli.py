@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables (and a plot) from the results store")
     p.add_argument("--name", default=None, help="only this experiment (default: every run in the store)")
     p.add_argument("--metric", default="test_acc",
-                   help="test_acc (final epoch, default), best_val_test_acc (test acc at best validation epoch) "
-                        "or best_val_acc")
+                   help="test_acc (final epoch, default), best_val_test_acc (test acc at best validation epoch), "
+                        "best_val_acc, or test_acc_before_finetune / val_acc_before_finetune (right after pruning)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also write an accuracy-vs-sparsity plot")
     _add_common(p)
 

@@ -207,7 +207,7 @@ class PruningCallback(Callback):
             masks = prune(trainer.model, self.method, sparsity=s, data=data, masks=trainer.masks, loss=self.loss,
                           **self.options)
             trainer.set_masks(masks, final=final and i == len(steps) - 1)
-            event = {"epoch": epoch, "substep": i, **masks.report}
+            event = {"epoch": epoch, "substep": i, "final": final and i == len(steps) - 1, **masks.report}
             self.events.append(event)
             if self.on_prune is not None:
                 self.on_prune(masks, event)

@@ -20,7 +20,17 @@ METRICS = {
     "best_val_test_acc": "test_acc_at_best_val",
     "test_acc_at_best_val": "test_acc_at_best_val",
     "best_val_acc": "best_val_acc",
+    "test_acc_before_finetune": "test_acc_before_finetune",  # right after pruning (from the run record)
+    "val_acc_before_finetune": "val_acc_before_finetune",
 }
+
+
+def _value(run: dict, col: str):
+    """A metric of a stored run: a column of the runs table, or a field of its JSON record."""
+    if col in run:
+        return run[col]
+    rec = run.get("record")
+    return json.loads(rec).get(col) if rec else None
 
 
 def _metric_column(metric: str) -> str:
@@ -44,7 +54,7 @@ def aggregate(runs: list[dict], metric: str = "test_acc") -> dict[tuple, dict]:
     col = _metric_column(metric)
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in runs:
-        v = r.get(col)
+        v = _value(r, col)
         if v is None:
             continue
         groups[(r["model"], r["dataset"], recipe(r), r["method"], round(r["sparsity"], 10))].append(100.0 * v)

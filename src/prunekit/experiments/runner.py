@@ -49,6 +49,11 @@ class RunRecord:
     cached: bool = False  # True when the record came from the store without running
     levels: list[dict] = field(default_factory=list)  # IMP codes: one row per level (and control branch)
     structured: dict | None = None  # structured methods: the shrunk model's params, MACs and latency vs dense
+    val_acc_before_finetune: float | None = None   # right after the final pruning step, before any retraining
+    test_acc_before_finetune: float | None = None
+    compression: float | None = None               # prunable weights / kept ones, 1 / (1 - achieved sparsity)
+    theoretical_speedup: float | None = None       # dense MACs / masked MACs (prunekit.flops)
+    peak_memory_mb: float | None = None            # peak RSS of the process (CPU) or peak CUDA allocation
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +138,47 @@ def structured_result(model, masks, input_shape, run_dir: Path, device: str, rep
             "params_ratio": rep["params_ratio"], "macs_dense": rep["macs_dense"], "macs_shrunk": rep["macs_shrunk"],
             "macs_ratio": rep["macs_ratio"], "theoretical_speedup": 1.0 / max(rep["macs_ratio"], 1e-12),
             "device": device, "latency": rows}
+
+
+def _accuracy(model, data) -> float | None:
+    """Eval-mode accuracy of ``model`` over ``data`` (None without data); the training flag is restored."""
+    if data is None:
+        return None
+    was = model.training
+    model.eval()
+    correct = n = 0
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            for x, y in data:
+                out = model(x.to(dev))
+                correct += int((out.argmax(1) == y.to(dev)).sum())
+                n += int(y.shape[0])
+    finally:
+        model.train(was)
+    return correct / n if n else None
+
+
+def _speedup(model, masks, input_shape) -> float | None:
+    from ..flops import theoretical_speedup
+
+    try:
+        return theoretical_speedup(model, masks, tuple(input_shape))
+    except Exception:  # noqa: BLE001 - a model flops cannot trace is still a valid run
+        return None
+
+
+def _peak_memory_mb(device: str) -> float | None:
+    """Peak CUDA allocation on a GPU run; otherwise the process's peak resident memory (for a sweep worker that
+    is the peak over the runs it has done)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _layer_rows(masks) -> list[dict]:
@@ -313,6 +359,9 @@ def run(
                                         seed=seed, transform=p["score_transform"], device=device)
 
                 def diagnose(masks, event):
+                    if event.get("final"):  # the accuracy the pruning left, before fine-tuning
+                        event["val_acc_before"] = _accuracy(masks.model, val_dl)
+                        event["test_acc_before"] = _accuracy(masks.model, test_dl)
                     event["diagnostics"] = collapse_report(masks.model, masks).to_dict()
                     if event["diagnostics"]["connected"] is False:
                         log(f"[{rid}] warning: no input-output path survives pruning (collapsed: "
@@ -351,9 +400,14 @@ def run(
             best = structured["latency"][-1]
             log(f"[{rid}] shrunk: params {structured['params_ratio']:.3f} of dense, MACs {structured['macs_ratio']:.3f}"
                 f", batch {best['batch_size']} latency {best['ms']:.2f} ms ({best['speedup']:.2f}x vs dense)")
+        final_events = [e for e in events if e.get("final")]
+        before = final_events[-1] if final_events else {}
         rec = RunRecord(
             run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
-            structured=structured,
+            structured=structured, val_acc_before_finetune=before.get("val_acc_before"),
+            test_acc_before_finetune=before.get("test_acc_before"),
+            compression=1.0 / max(1.0 - masks.sparsity(), 1e-12),
+            theoretical_speedup=_speedup(model, masks, splits.input_shape), peak_memory_mb=_peak_memory_mb(device),
             model=resolved["model"]["name"], dataset=resolved["data"]["name"],
             final_test_acc=summary.get("final_test_acc"), best_val_acc=summary.get("best_val_acc"),
             test_acc_at_best_val=summary.get("test_acc_at_best_val"), best_epoch=summary.get("best_epoch"),
