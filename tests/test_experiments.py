@@ -392,3 +392,21 @@ def test_report_before_finetune_metric_reads_the_record(tmp_path):
         agg = aggregate(s.runs(), "test_acc_before_finetune")
     [(key, v)] = agg.items()
     assert key[3] == "magnitude" and v["mean"] == pytest.approx(100 * rec.test_acc_before_finetune)
+
+
+def test_speedup_and_layer_plots(tmp_path, capsys):
+    from prunekit.experiments.report import plot_layers, plot_speedup
+
+    rec = run(BASE, tmp_path)
+    run({**BASE, "prune": {"method": "none"}}, tmp_path)
+    with Store(tmp_path / "results.sqlite") as s:
+        out = plot_speedup(s.runs(), tmp_path / "sp.png")
+        lay = plot_layers(s, rec.run_id, tmp_path / "layers.png")
+        with pytest.raises(pk.PrunekitError, match="no per-layer rows"):
+            plot_layers(s, "nope", tmp_path / "x.png")
+    for f in (out, lay):
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 1000
+    assert main(["report", "--root", str(tmp_path), "--layers", rec.run_id, "--plot", str(tmp_path / "l2.png")]) == 0
+    assert (tmp_path / "l2.png").exists()
+    assert main(["report", "--root", str(tmp_path), "--plot", str(tmp_path / "acc.png")]) == 0
+    assert (tmp_path / "acc_speedup.png").exists()

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="test_acc",
                    help="test_acc (final epoch, default), best_val_test_acc (test acc at best validation epoch), "
                         "best_val_acc, or test_acc_before_finetune / val_acc_before_finetune (right after pruning)")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="also write an accuracy-vs-sparsity plot")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also write an accuracy-vs-sparsity plot (and FILE_speedup.png: accuracy vs theoretical "
+                        "speedup)")
+    p.add_argument("--layers", default=None, metavar="RUN_ID",
+                   help="instead, plot one run's per-layer density to --plot (default <RUN_ID>_layers.png)")
     _add_common(p)
 
     p = sub.add_parser("data", help="datasets")
@@ -195,6 +199,17 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .experiments.report import report
 
+    if args.layers:
+        from .experiments.report import plot_layers
+        from .experiments.store import Store
+
+        path = Path(args.root) / "results.sqlite"
+        if not path.exists():
+            raise PrunekitError(f"no results store at {path}: run an experiment first (prunekit run CONFIG)")
+        with Store(path) as store:
+            out = plot_layers(store, args.layers, args.plot or f"{args.layers}_layers.png")
+        print(f"plot: {out}")
+        return 0
     print(report(args.root, name=args.name, metric=args.metric, plot_path=args.plot))
     if args.plot:
         print(f"plot: {args.plot} (IMP runs: <name>_accuracy.png and <name>_epochs.png beside it)")

@@ -155,6 +155,11 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax.legend()
+    return _save_figure(fig, plt, path, title, ax)
+
+
+def _save_figure(fig, plt, path, title, ax) -> Path:
+    """Title, tight layout, and an atomic write (temporary file renamed into place)."""
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -165,6 +170,66 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_speedup(runs: list[dict], path: str | Path, metric: str = "test_acc", title: str | None = None) -> Path:
+    """Accuracy vs theoretical speedup (dense MACs / masked or shrunk MACs, log axis) per method: one point per
+    (method, sparsity), mean over seeds with std error bars in both directions; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = _metric_column(metric)
+    pts: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for r in runs:
+        v, sp = _value(r, col), _value(r, "theoretical_speedup")
+        if v is None or sp is None:
+            continue
+        pts[(r["method"], round(r["sparsity"], 10))].append((sp, 100.0 * v))
+    methods = sorted({m for m, _ in pts if m != "none"}, key=_method_order)
+    fig, ax = plt.subplots(figsize=(6 + (2 if len(methods) > 4 else 0), 4), dpi=120)
+    colors = plt.cm.tab10.colors if len(methods) <= 10 else plt.cm.tab20.colors
+    for i, m in enumerate(methods):
+        rows = sorted((statistics.fmean(x for x, _ in v), statistics.fmean(y for _, y in v),
+                       statistics.pstdev([x for x, _ in v]), statistics.pstdev([y for _, y in v]))
+                      for (mm, _s), v in pts.items() if mm == m)
+        ax.errorbar([r[0] for r in rows], [r[1] for r in rows], xerr=[r[2] for r in rows],
+                    yerr=[r[3] for r in rows], marker="o", color=colors[i % len(colors)], capsize=3, label=m)
+    dense = [y for (m, _s), v in pts.items() if m == "none" for _, y in v]
+    if dense:
+        ax.axhline(statistics.fmean(dense), color="k", ls="--", lw=1, label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("theoretical speedup (dense MACs / pruned MACs)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    if len(methods) > 4:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend()
+    return _save_figure(fig, plt, path, title, ax)
+
+
+def plot_layers(store: Store, run_id: str, path: str | Path, title: str | None = None) -> Path:
+    """Per-layer density of one run's final masks (bars in forward order), with the global density as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..errors import PrunekitError
+
+    rows = store.layers(run_id)
+    if not rows:
+        raise PrunekitError(f"run {run_id!r} has no per-layer rows in the store (unknown id, or not finished)")
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rows) + 2), 4), dpi=120)
+    ax.bar(range(len(rows)), [100 * r["density"] for r in rows], color="tab:blue")
+    kept, total = sum(r["kept"] for r in rows), sum(r["total"] for r in rows)
+    ax.axhline(100 * kept / max(total, 1), color="k", ls="--", lw=1, label=f"global {100 * kept / max(total, 1):.2f}%")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize="small")
+    ax.set_ylabel("remaining weights (%)")
+    ax.legend()
+    return _save_figure(fig, plt, path, title or f"run {run_id}: per-layer density", ax)
 
 
 def fairness_notes(runs: list[dict], tol: float = 0.005) -> str:
@@ -262,6 +327,9 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
         parts += [t for t in (within_delta_table(other, metric), structured_table(other), fairness_notes(other)) if t]
         if plot_path is not None and other:
             plots.append(plot(other, plot_path, metric, title=title))
+            if any(_value(r, "theoretical_speedup") for r in other):
+                sp = Path(plot_path)
+                plots.append(plot_speedup(other, sp.with_name(f"{sp.stem}_speedup{sp.suffix}"), metric, title=title))
     if imp:
         rows = [{**r, "recipe": recipe(r), "levels": store.levels(r["run_id"])} for r in imp]
         plot_dir = Path(plot_path).parent if plot_path is not None else None
