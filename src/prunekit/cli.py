@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also write an accuracy-vs-sparsity plot (and FILE_speedup.png: accuracy vs theoretical "
                         "speedup)")
+    p.add_argument("--html", default=None, metavar="FILE.html",
+                   help="also write one self-contained HTML page with every table (sortable) and plot")
     p.add_argument("--layers", default=None, metavar="RUN_ID",
                    help="instead, plot one run's per-layer density to --plot (default <RUN_ID>_layers.png)")
     _add_common(p)
@@ -211,6 +213,14 @@ def cmd_report(args) -> int:
         print(f"plot: {out}")
         return 0
     print(report(args.root, name=args.name, metric=args.metric, plot_path=args.plot))
+    if args.html:
+        from .experiments.html import html_report
+        from .experiments.store import Store
+
+        with Store(Path(args.root) / "results.sqlite") as store:
+            out = html_report(store, store.runs(name=args.name), args.html, args.metric,
+                              title=f"prunekit report: {args.name}" if args.name else "prunekit report")
+        print(f"html: {out}")
     if args.plot:
         print(f"plot: {args.plot} (IMP runs: <name>_accuracy.png and <name>_epochs.png beside it)")
     return 0

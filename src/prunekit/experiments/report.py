@@ -25,6 +25,9 @@ METRICS = {
 }
 
 
+IMP_METHODS_SET = frozenset(("lth", "sap", "ciap", "giap"))  # level runs, reported level by level
+
+
 def _value(run: dict, col: str):
     """A metric of a stored run: a column of the runs table, or a field of its JSON record."""
     if col in run:
@@ -65,40 +68,56 @@ def aggregate(runs: list[dict], metric: str = "test_acc") -> dict[tuple, dict]:
     return out
 
 
-def table(runs: list[dict], metric: str = "test_acc") -> str:
-    """A text table per (model, dataset): sparsity rows x method columns, mean ± std over seeds."""
+def table_rows(runs: list[dict], metric: str = "test_acc") -> list[dict]:
+    """The seed-style tables as data, one block per (model, dataset, recipe): ``title``, ``dense`` (the dense
+    baseline, formatted, or None), ``head``, ``rows`` (cells are (text, value) pairs; value None for "—") and
+    ``best`` ((row, column) of each row's best mean)."""
     agg = aggregate(runs, metric)
-    if not agg:
-        return "(no finished runs)"
     blocks = []
     keys = sorted({k[:3] for k in agg})
     for md in keys:
         cells = {k[3:]: v for k, v in agg.items() if k[:3] == md}
         methods = sorted({m for m, _ in cells if m != "none"}, key=_method_order)
         sparsities = sorted({s for m, s in cells if m != "none"})
-        head = ["sparsity"] + methods
-        rows = []
-        for s in sparsities:
+        rows, best = [], set()
+        for i, s in enumerate(sparsities):
             vals = {m: cells.get((m, s)) for m in methods}
-            best = max((v["mean"] for v in vals.values() if v), default=None)
-            row = [f"{s:g}"]
-            for m in methods:
+            top = max((v["mean"] for v in vals.values() if v), default=None)
+            row = [(f"{s:g}", s)]
+            for j, m in enumerate(methods, start=1):
                 v = vals[m]
-                row.append("—" if v is None else _fmt(v) + ("*" if len(methods) > 1 and v["mean"] == best else ""))
+                row.append(("—", None) if v is None else (_fmt(v), v["mean"]))
+                if v is not None and len(methods) > 1 and v["mean"] == top:
+                    best.add((i, j))
             rows.append(row)
         n_seeds = sorted({v["n"] for v in cells.values()})
         title = f"{md[0]} on {md[1]}: {metric} (%), mean ± std over {'/'.join(map(str, n_seeds))} seed(s)"
         if sum(1 for k in keys if k[:2] == md[:2]) > 1:
             title += f" [training recipe {md[2]}]"
-        lines = [title]
-        if ("none", 0.0) in cells:
-            lines.append(f"dense (none): {_fmt(cells[('none', 0.0)])}")
-        if rows:
-            lines.append(_render([head] + rows))
-            if len(methods) > 1:
+        dense = _fmt(cells[("none", 0.0)]) if ("none", 0.0) in cells else None
+        blocks.append({"title": title, "dense": dense, "head": ["sparsity"] + methods, "rows": rows, "best": best,
+                       "methods": methods})
+    return blocks
+
+
+def table(runs: list[dict], metric: str = "test_acc") -> str:
+    """A text table per (model, dataset): sparsity rows x method columns, mean ± std over seeds."""
+    blocks = table_rows(runs, metric)
+    if not blocks:
+        return "(no finished runs)"
+    out = []
+    for b in blocks:
+        lines = [b["title"]]
+        if b["dense"] is not None:
+            lines.append(f"dense (none): {b['dense']}")
+        if b["rows"]:
+            rows = [[text + ("*" if (i, j) in b["best"] else "") for j, (text, _v) in enumerate(row)]
+                    for i, row in enumerate(b["rows"])]
+            lines.append(_render([b["head"]] + rows))
+            if len(b["methods"]) > 1:
                 lines.append("* = best in its row")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def _method_order(m: str) -> tuple:
@@ -129,19 +148,22 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
     import matplotlib.ticker
 
     agg = aggregate(runs, metric)
-    methods = sorted({k[3] for k in agg if k[3] != "none"}, key=_method_order)
-    fig, ax = plt.subplots(figsize=(6 + (2 if len(methods) > 4 else 0), 4), dpi=120)
-    colors = plt.cm.tab10.colors if len(methods) <= 10 else plt.cm.tab20.colors
+    groups = sorted({k[:3] for k in agg})  # (model, dataset, recipe): never one curve across them
+    curves = sorted({(k[:3], k[3]) for k in agg if k[3] != "none"}, key=lambda c: (c[0], _method_order(c[1])))
+    fig, ax = plt.subplots(figsize=(6 + (2 if len(curves) > 4 else 0), 4), dpi=120)
+    colors = plt.cm.tab10.colors if len(curves) <= 10 else plt.cm.tab20.colors
     markers = "osD^vP*Xhp<>"
-    for i, m in enumerate(methods):
-        pts = sorted((1.0 - k[4], v) for k, v in agg.items() if k[3] == m)
+    for i, (g, m) in enumerate(curves):
+        pts = sorted(((1.0 - k[4], v) for k, v in agg.items() if k[:3] == g and k[3] == m), key=lambda t: t[0])
         xs = [100 * d for d, _ in pts]
+        label = m if len(groups) == 1 else f"{m} ({g[0]}, {g[2]})"
         ax.errorbar(xs, [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts], marker=markers[i % len(markers)],
-                    color=colors[i % len(colors)], capsize=3, label=m)
-    for k, v in agg.items():
-        if k[3] == "none":
-            ax.axhline(v["mean"], color="k", ls="--", lw=1, label="dense")
-            break
+                    color=colors[i % len(colors)], capsize=3, label=label)
+    for g in groups:
+        if g + ("none", 0.0) in agg:
+            label = "dense" if len(groups) == 1 else f"dense ({g[0]}, {g[2]})"
+            ax.axhline(agg[g + ("none", 0.0)]["mean"], color="k", ls="--", lw=1, label=label)
+    methods = curves
     ax.set_xscale("log")
     ticks = sorted({100 * (1.0 - k[4]) for k in agg if k[3] != "none"})
     if ticks:
@@ -282,33 +304,59 @@ def within_delta_table(runs: list[dict], metric: str = "test_acc", deltas=(0.0, 
     return "\n\n".join(blocks)
 
 
-def structured_table(runs: list[dict]) -> str:
-    """Physical size and speed of structured runs (those whose record has ``structured``): per model, method and
-    sparsity, the shrunk model's parameters and MACs as % of dense, the theoretical speedup, and the measured
-    latency speedup over the dense model at each batch size (mean over seeds). Empty if there are none."""
+def structured_rows(runs: list[dict]) -> dict | None:
+    """Physical size and speed of structured runs (those whose record has ``structured``) as data: ``head`` and
+    ``rows`` per model, method and sparsity: the shrunk model's parameters and MACs as % of dense, the theoretical
+    speedup, and the measured latency speedup over the dense model at each batch size (means over seeds)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        rec = json.loads(r["record"]) if r.get("record") else {}
-        if rec.get("structured"):
-            groups[(r["model"], r["dataset"], r["method"], round(r["sparsity"], 10))].append(rec["structured"])
+        st = _value(r, "structured")
+        if st:
+            groups[(r["model"], r["dataset"], r["method"], round(r["sparsity"], 10))].append(st)
     if not groups:
-        return ""
+        return None
     sizes = sorted({row["batch_size"] for v in groups.values() for st in v for row in st["latency"]})
-    rows = [["model", "method", "sparsity", "params %", "MACs %", "theory x"] + [f"b{b} x" for b in sizes]
-            + ["device"]]
+    head = ["model", "method", "sparsity", "params %", "MACs %", "theory x"] + [f"b{b} x" for b in sizes] + ["device"]
+    rows = []
     for (model, _ds, method, sp), sts in sorted(groups.items(), key=lambda kv: (kv[0][0], _method_order(kv[0][2]),
                                                                               kv[0][3])):
-        line = [model, method, f"{sp:g}", f"{100 * statistics.fmean(st['params_ratio'] for st in sts):.1f}",
-                f"{100 * statistics.fmean(st['macs_ratio'] for st in sts):.1f}",
-                f"{statistics.fmean(st['theoretical_speedup'] for st in sts):.2f}"]
-        for b in sizes:
+        params = 100 * statistics.fmean(st["params_ratio"] for st in sts)
+        macs = 100 * statistics.fmean(st["macs_ratio"] for st in sts)
+        theory = statistics.fmean(st["theoretical_speedup"] for st in sts)
+        line = [model, method, (f"{sp:g}", sp), (f"{params:.1f}", params), (f"{macs:.1f}", macs),
+                (f"{theory:.2f}", theory)]
+        for bs in sizes:
             v = [row["speedup"] for st in sts for row in st["latency"] if row["model"] == "shrunk"
-                 and row["batch_size"] == b]
-            line.append(f"{statistics.fmean(v):.2f}" if v else "-")
+                 and row["batch_size"] == bs]
+            line.append((f"{statistics.fmean(v):.2f}", statistics.fmean(v)) if v else ("-", None))
         line.append(sts[0].get("device", "?"))
         rows.append(line)
+    return {"head": head, "rows": rows}
+
+
+def structured_table(runs: list[dict]) -> str:
+    """:func:`structured_rows` as text (empty if there are no structured runs)."""
+    st = structured_rows(runs)
+    if st is None:
+        return ""
+    rows = [[c[0] if isinstance(c, tuple) else c for c in row] for row in st["rows"]]
     return ("structured runs: the shrunk model vs the dense one (params and MACs in % of dense; speedups measured "
-            "in the run, median latency, dense / shrunk)\n" + _render(rows))
+            "in the run, median latency, dense / shrunk)\n" + _render([st["head"]] + rows))
+
+
+def render_texts(store: Store, runs: list[dict], metric: str = "test_acc") -> list[tuple[str, str]]:
+    """The report's text-only sections as (name, text): the within-δ summary, the fairness notes and the IMP
+    level report (no plots)."""
+    from .imp_report import imp_report
+
+    imp = [r for r in runs if r["method"] in IMP_METHODS_SET]
+    other = [r for r in runs if r["method"] not in IMP_METHODS_SET]
+    out = [(name, text) for name, text in (("Highest sparsity within δ of dense", within_delta_table(other, metric)),
+                                           ("Fairness checks", fairness_notes(other))) if text]
+    if imp:
+        rows = [{**r, "recipe": recipe(r), "levels": store.levels(r["run_id"])} for r in imp]
+        out.append(("Iterative pruning levels", imp_report(rows, _metric_column(metric))))
+    return out
 
 
 def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: str | Path | None = None,
@@ -316,11 +364,11 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
     """The report of ``runs``: the sparsity x method table of one-shot and gradual runs, and the level-by-level
     tables of IMP runs (:mod:`.imp_report`); with ``plot_path``, the plot of the former at that path and the IMP
     plots beside it (``<stem>_accuracy.png``, ``<stem>_epochs.png``). Returns (text, plot paths)."""
-    from .imp_report import IMP_METHODS, imp_report
+    from .imp_report import imp_report
 
     col = _metric_column(metric)
-    imp = [r for r in runs if r["method"] in IMP_METHODS]
-    other = [r for r in runs if r["method"] not in IMP_METHODS]
+    imp = [r for r in runs if r["method"] in IMP_METHODS_SET]
+    other = [r for r in runs if r["method"] not in IMP_METHODS_SET]
     parts, plots = [], []
     if other or not imp:
         parts.append(table(other, metric))
