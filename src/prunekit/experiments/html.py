@@ -31,6 +31,7 @@ const key=r=>{const s=r.cells[i].dataset.v??r.cells[i].textContent;const n=parse
 rows.sort((a,c)=>{const x=key(a),y=key(c);return (x>y?1:x<y?-1:0)*dir;});rows.forEach(r=>b.appendChild(r));}
 document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
 document.body.dataset.ready=document.querySelectorAll('table.sortable').length;
+document.body.dataset.loadMs=Math.round(performance.now());
 """
 
 
