@@ -171,17 +171,19 @@ def plot(runs: list[dict], path: str | Path, metric: str = "test_acc", title: st
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("remaining weights (%)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    if len(methods) > 4:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    else:
-        ax.legend()
-    return _save_figure(fig, plt, path, title, ax)
+    return _save_figure(fig, plt, path, title, ax, f"{metric} (%)", len(methods))
 
 
-def _save_figure(fig, plt, path, title, ax) -> Path:
-    """Title, tight layout, and an atomic write (temporary file renamed into place)."""
+def _save_figure(fig, plt, path, title, ax, ylabel: str | None = None, n_curves: int = 0) -> Path:
+    """Y label, grid and legend (outside the axes beyond 4 curves), title, tight layout, and an atomic write
+    (temporary file renamed into place)."""
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if n_curves > 4:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        else:
+            ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -208,28 +210,26 @@ def plot_speedup(runs: list[dict], path: str | Path, metric: str = "test_acc", t
         v, sp = _value(r, col), _value(r, "theoretical_speedup")
         if v is None or sp is None:
             continue
-        pts[(r["method"], round(r["sparsity"], 10))].append((sp, 100.0 * v))
-    methods = sorted({m for m, _ in pts if m != "none"}, key=_method_order)
-    fig, ax = plt.subplots(figsize=(6 + (2 if len(methods) > 4 else 0), 4), dpi=120)
-    colors = plt.cm.tab10.colors if len(methods) <= 10 else plt.cm.tab20.colors
-    for i, m in enumerate(methods):
+        pts[(r["model"], recipe(r), r["method"], round(r["sparsity"], 10))].append((sp, 100.0 * v))
+    groups = sorted({k[:2] for k in pts})
+    curves = sorted({(k[:2], k[2]) for k in pts if k[2] != "none"}, key=lambda c: (c[0], _method_order(c[1])))
+    fig, ax = plt.subplots(figsize=(6 + (2 if len(curves) > 4 else 0), 4), dpi=120)
+    colors = plt.cm.tab10.colors if len(curves) <= 10 else plt.cm.tab20.colors
+    for i, (g, m) in enumerate(curves):
         rows = sorted((statistics.fmean(x for x, _ in v), statistics.fmean(y for _, y in v),
                        statistics.pstdev([x for x, _ in v]), statistics.pstdev([y for _, y in v]))
-                      for (mm, _s), v in pts.items() if mm == m)
+                      for k, v in pts.items() if k[:2] == g and k[2] == m)
+        label = m if len(groups) == 1 else f"{m} ({g[0]}, {g[1]})"
         ax.errorbar([r[0] for r in rows], [r[1] for r in rows], xerr=[r[2] for r in rows],
-                    yerr=[r[3] for r in rows], marker="o", color=colors[i % len(colors)], capsize=3, label=m)
-    dense = [y for (m, _s), v in pts.items() if m == "none" for _, y in v]
-    if dense:
-        ax.axhline(statistics.fmean(dense), color="k", ls="--", lw=1, label="dense")
+                    yerr=[r[3] for r in rows], marker="o", color=colors[i % len(colors)], capsize=3, label=label)
+    for g in groups:
+        dense = [y for k, v in pts.items() if k[:2] == g and k[2] == "none" for _, y in v]
+        if dense:
+            label = "dense" if len(groups) == 1 else f"dense ({g[0]}, {g[1]})"
+            ax.axhline(statistics.fmean(dense), color="k", ls="--", lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("theoretical speedup (dense MACs / pruned MACs)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    if len(methods) > 4:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    else:
-        ax.legend()
-    return _save_figure(fig, plt, path, title, ax)
+    return _save_figure(fig, plt, path, title, ax, f"{metric} (%)", len(curves))
 
 
 def plot_layers(store: Store, run_id: str, path: str | Path, title: str | None = None) -> Path:
@@ -249,9 +249,8 @@ def plot_layers(store: Store, run_id: str, path: str | Path, title: str | None =
     kept, total = sum(r["kept"] for r in rows), sum(r["total"] for r in rows)
     ax.axhline(100 * kept / max(total, 1), color="k", ls="--", lw=1, label=f"global {100 * kept / max(total, 1):.2f}%")
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize="small")
-    ax.set_ylabel("remaining weights (%)")
-    ax.legend()
-    return _save_figure(fig, plt, path, title or f"run {run_id}: per-layer density", ax)
+    ax.set_xlabel("")
+    return _save_figure(fig, plt, path, title or f"run {run_id}: per-layer density", ax, "remaining weights (%)", 1)
 
 
 def fairness_notes(runs: list[dict], tol: float = 0.005) -> str:
