@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: venv demo test test-fast bench mnist clean
+.PHONY: venv demo test test-fast bench results mnist clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python bench/bench_masked_step.py
+
+# docs/results.md from the results stores of the MNIST experiments (run them first; see docs/*.md for commands)
+RESULT_STORES ?= runs runs_incop runs_seed002
+results: venv
+	$(BIN)/prunekit results $(RESULT_STORES) --out docs/results.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -410,3 +410,19 @@ def test_speedup_and_layer_plots(tmp_path, capsys):
     assert (tmp_path / "l2.png").exists()
     assert main(["report", "--root", str(tmp_path), "--plot", str(tmp_path / "acc.png")]) == 0
     assert (tmp_path / "acc_speedup.png").exists()
+
+
+def test_results_page_has_every_experiment(tmp_path, monkeypatch):
+    from prunekit.experiments.results_doc import write_results
+
+    run(BASE, tmp_path / "a")
+    run({**BASE, "name": "other", "prune": {"method": "random", "sparsity": 0.5}}, tmp_path / "b")
+    cfgs = tmp_path / "configs"
+    cfgs.mkdir()
+    (cfgs / "tiny.yaml").write_text(yaml.safe_dump(BASE))
+    out = write_results(tmp_path / "results.md", [tmp_path / "a", tmp_path / "b"], config_dir=cfgs)
+    text = out.read_text()
+    assert "## tiny" in text and "## other" in text
+    assert f"prunekit run {cfgs / 'tiny.yaml'}" in text and "magnitude" in text and "random" in text
+    with pytest.raises(pk.PrunekitError, match="no results store"):
+        write_results(tmp_path / "x.md", [tmp_path / "missing"])

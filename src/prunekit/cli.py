@@ -4,6 +4,7 @@
     prunekit run CONFIG [--set a.b=v ...]     the experiment(s) in CONFIG, recorded in the results store
     prunekit sweep CONFIG [--workers N]       the grid on a process pool; rerun to finish what is missing
     prunekit report [--name N] [--plot F]     tables (mean ± std over seeds) from the store
+    prunekit results ROOT... [--out F.md]     a Markdown page of every experiment in the stores
     prunekit data fetch mnist                 obtain a dataset into the data directory
 
 User mistakes print one line (``prunekit: error: ...``) and exit with status 2; no traceback.
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the table after the sweep")
     _add_common(p)
     _add_data_dir(p)
+
+    p = sub.add_parser("results", help="a Markdown page of every experiment in one or more stores")
+    p.add_argument("roots", nargs="+", help="folders holding results.sqlite")
+    p.add_argument("--out", default="docs/results.md", help="where to write the page (default docs/results.md)")
+    p.add_argument("--metric", default="test_acc", help="as for report")
 
     p = sub.add_parser("report", help="tables (and a plot) from the results store")
     p.add_argument("--name", default=None, help="only this experiment (default: every run in the store)")
@@ -198,6 +204,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    from .experiments.results_doc import write_results
+
+    print(f"results: {write_results(args.out, args.roots, args.metric)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .experiments.report import report
 
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "data": cmd_data}
+    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "results": cmd_results, "report": cmd_report, "data": cmd_data}
     if args.command not in handlers:
         ap.print_help()
         return 2
