@@ -5,6 +5,7 @@
     prunekit sweep CONFIG [--workers N]       the grid on a process pool; rerun to finish what is missing
     prunekit report [--name N] [--plot F]     tables (mean ± std over seeds) from the store
     prunekit results ROOT... [--out F.md]     a Markdown page of every experiment in the stores
+    prunekit check [--only CLAIM ...]         the seeds' headline claims, CPU-sized, PASS/FAIL
     prunekit data fetch mnist                 obtain a dataset into the data directory
 
 User mistakes print one line (``prunekit: error: ...``) and exit with status 2; no traceback.
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's train.device)")
     p.add_argument("--no-report", action="store_true", help="skip the table after the sweep")
     _add_common(p)
+    _add_data_dir(p)
+
+    p = sub.add_parser("check", help="CPU-sized versions of each seed's headline claim, pass/fail per claim")
+    p.add_argument("--only", nargs="+", default=None, metavar="CLAIM",
+                   help="only these claims (fts_snip, px, woodfisher, pfp, incop)")
+    p.add_argument("--root", default="runs_check", help="results store of the check runs (default runs_check)")
     _add_data_dir(p)
 
     p = sub.add_parser("results", help="a Markdown page of every experiment in one or more stores")
@@ -204,6 +211,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .experiments.check import check
+
+    res = check(args.root, only=args.only, data_dir=args.data_dir)
+    return 0 if all(res.values()) else 1
+
+
 def cmd_results(args) -> int:
     from .experiments.results_doc import write_results
 
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "results": cmd_results, "report": cmd_report, "data": cmd_data}
+    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "check": cmd_check, "results": cmd_results, "report": cmd_report, "data": cmd_data}
     if args.command not in handlers:
         ap.print_help()
         return 2

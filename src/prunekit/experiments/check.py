@@ -1,0 +1,131 @@
+"""``prunekit check``: CPU-sized versions of each seed's headline claim, with pass/fail per claim.
+
+Each claim is a few small runs (real MNIST, a class-balanced training subset, a couple of epochs) and a comparison
+of their test accuracies (or epochs) in the direction the seed reports. Runs go to an ordinary results store
+(default ``runs_check/``), so a second ``prunekit check`` only compares. A failed claim is a signal to look, not
+proof of a bug: these budgets are far below the papers'.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import PrunekitError
+
+_TRAIN = {"epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "lr_schedule": "cosine",
+          "progress": False}
+_LENET = {"model": "lenet_300_100", "data": {"name": "mnist", "subset": 10000}, "train": _TRAIN, "seed": 0}
+
+
+def _cfg(name: str, base: dict, **prune) -> dict:
+    d = copy.deepcopy(base)
+    d["name"] = name
+    d["prune"] = prune
+    return d
+
+
+@dataclass(frozen=True)
+class Claim:
+    code: str                       # short id for --only
+    seed: str                       # the seed it comes from
+    text: str                       # the claim, in words
+    runs: dict[str, dict]           # label -> config of one run
+    holds: Callable[[dict], bool]   # {label: RunRecord} -> does the claim hold?
+    show: Callable[[dict], str]     # {label: RunRecord} -> the numbers behind the verdict
+
+
+def _acc(recs, label) -> float:
+    return 100.0 * (recs[label].final_test_acc or 0.0)
+
+
+def claims(data_dir=None) -> list[Claim]:
+    """The claims, CPU-sized. Budgets are in the configs; every run is an ordinary prunekit run."""
+    dense_mlp = {"name": "check_mlpnet_dense", "model": "mlpnet", "data": {"name": "mnist", "subset": 10000},
+                 "train": {**_TRAIN, "epochs": 5}, "prune": {"method": "none"}, "seed": 0}
+    dense_lenet = _cfg("check_lenet_dense", _LENET, method="none")
+    out = [
+        Claim("fts_snip", "000", "FTS and SNIP beat random pruning at 99% sparsity on LeNet-300-100",
+              {m: _cfg("check_000", _LENET, method=m, sparsity=0.99) for m in ("random", "snip", "fts")},
+              lambda r: min(_acc(r, "snip"), _acc(r, "fts")) > _acc(r, "random") + 5.0,
+              lambda r: ", ".join(f"{m} {_acc(r, m):.2f}" for m in ("random", "snip", "fts"))),
+        Claim("px", "004", "PX beats random pruning at 98% sparsity on LeNet-300-100",
+              {m: _cfg("check_004", _LENET, method=m, sparsity=0.98) for m in ("random", "px")},
+              lambda r: _acc(r, "px") > _acc(r, "random"),
+              lambda r: f"random {_acc(r, 'random'):.2f}, px {_acc(r, 'px'):.2f}"),
+        Claim("woodfisher", "003", "one-shot WoodFisher beats global magnitude at 90% on a trained MLPNet "
+              "(no retraining)",
+              {m: {**_cfg("check_003", dense_mlp, method=m, sparsity=0.9, **opts), "train": {"epochs": 0},
+                   "model": {"name": "mlpnet", "pretrained_config": dense_mlp}}
+               for m, opts in (("globalmagni", {}), ("woodfisherblock", {"fisher_samples": 400}))},
+              lambda r: _acc(r, "woodfisherblock") > _acc(r, "globalmagni"),
+              lambda r: f"globalmagni {_acc(r, 'globalmagni'):.2f}, woodfisherblock "
+                        f"{_acc(r, 'woodfisherblock'):.2f}"),
+        Claim("pfp", "002", "PFP keeps more accuracy than random filter pruning at 98% on a trained LeNet-300-100 "
+              "(prune, retrain 2 epochs)",
+              {m: {**_cfg("check_002", _LENET, method=m, sparsity=0.98), "train": {**_TRAIN, "epochs": 2},
+                   "model": {"name": "lenet_300_100", "pretrained_config": dense_lenet}}
+               for m in ("filter_random", "pfp")},
+              lambda r: _acc(r, "pfp") > _acc(r, "filter_random"),
+              lambda r: f"filter_random {_acc(r, 'filter_random'):.2f}, pfp {_acc(r, 'pfp'):.2f}"),
+        Claim("incop", "001", "InCoP (ciap) trains fewer epochs than LTH for the same 3 levels on the full MNIST "
+              "training set, within 1 point",
+              {m: {**_cfg("check_001", _LENET, method=m, levels=3, chunk_epochs=1), "data": {"name": "mnist"},
+                   "train": {**_TRAIN, "epochs": 4, "optimizer": "adam", "lr": 1.2e-3, "momentum": 0.0}}
+               for m in ("lth", "ciap")},
+              lambda r: r["ciap"].epochs < r["lth"].epochs and _acc(r, "ciap") >= _acc(r, "lth") - 1.0,
+              lambda r: f"lth {r['lth'].epochs} epochs {_acc(r, 'lth'):.2f}, ciap {r['ciap'].epochs} epochs "
+                        f"{_acc(r, 'ciap'):.2f}"),
+    ]
+    return out
+
+
+def _materialize(cfg: dict, root: Path) -> dict:
+    """Write a ``pretrained_config`` (an inline dense config) to a file the config can name."""
+    cfg = copy.deepcopy(cfg)
+    model = cfg.get("model")
+    if isinstance(model, dict) and "pretrained_config" in model:
+        pre = model.pop("pretrained_config")
+        path = root / "configs" / f"{pre['name']}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        text = yaml.safe_dump(pre, sort_keys=True)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        model["pretrained"] = str(path)
+    return cfg
+
+
+def check(root: str | Path = "runs_check", only: list[str] | None = None, data_dir=None,
+          log: Callable[[str], None] = print) -> dict[str, bool]:
+    """Run (or look up) every claim's runs and print PASS/FAIL per claim; returns {code: holds}."""
+    from .runner import run
+    from .store import Store
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    todo = claims(data_dir)
+    if only:
+        known = {c.code for c in todo}
+        bad = [o for o in only if o not in known]
+        if bad:
+            from ..errors import unknown
+
+            raise unknown("claim", bad[0], sorted(known))
+        todo = [c for c in todo if c.code in only]
+    out = {}
+    with Store(root / "results.sqlite") as store:
+        for c in todo:
+            try:
+                recs = {label: run(_materialize(cfg, root), root, data_dir=data_dir, store=store,
+                                   log=lambda msg: None)
+                        for label, cfg in c.runs.items()}
+            except PrunekitError:
+                raise
+            ok = bool(c.holds(recs))
+            out[c.code] = ok
+            log(f"{'PASS' if ok else 'FAIL'}  [{c.seed}] {c.text}: {c.show(recs)}")
+    log(f"{sum(out.values())}/{len(out)} claims hold (runs in {root}/)")
+    return out
