@@ -426,3 +426,10 @@ def test_results_page_has_every_experiment(tmp_path, monkeypatch):
     assert f"prunekit run {cfgs / 'tiny.yaml'}" in text and "magnitude" in text and "random" in text
     with pytest.raises(pk.PrunekitError, match="no results store"):
         write_results(tmp_path / "x.md", [tmp_path / "missing"])
+
+
+def test_set_reaches_dotted_grid_keys():
+    data = {**BASE, "grid": {"prune.method": ["random"]}}
+    out = C.apply_overrides(data, ["grid.prune.method=[snip, magnitude]", "grid.seed=[0, 1]"])
+    assert out["grid"] == {"prune.method": ["snip", "magnitude"], "seed": [0, 1]}
+    assert len(C.expand(out)) == 4

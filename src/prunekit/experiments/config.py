@@ -150,9 +150,12 @@ def parse_value(text: str) -> Any:
 
 
 def set_path(data: dict, dotted: str, value: Any) -> dict:
-    """Return a copy of ``data`` with ``a.b.c = value`` (creating sections as needed)."""
+    """Return a copy of ``data`` with ``a.b.c = value`` (creating sections as needed). Under ``grid`` the rest of
+    the path is one grid key: ``grid.prune.method=[...]`` sets the grid entry ``prune.method``."""
     out = copy.deepcopy(data)
     keys = dotted.split(".")
+    if keys[0] == "grid" and len(keys) > 2:  # grid keys are dotted field paths: grid.prune.method -> "prune.method"
+        keys = ["grid", ".".join(keys[1:])]
     node = out
     for k in keys[:-1]:
         nxt = node.get(k)
