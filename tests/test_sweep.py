@@ -106,3 +106,52 @@ def test_baselines_join_a_method_grid_unless_switched_off():
     assert with_baselines(GRID) == GRID  # both baselines already there
     plain = {k: v for k, v in GRID.items() if k != "grid"}
     assert with_baselines(plain) == plain
+
+
+def test_a_run_held_by_another_process_is_skipped_not_failed(tmp_path):
+    from prunekit.io import acquire_lock, release_lock
+
+    cfgs = C.expand(GRID)
+    busy_id = C.run_id(C.resolve(cfgs[0]))
+    lock = acquire_lock(tmp_path / busy_id / ".lock")  # as if another sweep were running it
+    try:
+        res = sweep(GRID, tmp_path, workers=1, log=lambda m: None)
+    finally:
+        release_lock(lock)
+    assert res.busy == [busy_id] and len(res.done) == 3 and not res.failed
+    with Store(tmp_path / "results.sqlite") as s:
+        assert s.status(busy_id) != "done"
+    again = sweep(GRID, tmp_path, workers=1, log=lambda m: None)
+    assert again.done == [busy_id]
+
+
+def test_workers_exit_when_the_sweep_dies():
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    code = textwrap.dedent("""
+        import os, sys, time
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing as mp
+        from prunekit.experiments.sweep import _worker_init
+        pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(1,))
+        fut = pool.submit(os.getpid)
+        print(fut.result(), flush=True)
+        pool.submit(time.sleep, 60)
+        time.sleep(1)
+        os._exit(0)  # the sweep dies without shutting the pool down
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    worker = int(out.stdout.split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, 9)
+    raise AssertionError("the worker outlived its sweep by 10 s")

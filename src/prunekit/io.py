@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import PrunekitError
+
 import torch
 
 
@@ -41,3 +43,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunBusyError(PrunekitError):
+    """Another process holds the run's lock (it is running it now)."""
+
+
+def acquire_lock(path: str | os.PathLike):
+    """Take an exclusive, non-blocking lock on ``path`` (created if needed); returns the open file that holds it.
+
+    The lock goes with the process: if it dies, the lock is released. Raises :class:`RunBusyError` when another
+    process holds it. Release with :func:`release_lock`. On systems without ``fcntl`` no lock is taken.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunBusyError(f"{path.parent.name} is being run by another process (lock {path}); wait for it, or "
+                           "stop that process") from None
+    return f
+
+
+def release_lock(f) -> None:
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except (ImportError, OSError):  # pragma: no cover
+        pass
+    f.close()

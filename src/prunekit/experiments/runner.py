@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..io import atomic_write_json
+from ..io import acquire_lock, atomic_write_json, release_lock
 from .config import resolve, run_id
 from .store import Store
 
@@ -303,6 +303,7 @@ def run(
     own_store = store is None
     store = store or Store(root / "results.sqlite")
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    lock = None
     try:
         done = store.record(rid)
         if done is not None:
@@ -318,6 +319,11 @@ def run(
         splits = _dataset(d, data_dir)
         run_dir = root / rid
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = acquire_lock(run_dir / ".lock")  # one process per run: a second sweep skips it (RunBusyError)
+        if store.status(rid) == "done":  # finished by another process while we were getting here
+            rec = RunRecord.from_dict(store.record(rid))
+            rec.cached = True
+            return rec
         atomic_write_json(run_dir / "config.json", resolved)
         store.begin_run(rid, name, resolved, versions(), hardware(device))
         p = resolved["prune"]
@@ -421,5 +427,7 @@ def run(
         store.finish_run(rid, rec.to_dict(), layers)
         return rec
     finally:
+        if lock is not None:
+            release_lock(lock)
         if own_store:
             store.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..io import RunBusyError
 from . import config as C
 from .store import Store
 
@@ -29,6 +30,7 @@ class SweepResult:
     done: list[str] = field(default_factory=list)       # finished in this sweep
     skipped: list[str] = field(default_factory=list)    # already done before it
     failed: dict[str, str] = field(default_factory=dict)  # run id -> error (this sweep or earlier, not retried)
+    busy: list[str] = field(default_factory=list)       # being run by another process right now
 
     @property
     def ok(self) -> bool:
@@ -36,9 +38,22 @@ class SweepResult:
 
 
 def _worker_init(threads: int) -> None:
+    """Torch threads, and a watchdog: a worker whose sweep process died exits (its run resumes from its last
+    checkpoint when the sweep is started again; its lock goes with it)."""
+    import threading
+
     import torch
 
     torch.set_num_threads(max(1, threads))
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _run_one(cfg: dict, root: str, data_dir) -> tuple[str, float]:
@@ -183,6 +198,10 @@ def _execute(by_id, pending, root, data_dir, store: Store, n_workers: int, resul
             except KeyboardInterrupt:
                 log("sweep interrupted: rerun the same command to finish the missing runs")
                 raise
+            except RunBusyError as e:  # another process is running it: not a failure, not ours
+                result.busy.append(rid)
+                log(f"skipped {rid}: {e}")
+                continue
             except Exception as e:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
                 result.failed[rid] = f"{type(e).__name__}: {e}"
                 _record_failure(store, rid, by_id[rid][1], result.failed[rid])
@@ -213,6 +232,10 @@ def _execute(by_id, pending, root, data_dir, store: Store, n_workers: int, resul
                         fut.result()
                         result.done.append(rid)
                         ok = True
+                    except RunBusyError as e:
+                        result.busy.append(rid)
+                        log(f"skipped {rid}: {e}")
+                        continue
                     except Exception as e:  # noqa: BLE001
                         msg = f"{type(e).__name__}: {e}"
                         if not str(e):
