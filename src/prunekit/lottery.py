@@ -155,24 +155,17 @@ def random_masks(masks: Mapping[str, torch.Tensor], seed: int, *tags: str) -> di
 def _parse_rewind(rewind, train_epochs, train_steps=None):
     if rewind in ("init", "none"):
         return rewind, None
-    if isinstance(rewind, (tuple, list)) and len(rewind) == 2 and rewind[0] == "step":
-        k = rewind[1]
+    if isinstance(rewind, (tuple, list)) and len(rewind) == 2 and rewind[0] in ("epoch", "step"):
+        kind, k = rewind
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise PrunekitError(f"rewind step must be an integer >= 0, got {k!r}")
-        if train_steps is not None and k > int(train_steps):
-            raise PrunekitError(f"rewind step {k} is after the end of training ({train_steps} steps per level); "
-                                f"choose k <= {train_steps}")
-        return "step", k
-    if isinstance(rewind, (tuple, list)) and len(rewind) == 2 and rewind[0] == "epoch":
-        k = rewind[1]
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise PrunekitError(f"rewind epoch must be an integer >= 0, got {k!r}")
-        if train_epochs is None:
+            raise PrunekitError(f"rewind {kind} must be an integer >= 0, got {k!r}")
+        if kind == "epoch" and train_epochs is None:
             raise PrunekitError("rewind=('epoch', k) needs train_epochs= (the epochs of one level) to be checked")
-        if k > int(train_epochs):
-            raise PrunekitError(f"rewind epoch {k} is after the end of training ({train_epochs} epochs per level); "
-                                f"choose k <= {train_epochs}")
-        return "epoch", k
+        bound = train_epochs if kind == "epoch" else train_steps  # steps are checked only when known
+        if bound is not None and k > int(bound):
+            raise PrunekitError(f"rewind {kind} {k} is after the end of training ({bound} {kind}s per level); "
+                                f"choose k <= {bound}")
+        return kind, k
     raise PrunekitError(f"unknown rewind {rewind!r}: use 'init', 'none', ('epoch', k) or ('step', k)")
 
 

@@ -19,6 +19,7 @@ from ..registry import ScoreContext, register
 
 STOPS = ("fixed", "acc", "if", "gf")
 DEFAULT_STOP = {"lth": "fixed", "sap": "fixed", "ciap": "if", "giap": "gf"}
+IMP_CODES = tuple(DEFAULT_STOP)  # lth, sap, ciap, giap: the codes whose runs are made of levels
 DEFAULT_SCOPE = {"lth": "layer", "sap": "global", "ciap": "global", "giap": "global"}
 _REWIND = re.compile(r"^step:(\d+)(ep|it)$")
 

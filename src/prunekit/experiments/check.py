@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import PrunekitError
-
 _TRAIN = {"epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "lr_schedule": "cosine",
           "progress": False}
 _LENET = {"model": "lenet_300_100", "data": {"name": "mnist", "subset": 10000}, "train": _TRAIN, "seed": 0}
@@ -40,7 +38,7 @@ def _acc(recs, label) -> float:
     return 100.0 * (recs[label].final_test_acc or 0.0)
 
 
-def claims(data_dir=None) -> list[Claim]:
+def claims() -> list[Claim]:
     """The claims, CPU-sized. Budgets are in the configs; every run is an ordinary prunekit run."""
     dense_mlp = {"name": "check_mlpnet_dense", "model": "mlpnet", "data": {"name": "mnist", "subset": 10000},
                  "train": {**_TRAIN, "epochs": 5}, "prune": {"method": "none"}, "seed": 0}
@@ -106,7 +104,7 @@ def check(root: str | Path = "runs_check", only: list[str] | None = None, data_d
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    todo = claims(data_dir)
+    todo = claims()
     if only:
         known = {c.code for c in todo}
         bad = [o for o in only if o not in known]
@@ -118,12 +116,8 @@ def check(root: str | Path = "runs_check", only: list[str] | None = None, data_d
     out = {}
     with Store(root / "results.sqlite") as store:
         for c in todo:
-            try:
-                recs = {label: run(_materialize(cfg, root), root, data_dir=data_dir, store=store,
-                                   log=lambda msg: None)
-                        for label, cfg in c.runs.items()}
-            except PrunekitError:
-                raise
+            recs = {label: run(_materialize(cfg, root), root, data_dir=data_dir, store=store, log=lambda msg: None)
+                    for label, cfg in c.runs.items()}
             ok = bool(c.holds(recs))
             out[c.code] = ok
             log(f"{'PASS' if ok else 'FAIL'}  [{c.seed}] {c.text}: {c.show(recs)}")

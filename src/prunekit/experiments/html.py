@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .report import IMP_METHODS_SET, _value, plot, plot_speedup, render_texts, structured_rows, table_rows
+from .report import _value, plot, plot_speedup, render_texts, split_level_runs, structured_rows, table_rows
 from .store import Store
 
 _CSS = """
@@ -68,7 +68,7 @@ def html_report(store: Store, runs: list[dict], path: str | Path, metric: str = 
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>{len(runs)} finished run(s). Accuracies in %, mean ± std over seeds; click a column header to "
              "sort.</p>"]
-    other = [r for r in runs if r["method"] not in IMP_METHODS_SET]
+    other = split_level_runs(runs)[1]
     with tempfile.TemporaryDirectory() as tmp:
         for block in table_rows(other, metric):
             parts.append(f"<h2>{html.escape(block['title'])}</h2>")

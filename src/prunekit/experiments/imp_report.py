@@ -22,10 +22,11 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from ..criteria.iterative import IMP_CODES
 from ..errors import PrunekitError, unknown
 from .report import _fmt, _render
 
-IMP_METHODS = ("lth", "sap", "ciap", "giap")
+IMP_METHODS = IMP_CODES
 METRICS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc")
 _ROW_KEYS = ("level", "density", "epochs", "seconds")
 

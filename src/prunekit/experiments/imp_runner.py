@@ -162,8 +162,8 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
     spe = len(train_dl)
     k = rewind_step(o.rewind, tcfg.epochs, spe)  # the rewind point in optimizer steps (None: init / none)
     k_epoch, k_skip = divmod(k or 0, spe)
-    flow = {"if": "if", "gf": "gf"}.get(o.stop or DEFAULT_STOP[code])
     stop = o.stop or DEFAULT_STOP[code]
+    flow = stop if stop in ("if", "gf") else None
     original = o.stop_mode == "original"
     budget_chunks = max(1, -(-(tcfg.epochs - k_epoch) // o.chunk_epochs))
     max_chunks = o.max_chunks or budget_chunks

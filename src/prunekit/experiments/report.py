@@ -25,7 +25,11 @@ METRICS = {
 }
 
 
-IMP_METHODS_SET = frozenset(("lth", "sap", "ciap", "giap"))  # level runs, reported level by level
+def split_level_runs(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(IMP runs, reported level by level; every other run)."""
+    from ..criteria.iterative import IMP_CODES
+
+    return [r for r in runs if r["method"] in IMP_CODES], [r for r in runs if r["method"] not in IMP_CODES]
 
 
 def _value(run: dict, col: str):
@@ -348,8 +352,7 @@ def render_texts(store: Store, runs: list[dict], metric: str = "test_acc") -> li
     level report (no plots)."""
     from .imp_report import imp_report
 
-    imp = [r for r in runs if r["method"] in IMP_METHODS_SET]
-    other = [r for r in runs if r["method"] not in IMP_METHODS_SET]
+    imp, other = split_level_runs(runs)
     out = [(name, text) for name, text in (("Highest sparsity within δ of dense", within_delta_table(other, metric)),
                                            ("Fairness checks", fairness_notes(other))) if text]
     if imp:
@@ -366,8 +369,7 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
     from .imp_report import imp_report
 
     col = _metric_column(metric)
-    imp = [r for r in runs if r["method"] in IMP_METHODS_SET]
-    other = [r for r in runs if r["method"] not in IMP_METHODS_SET]
+    imp, other = split_level_runs(runs)
     parts, plots = [], []
     if other or not imp:
         parts.append(table(other, metric))

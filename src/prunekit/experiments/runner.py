@@ -140,25 +140,6 @@ def structured_result(model, masks, input_shape, run_dir: Path, device: str, rep
             "device": device, "latency": rows}
 
 
-def _accuracy(model, data) -> float | None:
-    """Eval-mode accuracy of ``model`` over ``data`` (None without data); the training flag is restored."""
-    if data is None:
-        return None
-    was = model.training
-    model.eval()
-    correct = n = 0
-    try:
-        with torch.no_grad():
-            dev = next(model.parameters()).device
-            for x, y in data:
-                out = model(x.to(dev))
-                correct += int((out.argmax(1) == y.to(dev)).sum())
-                n += int(y.shape[0])
-    finally:
-        model.train(was)
-    return correct / n if n else None
-
-
 def _speedup(model, masks, input_shape) -> float | None:
     from ..flops import theoretical_speedup
 
@@ -366,8 +347,8 @@ def run(
 
                 def diagnose(masks, event):
                     if event.get("final"):  # the accuracy the pruning left, before fine-tuning
-                        event["val_acc_before"] = _accuracy(masks.model, val_dl)
-                        event["test_acc_before"] = _accuracy(masks.model, test_dl)
+                        event["val_acc_before"] = trainer.evaluate(val_dl)[1]
+                        event["test_acc_before"] = trainer.evaluate(test_dl)[1]
                     event["diagnostics"] = collapse_report(masks.model, masks).to_dict()
                     if event["diagnostics"]["connected"] is False:
                         log(f"[{rid}] warning: no input-output path survives pruning (collapsed: "
