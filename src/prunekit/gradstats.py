@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .batches import BatchStream
 from .errors import PrunekitError, is_count
 from .modes import scoring_mode
@@ -525,30 +526,37 @@ def grad_stats(
                                 "nn.Linear, nn.Conv1d and nn.Conv2d, each used once per forward); use engine='auto' "
                                 "or 'vmap'")
 
+    # DDP: every rank reads the same data and handles every world-size-th mini-batch (or piece of whole
+    # mini-batches); the sums and counts are then added over the ranks (prunekit.distributed)
     n_samples = n_batches = 0
     with scoring_mode(model, mode, [p.tensor for p in params]):
         if mode == "eval" and B > max_chunk:
             # micro-batches of one mini-batch: sum the summed-loss gradients, divide by |b|
+            index = 0
             while True:
-                carry, got = None, 0
+                carry, got, ours = None, 0, distributed.owns(index)
                 while got < B:
                     piece = stream.take(min(max_chunk, B - got))
                     if piece is None:
                         break
-                    s = run.summed(*piece)
-                    carry = s if carry is None else {k: carry[k] + s[k] for k in carry}
+                    if ours:
+                        s = run.summed(*piece)
+                        carry = s if carry is None else {k: carry[k] + s[k] for k in carry}
                     got += piece[0].shape[0]
                 if got == 0:
                     break
-                for name, v in carry.items():
-                    run._add(name, (v / got).unsqueeze(0))
+                if ours:
+                    for name, v in carry.items():
+                        run._add(name, (v / got).unsqueeze(0))
                 n_samples += got
                 n_batches += 1
+                index += 1
                 if got < B:
                     break
             run.used = ["batched"]
         else:
             size = B if mode == "train" else B * max(1, max_chunk // B)
+            index = 0
             while (piece := stream.take(size)) is not None:
                 x, y = piece
                 n = x.shape[0]
@@ -556,9 +564,13 @@ def grad_stats(
                     raise PrunekitError(f"mode='train': the last mini-batch holds a single sample ({n_samples + n} "
                                         f"samples, batch_size={B}) and BatchNorm would see one value per channel; "
                                         "use a sample count that leaves no mini-batch of one, or mode='eval'")
-                _piece(run, x, y, params, assign, engine)
+                if distributed.owns(index):
+                    _piece(run, x, y, params, assign, engine)
+                index += 1
                 n_samples += n
                 n_batches += -(-n // B)
+    distributed.all_sum(*run.sum.values(), *(run.sq.values() if need_sq else ()))
+    run.passes = distributed.sum_int(run.passes)
     if n_samples == 0:
         raise PrunekitError("grad_stats got no samples: data yielded no (inputs, targets) batch with samples")
     mean = {k: v.div_(n_batches) for k, v in run.sum.items()}

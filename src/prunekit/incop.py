@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import PrunekitError
 from .lottery import level_masks
 from .masks import Masks
@@ -229,17 +230,23 @@ def layer_activations(model: nn.Module, layers: Sequence[str], batches: Iterable
     handles = [mods[n].register_forward_hook(hook(n)) for n in layers]
     was_training = model.training
     model.eval()
+    seen = None
     try:
         with torch.no_grad():
-            for b in batches:
-                model(_inputs(b))
+            for i, b in enumerate(batches):
+                if seen is None:
+                    seen = _inputs(b)
+                if distributed.owns(i):  # DDP: this rank's batches; the activations are gathered below
+                    model(_inputs(b))
+            if seen is not None and layers and not store[layers[0]]:
+                model(seen[:0])  # a rank without a batch of its own still reports the layer widths
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if not layers or not store[layers[0]]:
+    if not layers or seen is None:
         raise PrunekitError("no batches given: the flow statistic needs at least one batch")
-    return [torch.cat(store[n]) for n in layers]
+    return [distributed.all_cat(torch.cat(store[n])) for n in layers]
 
 
 def information_flow(model: nn.Module, batches: Iterable, layers: Sequence[str] | None = None,
@@ -307,18 +314,21 @@ def gradient_flow(model: nn.Module, masks, batches: Iterable, stat: str = "mean_
     was_training = model.training
     model.eval()
     try:
-        for b in batches:
+        for i, b in enumerate(batches):
             if not isinstance(b, (tuple, list)) or len(b) < 2:
                 raise PrunekitError("gradient flow needs labelled batches: pass (inputs, targets) pairs")
+            nb += 1
+            if not distributed.owns(i):  # DDP: this rank's batches; the sums are added below
+                continue
             loss = loss_fn(model(b[0]), b[1])
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
             for j, (n, g) in enumerate(zip(names, grads)):
                 m = md[n].to(device=params[n].device, dtype=torch.bool)
                 g = torch.zeros_like(params[n]) if g is None else g
                 total[j] += _gf_stat(g.detach().to(torch.float64) * m, m, stat)
-            nb += 1
     finally:
         model.train(was_training)
+    distributed.all_sum(total)
     if nb == 0:
         raise PrunekitError("no batches given: the flow statistic needs at least one batch")
     return total / nb

@@ -149,6 +149,16 @@ def _context(model, info, masks: Masks, data, loss, method_opts, common: PruneOp
     )
 
 
+def agree(tensors: dict) -> None:
+    """Under DDP, rank 0's values of ``tensors`` on every rank (no-op in one process): the scores of every rank are
+    the same statistic, reduced in a possibly different floating-point order; broadcasting rank 0's copy makes the
+    masks selected from them identical on every rank (see :mod:`prunekit.distributed`)."""
+    from . import distributed
+
+    if distributed.active():
+        distributed.same_on_all(*[t.data if isinstance(t, torch.nn.Parameter) else t for t in tensors.values()])
+
+
 def _check_scores(info: MethodInfo, masks: Masks, scores: dict) -> dict:
     missing = [n for n in masks.names() if n not in scores]
     if missing:
@@ -192,6 +202,7 @@ def prune(
         for rnd, s_r in enumerate(round_sparsities(s, rounds, common.schedule, start=min(start, s)), start=1):
             ctx = _context(model, info, masks, data, loss, method_opts, common, rnd)
             scores = _check_scores(info, masks, info.score(ctx))
+            agree(scores)  # DDP: rank 0's scores everywhere, so every rank selects the identical mask
             if info.select is not None:
                 new = info.select(ctx, scores, s_r)
             else:
@@ -200,6 +211,7 @@ def prune(
             if info.update is not None:
                 with torch.no_grad():
                     info.update(ctx, masks.as_dict(), new)
+                    agree({p.name: p.tensor for p in masks.params})  # DDP: the updated weights of rank 0
             masks.set(new)
     collapsed = masks.collapsed()
     if collapsed:

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from .. import distributed
 from ..batches import rebatch
 from ..gradstats import grad_stats
 from ..modes import model_device, scoring_mode
@@ -78,7 +79,8 @@ def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     o = ctx.options
     T = o.grasp_temperature
     tensors = [p.tensor for p in ctx.params]
-    batches = list(rebatch(ctx.data, o.batch_size, model_device(ctx.model), who="grasp"))
+    # DDP: each rank takes every world-size-th mini-batch; v and Hv are summed over the ranks
+    batches = distributed.mine(list(rebatch(ctx.data, o.batch_size, model_device(ctx.model), who="grasp")))
     with scoring_mode(ctx.model, o.score_bn, tensors):
         v = [torch.zeros_like(t) for t in tensors]
         for x, y in batches:
@@ -86,6 +88,7 @@ def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             for acc, g in zip(v, torch.autograd.grad(loss, tensors, allow_unused=True)):
                 if g is not None:
                     acc.add_(g)
+        distributed.all_sum(*v)
         hv = [torch.zeros_like(t) for t in tensors]
         for x, y in batches:
             loss = ctx.loss(ctx.model(x) / T, y)
@@ -96,4 +99,5 @@ def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             for acc, h in zip(hv, torch.autograd.grad(dot, tensors, allow_unused=True)):
                 if h is not None:
                     acc.add_(h)
+    distributed.all_sum(*hv)
     return {p.name: (p.tensor.detach() * h) for p, h in zip(ctx.params, hv)}

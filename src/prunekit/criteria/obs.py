@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import PrunekitError
 from ..flops import layer_positions, macs
 from ..masks import Masks
@@ -289,17 +290,27 @@ def obs_statistics(ctx: ScoreContext, *, taylor: bool, dynamic: bool, G: torch.T
         else:
             gbar = _col_mean(G).to(cdev)
         h = torch.zeros_like(w)
-    diag = torch.full_like(w, 1.0 / lam)
+    # DDP: the batches of blocks are shared out round robin (prunekit.distributed.owns); each rank inverts its own
+    # blocks and the per-weight results are summed over the ranks (disjoint supports: the sum is exact)
+    diag = torch.zeros_like(w)
+    covered = torch.zeros_like(w)
     batches = layout.batches(mplan.blocks_per_batch, active=active.cpu())
     factors = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if not distributed.owns(i):
+            factors.append(None)
+            continue
         Gb = batch.gather(G, cdev)
         f = block_factor(Gb, lam, o.engine, center=o.centered, sm_parts=o.sm_parts)
-        batch.scatter_vec(diag, f.diag(Gb))
+        dg = f.diag(Gb)
+        batch.scatter_vec(diag, dg)
+        batch.scatter_vec(covered, torch.ones_like(dg))
         if taylor:
             batch.scatter_vec(h, f.apply(Gb, batch.gather_vec(gbar).unsqueeze(-1)).squeeze(-1))
         factors.append(f.to(fdev) if mplan.cache else None)
         del Gb, f
+    distributed.all_sum(diag, covered, h)
+    diag = torch.where(covered > 0, diag, torch.full_like(w, 1.0 / lam))
     st = OBSState(G, layout, batches, factors, diag, w, lam, taylor, gbar, h, plan=mplan, device=cdev)
     if taylor:
         st.constant = -0.5 * float((gbar * h).sum())
@@ -386,10 +397,13 @@ def obs_update(ctx: ScoreContext, before: dict, after: dict) -> None:
         return
     sigma = float(o.scale_prune_update)
     delta = torch.zeros_like(st.w)
-    predicted = float(st.rho[Q].sum()) if o.update == "sum" else 0.0
+    # counted once over the ranks (summed below)
+    predicted = float(st.rho[Q].sum()) if o.update == "sum" and distributed.is_main() else 0.0
     fell_back = 0
     with torch.no_grad():
         for i, batch in enumerate(st.batches):
+            if not distributed.owns(i):  # DDP: the owner of these blocks updates them (summed below)
+                continue
             qb = batch.gather_vec(Q)
             has = qb.any(1)
             if not st.taylor and not bool(has.any()):
@@ -426,6 +440,8 @@ def obs_update(ctx: ScoreContext, before: dict, after: dict) -> None:
                 d = -sigma * f.apply(Gb, V.unsqueeze(-1)).squeeze(-1)
             sub.scatter_vec(delta, d, add=True)
             del Gb, f
+    distributed.all_sum(delta)
+    predicted, fell_back = distributed.sum_int(predicted), distributed.sum_int(fell_back)
     if fell_back:
         warnings.warn(f"update: joint: {fell_back} block(s) have more than joint_max={o.joint_max} newly pruned "
                       "weights; they use the summed update", stacklevel=3)
@@ -567,7 +583,7 @@ def prune_to_flops(model: nn.Module, target_mflops: float | None = None, data=No
     are closest to the target is used (reported in ``masks.report``). ``options``: the method's options and the
     common prune options (``seed``, ``exclude``, ``modules``, ...).
     """
-    from ..prune import default_loss, split_options
+    from ..prune import agree, default_loss, split_options
     from ..seeding import generator
 
     info = get_method(method)
@@ -599,6 +615,7 @@ def prune_to_flops(model: nn.Module, target_mflops: float | None = None, data=No
     ctx = ScoreContext(model=model, params=masks.params, masks=current, data=data, loss=loss or default_loss,
                        options=o, generator=generator(common.seed, "mask", info.name, "1"), round=1)
     scores = info.score(ctx)
+    agree(scores)
 
     def at(s: float) -> dict:
         return select(scores, current, s, common.scope, min_keep_per_layer=common.min_keep_per_layer,
@@ -630,6 +647,7 @@ def prune_to_flops(model: nn.Module, target_mflops: float | None = None, data=No
     if info.update is not None:
         with torch.no_grad():
             info.update(ctx, current, chosen)
+            agree({p.name: p.tensor for p in masks.params})
     masks.set(chosen)
     masks.report = {**report, "mflops": f_chosen, "sparsity": s_chosen, "achieved_sparsity": masks.sparsity(),
                     "bisection_iterations": iters, "collapsed": masks.collapsed(),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .. import distributed
 from ..errors import PrunekitError
 from ..params import PRUNABLE_TYPES, PrunableParam
 from ..registry import ScoreContext, register
@@ -479,7 +480,13 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     leaves: list[torch.Tensor] = []
     acc: list[torch.Tensor | None] = []
     n_batches = 0
-    for batch in ctx.data:
+    for index, batch in enumerate(ctx.data):
+        # DDP: each rank accumulates every world-size-th batch (summed over the ranks below); every rank builds the
+        # path networks from the first batch
+        ours = distributed.owns(index)
+        if not ours and out_name is not None:
+            n_batches += 1
+            continue
         x = _inputs(batch, method).to(device, dtype)
         gates: list[torch.Tensor] = []
         calls: list[str] = []
@@ -503,6 +510,9 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             for t in leaves:
                 t.requires_grad_(True)
             acc = [None] * len(leaves)
+        if not ours:
+            n_batches += 1
+            continue
         j_mode = _Activations("gate", gates, strict=True, method=method)
         with torch.no_grad():
             z1 = _forward(j_net, x * x if variant == "head" else x, j_mode, method)
@@ -523,6 +533,7 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             if g is not None:
                 acc[i] = g if acc[i] is None else acc[i] + g
         n_batches += 1
+    acc = distributed.all_sum_optional(acc)
     if n_batches == 0:
         raise PrunekitError("px got no scoring batches: pass data= a re-iterable (a list or a DataLoader) with at "
                             "least one batch")

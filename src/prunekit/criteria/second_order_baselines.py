@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..errors import PrunekitError
 from ..gradstats import grad_stats
 from ..modes import model_device, scoring_mode
@@ -260,7 +261,7 @@ def hessian_diagonal(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         n_pc = -(-K_probes // per)
         probe_seeds = [int(s) for s in torch.randint(0, 2**62, (n_pc,), generator=ctx.generator)]
     with scoring_mode(model, "eval", tensors):
-        for x, y in chunks:
+        for x, y in distributed.mine(chunks):  # DDP: this rank's chunks; the diagonals are summed below
             counter = [0]
             handles = _leaf_numel_hooks(model, counter)
             try:
@@ -306,6 +307,7 @@ def hessian_diagonal(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                         if hv is not None:
                             diag[j] += (Z[j] * hv.reshape(k, -1)).double().sum(0) / K_probes
             del grads, L, out
+    distributed.all_sum(*diag)
     res = {}
     for (t, group), d, a in zip(uniq, diag, alive):
         d = torch.where(a, d, torch.zeros_like(d)).view(t.shape)
@@ -519,8 +521,14 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
     chunks = _first_examples(ctx.data, o.kfac_samples, "kfac", "kfac_samples", o.kfac_batch, dev,
                              _float_dtype(model))
     with scoring_mode(model, "eval", [p.tensor for p in ctx.params]):
-        for x, y in chunks:
+        for index, (x, y) in enumerate(chunks):
             n = x.shape[0]
+            if not distributed.owns(index):  # DDP: another rank's chunk (its sums are added below)
+                if o.true_fisher:  # draw its labels all the same: the generator stays in step on every rank
+                    with torch.no_grad():
+                        _sample_labels(model(x), ctx.generator)
+                n_total += n
+                continue
             for r in records.values():
                 r.clear()
             handles = [m.register_forward_hook(hook) for m in modules]
@@ -553,6 +561,10 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
             del out, total, grads, dout
             for r in records.values():
                 r.clear()
+    names = list(modules)
+    summed = distributed.all_sum_optional([A_sum[m] for m in names] + [G_sum[m] for m in names])
+    A_sum = dict(zip(names, summed[: len(names)]))
+    G_sum = dict(zip(names, summed[len(names):]))
     lam = o.fisher_damp
     res: dict[str, KFACFactors] = {}
     for m, mname in modules.items():

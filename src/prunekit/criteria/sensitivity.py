@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..batches import BatchStream
 from ..errors import PrunekitError
 from ..modes import model_device, scoring_mode
@@ -298,11 +299,18 @@ def _collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Te
     handles = [lays[0].param.module.register_forward_hook(hook) for lays in by_module.values()]
     try:
         with scoring_mode(model, "eval"), torch.no_grad():
-            for i in range(0, inputs.shape[0], chunk):
+            # DDP: each rank runs every world-size-th chunk; the maxima are taken over the ranks below (exact)
+            for i in distributed.mine(range(0, inputs.shape[0], chunk)):
                 model(inputs[i:i + chunk])
     finally:
         for h in handles:
             h.remove()
+    if distributed.active():
+        distributed.all_max(*run.values())
+        pos = torch.tensor([lay.positions for lay in layers], dtype=torch.int64)
+        distributed.all_max(pos)
+        for lay, n in zip(layers, pos.tolist()):
+            lay.positions = n
     missed = [lay.param.name for lay in layers if lay.positions == 0]
     if missed:
         warnings.warn(f"sipp: {', '.join(missed)} never ran in the forward pass; their sensitivities are 0",

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..batches import BatchStream
 from ..errors import PrunekitError, is_count
 from ..gradstats import _Unsupported, _gradient_edge, _hook_kind, _is_default_ce, _unfolder, capture_io
@@ -216,7 +217,9 @@ def gradient_matrix(
         m = (m // b) * b
     run = _Hooks(model, params, cols, label_smoothing) if use == "hooks" else _Vmap(model, params, cols, loss,
                                                                                         label_smoothing)
-    got = 0
+    # DDP: every rank reads the same data, fills the rows of the pieces it owns (prunekit.distributed) and leaves
+    # the others zero; the sum over the ranks is then exactly the one-process matrix
+    got = index = 0
     with scoring_mode(model, "eval", [p.tensor for p in params]):
         while got < want:
             take = min(m, want - got) if b <= m else min(m, b - got % b, want - got)
@@ -229,11 +232,18 @@ def gradient_matrix(
                 with torch.no_grad():
                     y = sample_labels(model(x), generator)
             row0 = got // b
+            ours = distributed.owns(index)
+            index += 1
             if b <= m:
                 k = n // b
                 if k == 0:
                     break  # a short last mini-batch: dropped
                 x, y = x[: k * b], y[: k * b]
+                if not ours:
+                    got += k * b
+                    if n < take:
+                        break
+                    continue
                 try:
                     run.groups(G, slice(row0, row0 + k), x, y, b, b)
                 except _Unsupported:
@@ -243,6 +253,11 @@ def gradient_matrix(
                 if n < take:
                     break
             else:  # one mini-batch in pieces: add the sub-batch sums into its row
+                if not ours:
+                    got += n
+                    if n < take:
+                        break
+                    continue
                 try:
                     run.groups(G, slice(row0, row0 + 1), x, y, n, b, accumulate=True)
                 except _Unsupported:
@@ -251,6 +266,7 @@ def gradient_matrix(
                 got += n
                 if n < take:
                     break
+    distributed.all_sum(G)
     N = got // b
     if N == 0:
         raise PrunekitError(f"the OBS Fisher needs at least one mini-batch of fisher_batch={b} examples, but data "
@@ -367,16 +383,21 @@ def mean_gradient(model: nn.Module, params: Sequence[PrunableParam], data: Itera
     tensors = [p.tensor for p in params]
     total = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float64, device=mdev)
     default = _is_default_ce(loss)
-    got = 0
+    got = index = 0
     with scoring_mode(model, "eval", tensors):
         while got < n_examples and (piece := stream.take(min(chunk, n_examples - got))) is not None:
             x, y = piece
+            index += 1
+            if not distributed.owns(index - 1):  # DDP: this rank's chunks, summed over the ranks below
+                got += x.shape[0]
+                continue
             out = model(x)
             lsum = _per_example_loss(out, y, label_smoothing).sum() if default else loss(out, y) * x.shape[0]
             gs = torch.autograd.grad(lsum, tensors, allow_unused=True)
             total += torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).double()
                                 for t, g in zip(tensors, gs)])
             got += x.shape[0]
+    distributed.all_sum(total)
     if got == 0:
         raise PrunekitError("grad_samples: data yielded no samples")
     if got < n_examples:

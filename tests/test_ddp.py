@@ -1,0 +1,147 @@
+"""DDP: every data-dependent method gives, on 2 gloo processes that share the scoring work, the masks of one process
+on the same data (and the same OBS-updated weights to float tolerance); every rank holds the identical mask."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import prunekit as pk
+from prunekit import distributed
+from prunekit.registry import methods
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Small sizes so that every method splits its work into several units (the test checks that rank 1 had some).
+OPTIONS = {
+    "grad_norm": {}, "snip": {}, "fisher_diag": {}, "fisher_pruner": {}, "fts": {}, "fbss": {},
+    "grasp": {"batch_size": 64},
+    "px": {"rounds": 3, "batch_size": 64},
+    "sipp": {"sample_size": 150},
+    "pfp": {"sample_size": 150},
+    "diagfisher": {"diag_fisher_samples": 600},
+    "naivehess": {"hess_samples": 300, "hess_batch": 50},
+    "kfac": {"kfac_samples": 400, "kfac_batch": 50},
+}
+OBS = {"fisher_samples": 64, "max_micro_batch": 16, "block_size": 40}
+OBS_OVERRIDES = {"woodfisher": {"block_size": None}, "woodtaylor": {"block_size": None},
+                 "woodfisherblockgroup": {"block_size": 60}}
+
+
+def data_methods() -> list[str]:
+    return sorted(m.name for m in methods() if m.needs_data in ("inputs", "labels"))
+
+
+def options(method: str) -> dict:
+    if method.startswith("wood"):
+        return {**OBS, **OBS_OVERRIDES.get(method, {})}
+    return OPTIONS[method]
+
+
+def setup():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    x = torch.randn(600, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (600,), generator=g)
+    return model, [(x[i:i + 50], y[i:i + 50]) for i in range(0, 600, 50)]
+
+
+def prune_one(method: str):
+    model, data = setup()
+    masks = pk.prune(model, method, sparsity=0.6, data=data, **options(method))
+    return ({n: m.clone() for n, m in masks.as_dict().items()},
+            {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def flows():
+    """InCoP's information- and gradient-flow statistics of the test model."""
+    from prunekit.incop import gradient_flow, information_flow
+
+    model, data = setup()
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.3
+             for n, p in model.named_parameters() if n.endswith("weight")}
+    return (information_flow(model, data, layers=["0", "2", "4"], stat="mean_abs"),
+            gradient_flow(model, masks, data, stat="mean_abs"))
+
+
+def _worker(rank: int, world: int, folder: str, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    counts = {"mine": 0, "theirs": 0}
+    owns = distributed.owns
+
+    def counting(index: int) -> bool:
+        ok = owns(index)
+        counts["mine" if ok else "theirs"] += 1
+        return ok
+
+    def counting_mine(units):
+        units = list(units)
+        for i in range(len(units)):
+            counting(i)
+        return [u for i, u in enumerate(units) if owns(i)]
+
+    distributed.owns, distributed.mine = counting, counting_mine
+    out = {}
+    try:
+        for name in names:
+            counts.update(mine=0, theirs=0)
+            masks, weights = prune_one(name)
+            out[name] = (masks, weights, dict(counts))
+        out["_flow"] = flows()
+    finally:
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    names = data_methods()
+    mp.spawn(_worker, args=(2, str(folder), names), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(2)]
+
+
+def test_every_data_method_is_covered():
+    missing = [m for m in data_methods() if not m.startswith("wood") and m not in OPTIONS]
+    assert not missing, f"add {missing} to OPTIONS so the DDP test covers them"
+
+
+@pytest.mark.parametrize("method", data_methods())
+def test_two_ranks_give_the_one_process_mask(two_ranks, method):
+    ref_masks, ref_weights = prune_one(method)
+    r0, r1 = (ranks[method] for ranks in two_ranks)
+    for name, m in ref_masks.items():
+        assert torch.equal(r0[0][name], r1[0][name]), f"{method}: ranks disagree on {name}"
+        assert torch.equal(r0[0][name], m), f"{method}: 2-process mask of {name} differs from 1 process"
+    for name, w in ref_weights.items():
+        assert torch.equal(r0[1][name], r1[1][name]), f"{method}: ranks hold different weights for {name}"
+        torch.testing.assert_close(r0[1][name], w, rtol=1e-9, atol=1e-12)
+    # the work was shared: rank 1 computed some units itself and skipped rank 0's
+    counts = r1[2]
+    single_unit = method in ("woodfisher", "woodtaylor")  # one global block: the owner (rank 0) inverts it
+    assert counts["mine"] >= 1 and counts["theirs"] >= 1, f"{method}: rank 1 did not share the work: {counts}"
+    assert single_unit or r0[2]["mine"] >= 1
+
+
+def test_helpers_are_no_ops_without_a_process_group():
+    t = torch.arange(3.0)
+    distributed.all_sum(t)
+    distributed.all_max(t)
+    assert torch.equal(t, torch.arange(3.0))
+    assert distributed.mine([1, 2, 3]) == [1, 2, 3] and distributed.is_main() and distributed.world_size() == 1
+    assert torch.equal(distributed.all_cat(t), t)
+
+
+def test_flow_statistics_are_reduced_over_ranks(two_ranks):
+    ref = flows()
+    for ranks in two_ranks:
+        for got, want in zip(ranks["_flow"], ref):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
