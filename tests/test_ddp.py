@@ -71,6 +71,29 @@ def flows():
             gradient_flow(model, masks, data, stat="mean_abs"))
 
 
+def shrink_then_train():
+    """Train a small conv net, prune half its filters (filter_l1), shrink it, train the smaller copy: under DDP the
+    second fit wraps the new, smaller model."""
+    from prunekit.train import Trainer
+    from prunekit.train.config import TrainConfig
+
+    g = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x, y = torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, device="cpu", progress=False)
+    Trainer(model, cfg, data, val_data=data).fit()
+    masks = pk.prune(model, "filter_l1", sparsity=0.5, data=data)
+    small = pk.shrink(model, masks, x[:2])
+    trainer = Trainer(small, cfg, data, val_data=data)
+    history = trainer.fit()
+    return {n: p.detach().clone() for n, p in small.named_parameters()}, history[-1]["val_acc"]
+
+
 def _worker(rank: int, world: int, folder: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
@@ -96,6 +119,7 @@ def _worker(rank: int, world: int, folder: str, names: list[str]) -> None:
             masks, weights = prune_one(name)
             out[name] = (masks, weights, dict(counts))
         out["_flow"] = flows()
+        out["_shrink"] = shrink_then_train()
     finally:
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -145,3 +169,53 @@ def test_flow_statistics_are_reduced_over_ranks(two_ranks):
     for ranks in two_ranks:
         for got, want in zip(ranks["_flow"], ref):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_torchrun_run_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m prunekit run CFG` (gloo): the one-process masks, the one-process weights to float
+    tolerance, one record in the store written by rank 0."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from prunekit.experiments import Store, run
+    from prunekit.experiments import config as C
+
+    cfg = {"name": "ddp", "model": "lenet_300_100", "data": {"name": "synthetic"}, "seed": 0,
+           "train": {"epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                     "progress": False},
+           "prune": {"method": "snip", "sparsity": 0.9}}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    one = run(cfg, tmp_path / "one", log=lambda m: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "prunekit", "run", str(path), "--root", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rid = C.run_id(C.resolve(cfg))
+    a = torch.load(tmp_path / "one" / rid / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / rid / "last.pt", weights_only=False)
+    assert a["masks"].keys() == b["masks"].keys()
+    for name, m in a["masks"].items():
+        assert torch.equal(m, b["masks"][name]), f"mask of {name} differs between 1 and 2 processes"
+    for name, w in a["model"].items():
+        torch.testing.assert_close(b["model"][name], w, rtol=1e-4, atol=1e-5)
+    with Store(tmp_path / "two" / "results.sqlite") as s:
+        [row] = s.runs(name="ddp")
+        assert row["status"] == "done"
+        rec = s.record(rid)
+    assert abs(rec["final_test_acc"] - one.final_test_acc) < 0.02
+
+
+def test_a_shrunk_model_is_wrapped_again(two_ranks):
+    weights, acc = shrink_then_train()
+    for ranks in two_ranks:
+        got, got_acc = ranks["_shrink"]
+        assert got.keys() == weights.keys()
+        for n, w in weights.items():
+            assert got[n].shape == w.shape
+            torch.testing.assert_close(got[n], w, rtol=1e-4, atol=1e-5)
+        assert got_acc == acc
+    assert two_ranks[0]["_shrink"][0]["0.weight"].shape[0] < 6  # filters are gone: the model that trained is smaller

@@ -14,12 +14,32 @@ unit, the reductions return their inputs.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+def launched() -> bool:
+    """Was this process started by ``torchrun`` (or another launcher) as one of several ranks?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo for CPU training, nccl for CUDA (each rank on GPU
+    ``LOCAL_RANK``). Returns whether a multi-rank group is active; a no-op without a launcher or when a group
+    exists already."""
+    if dist.is_initialized() or not launched():
+        return active()
+    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return active()
 
 
 def active() -> bool:

@@ -491,7 +491,9 @@ def grad_stats(
         first = params[0].tensor
     device = first.device
     fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
-    acc = dtype if dtype is not None else (torch.float64 if fdtype == torch.float64 else torch.float32)
+    # DDP adds the ranks' partial sums in another order than one process: float64 keeps that out of the ranking
+    acc = dtype if dtype is not None else (
+        torch.float64 if fdtype == torch.float64 or distributed.active() else torch.float32)
     if not isinstance(acc, torch.dtype) or not acc.is_floating_point:
         raise PrunekitError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     B = batch_size

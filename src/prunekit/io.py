@@ -14,8 +14,15 @@ import torch
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it into place; on any exception the
-    temporary file is removed and ``path`` is untouched."""
+    temporary file is removed and ``path`` is untouched.
+
+    Under DDP (:mod:`prunekit.distributed`) only rank 0 writes: on the other ranks this returns ``path`` without
+    writing (checkpoints, run records and archives are written once, by one process)."""
     path = Path(path)
+    from . import distributed
+
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

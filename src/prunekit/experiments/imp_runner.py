@@ -24,6 +24,7 @@ import torch
 
 from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_step
 from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
+from .. import distributed
 from ..io import atomic_torch_save
 from ..lottery import run_imp
 from ..masks import Masks
@@ -69,7 +70,8 @@ class _RewindCapture(Callback):
         self.k, self.path, self.on_capture = k, path, on_capture
 
     def on_batch_end(self, trainer, step, loss):
-        if step == self.k - 1 and not self.path.exists():
+        # under DDP rank 0 decides (its file may already be visible to the others, and on_capture reduces)
+        if step == self.k - 1 and not distributed.broadcast_object(self.path.exists()):
             extra = self.on_capture(trainer) if self.on_capture else {}
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
             atomic_torch_save({"state": state, "extra": extra}, self.path)

@@ -4,6 +4,9 @@ The run's identity is the hash of its resolved config. Its folder is ``<root>/<r
 last.pt for resuming, best.pt, record.json) and its rows in ``<root>/results.sqlite`` are keyed by the same id:
 rerunning a finished config is a no-op that returns the stored record; an interrupted run resumes from its last
 checkpoint.
+
+Under ``torchrun`` (several ranks, :mod:`prunekit.distributed`) every rank runs the same function: scoring and
+training share the work, and rank 0 alone takes the run's lock and writes its folder and its store rows.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import distributed
 from ..io import acquire_lock, atomic_write_json, release_lock
 from .config import resolve, run_id
 from .store import Store
@@ -257,6 +261,18 @@ def _one_shot(trainer, callbacks, val_dl, test_dl) -> dict:
             "epochs": 0, "train_seconds": 0.0}
 
 
+class _ReadOnlyStore:
+    """The store as ranks other than 0 see it under DDP: reads pass through, writes are rank 0's job."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def __getattr__(self, name):
+        if name in ("record", "status", "runs", "levels", "epochs", "layers"):
+            return getattr(self._store, name)
+        return lambda *a, **k: None
+
+
 def run(
     cfg: dict,
     root: str | Path = "runs",
@@ -283,6 +299,10 @@ def run(
     root = Path(root)
     own_store = store is None
     store = store or Store(root / "results.sqlite")
+    real_store = store
+    if distributed.init_from_env(resolved["train"]["device"]) and not distributed.is_main():
+        store = _ReadOnlyStore(store)
+        log = lambda msg: None  # noqa: E731 - rank 0 reports
     log = log or (lambda msg: print(msg, file=sys.stderr))
     lock = None
     try:
@@ -300,7 +320,8 @@ def run(
         splits = _dataset(d, data_dir)
         run_dir = root / rid
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = acquire_lock(run_dir / ".lock")  # one process per run: a second sweep skips it (RunBusyError)
+        if distributed.is_main():  # one process per run: a second sweep skips it (RunBusyError)
+            lock = acquire_lock(run_dir / ".lock")
         if store.status(rid) == "done":  # finished by another process while we were getting here
             rec = RunRecord.from_dict(store.record(rid))
             rec.cached = True
@@ -375,14 +396,15 @@ def run(
         except BaseException as e:
             msg = f"{type(e).__name__}: {e}"
             store.fail_run(rid, msg if not isinstance(e, KeyboardInterrupt) else "interrupted")
-            if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            if not isinstance(e, (KeyboardInterrupt, SystemExit)) and distributed.is_main():
                 (run_dir / "error.txt").write_text(traceback.format_exc())
             raise
         masks = trainer.masks if trainer.masks is not None else Masks(model)
         events = pruner.events if pruner is not None else []
         layers = _layer_rows(masks)
         structured = None
-        if p["method"] != "none" and get_method(p["method"]).structured and trainer.masks is not None:
+        if p["method"] != "none" and get_method(p["method"]).structured and trainer.masks is not None \
+                and distributed.is_main():  # the shrunk archive and its latency: rank 0's job
             structured = structured_result(model, masks, tuple(splits.input_shape), run_dir, device)
             best = structured["latency"][-1]
             log(f"[{rid}] shrunk: params {structured['params_ratio']:.3f} of dense, MACs {structured['macs_ratio']:.3f}"
@@ -411,4 +433,4 @@ def run(
         if lock is not None:
             release_lock(lock)
         if own_store:
-            store.close()
+            real_store.close()

@@ -18,6 +18,14 @@ Files in ``run_dir``:
 Resuming restores the model, optimizer, scheduler, masks, history, best tracking, callback states and the global
 RNG states, so an interrupted run continues exactly as an uninterrupted one would (bit for bit on the CPU, given a
 data loader whose order depends only on (seed, epoch) through ``set_epoch`` or on the global RNG).
+
+Distributed data parallel (a process group initialized, e.g. under ``torchrun``; :mod:`prunekit.distributed`):
+every rank iterates the same batches and trains on its slice of each (``tensor_split`` along the samples), the
+model is wrapped in ``DistributedDataParallel`` at each :meth:`fit` (so a model shrunk between fits is wrapped
+afresh), the loss is scaled so that the averaged gradient is the gradient of the mean loss over the WHOLE batch
+(the one-process gradient, to floating-point order), evaluation shares the batches out and sums the counts, and
+only rank 0 writes files (``last.pt``, ``best.pt``; :func:`prunekit.io.atomic_write`). BatchNorm layers normalize
+with their rank's slice, as in any DDP run, so only models without BatchNorm match a one-process run exactly.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..errors import PrunekitError
 from ..io import atomic_torch_save
 from ..masks import Masks, save
@@ -229,6 +238,7 @@ class Trainer:
         if self.epochs_done >= self.cfg.epochs or self.stop_training:
             return list(self.history)
 
+        self._wrap()
         for cb in self.callbacks:
             cb.on_train_begin(self)
         for epoch in range(self.epochs_done, self.cfg.epochs):
@@ -269,24 +279,44 @@ class Trainer:
             cb.on_train_end(self)
         return list(self.history)
 
+    def _wrap(self) -> None:
+        """Under DDP, wrap the current model (again when it is a new or reshaped one, e.g. after shrinking)."""
+        self._net = self.model
+        if not distributed.active():
+            return
+        old = getattr(self, "_ddp", None)
+        shapes = [tuple(p.shape) for p in self.model.parameters()]
+        if old is None or old.module is not self.model or getattr(self, "_ddp_shapes", None) != shapes:
+            ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
+            self._ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self._ddp_shapes = shapes
+        self._net = self._ddp
+
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        model, opt, dev = self.model, self.optimizer, self.device
+        model, opt, dev = getattr(self, "_net", self.model), self.optimizer, self.device
         model.train()
+        world, rank = distributed.world_size(), distributed.rank()
         clip = self.cfg.grad_clip
         params = [p for g in opt.param_groups for p in g["params"]] if clip is not None else []
         ls = self.cfg.label_smoothing
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
         n = 0
-        bar = self.cfg.progress and sys.stderr.isatty()
+        bar = self.cfg.progress and sys.stderr.isatty() and distributed.is_main()
         total = len(self.train_data) if bar and hasattr(self.train_data, "__len__") else None
         skip, self._skip = self._skip, 0
         for i, (x, y) in enumerate(self.train_data):
             if i < skip:
                 continue
             x, y = _to(x, dev), _to(y, dev)
-            out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=ls)
+            if world > 1:  # this rank's slice; DDP averages over the ranks: world/B·Σ_slice = the whole batch's mean
+                full = _batch_size(y)
+                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=ls, reduction="sum") * (world / max(full, 1))
+            else:
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=ls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:
@@ -294,8 +324,8 @@ class Trainer:
                     self.masks.mask_grads()  # clip the norm of the gradient that is actually applied
                 torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
-            loss = loss.detach()
             bs = _batch_size(y)
+            loss = loss.detach() * (full / world / max(bs, 1) if world > 1 else 1.0)  # the slice's mean loss
             loss_sum += loss * bs
             correct += _n_correct(out.detach(), y)
             n += bs
@@ -307,9 +337,16 @@ class Trainer:
         if bar:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
-        if n == 0:
+        return self._totals(loss_sum, correct, n)
+
+    @staticmethod
+    def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> tuple[float, float]:
+        """(mean loss, accuracy) from this rank's sums, added over the ranks under DDP."""
+        t = torch.stack([loss_sum.double().cpu(), correct.double().cpu(), torch.tensor(float(n), dtype=torch.float64)])
+        distributed.all_sum(t)
+        if t[2] == 0:
             return math.nan, math.nan
-        return loss_sum.item() / n, correct.item() / n
+        return float(t[0] / t[2]), float(t[1] / t[2])
 
     @torch.no_grad()
     def evaluate(self, data: Iterable) -> tuple[float, float]:
@@ -321,7 +358,9 @@ class Trainer:
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), dtype=torch.long, device=dev)
             n = 0
-            for x, y in data:
+            for i, (x, y) in enumerate(data):
+                if not distributed.owns(i):  # DDP: this rank's batches, summed over the ranks below
+                    continue
                 x, y = _to(x, dev), _to(y, dev)
                 out = model(x)
                 loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
@@ -329,9 +368,7 @@ class Trainer:
                 n += _batch_size(y)
         finally:
             model.train(was_training)
-        if n == 0:
-            return math.nan, math.nan
-        return loss_sum.item() / n, correct.item() / n
+        return self._totals(loss_sum, correct, n)
 
     # ----------------------------------------------------------------------------------------------- best
     def _track_best(self, m: dict) -> None:
@@ -423,11 +460,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- progress
     def _say(self, msg: str) -> None:
-        if self.cfg.progress:
+        if self.cfg.progress and distributed.is_main():
             self.log(msg)
 
     def _log_epoch(self, m: dict) -> None:
-        if not self.cfg.progress:
+        if not self.cfg.progress or not distributed.is_main():
             return
         width = len(str(self.cfg.epochs))
         parts = [f"epoch {m['epoch'] + 1:>{width}}/{self.cfg.epochs}", f"lr {m['lr']:.3g}",
