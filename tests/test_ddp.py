@@ -171,9 +171,22 @@ def test_flow_statistics_are_reduced_over_ranks(two_ranks):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_torchrun_run_matches_one_process(tmp_path):
-    """`torchrun --nproc_per_node 2 -m prunekit run CFG` (gloo): the one-process masks, the one-process weights to float
-    tolerance, one record in the store written by rank 0."""
+BASE = {"name": "ddp", "model": "lenet_300_100", "data": {"name": "synthetic"}, "seed": 0,
+        "train": {"epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "progress": False}}
+SCHEDULES = {
+    "one-shot snip": {"prune": {"method": "snip", "sparsity": 0.9}},
+    "gradual woodfisherblock": {"train": {**BASE["train"], "epochs": 3},
+                                "prune": {"method": "woodfisherblock", "sparsity": 0.8, "fisher_samples": 64,
+                                          "block_size": 100, "samples": {"random": 256},
+                                          "gradual": {"start": 0, "end": 2, "freq": 1}}},
+    "imp lth with a step rewind": {"prune": {"method": "lth", "levels": 2, "prune_fraction": 0.5,
+                                             "rewind": "step:3it"}},
+}
+
+
+def torchrun_matches_one_process(tmp_path, cfg):
+    """`torchrun --nproc_per_node 2 -m prunekit run CFG` (gloo): the one-process masks, the one-process weights to
+    float tolerance, one record in the store written by rank 0."""
     import subprocess
     import sys
 
@@ -182,10 +195,6 @@ def test_torchrun_run_matches_one_process(tmp_path):
     from prunekit.experiments import Store, run
     from prunekit.experiments import config as C
 
-    cfg = {"name": "ddp", "model": "lenet_300_100", "data": {"name": "synthetic"}, "seed": 0,
-           "train": {"epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                     "progress": False},
-           "prune": {"method": "snip", "sparsity": 0.9}}
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     one = run(cfg, tmp_path / "one", log=lambda m: None)
@@ -195,18 +204,35 @@ def test_torchrun_run_matches_one_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rid = C.run_id(C.resolve(cfg))
-    a = torch.load(tmp_path / "one" / rid / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / rid / "last.pt", weights_only=False)
+    # the final weights and masks: the trainer's last.pt, or the last IMP level's file
+    last = f"imp/level_{one.levels[-1]['level']}.pt" if one.levels else "last.pt"
+    a = torch.load(tmp_path / "one" / rid / last, weights_only=False)
+    b = torch.load(tmp_path / "two" / rid / last, weights_only=False)
+    weights = "final_state" if one.levels else "model"
     assert a["masks"].keys() == b["masks"].keys()
     for name, m in a["masks"].items():
         assert torch.equal(m, b["masks"][name]), f"mask of {name} differs between 1 and 2 processes"
-    for name, w in a["model"].items():
-        torch.testing.assert_close(b["model"][name], w, rtol=1e-4, atol=1e-5)
+    for name, w in a[weights].items():
+        torch.testing.assert_close(b[weights][name], w, rtol=1e-4, atol=1e-5)
     with Store(tmp_path / "two" / "results.sqlite") as s:
         [row] = s.runs(name="ddp")
         assert row["status"] == "done"
         rec = s.record(rid)
     assert abs(rec["final_test_acc"] - one.final_test_acc) < 0.02
+    return rec, one
+
+
+def test_torchrun_run_matches_one_process(tmp_path):
+    torchrun_matches_one_process(tmp_path, {**BASE, **SCHEDULES["one-shot snip"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", [k for k in SCHEDULES if k != "one-shot snip"])
+def test_torchrun_every_schedule(tmp_path, schedule):
+    rec, one = torchrun_matches_one_process(tmp_path, {**BASE, **SCHEDULES[schedule]})
+    assert rec["achieved_sparsity"] == pytest.approx(one.achieved_sparsity, abs=1e-12)
+    if one.levels:
+        assert [lv["density"] for lv in rec["levels"]] == pytest.approx([lv["density"] for lv in one.levels])
 
 
 def test_a_shrunk_model_is_wrapped_again(two_ranks):

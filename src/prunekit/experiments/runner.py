@@ -236,12 +236,13 @@ def _run_levels(resolved, rid, run_dir, splits, loaders_, device, model, start_m
 
     from ..registry import get_method
 
+    distributed.barrier()  # DDP: rank 0 has written the level files the other ranks read now
     blob = torch.load(run_dir / sub / f"level_{last['level']}.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(blob["final_state"])  # the last level's trained weights
     final = Masks.from_state_dict(model, blob["masks"])
     final.apply()
     rec.collapsed = final.collapsed()
-    if get_method(p["method"]).structured:
+    if get_method(p["method"]).structured and distributed.is_main():
         rec.structured = structured_result(model, final, tuple(splits.input_shape), run_dir, device)
     return rec, _layer_rows(final)
 
