@@ -64,3 +64,25 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
     hist = img.histogram()
     dark = sum(hist[:128]) / (img.size[0] * img.size[1])
     assert 0.005 < dark < 0.5
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does it)")
+@pytest.mark.parametrize("order", ["", ",desc"])
+def test_clicking_a_header_sorts_the_table_in_the_browser(page, order):
+    """`#sort=-1,2` clicks the sparsity header of the last table (every run) on load, `,desc` clicks it twice."""
+    _root, out = page
+    dom = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", out.as_uri() + f"#sort=-1,2{order}"],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert re.search(r'data-sorted="(asc|desc)"', dom).group(1) == ("desc" if order else "asc")
+    last = dom[dom.rindex('<table class="sortable">'):]
+    last = last[: last.index("</table>")]
+    body = last[last.index("<tbody>"):]
+    values = []
+    for row in re.findall(r"<tr>(.*?)</tr>", body):
+        cells = re.findall(r"<td([^>]*)>(.*?)</td>", row)
+        v = re.search(r'data-v="([^"]*)"', cells[2][0])
+        values.append(float(v.group(1)) if v else None)
+    assert len(values) == 6
+    known = [v for v in values if v is not None]
+    assert values == known + [None] * (len(values) - len(known))  # the dense run has no sparsity: last
+    assert known == sorted(known, reverse=bool(order)) and known != sorted(known, reverse=not order)

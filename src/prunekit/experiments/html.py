@@ -1,9 +1,11 @@
 """``prunekit report --html``: one self-contained HTML page with every table and plot of a store (or experiment).
 
 No external files, scripts or fonts: plots are embedded as PNG data URIs and a few lines of inline JavaScript make
-every table sortable (click a header; click again to reverse). Tables: the seed-style sparsity x method table per
-model and recipe, the highest-sparsity-within-δ summary, the structured size/speed table, the fairness notes, the
-IMP level tables when there are level runs, and one row per run (sortable by any column).
+every table sortable (click a header; click again to reverse; numbers before text, missing values '-' always
+last; ``#sort=T,C`` or ``#sort=T,C,desc`` in the address clicks column C of table T on load, T < 0 counting from
+the last table). Tables: the seed-style sparsity x method table per model and recipe, the
+highest-sparsity-within-δ summary, the structured size/speed table, the fairness notes, the IMP level tables when
+there are level runs, and one row per run (sortable by any column).
 """
 from __future__ import annotations
 
@@ -27,9 +29,14 @@ td.best{font-weight:bold}pre{background:#f7f7f7;padding:8px;overflow-x:auto}img{
 _JS = """
 function sortTable(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),b=t.tBodies[0];
 const rows=[...b.rows],dir=th.dataset.dir==='asc'?-1:1;th.dataset.dir=dir===1?'asc':'desc';
-const key=r=>{const s=r.cells[i].dataset.v??r.cells[i].textContent;const n=parseFloat(s);return isNaN(n)?s:n;};
-rows.sort((a,c)=>{const x=key(a),y=key(c);return (x>y?1:x<y?-1:0)*dir;});rows.forEach(r=>b.appendChild(r));}
+const key=r=>{const c=r.cells[i],s=c.dataset.v??c.textContent,n=parseFloat(s);
+return c.dataset.v===undefined&&isNaN(n)&&s.trim()==='-'?[2,0]:isNaN(n)?[1,s]:[0,n];};
+rows.sort((a,c)=>{const x=key(a),y=key(c);return x[0]-y[0]||(x[1]>y[1]?1:x[1]<y[1]?-1:0)*dir;});
+rows.forEach(r=>b.appendChild(r));}
 document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
+const m=location.hash.match(/^#sort=(-?\d+),(\d+)(,desc)?$/);
+if(m){const ts=[...document.querySelectorAll('table.sortable')],t=ts[(+m[1]+ts.length)%ts.length];
+const th=t.tHead.rows[0].cells[+m[2]];th.click();if(m[3])th.click();document.body.dataset.sorted=th.dataset.dir;}
 document.body.dataset.ready=document.querySelectorAll('table.sortable').length;
 document.body.dataset.loadMs=Math.round(performance.now());
 """
