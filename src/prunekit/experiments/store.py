@@ -4,6 +4,10 @@ Tables: ``runs`` (one row per run: identity, config, status, headline metrics, t
 ``experiments`` (which experiment names a run belongs to), ``epochs`` (per-epoch metrics), ``layers`` (per-layer
 sparsity of the final masks), ``levels`` (IMP codes: one row per level and branch, written as each level ends). Every write is one transaction, so a crash never leaves a half-written row; WAL mode
 lets readers (``prunekit report``) work while a run writes.
+
+:meth:`Store.export_run` and :meth:`Store.import_run` move all the rows of one run between stores: remote sweep
+workers (Ray, Slurm) never open the sweep's SQLite file, which may sit on a network filesystem where SQLite locking
+is unsafe; they run into a private store and send the run's rows back (:mod:`prunekit.experiments.backends`).
 """
 from __future__ import annotations
 
@@ -56,6 +60,8 @@ CREATE TABLE IF NOT EXISTS levels (
 LEVEL_FIELDS = ("density", "kept", "total", "epochs", "seconds", "check_seconds", "stop_reason", "stop_epoch",
                 "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "early_stop_epoch",
                 "early_stop_test_acc")
+
+RUN_EXPORT_FORMAT = "prunekit.store.run/1"
 
 EPOCH_FIELDS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds", "sparsity")
 
@@ -158,6 +164,68 @@ class Store:
     def fail_run(self, run_id: str, error: str) -> None:
         with self.transaction() as c:
             c.execute("UPDATE runs SET status='failed', error=?, updated=? WHERE run_id=?", (error, time.time(), run_id))
+
+    # ------------------------------------------------------------------------------------------- whole runs
+    def run_tables(self) -> list[str]:
+        """The tables that hold rows of runs (those with a ``run_id`` column), in name order."""
+        names = [r[0] for r in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        return [t for t in names if "run_id" in self._columns(t)]
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self._conn.execute(f'PRAGMA table_info("{table}")').fetchall()]
+
+    def export_run(self, run_id: str) -> dict[str, Any]:
+        """Every row of one run, in every table that has a ``run_id`` column, as plain JSON-able data::
+
+            {"format": "prunekit.store.run/1", "run_id": ..., "tables": {"runs": [{...}], "epochs": [...], ...}}
+
+        Remote sweep workers run into a store of their own and send this back; :meth:`import_run` writes it into
+        the sweep's store. Tables without rows of the run are present with an empty list."""
+        tables = {t: [dict(r) for r in self._conn.execute(f'SELECT * FROM "{t}" WHERE run_id=? ORDER BY rowid',
+                                                          (run_id,)).fetchall()]
+                  for t in self.run_tables()}
+        return {"format": RUN_EXPORT_FORMAT, "run_id": run_id, "tables": tables}
+
+    def import_run(self, payload: dict[str, Any]) -> None:
+        """Write a run exported by :meth:`export_run` (from this store or another one), in one transaction.
+
+        The run's rows in every table of the payload replace the ones here, except ``experiments`` (which names a
+        run belongs to): those are added to, since a run can belong to several experiments and the payload only
+        knows the one it ran under. Raises :class:`~prunekit.errors.PrunekitError` for a payload that is not an
+        export, or that has tables or columns this store lacks (written by a newer prunekit)."""
+        from ..errors import PrunekitError
+
+        if not isinstance(payload, dict) or payload.get("format") != RUN_EXPORT_FORMAT:
+            raise PrunekitError(f"not a run export ({RUN_EXPORT_FORMAT}): got "
+                                f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}")
+        run_id, tables = payload["run_id"], payload["tables"]
+        known = set(self.run_tables())
+        for table, rows in tables.items():
+            if table not in known:
+                raise PrunekitError(f"run {run_id}: table {table!r} is not in {self.path} (written by a newer "
+                                    "prunekit?); upgrade prunekit where the sweep runs")
+            columns = set(self._columns(table))
+            for row in rows:
+                extra = sorted(set(row) - columns)
+                if extra:
+                    raise PrunekitError(f"run {run_id}: table {table!r} has no column(s) {', '.join(extra)} in "
+                                        f"{self.path} (written by a newer prunekit?); upgrade prunekit where the "
+                                        "sweep runs")
+                if row.get("run_id") != run_id:
+                    raise PrunekitError(f"run export of {run_id} holds a row of run {row.get('run_id')!r} in "
+                                        f"table {table!r}")
+        with self.transaction() as c:
+            for table, rows in tables.items():
+                merge = table == "experiments"
+                if not merge:
+                    c.execute(f'DELETE FROM "{table}" WHERE run_id=?', (run_id,))
+                verb = "INSERT OR IGNORE" if merge else "INSERT"
+                for row in rows:
+                    cols = list(row)
+                    names = ", ".join(f'"{k}"' for k in cols)
+                    c.execute(f'{verb} INTO "{table}" ({names}) VALUES ({", ".join("?" * len(cols))})',
+                              [row[k] for k in cols])
 
     # ------------------------------------------------------------------------------------------------------- reads
     def status(self, run_id: str) -> str | None:
