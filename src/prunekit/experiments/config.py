@@ -97,10 +97,16 @@ def _shorthand(data: dict) -> dict:
     return data
 
 
+def translate(data: dict) -> dict:
+    """``data`` with the seeds' own layouts written as prunekit fields: seed 000's JSON sections
+    (:mod:`.seed000`) and seed 001's flags (:mod:`.seed001`); identity for a prunekit config."""
+    from . import seed000, seed001
+
+    return seed001.translate(seed000.translate(data))
+
+
 def parse(data: dict) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from plain data (the grid is kept, not expanded)."""
-    from .seed001 import translate
-
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model, data, train, prune, ...), got {type(data).__name__}")
     cfg = from_dict(ExperimentConfig, _shorthand(translate(data)))
@@ -136,6 +142,14 @@ def load(path: str | Path) -> dict:
         raise ConfigError(f"{path}: the config is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections (model, data, train, prune, ...)")
+    from . import seed000
+
+    if seed000.is_seed000(data):  # checked now (one-line errors) and said once per file, not at every parse
+        import sys
+
+        lines = seed000.notes(data)
+        print(f"note: {path} is in seed 000's layout (general/dataset/model/training/validation), translated to "
+              "prunekit's fields" + "".join(f"\n  {line}" for line in lines), file=sys.stderr)
     return data
 
 
@@ -183,9 +197,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def expand(data: dict) -> list[dict]:
     """The grid's cartesian product as plain configs without ``grid`` (a config without a grid yields itself)."""
-    from .seed001 import translate
-
-    data = translate(data)  # seed 001's flags (net_arch, prune_method, exper_num_trial, ...) as prunekit fields
+    data = translate(data)  # seed 000's JSON sections and seed 001's flags (net_arch, ...) as prunekit fields
     cfg = parse(data)  # validates the grid keys and everything else
     base = {k: v for k, v in data.items() if k != "grid"}
     if not cfg.grid:
@@ -379,7 +391,7 @@ def _resolve_pretrained(model: dict) -> dict:
 
 #: Resolved fields that do not change a run's result and so are left out of its identity.
 NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size",
-                "model.pretrained.config", "model.pretrained.file")
+                "train.tensorboard", "model.pretrained.config", "model.pretrained.file")
 
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
