@@ -3,6 +3,7 @@
     prunekit methods                          table of all methods with family and one-line summary
     prunekit run CONFIG [--set a.b=v ...]     the experiment(s) in CONFIG, recorded in the results store
     prunekit sweep CONFIG [--workers N]       the grid on a process pool; rerun to finish what is missing
+                   [--backend ray|slurm]      ... or as Ray tasks or Slurm job arrays (docs/sweeps.md)
     prunekit report [--name N] [--plot F]     tables (mean ± std over seeds) from the store
     prunekit results ROOT... [--out F.md]     a Markdown page of every experiment in the stores
     prunekit check [--only CLAIM ...]         the seeds' headline claims, CPU-sized, PASS/FAIL
@@ -41,26 +42,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", nargs="?", default=None, help="show this method's options and defaults")
     p.add_argument("--family", default=None, help="only methods whose family contains this text")
 
-    p = sub.add_parser("run", help="run the experiment(s) of a config file")
-    p.add_argument("config", help="a YAML or JSON config")
+    p = sub.add_parser("run", help="run the experiment(s) of a config file, or of every config file in a folder")
+    p.add_argument("config", help="a YAML or JSON config, or a folder of them (each file in name order; finished "
+                                  "runs are skipped, failures recorded, a summary at the end)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.epochs=3 --set prune.sparsity=0.95")
+                   help="override a config field, e.g. --set train.epochs=3 --set prune.sparsity=0.95 (with a "
+                        "folder: in every file)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's train.device)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress output")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard event files under each run folder (train.tensorboard=true; needs "
+                        "pip install 'prunekit[tensorboard]')")
     p.add_argument("--no-report", action="store_true", help="skip the table and plot after the runs")
     _add_common(p)
     _add_data_dir(p)
 
-    p = sub.add_parser("sweep", help="every run of a config's grid on a process pool; resumable")
+    p = sub.add_parser("sweep", help="every run of a config's grid on a process pool, Ray or Slurm; resumable")
     p.add_argument("config", help="a YAML or JSON config with a grid")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=3 (repeatable)")
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the number of CPU cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel runs (default: the number of CPU cores); with --backend ray and no --address, the "
+                        "local Ray cluster's CPUs")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
     p.add_argument("--no-baselines", action="store_true",
                    help="do not add the random and magnitude baselines to a grid over methods")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's train.device)")
     p.add_argument("--no-report", action="store_true", help="skip the table after the sweep")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard event files under each run folder (train.tensorboard=true)")
+    p.add_argument("--backend", choices=("local", "ray", "slurm"), default="local",
+                   help="where the runs execute: local process pool (default), Ray tasks, Slurm job arrays "
+                        "(see docs/sweeps.md)")
+    g = p.add_argument_group("ray backend (pip install 'prunekit[ray]')")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto, HOST:6379 or ray://HOST:10001 (default: start a local one of "
+                        "--workers CPUs)")
+    g.add_argument("--ray-cpus-per-run", type=float, default=1.0, help="CPUs each run's task asks for (default 1)")
+    g.add_argument("--ray-gpus-per-run", type=float, default=0.0, help="GPUs each run's task asks for (default 0)")
+    g = p.add_argument_group("slurm backend (pip install 'prunekit[slurm]'; ROOT on a shared filesystem)")
+    g.add_argument("--slurm-partition", default=None, help="partition (default: the cluster's default)")
+    g.add_argument("--slurm-time", default="60", help="time limit of each run's task: MINUTES, HH:MM:SS or "
+                   "D-HH:MM:SS (default 60); a requeued task gets a new one")
+    g.add_argument("--slurm-cpus", type=int, default=1, help="CPUs per task, also the run's torch threads (default 1)")
+    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per task (default 0)")
+    g.add_argument("--slurm-mem", default=None, help="memory per task, e.g. 16G (default: the partition's)")
+    g.add_argument("--slurm-log-dir", default=None, help="submitit's job files and logs (default ROOT/slurm_logs)")
+    g.add_argument("--slurm-array-parallelism", type=int, default=64,
+                   help="at most this many tasks running at once (default 64)")
+    g.add_argument("--slurm-executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm (default), or local: the same jobs as processes on this machine (testing)")
     _add_common(p)
     _add_data_dir(p)
 
@@ -87,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write one self-contained HTML page with every table (sortable) and plot")
     p.add_argument("--layers", default=None, metavar="RUN_ID",
                    help="instead, plot one run's per-layer density to --plot (default <RUN_ID>_layers.png)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the raw results to DIR: per-run CSV and NPZ (metrics, per-epoch curves, "
+                        "per-layer sparsity), all runs in runs.csv/runs.npz, and the plots as PNG and PDF")
     _add_common(p)
 
     p = sub.add_parser("data", help="datasets")
@@ -148,6 +182,12 @@ def cmd_run(args) -> int:
     from .experiments.runner import run
     from .experiments.store import Store
 
+    if args.tensorboard:
+        args.overrides = [*args.overrides, "train.tensorboard=true"]
+    if Path(args.config).is_dir():  # a folder of configs (seed 000's exp_configs/)
+        from .experiments.batch import cmd_run_folder
+
+        return cmd_run_folder(args)
     data = C.load(args.config)
     data = C.apply_overrides(data, args.overrides)
     if args.device:
@@ -186,14 +226,15 @@ def cmd_sweep(args) -> int:
     from .experiments.store import Store
     from .experiments.sweep import sweep
 
-    data = C.apply_overrides(C.load(args.config), args.overrides)
+    data = C.apply_overrides(C.load(args.config), args.overrides + (["train.tensorboard=true"] if args.tensorboard
+                                                                   else []))
     if args.device:
         data = C.set_path(data, "train.device", args.device)
     data = C.set_path(data, "train.progress", False)  # workers print one line per run instead
     cfg = C.parse(data)
     root = Path(args.root)
     res = sweep(data, root, workers=args.workers, data_dir=args.data_dir, retry_failed=args.retry_failed,
-                baselines=not args.no_baselines)
+                baselines=not args.no_baselines, backend=_sweep_backend(args))
     for rid, err in res.failed.items():
         print(f"failed: {rid}: {err}", file=sys.stderr)
     if not args.no_report:
@@ -209,6 +250,29 @@ def cmd_sweep(args) -> int:
               "--retry-failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _sweep_backend(args):
+    """The sweep backend named by --backend, with its options from the command line."""
+    from .experiments.backends import make_backend
+
+    if args.address is not None and args.backend != "ray":
+        raise PrunekitError(f"--address is the Ray cluster's address: add --backend ray (got --backend {args.backend})")
+    if args.backend == "ray":
+        from .experiments.ray_backend import RayOptions
+
+        return make_backend("ray", workers=args.workers, ray=RayOptions(
+            address=args.address, num_cpus=args.workers, cpus_per_run=args.ray_cpus_per_run,
+            gpus_per_run=args.ray_gpus_per_run))
+    if args.backend == "slurm":
+        from .experiments.slurm_backend import SlurmOptions, parse_mem_gb, parse_time
+
+        return make_backend("slurm", slurm=SlurmOptions(
+            partition=args.slurm_partition, time_min=parse_time(args.slurm_time), cpus_per_task=args.slurm_cpus,
+            gpus_per_task=args.slurm_gpus, mem_gb=None if args.slurm_mem is None else parse_mem_gb(args.slurm_mem),
+            log_dir=args.slurm_log_dir, array_parallelism=args.slurm_array_parallelism,
+            executor=args.slurm_executor))
+    return make_backend("local", workers=args.workers)
 
 
 def cmd_check(args) -> int:
@@ -248,6 +312,13 @@ def cmd_report(args) -> int:
             out = html_report(store, store.runs(name=args.name), args.html, args.metric,
                               title=f"prunekit report: {args.name}" if args.name else "prunekit report")
         print(f"html: {out}")
+    if args.export:
+        from .experiments.export import export
+        from .experiments.store import Store
+
+        with Store(Path(args.root) / "results.sqlite") as store:
+            written = export(store, args.export, name=args.name, metric=args.metric)
+        print(f"export: {len(written)} file(s) in {args.export}")
     if args.plot:
         print(f"plot: {args.plot} (IMP runs: <name>_accuracy.png and <name>_epochs.png beside it)")
     return 0

@@ -203,6 +203,7 @@ def prune(
             ctx = _context(model, info, masks, data, loss, method_opts, common, rnd)
             scores = _check_scores(info, masks, info.score(ctx))
             agree(scores)  # DDP: rank 0's scores everywhere, so every rank selects the identical mask
+            masks.scores = scores  # the last round's scores (TensorBoard histograms); not saved with the masks
             if info.select is not None:
                 new = info.select(ctx, scores, s_r)
             else:

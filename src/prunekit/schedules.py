@@ -209,6 +209,7 @@ class PruningCallback(Callback):
             trainer.set_masks(masks, final=final and i == len(steps) - 1)
             event = {"epoch": epoch, "substep": i, "final": final and i == len(steps) - 1, **masks.report}
             self.events.append(event)
+            trainer.log_prune_event(masks, epoch)
             if self.on_prune is not None:
                 self.on_prune(masks, event)
 

@@ -33,7 +33,8 @@ class TrainConfig:
     ``(x, y)`` batches). ``weight_decay_after_prune=False`` switches weight decay off in every parameter group once
     masks are applied (:meth:`prunekit.train.Trainer.set_masks`). ``grad_clip`` is a maximum gradient norm (None =
     no clipping). ``device='auto'`` means CUDA when available, else the CPU. ``checkpoint_every`` is the number of
-    epochs between resumable checkpoints (0 = never).
+    epochs between resumable checkpoints (0 = never). ``tensorboard``: write TensorBoard event files under the run
+    folder (:mod:`prunekit.train.tensorboard`; needs the ``tensorboard`` extra).
     """
 
     epochs: int = 10
@@ -55,6 +56,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     checkpoint_every: int = 1
+    tensorboard: bool = False
 
     def validate(self, path: str = "", error: type[Exception] = ConfigError) -> None:
         """Raise ``error(message)`` for a bad value or a bad combination of values."""

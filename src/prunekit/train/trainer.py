@@ -147,6 +147,11 @@ class Trainer:
         self.best_epoch: int | None = None
         self.test_acc_at_best_val: float | None = None
         self.stop_training = False  # a callback sets it in on_epoch_end to end fit() after that epoch
+        self.tensorboard = None  # a SummaryWriter while fit() runs with cfg.tensorboard (rank 0, with a run_dir)
+        if cfg.tensorboard:
+            from .tensorboard import check_available
+
+            check_available()
         self.start_epoch = 0
         self._skip = 0  # batches of the first epoch already trained before the start point (start_at)
         if masks is not None:
@@ -239,6 +244,25 @@ class Trainer:
             return list(self.history)
 
         self._wrap()
+        if self.cfg.tensorboard and self.run_dir is not None and distributed.is_main():
+            from .tensorboard import open_writer
+
+            self.tensorboard = open_writer(self.run_dir)
+        try:
+            return self._fit_epochs()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
+
+    def log_prune_event(self, masks: Masks, epoch: int) -> None:
+        """Histograms of the scores and surviving weights of a pruning event (TensorBoard on; else a no-op)."""
+        if self.tensorboard is not None:
+            from .tensorboard import log_prune
+
+            log_prune(self.tensorboard, masks, epoch)
+
+    def _fit_epochs(self) -> list[dict]:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         for epoch in range(self.epochs_done, self.cfg.epochs):
@@ -273,6 +297,10 @@ class Trainer:
                                                            or self.epochs_done == self.cfg.epochs):
                 atomic_torch_save(self.checkpoint_state(), self.last_path)
             self._log_epoch(metrics)
+            if self.tensorboard is not None:
+                from .tensorboard import log_epoch
+
+                log_epoch(self.tensorboard, metrics, self.masks)
             if self.stop_training:
                 break
         for cb in self.callbacks:
