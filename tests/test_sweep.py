@@ -155,3 +155,17 @@ def test_workers_exit_when_the_sweep_dies():
         time.sleep(0.2)
     os.kill(worker, 9)
     raise AssertionError("the worker outlived its sweep by 10 s")
+
+
+def test_a_run_stopped_by_ctrl_c_resumes_without_retry_failed(tmp_path):
+    one = copy.deepcopy(GRID)
+    one["grid"] = {"prune.sparsity": [0.5]}
+    [cfg] = C.expand(one)
+    rid = C.run_id(C.resolve(cfg))
+    with Store(tmp_path / "results.sqlite") as s:  # what the runner records when a worker gets the SIGINT
+        from prunekit.experiments.runner import hardware, versions
+
+        s.begin_run(rid, "sw", C.resolve(cfg), versions(), hardware("cpu"))
+        s.fail_run(rid, "interrupted")
+    res = sweep(one, tmp_path, workers=1, log=lambda m: None)
+    assert res.done == [rid] and not res.failed

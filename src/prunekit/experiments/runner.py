@@ -25,7 +25,7 @@ import torch
 from .. import distributed
 from ..io import acquire_lock, atomic_write_json, release_lock
 from .config import resolve, run_id
-from .store import Store
+from .store import INTERRUPTED, Store
 
 
 @dataclass
@@ -396,7 +396,7 @@ def run(
                 summary = trainer.summary()
         except BaseException as e:
             msg = f"{type(e).__name__}: {e}"
-            store.fail_run(rid, msg if not isinstance(e, KeyboardInterrupt) else "interrupted")
+            store.fail_run(rid, msg if not isinstance(e, KeyboardInterrupt) else INTERRUPTED)
             if not isinstance(e, (KeyboardInterrupt, SystemExit)) and distributed.is_main():
                 (run_dir / "error.txt").write_text(traceback.format_exc())
             raise

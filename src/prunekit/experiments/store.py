@@ -66,6 +66,10 @@ RUN_EXPORT_FORMAT = "prunekit.store.run/1"
 EPOCH_FIELDS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds", "sparsity")
 
 
+#: The error recorded for a run stopped by Ctrl-C: not a failure; a sweep resumes it without --retry-failed.
+INTERRUPTED = "interrupted"
+
+
 class Store:
     """A results store at ``path`` (created on first use)."""
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 from . import config as C
 from .backends import Backend, Job, Outcome, SweepContext, _run_one, _worker_init, make_backend
-from .store import Store
+from .store import INTERRUPTED, Store
 
 __all__ = ["SweepResult", "sweep", "with_baselines", "BASELINES", "_run_one", "_worker_init"]
 
@@ -58,6 +58,11 @@ def _fmt_eta(seconds: float) -> str:
 
 
 BASELINES = ("random", "magnitude")
+
+
+def failed_error(store: Store, rid: str) -> str | None:
+    row = [r for r in store.runs(status="failed") if r["run_id"] == rid]
+    return row[0]["error"] if row else None
 
 
 def with_baselines(data: dict) -> dict:
@@ -124,11 +129,10 @@ def sweep(data: dict, root: str | Path = "runs", *, workers: int | None = None, 
             if status == "done":
                 result.skipped.append(rid)
                 store.link(res["name"], rid)
-            elif status == "failed" and not retry_failed:
-                row = [r for r in store.runs(status="failed") if r["run_id"] == rid]
-                result.failed[rid] = (row[0]["error"] if row else None) or "failed earlier"
-            else:
-                pending.append(rid)  # new, interrupted ("running" in a store nobody writes to) or retried
+            elif status == "failed" and not retry_failed and failed_error(store, rid) != INTERRUPTED:
+                result.failed[rid] = failed_error(store, rid) or "failed earlier"
+            else:  # new, interrupted (Ctrl-C, or "running" in a store nobody writes to) or retried
+                pending.append(rid)
         log(f"sweep {resolved[0]['name'] if resolved else ''}: {len(by_id)} run(s) -> {root}/  "
             f"{len(result.skipped)} done already, {len(result.failed)} failed earlier"
             f"{' (rerun with --retry-failed)' if result.failed else ''}, {len(pending)} to run on "
