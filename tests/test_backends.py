@@ -14,18 +14,11 @@ from prunekit.errors import PrunekitError
 from prunekit.experiments import Store, config as C
 from prunekit.experiments.backends import Job, make_backend
 from prunekit.experiments.sweep import sweep
+from tiny import fine_tune_of_dense, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GRID = {
-    "name": "bk",
-    "model": "lenet_300_100",
-    "data": {"name": "synthetic"},
-    "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
-    "prune": {"method": "magnitude", "sparsity": 0.8},
-    "seed": 0,
-    "grid": {"prune.method": ["random", "magnitude"], "prune.sparsity": [0.5, 0.8]},
-}
+GRID = tiny("bk", grid={"prune.method": ["random", "magnitude"], "prune.sparsity": [0.5, 0.8]})
 
 GRID20 = {**GRID, "grid": {"prune.method": ["random", "magnitude"], "prune.sparsity": [0.5, 0.6, 0.7, 0.8, 0.9],
                            "seed": [0, 1]}}
@@ -181,14 +174,7 @@ def test_ray_failures_are_recorded_and_retried_on_request(tmp_path, ray_cluster)
 
 
 def test_ray_runs_the_starting_point_first(tmp_path, ray_cluster):
-    import yaml
-
-    dense = copy.deepcopy(GRID)
-    dense.pop("grid")
-    dense["prune"] = {"method": "none"}
-    (tmp_path / "dense.yaml").write_text(yaml.safe_dump(dense))
-    ft = copy.deepcopy(GRID)
-    ft["model"] = {"name": "lenet_300_100", "pretrained": str(tmp_path / "dense.yaml")}
+    ft = fine_tune_of_dense(GRID, tmp_path)
     logs = []
     res = sweep(ft, tmp_path / "r", backend="ray", log=logs.append)
     assert res.ok and len(res.done) == 4

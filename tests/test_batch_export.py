@@ -15,19 +15,13 @@ from prunekit.cli import main
 from prunekit.errors import ConfigError
 from prunekit.experiments import Store, config as C
 from prunekit.experiments import seed000
+from tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "name": "tiny",
-    "model": "lenet_300_100",
-    "data": {"name": "synthetic"},
-    "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
-    "prune": {"method": "magnitude", "sparsity": 0.8},
-    "seed": 0,
-}
+TINY = tiny("tiny")
 
 # seed 000's JSON layout (its README's compressor keys, its exp_configs/*.json sections) for the same tiny run
 SEED000 = {

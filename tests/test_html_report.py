@@ -7,17 +7,11 @@ import pytest
 
 from prunekit.cli import main
 from prunekit.experiments import Store, run
+from tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = {
-    "name": "web",
-    "model": "lenet_300_100",
-    "data": {"name": "synthetic"},
-    "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
-    "prune": {"method": "magnitude", "sparsity": 0.8},
-    "seed": 0,
-}
+BASE = tiny("web")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
          "--disable-extensions", "--disable-background-networking", "--disable-sync", "--no-default-browser-check"]

@@ -7,18 +7,11 @@ import yaml
 from prunekit.cli import main
 from prunekit.experiments import Store, config as C
 from prunekit.experiments.sweep import sweep
+from tiny import fine_tune_of_dense, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GRID = {
-    "name": "sw",
-    "model": "lenet_300_100",
-    "data": {"name": "synthetic"},
-    "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
-    "prune": {"method": "magnitude", "sparsity": 0.8},
-    "seed": 0,
-    "grid": {"prune.method": ["random", "magnitude"], "prune.sparsity": [0.5, 0.8]},
-}
+GRID = tiny("sw", grid={"prune.method": ["random", "magnitude"], "prune.sparsity": [0.5, 0.8]})
 
 
 def test_sweep_runs_everything_once_and_skips_on_restart(tmp_path):
@@ -76,12 +69,7 @@ def test_process_pool_and_cli(tmp_path, capsys):
 
 
 def test_pretrained_dependency_runs_first(tmp_path):
-    dense = copy.deepcopy(GRID)
-    dense.pop("grid")
-    dense["prune"] = {"method": "none"}
-    (tmp_path / "dense.yaml").write_text(yaml.safe_dump(dense))
-    ft = copy.deepcopy(GRID)
-    ft["model"] = {"name": "lenet_300_100", "pretrained": str(tmp_path / "dense.yaml")}
+    ft = fine_tune_of_dense(GRID, tmp_path)
     logs = []
     res = sweep(ft, tmp_path / "r", workers=1, log=logs.append)
     assert res.ok and len(res.done) == 4
