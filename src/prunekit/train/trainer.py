@@ -336,13 +336,14 @@ class Trainer:
         for i, (x, y) in enumerate(self.train_data):
             if i < skip:
                 continue
-            x, y = _to(x, dev), _to(y, dev)
             if world > 1:  # this rank's slice; DDP averages over the ranks: world/B·Σ_slice = the whole batch's mean
                 full = _batch_size(y)
-                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]  # sliced before the copy to dev
+                x, y = _to(x, dev), _to(y, dev)
                 out = model(x)
                 loss = F.cross_entropy(out, y, label_smoothing=ls, reduction="sum") * (world / max(full, 1))
             else:
+                x, y = _to(x, dev), _to(y, dev)
                 out = model(x)
                 loss = F.cross_entropy(out, y, label_smoothing=ls)
             opt.zero_grad(set_to_none=True)
