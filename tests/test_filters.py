@@ -10,6 +10,7 @@ from torch import nn
 import prunekit as pk
 from prunekit.errors import PrunekitError
 from prunekit.models import get_model
+from nets import randomize_batchnorm
 from prunekit.structured import (bn_scale_scores, channel_groups, channel_masks_from_masks, channel_masks_to_masks,
                                  example_input_for, filter_norm_scores, masks_from_channels, select_channels)
 
@@ -24,14 +25,7 @@ def build(name, seed=0):
     key = (name, seed)
     if key not in _CACHE:
         torch.manual_seed(seed)
-        model = get_model(name, num_classes=10, input_shape=SHAPES[name])
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
+        model = randomize_batchnorm(get_model(name, num_classes=10, input_shape=SHAPES[name]))
         _CACHE[key] = model.eval()
     return copy.deepcopy(_CACHE[key])
 

@@ -12,6 +12,7 @@ from torch import nn
 import prunekit as pk
 from prunekit.errors import PrunekitError
 from prunekit.models import get_model
+from nets import randomize_batchnorm
 from prunekit.structured import (channel_groups, channel_masks_from_masks, channel_masks_to_masks, export_onnx,
                                  load_shrunk, make_exact, save_shrunk, shrink, shrink_report)
 
@@ -38,12 +39,8 @@ def build(name, seed=0):
 @torch.no_grad()
 def randomize_norms(model):
     """Non-trivial BN statistics and affine parameters, so a forgotten BN slice or shift shows up."""
+    randomize_batchnorm(model)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
             m.bias.uniform_(-0.2, 0.2)
 
