@@ -310,6 +310,11 @@ class _Analysis:
     def ch(self, x) -> _Ch | None:
         return self.state.get(x) if isinstance(x, torch.fx.Node) else None
 
+    def source(self, node: torch.fx.Node) -> tuple[object, _Ch | None]:
+        """A node's first argument and the channel space it carries (None when it carries none)."""
+        src = node.args[0] if node.args else None
+        return src, self.ch(src)
+
     def tensor_inputs(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         out: list[torch.fx.Node] = []
         torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) if n not in out else None)
@@ -411,8 +416,7 @@ class _Analysis:
 
     # -------------------------------------------------------------------------------------------- modules
     def visit_module(self, node: torch.fx.Node, mod: nn.Module) -> _Ch | None:
-        src = node.args[0] if node.args else None
-        c = self.ch(src)
+        src, c = self.source(node)
         ins = [n for n in self.tensor_inputs(node) if self.ch(n) is not None]
         name = node.target
         if isinstance(mod, _CONV + _CONVT + (nn.Linear,)):
@@ -568,8 +572,7 @@ class _Analysis:
         return c
 
     def visit_reshape(self, node: torch.fx.Node) -> _Ch | None:
-        src = node.args[0] if node.args else None
-        c = self.ch(src)
+        src, c = self.source(node)
         if c is None:
             return None
         name = _short(node)
@@ -597,8 +600,7 @@ class _Analysis:
         return self.unsupported(node, f"reshapes {list(a)} to {list(b)}")
 
     def visit_reduce(self, node: torch.fx.Node) -> _Ch | None:
-        src = node.args[0] if node.args else None
-        c = self.ch(src)
+        src, c = self.source(node)
         if c is None:
             return None
         shape = _shape(src)
@@ -610,8 +612,7 @@ class _Analysis:
         return c if self.same_dim1(node, src) else self.unsupported(node)
 
     def visit_softmax(self, node: torch.fx.Node, dim) -> _Ch | None:
-        src = node.args[0] if node.args else None
-        c = self.ch(src)
+        src, c = self.source(node)
         if c is None:
             return None
         shape = _shape(src)
@@ -641,8 +642,7 @@ class _Analysis:
         return _Ch(self.sp.find(space), chans[0].block)
 
     def visit_pad(self, node: torch.fx.Node) -> _Ch | None:
-        src = node.args[0] if node.args else None
-        c = self.ch(src)
+        src, c = self.source(node)
         if c is None:
             return None
         pad = _arg(node, 1, "pad")
