@@ -13,6 +13,7 @@ import prunekit.criteria.pfp as pfp
 from prunekit.errors import PrunekitError
 from prunekit.masks import Masks
 from prunekit.models import get_model
+from nets import randomize_batchnorm
 from prunekit.prune import PruneOptions
 from prunekit.registry import ScoreContext, get_method
 from prunekit.seeding import generator
@@ -32,17 +33,9 @@ def _data(shape, n, seed=1):
     return [(x, torch.zeros(n, dtype=torch.long))]
 
 
-@torch.no_grad()
 def _build(name, seed=0):
-    torch.manual_seed(seed)
-    model = get_model(name, num_classes=10, input_shape=SHAPES[name]).eval()
-    for m in model.modules():  # non-trivial BN, so a forgotten BN shift shows up in the shrink checks
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
+    torch.manual_seed(seed)  # non-trivial BN, so a forgotten BN shift shows up in the shrink checks
+    return randomize_batchnorm(get_model(name, num_classes=10, input_shape=SHAPES[name]).eval())
 
 
 def _context(model, data, seed=0, min_keep=0, **opts):
