@@ -60,10 +60,6 @@ def _fmt_eta(seconds: float) -> str:
 BASELINES = ("random", "magnitude")
 
 
-def failed_error(store: Store, rid: str) -> str | None:
-    row = [r for r in store.runs(status="failed") if r["run_id"] == rid]
-    return row[0]["error"] if row else None
-
 
 def with_baselines(data: dict) -> dict:
     """``data`` with the ``random`` and ``magnitude`` baselines added to a grid over pruning methods (a
@@ -124,13 +120,14 @@ def sweep(data: dict, root: str | Path = "runs", *, workers: int | None = None, 
     try:
         recovered = _recover_journals(store, by_id, root)
         pending: list[str] = []
+        errors = {r["run_id"]: r["error"] for r in store.runs(status="failed")}  # read once
         for rid, (_cfg, res) in by_id.items():
             status = store.status(rid)
             if status == "done":
                 result.skipped.append(rid)
                 store.link(res["name"], rid)
-            elif status == "failed" and not retry_failed and failed_error(store, rid) != INTERRUPTED:
-                result.failed[rid] = failed_error(store, rid) or "failed earlier"
+            elif status == "failed" and not retry_failed and errors.get(rid) != INTERRUPTED:
+                result.failed[rid] = errors.get(rid) or "failed earlier"
             else:  # new, interrupted (Ctrl-C, or "running" in a store nobody writes to) or retried
                 pending.append(rid)
         log(f"sweep {resolved[0]['name'] if resolved else ''}: {len(by_id)} run(s) -> {root}/  "

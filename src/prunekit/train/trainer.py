@@ -148,6 +148,9 @@ class Trainer:
         self.test_acc_at_best_val: float | None = None
         self.stop_training = False  # a callback sets it in on_epoch_end to end fit() after that epoch
         self.tensorboard = None  # a SummaryWriter while fit() runs with cfg.tensorboard (rank 0, with a run_dir)
+        self._net: nn.Module = self.model  # what trains: the model, or its DDP wrapper (_wrap)
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._ddp_shapes: list[tuple] | None = None  # the wrapped model's parameter shapes
         if cfg.tensorboard:
             from .tensorboard import check_available
 
@@ -312,16 +315,15 @@ class Trainer:
         self._net = self.model
         if not distributed.active():
             return
-        old = getattr(self, "_ddp", None)
         shapes = [tuple(p.shape) for p in self.model.parameters()]
-        if old is None or old.module is not self.model or getattr(self, "_ddp_shapes", None) != shapes:
+        if self._ddp is None or self._ddp.module is not self.model or self._ddp_shapes != shapes:
             ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
             self._ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             self._ddp_shapes = shapes
         self._net = self._ddp
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        model, opt, dev = getattr(self, "_net", self.model), self.optimizer, self.device
+        model, opt, dev = self._net, self.optimizer, self.device
         model.train()
         world, rank = distributed.world_size(), distributed.rank()
         clip = self.cfg.grad_clip
