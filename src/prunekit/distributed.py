@@ -66,9 +66,8 @@ def owns(index: int) -> bool:
 
 
 def mine(units: Sequence[T]) -> list[T]:
-    """This rank's units of ``units`` (round robin: unit i goes to rank i mod world size)."""
-    w, r = world_size(), rank()
-    return list(units) if w == 1 else [u for i, u in enumerate(units) if i % w == r]
+    """This rank's units of ``units`` (round robin, as :func:`owns`)."""
+    return [u for i, u in enumerate(units) if owns(i)]
 
 
 def _device_for(t: torch.Tensor) -> torch.Tensor:
@@ -81,12 +80,14 @@ def _device_for(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _reduce(tensors, op) -> None:
+def _in_place(tensors, collective) -> None:
+    """``collective(buffer)`` on each tensor (None skipped), through a contiguous buffer on the backend's device
+    whose result is copied back when it is not the tensor itself."""
     for t in tensors:
         if t is None:
             continue
         buf = _device_for(t.contiguous())
-        dist.all_reduce(buf, op=op)
+        collective(buf)
         if buf is not t:
             t.copy_(buf)
 
@@ -94,13 +95,13 @@ def _reduce(tensors, op) -> None:
 def all_sum(*tensors: torch.Tensor | None) -> None:
     """In place: every tensor becomes the sum of its copies over the ranks (None entries are skipped)."""
     if active():
-        _reduce(tensors, dist.ReduceOp.SUM)
+        _in_place(tensors, lambda buf: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
 
 
 def all_max(*tensors: torch.Tensor | None) -> None:
     """In place: every tensor becomes the elementwise maximum of its copies over the ranks."""
     if active():
-        _reduce(tensors, dist.ReduceOp.MAX)
+        _in_place(tensors, lambda buf: dist.all_reduce(buf, op=dist.ReduceOp.MAX))
 
 
 def all_sum_optional(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -150,34 +151,11 @@ def all_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim).to(t.device)
 
 
-def interleave_cat(t: torch.Tensor, counts: Sequence[int], dim: int = 0) -> torch.Tensor:
-    """Undo a round-robin split: ``t`` holds this rank's units (unit sizes ``counts[i]`` along ``dim`` for every
-    unit i of the whole sequence, in order); returns all units in their original order on every rank."""
-    if not active():
-        return t
-    w = world_size()
-    gathered = all_cat(t, dim)
-    # rank r's block holds units r, r + w, ... in order
-    starts, offset = {}, 0
-    for r in range(w):
-        for i in range(r, len(counts), w):
-            starts[i] = offset
-            offset += counts[i]
-    return torch.cat([gathered.narrow(dim, starts[i], counts[i]) for i in range(len(counts))], dim)
-
-
 def same_on_all(*tensors: torch.Tensor | None) -> None:
     """In place: rank 0's values everywhere, so that ranks whose reductions rounded differently still agree bit for
     bit (masks derived from these tensors are then identical on every rank)."""
-    if not active():
-        return
-    for t in tensors:
-        if t is None:
-            continue
-        buf = _device_for(t.contiguous())
-        dist.broadcast(buf, src=0)
-        if buf is not t:
-            t.copy_(buf)
+    if active():
+        _in_place(tensors, lambda buf: dist.broadcast(buf, src=0))
 
 
 def barrier() -> None:
