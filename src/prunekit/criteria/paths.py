@@ -483,9 +483,9 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     for index, batch in enumerate(ctx.data):
         # DDP: each rank accumulates every world-size-th batch (summed over the ranks below); every rank builds the
         # path networks from the first batch
+        n_batches += 1
         ours = distributed.owns(index)
         if not ours and out_name is not None:
-            n_batches += 1
             continue
         x = _inputs(batch, method).to(device, dtype)
         gates: list[torch.Tensor] = []
@@ -511,7 +511,6 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                 t.requires_grad_(True)
             acc = [None] * len(leaves)
         if not ours:
-            n_batches += 1
             continue
         j_mode = _Activations("gate", gates, strict=True, method=method)
         with torch.no_grad():
@@ -532,7 +531,6 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         for i, g in enumerate(grads):
             if g is not None:
                 acc[i] = g if acc[i] is None else acc[i] + g
-        n_batches += 1
     acc = distributed.all_sum_optional(acc)
     if n_batches == 0:
         raise PrunekitError("px got no scoring batches: pass data= a re-iterable (a list or a DataLoader) with at "
