@@ -234,38 +234,22 @@ def gradient_matrix(
             row0 = got // b
             ours = distributed.owns(index)
             index += 1
-            if b <= m:
+            if b <= m:  # whole mini-batches, one row each
                 k = n // b
                 if k == 0:
                     break  # a short last mini-batch: dropped
-                x, y = x[: k * b], y[: k * b]
-                if not ours:
-                    got += k * b
-                    if n < take:
-                        break
-                    continue
-                try:
-                    run.groups(G, slice(row0, row0 + k), x, y, b, b)
-                except _Unsupported:
-                    run = _Vmap(model, params, cols, loss, label_smoothing)
-                    run.groups(G, slice(row0, row0 + k), x, y, b, b)
-                got += k * b
-                if n < take:
-                    break
+                rows, used, args, kw = slice(row0, row0 + k), k * b, (x[: k * b], y[: k * b], b, b), {}
             else:  # one mini-batch in pieces: add the sub-batch sums into its row
-                if not ours:
-                    got += n
-                    if n < take:
-                        break
-                    continue
+                rows, used, args, kw = slice(row0, row0 + 1), n, (x, y, n, b), {"accumulate": True}
+            if ours:
                 try:
-                    run.groups(G, slice(row0, row0 + 1), x, y, n, b, accumulate=True)
+                    run.groups(G, rows, *args, **kw)
                 except _Unsupported:
                     run = _Vmap(model, params, cols, loss, label_smoothing)
-                    run.groups(G, slice(row0, row0 + 1), x, y, n, b, accumulate=True)
-                got += n
-                if n < take:
-                    break
+                    run.groups(G, rows, *args, **kw)
+            got += used
+            if n < take:
+                break
     distributed.all_sum(G)
     N = got // b
     if N == 0:
