@@ -386,19 +386,21 @@ def test_kfac_linear_positions_match_explicit_loop():
     torch.testing.assert_close(fac["a.weight"].G, G)
 
 
-def test_kfac_linear_with_bias_and_unsupported_modules():
+def test_kfac_linear_with_bias_and_conv1d_grouped_modules():
     m = mlp()
     data, X, Y = batches(10, (3,), 3)
     s = pk.score(m, "kfac", data=data, kfac_samples=10, include_bias=True)
     assert set(s) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     masks = pk.prune(m, "kfac", 0.5, data=data, kfac_samples=10, include_bias=True)
     assert all(bool((p.tensor[~masks[p.name]] == 0).all()) for p in masks.params)
-    bad = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3, 2)).double()
-    with pytest.raises(pk.PrunekitError, match="Conv1d"):
-        pk.score(bad, "kfac", data=[(torch.randn(4, 2, 5, dtype=torch.float64), torch.tensor([0, 1, 0, 1]))])
+    # Conv1d and grouped Conv2d were refused before; tests/test_kfac_groups.py checks their values
+    y = torch.tensor([0, 1, 0, 1])
+    conv1d = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(9, 2)).double()
+    s = pk.score(conv1d, "kfac", data=[(torch.randn(4, 2, 5, dtype=torch.float64), y)], kfac_samples=4)
+    assert s["0.weight"].shape == (3, 2, 3) and bool(torch.isfinite(s["0.weight"]).all())
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 2)).double()
-    with pytest.raises(pk.PrunekitError, match="groups=2"):
-        pk.score(grouped, "kfac", data=[(torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1]))])
+    s = pk.score(grouped, "kfac", data=[(torch.randn(4, 2, 4, 4, dtype=torch.float64), y)], kfac_samples=4)
+    assert s["0.weight"].shape == (2, 1, 3, 3) and bool(torch.isfinite(s["0.weight"]).all())
 
 
 # ------------------------------------------------------------------------------------------- purity and counts

@@ -6,7 +6,8 @@
 - ``naivehess``: OBD saliency ½·w²·H_ii with the exact Hessian diagonal (double backprop, batched one-hot tangents)
   or a Hutchinson estimate; no update.
 - ``diagfisher``: ½·w²·F_qq with the diagonal empirical Fisher from per-example gradients; no update.
-- ``kfac``: the OBS statistic and the summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A.
+- ``kfac``: the OBS statistic and the summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A (one
+  block Γ_g ⊗ A_g per group of a grouped or depthwise Conv1d/2d/3d).
 
 Data (§1): each data method uses the first ``*_samples`` examples of ``data`` (the experiment harness feeds a
 freshly drawn, seeded subset at every pruning step); with fewer examples it uses them all and warns. Statistics are
@@ -403,14 +404,23 @@ class KFACOptions:
             raise error(f"scale_prune_update must be finite, got {self.scale_prune_update}")
 
 
+_KFAC_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _kfac_kind(m: nn.Module) -> str | None:
+    """"linear" or "conv" (Conv1d/2d/3d, any ``groups``) for a module with its class's standard forward, else None."""
     t = type(m)
     if isinstance(m, nn.Linear) and t.forward is nn.Linear.forward:
         return "linear"
-    if isinstance(m, nn.Conv2d) and t.forward is nn.Conv2d.forward and t._conv_forward is nn.Conv2d._conv_forward \
-            and m.groups == 1:
-        return "conv2d"
+    for base in _KFAC_CONVS:
+        if isinstance(m, base) and t.forward is base.forward and t._conv_forward is base._conv_forward:
+            return "conv"
     return None
+
+
+def _kfac_groups(m: nn.Module) -> int:
+    """Independent Kronecker blocks of a layer: ``groups`` of a convolution, 1 for Linear."""
+    return 1 if _kfac_kind(m) == "linear" else int(m.groups)
 
 
 def _sample_labels(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -422,27 +432,44 @@ def _sample_labels(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return torch.multinomial(probs, 1, generator=gen).reshape(logits.shape[:-1])
 
 
-def _patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded input [n, in·kh·kw, P], rows in the weight's flattening order (channel, kh, kw)."""
+def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded input [n, in·∏k, P] of a Conv1d/2d/3d, rows in the weight's flattening order (channel, k1, k2, ...)
+    over all ``in`` input channels (group g owns the rows of its in/groups channels, in order), P output positions.
+    Conv2d unfolds with ``F.unfold``; Conv1d/3d take strided windows per spatial dimension (dilation: every
+    dilation-th element of a window of span dilation·(k−1)+1)."""
     rp = list(m._reversed_padding_repeated_twice)
     if any(rp):
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, rp, mode=mode)
-    return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=0, stride=m.stride)
+    if isinstance(m, nn.Conv2d):
+        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=0, stride=m.stride)
+    nd = x.dim() - 2
+    for i in range(nd):  # appends one window dimension per spatial dimension: [n, c, O1..Ond, k1..knd]
+        k, dil, st = m.kernel_size[i], m.dilation[i], m.stride[i]
+        x = x.unfold(2 + i, dil * (k - 1) + 1, st)[..., ::dil]
+    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
+    return x.permute(perm).reshape(x.shape[0], x.shape[1] * math.prod(m.kernel_size), -1)
 
 
 def _factor_sums(m: nn.Module, x: torch.Tensor, d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_n (1/P)·Σ_p a_np a_npᵀ and Σ_n Σ_p δ_np δ_npᵀ over one chunk (float64), from the layer input ``x`` and the
     output gradient ``d`` (None when the output does not reach the loss). Examples go in sub-chunks whose unfolded
-    patches fit :data:`MAX_BYTES`; the products run in the activations' dtype and are summed in float64."""
+    patches fit :data:`MAX_BYTES`; the products run in the activations' dtype and are summed in float64.
+
+    A convolution with ``groups`` = g > 1 gets one pair per group, stacked: A [g, in/g·∏k, in/g·∏k] from the group's
+    own patch rows and Γ [g, out/g, out/g] from the group's own output channels (no cross-group terms: group g's
+    outputs see only its inputs, so the Fisher has no coupling between groups' weights under K-FAC either)."""
     n = x.shape[0]
     linear = _kfac_kind(m) == "linear"
-    dout, din = m.weight.shape[0], m.weight[0].numel()
+    gr = _kfac_groups(m)
+    dout, din = m.weight.shape[0], m.weight[0].numel()  # din: one group's inputs (in/groups·∏k for a conv)
+    dg = dout // gr
     P = x[0].numel() // din if linear else math.prod(d.shape[2:]) if d is not None else 1
-    per = 2 * x.element_size() * din * P + (0 if d is None else d[0].numel() * d.element_size())
+    per = 2 * x.element_size() * din * gr * P + (0 if d is None else d[0].numel() * d.element_size())
     sub = max(1, MAX_BYTES // max(1, per))
-    A = torch.zeros(din, din, dtype=torch.float64, device=x.device)
-    G = None if d is None else torch.zeros(dout, dout, dtype=torch.float64, device=x.device)
+    shape_a, shape_g = ((din, din), (dout, dout)) if gr == 1 else ((gr, din, din), (gr, dg, dg))
+    A = torch.zeros(shape_a, dtype=torch.float64, device=x.device)
+    G = None if d is None else torch.zeros(shape_g, dtype=torch.float64, device=x.device)
     for a0 in range(0, n, sub):
         b0 = min(n, a0 + sub)
         if linear:  # rows: (example, position)
@@ -451,42 +478,59 @@ def _factor_sums(m: nn.Module, x: torch.Tensor, d: torch.Tensor | None) -> tuple
             if d is not None:
                 dd = d[a0:b0].reshape(-1, dout)
                 G += (dd.t() @ dd).double()
-        else:
-            a = _patches(m, x[a0:b0])  # [k, in·kh·kw, P]
+        elif gr == 1:
+            a = _patches(m, x[a0:b0])  # [k, in·∏k, P]
             A += torch.einsum("nip,njp->ij", a, a).double() / a.shape[-1]
             if d is not None:
                 dd = d[a0:b0].reshape(b0 - a0, dout, -1)  # [k, out, P]
                 G += torch.einsum("nip,njp->ij", dd, dd).double()
+        else:
+            a = _patches(m, x[a0:b0])
+            a = a.reshape(b0 - a0, gr, din, a.shape[-1])  # [k, g, in/g·∏k, P]
+            A += torch.einsum("ngip,ngjp->gij", a, a).double() / a.shape[-1]
+            if d is not None:
+                dd = d[a0:b0].reshape(b0 - a0, gr, dg, -1)  # [k, g, out/g, P]
+                G += torch.einsum("ngip,ngjp->gij", dd, dd).double()
     return A, G
 
 
 @dataclass
 class KFACFactors:
     """Per prunable tensor: the undamped factors A, Γ (float64), the damped inverses, and ``inv_diag`` =
-    [F⁻¹]_(ij) = [Γ_d⁻¹]_ii·[A_d⁻¹]_jj shaped like the weight flattened to (out, in·kh·kw)."""
+    [F⁻¹]_(ij) = [Γ_d⁻¹]_ii·[A_d⁻¹]_jj shaped like the weight flattened to (out, in/groups·∏k).
+
+    For a convolution with ``groups`` = g > 1 the factors are stacked per group: A, A_inv [g, in/g·∏k, in/g·∏k],
+    Γ, Γ_inv [g, out/g, out/g] and ``pi`` a float64 tensor [g]; output channel o = g·(out/g) + i is row i of group
+    g's block (F = blockdiag_g(Γ_g ⊗ A_g)). With g = 1 they are plain matrices and ``pi`` a float, as before."""
 
     A: torch.Tensor
     G: torch.Tensor
     A_inv: torch.Tensor
     G_inv: torch.Tensor
     inv_diag: torch.Tensor
-    pi: float
+    pi: float | torch.Tensor
+    groups: int = 1
 
 
 def _spd_inverse(M: torch.Tensor, what: str) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(M)
-    if int(info) != 0:
+    L, info = torch.linalg.cholesky_ex(M)  # M may be a stack [g, d, d] (one factor per group)
+    if bool((info != 0).any()):
         raise PrunekitError(f"kfac: the damped factor {what} is not positive definite (non-finite statistics?); "
                             "raise fisher_damp")
     return torch.cholesky_inverse(L)
 
 
 def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
-    """A (inputs) and Γ (output gradients) of every prunable Linear / Conv2d, and their damped inverses.
+    """A (inputs) and Γ (output gradients) of every prunable Linear / Conv1d / Conv2d / Conv3d, and their damped
+    inverses.
 
     A = (1/(N·P))·Σ_n Σ_p a_np a_npᵀ and Γ = (1/N)·Σ_n Σ_p δ_np δ_npᵀ, δ_n the gradient of example n's own loss
     w.r.t. the layer output (the batch-mean loss times the batch size), P output positions. A bias gets A = [[1]]
     (its input is the constant 1) and the Γ of its layer.
+
+    Grouped and depthwise convolutions (``groups`` = g > 1): each group is an independent linear map from its
+    in/g·∏k patch features to its out/g outputs, so it gets its own A_g, Γ_g (the formulas above restricted to the
+    group's patch rows and output channels), its own π_g (``kfac_pi``) and its own damping √(λπ_g)·I, √(λ/π_g)·I.
     """
     o = ctx.options
     model = ctx.model
@@ -496,10 +540,11 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
     for p in ctx.params:
         if _kfac_kind(p.module) is None:
             what = type(p.module).__name__
-            if isinstance(p.module, nn.Conv2d):
-                what += f" with groups={p.module.groups}"
-            raise PrunekitError(f"kfac supports nn.Linear and nn.Conv2d (groups=1) only; {p.name!r} belongs to "
-                                f"{what}: exclude that module or use another method")
+            if isinstance(p.module, (nn.Linear, *_KFAC_CONVS)):
+                what += " with an overridden forward (its input → output map is unknown to kfac)"
+            raise PrunekitError(f"kfac supports nn.Linear and nn.Conv1d/2d/3d (any groups) with their standard "
+                                f"forward only; {p.name!r} belongs to {what}: exclude that module "
+                                f"(exclude=[{p.module_name!r}]) or use another method")
         if p.attr not in ("weight", "bias"):
             raise PrunekitError(f"kfac prunes layer weights and biases only, not {p.name!r}")
         if id(p.tensor) in seen and seen[id(p.tensor)] != p.module_name:
@@ -568,6 +613,9 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
     lam = o.fisher_damp
     res: dict[str, KFACFactors] = {}
     for m, mname in modules.items():
+        if _kfac_groups(m) > 1:
+            res.update(_grouped_factors(ctx, m, mname, A_sum[m], G_sum[m], n_total, dev))
+            continue
         w = m.weight
         din = w[0].numel()
         dout_ = w.shape[0]
@@ -595,9 +643,43 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
     return res
 
 
+def _grouped_factors(ctx: ScoreContext, m: nn.Module, mname: str, A_sum: torch.Tensor | None,
+                     G_sum: torch.Tensor | None, n_total: int, dev) -> dict[str, KFACFactors]:
+    """The factors of a convolution with groups = g > 1: the groups=1 conventions of :func:`kfac_factors` applied to
+    each group's stacked A_g [din, din], Γ_g [dg, dg] (din = in/g·∏k, dg = out/g)."""
+    lam = ctx.options.fisher_damp
+    gr = m.groups
+    din, dg = m.weight[0].numel(), m.weight.shape[0] // gr
+    A = A_sum / n_total if A_sum is not None else torch.zeros(gr, din, din, dtype=torch.float64, device=dev)
+    G = G_sum / n_total if G_sum is not None else torch.zeros(gr, dg, dg, dtype=torch.float64, device=dev)
+    pi = torch.ones(gr, dtype=torch.float64, device=A.device)
+    if ctx.options.kfac_pi:
+        ta = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / din
+        tg = torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) / dg
+        pi = torch.where((ta > 0) & (tg > 0), ta / torch.where(tg > 0, tg, 1.0), pi)
+    eye_a = torch.eye(din, dtype=torch.float64, device=A.device)
+    eye_g = torch.eye(dg, dtype=torch.float64, device=G.device)
+    A_inv = _spd_inverse(A + torch.sqrt(lam * pi)[:, None, None] * eye_a, f"A of {mname!r} (one per group)")
+    G_inv = _spd_inverse(G + torch.sqrt(lam / pi)[:, None, None] * eye_g, f"Γ of {mname!r} (one per group)")
+    gd = torch.diagonal(G_inv, dim1=-2, dim2=-1)  # [g, dg]
+    res = {}
+    for p in ctx.params:
+        if p.module is not m:
+            continue
+        if p.attr == "weight":
+            inv_diag = (gd[:, :, None] * torch.diagonal(A_inv, dim1=-2, dim2=-1)[:, None, :]).reshape(gr * dg, din)
+            res[p.name] = KFACFactors(A, G, A_inv, G_inv, inv_diag, pi, gr)
+        else:  # bias: input 1, A_g = [[1]]
+            one = torch.ones(gr, 1, 1, dtype=torch.float64, device=A.device)
+            a_inv = 1.0 / (1.0 + torch.sqrt(lam * pi))[:, None, None] * one
+            res[p.name] = KFACFactors(one, G, a_inv, G_inv, (gd[:, :, None] * a_inv).reshape(gr * dg, 1), pi, gr)
+    return res
+
+
 def kfac_update(ctx: ScoreContext, before: dict, after: dict) -> None:
     """Summed OBS update (§2) per tensor: U = w / [F⁻¹] on the newly pruned entries (0 elsewhere) and
-    δW = −σ·Γ_d⁻¹·U·A_d⁻¹, i.e. −σ·F⁻¹·vec(U) for F⁻¹ = Γ_d⁻¹ ⊗ A_d⁻¹ (row-major out × in·kh·kw). Applied in
+    δW = −σ·Γ_d⁻¹·U·A_d⁻¹, i.e. −σ·F⁻¹·vec(U) for F⁻¹ = Γ_d⁻¹ ⊗ A_d⁻¹ (row-major out × in·kh·kw). A grouped
+    convolution does this per group (U_g: the group's out/g rows; F⁻¹ is block-diagonal over groups). Applied in
     place before the new masks zero the pruned entries. σ = 0 leaves every weight unchanged."""
     sigma = float(ctx.options.scale_prune_update)
     factors: dict[str, KFACFactors] = ctx.state.get("kfac", {})
@@ -615,7 +697,10 @@ def kfac_update(ctx: ScoreContext, before: dict, after: dict) -> None:
             continue
         w = t.detach().double().reshape(f.inv_diag.shape)
         U = torch.where(new, w / f.inv_diag, torch.zeros_like(w))
-        dW = -sigma * (f.G_inv @ U @ f.A_inv)
+        if f.groups > 1:  # [g, out/g, din] per group, batched
+            dW = -sigma * (f.G_inv @ U.reshape(f.groups, -1, U.shape[-1]) @ f.A_inv)
+        else:
+            dW = -sigma * (f.G_inv @ U @ f.A_inv)
         t.add_(dW.reshape(t.shape).to(t.dtype))
 
 
@@ -623,10 +708,14 @@ def kfac_update(ctx: ScoreContext, before: dict, after: dict) -> None:
           update=kfac_update,
           summary="OBS statistic and summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A")
 def kfac(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """ρ_ij = w_ij² / (2·[Γ_d⁻¹]_ii·[A_d⁻¹]_jj) per prunable Linear / Conv2d weight; the factors go to
-    ``ctx.state['kfac']`` for :func:`kfac_update`. Factors and inverses are float64 (Cholesky); the Kronecker
+    """ρ_ij = w_ij² / (2·[Γ_d⁻¹]_ii·[A_d⁻¹]_jj) per prunable Linear / Conv1d / Conv2d / Conv3d weight; the factors
+    go to ``ctx.state['kfac']`` for :func:`kfac_update`. Factors and inverses are float64 (Cholesky); the Kronecker
     product is never formed (memory O(in² + out²) per layer). The factors ignore the mask (Γ ⊗ A cannot express it),
     so the update may move previously pruned coordinates, which the mask zeroes again.
+
+    Grouped and depthwise convolutions get one Kronecker block Γ_g ⊗ A_g per group (each group is an independent
+    linear map; memory O(g·((in/g·∏k)² + (out/g)²))), with the same damping, π and update per group. Earlier
+    versions refused them and Conv1d/Conv3d; a groups=1 Conv2d and Linear give the same factors as before.
 
     Reference defect fixed: the reference assembles a dense d_ℓ × d_ℓ block per layer (memory-bound and slow).
     """
