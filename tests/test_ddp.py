@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from prunekit.checkpoint import load_checked
 import prunekit as pk
 from prunekit import distributed
 from prunekit.registry import methods
@@ -200,8 +201,8 @@ def torchrun_matches_one_process(tmp_path, cfg):
     rid = C.run_id(C.resolve(cfg))
     # the final weights and masks: the trainer's last.pt, or the last IMP level's file
     last = f"imp/level_{one.levels[-1]['level']}.pt" if one.levels else "last.pt"
-    a = torch.load(tmp_path / "one" / rid / last, weights_only=False)
-    b = torch.load(tmp_path / "two" / rid / last, weights_only=False)
+    a = load_checked(tmp_path / "one" / rid / last)
+    b = load_checked(tmp_path / "two" / rid / last)
     weights = "final_state" if one.levels else "model"
     assert a["masks"].keys() == b["masks"].keys()
     for name, m in a["masks"].items():

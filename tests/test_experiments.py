@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from prunekit.checkpoint import load_checked
 import prunekit as pk
 from prunekit.cli import main
 from prunekit.experiments import Store, config as C, run
@@ -87,7 +88,7 @@ def test_overrides():
 
 
 def _weights(run_dir: Path):
-    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+    return load_checked(run_dir / "last.pt", map_location="cpu")["model"]
 
 
 def test_run_store_and_noop_rerun(tmp_path):
@@ -260,7 +261,7 @@ def test_pretrained_config_and_one_shot_evaluation(tmp_path):
 
     splits = load_dataset("synthetic")
     model = get_model("lenet_300_100", num_classes=splits.num_classes, input_shape=splits.input_shape)
-    model.load_state_dict(torch.load(tmp_path / "runs" / dense_id / "last.pt", weights_only=False)["model"])
+    model.load_state_dict(load_checked(tmp_path / "runs" / dense_id / "last.pt")["model"])
     pk.prune(model, "magnitude", sparsity=0.7, seed=0)
     _, _, test_dl = loaders(splits, 64)
     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in test_dl)
@@ -287,7 +288,7 @@ def test_pretrained_model_file(tmp_path):
            "prune": {"method": "magnitude", "sparsity": 0.8}}
     rec = run(cfg, tmp_path / "runs", log=lambda m: None)
     assert rec.achieved_sparsity == pytest.approx(0.8, abs=1e-4)
-    final = torch.load(Path(rec.run_dir) / "last.pt", weights_only=False)["masks"]
+    final = load_checked(Path(rec.run_dir) / "last.pt")["masks"]
     assert all(not bool((final[n] & ~masks[n]).any()) for n in masks.names())  # nested in the starting masks
     with pytest.raises(pk.ConfigError, match="not found"):
         C.resolve({**cfg, "model": {"name": "lenet_300_100", "pretrained": str(tmp_path / "nope.pt")}})

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from prunekit.checkpoint import load_checked
 import prunekit as pk
 from prunekit.experiments import Store, config as C, run
 from prunekit.experiments.report import render
@@ -151,7 +152,7 @@ def test_lth_run_exact_counts_nested_and_stored(tmp_path):
     assert [r["level"] for r in rows] == [0, 1, 2, 3]
     assert all(r["epochs"] == 4 and r["stop_reason"] == "budget" for r in rows)
     # exact kept counts: ceil-based removal per tensor, 20% hidden, 10% output
-    blobs = [torch.load(tmp_path / rec.run_id / "imp" / f"level_{k}.pt", weights_only=True) for k in range(4)]
+    blobs = [load_checked(tmp_path / rec.run_id / "imp" / f"level_{k}.pt") for k in range(4)]
     n = [m.numel() for m in blobs[0]["masks"].values()]
     assert len(n) == 3
     for r in rows:
@@ -183,10 +184,10 @@ def test_sap_prunes_by_pq_and_ciap_stops_early(tmp_path):
 def test_rewind_to_epoch_restarts_levels_there(tmp_path):
     rec = run(cfg(rewind="step:1ep"), tmp_path)
     d = tmp_path / rec.run_id / "imp"
-    rewind = torch.load(d / "level_0" / "rewind.pt", weights_only=False)["state"]
-    blob = torch.load(d / "level_0.pt", weights_only=True)
+    rewind = load_checked(d / "level_0" / "rewind.pt")["state"]
+    blob = load_checked(d / "level_0.pt")
     assert all(torch.equal(rewind[k], blob["rewind_state"][k]) for k in rewind)
-    lvl1 = torch.load(d / "level_1" / "last.pt", weights_only=False)
+    lvl1 = load_checked(d / "level_1" / "last.pt")
     assert [h["epoch"] for h in lvl1["history"]] == [1, 2, 3]  # the schedule and data order resume at epoch 1
     assert _levels(tmp_path, rec)[1]["epochs"] == 3
 
@@ -194,12 +195,12 @@ def test_rewind_to_epoch_restarts_levels_there(tmp_path):
 def test_rewind_to_iteration_resumes_mid_epoch(tmp_path):
     rec = run(cfg(rewind="step:10it"), tmp_path)  # synthetic: 512 samples / 64 = 8 steps per epoch
     d = tmp_path / rec.run_id / "imp"
-    theta0 = torch.load(d / "init.pt", weights_only=True)
-    rewind = torch.load(d / "level_0" / "rewind.pt", weights_only=False)["state"]
-    final0 = torch.load(d / "level_0.pt", weights_only=True)["final_state"]
+    theta0 = load_checked(d / "init.pt")
+    rewind = load_checked(d / "level_0" / "rewind.pt")["state"]
+    final0 = load_checked(d / "level_0.pt")["final_state"]
     w = "fc1.weight" if "fc1.weight" in rewind else next(k for k in rewind if k.endswith("weight"))
     assert not torch.equal(rewind[w], theta0[w]) and not torch.equal(rewind[w], final0[w])
-    lvl1 = torch.load(d / "level_1" / "last.pt", weights_only=False)
+    lvl1 = load_checked(d / "level_1" / "last.pt")
     assert [h["epoch"] for h in lvl1["history"]] == [1, 2, 3] and lvl1["global_step"] == 4 * 8
     with pytest.raises(pk.PrunekitError, match=r"step:1000it.*after the end of training \(4 epochs x 8 steps"):
         run(cfg(rewind="step:1000it"), tmp_path)
@@ -207,7 +208,7 @@ def test_rewind_to_iteration_resumes_mid_epoch(tmp_path):
 
 def test_original_mode_runs_with_seed_statistics(tmp_path):
     rec = run(cfg(method="giap", stop_mode="original", rewind="step:2ep"), tmp_path)
-    blob = torch.load(tmp_path / rec.run_id / "imp" / "level_0.pt", weights_only=True)
+    blob = load_checked(tmp_path / rec.run_id / "imp" / "level_0.pt")
     ref = blob["record"]["summary"]["reference"]
     assert len(ref["gf"]) == 3 and len(ref["if"]) == 2 and 0 <= ref["acc"] <= 1
     rows = _levels(tmp_path, rec)
@@ -307,11 +308,11 @@ def test_cascade_prunes_in_turn_and_retrains(tmp_path):
     assert [r["epochs"] for r in rows] == [2, 1, 1, 1]
     assert math.isclose(rec.sparsity, 0.8) and rec.epochs == 5
     d = tmp_path / rec.run_id / "cascade"
-    blobs = [torch.load(d / f"level_{k}.pt", weights_only=True) for k in range(4)]
+    blobs = [load_checked(d / f"level_{k}.pt") for k in range(4)]
     for a, b in zip(blobs, blobs[1:]):  # nested, and each level starts from the last one's weights (pruned)
         for name in a["masks"]:
             assert not (b["masks"][name] & ~a["masks"][name]).any()
-    theta0 = torch.load(d / "init.pt", weights_only=True)
+    theta0 = load_checked(d / "init.pt")
     start2 = blobs[1]["final_state"]  # level 2 starts here: level 1's weights, pruned, never rewound
     for name, m in blobs[2]["masks"].items():
         assert (start2[name][~m] == 0).all() and not torch.equal(start2[name][m], theta0[name][m])

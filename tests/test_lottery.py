@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from prunekit.checkpoint import load_checked
 from prunekit.errors import PrunekitError
 from prunekit.lottery import density_after, kept_after, level_masks, run_imp
 from prunekit.masks import Masks
@@ -45,7 +46,7 @@ SIZES = [128, 192, 36]
 
 def _masks(tmp_path, **kw):
     recs = run_imp(model_fn, Trainer(), kw.pop("levels", 4), run_dir=tmp_path, **kw)
-    blobs = [torch.load(tmp_path / f"level_{r['level']}.pt", weights_only=True) for r in recs]
+    blobs = [load_checked(tmp_path / f"level_{r['level']}.pt") for r in recs]
     return recs, blobs
 
 
@@ -89,7 +90,7 @@ def test_level_masks_output_exempt_and_global():
 
 def test_rewind_init_restores_theta0(tmp_path):
     recs, blobs = _masks(tmp_path, levels=2, scope="layer")
-    theta0 = torch.load(tmp_path / "init.pt", weights_only=True)
+    theta0 = load_checked(tmp_path / "init.pt")
     assert torch.equal(theta0["0.weight"], model_fn()[0].weight.detach())
     seen = {}
 
@@ -98,7 +99,7 @@ def test_rewind_init_restores_theta0(tmp_path):
         return {}
 
     run_imp(model_fn, spy, 2, run_dir=tmp_path / "b", scope="layer")
-    b = [torch.load(tmp_path / "b" / f"level_{k}.pt", weights_only=True) for k in range(3)]
+    b = [load_checked(tmp_path / "b" / f"level_{k}.pt") for k in range(3)]
     for level in (1, 2):
         for n in NAMES:
             mk = b[level]["masks"][n]
@@ -111,7 +112,7 @@ def test_rewind_init_restores_theta0(tmp_path):
 def test_rewind_epoch(tmp_path):
     tr = Trainer(epochs=3)
     run_imp(model_fn, tr, 1, run_dir=tmp_path, rewind=("epoch", 1), train_epochs=3)
-    rs = torch.load(tmp_path / "level_0.pt", weights_only=True)["rewind_state"]
+    rs = load_checked(tmp_path / "level_0.pt")["rewind_state"]
     assert rs is not None and not torch.equal(rs["0.weight"], model_fn()[0].weight.detach())
     with pytest.raises(PrunekitError, match="after the end of training"):
         run_imp(model_fn, tr, 1, run_dir=tmp_path / "x", rewind=("epoch", 4), train_epochs=3)
@@ -130,8 +131,8 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert tr.calls == [2, 3, 4]
     assert res == ref
     for k in range(5):
-        a = torch.load(tmp_path / "a" / f"level_{k}.pt", weights_only=True)
-        b = torch.load(tmp_path / "b" / f"level_{k}.pt", weights_only=True)
+        a = load_checked(tmp_path / "a" / f"level_{k}.pt")
+        b = load_checked(tmp_path / "b" / f"level_{k}.pt")
         for n in NAMES:
             assert torch.equal(a["masks"][n], b["masks"][n])
         for key in a["final_state"]:
@@ -150,7 +151,7 @@ def test_controls_keep_layer_counts(tmp_path, control):
 
     recs = run_imp(model_fn, tf, 2, run_dir=tmp_path, scope="layer", control=control, control_seed=7)
     assert all("control" in r for r in recs[1:]) and "control" not in recs[0]
-    theta0 = torch.load(tmp_path / "init.pt", weights_only=True)
+    theta0 = load_checked(tmp_path / "init.pt")
     for level in (1, 2):
         main = [s for s in seen if s[0] == level and "control" not in s[1]][0]
         ctrl = [s for s in seen if s[0] == level and "control" in s[1]][0]

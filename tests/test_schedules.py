@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from prunekit.checkpoint import load_checked
 import prunekit as pk
 from prunekit.experiments import Store, config as C, run
 from prunekit.schedules import Gradual, OneShot
@@ -63,7 +64,7 @@ def test_gradual_run_follows_the_schedule_and_resumes(tmp_path, monkeypatch):
         assert sp[e] == pytest.approx(target, abs=1e-4)
     assert sp[5] == pytest.approx(0.9, abs=1e-4)
     assert [(ev["epoch"], ev["substep"]) for ev in rec.prune_events] == [(1, 0), (1, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
-    ckpt = torch.load(tmp_path / "a" / rec.run_id / "last.pt", weights_only=False)
+    ckpt = load_checked(tmp_path / "a" / rec.run_id / "last.pt")
     assert ckpt["weight_decay_off"] is True
     # killed after epoch 2: resumes between two pruning steps and ends identical
     real = Store.log_epoch
@@ -82,8 +83,8 @@ def test_gradual_run_follows_the_schedule_and_resumes(tmp_path, monkeypatch):
         return [{k: v for k, v in e.items() if k != "seconds"} for e in events]
 
     assert again.final_test_acc == rec.final_test_acc and no_time(again.prune_events) == no_time(rec.prune_events)
-    w1 = torch.load(tmp_path / "a" / rec.run_id / "last.pt", weights_only=False)["model"]
-    w2 = torch.load(tmp_path / "b" / rec.run_id / "last.pt", weights_only=False)["model"]
+    w1 = load_checked(tmp_path / "a" / rec.run_id / "last.pt")["model"]
+    w2 = load_checked(tmp_path / "b" / rec.run_id / "last.pt")["model"]
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from prunekit.checkpoint import load_checked
 import prunekit
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.train import Callback, Trainer, TrainConfig, build_optimizer, build_scheduler
@@ -319,7 +320,7 @@ def test_finished_run_is_a_noop_and_checkpoint_format(tmp_path):
     trainer = _run(tmp_path, "set_epoch", epochs=2)
     hist = trainer.fit()
     final = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    ck = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    ck = load_checked(tmp_path / "last.pt", map_location="cpu")
     assert ck["epoch"] == 2 and ck["global_step"] == 12 and ck["masks"] is not None
     assert {"model", "optimizer", "scheduler", "rng", "callbacks", "history", "best", "weight_decay_off"} <= set(ck)
     assert ck["callbacks"][0] == {"class": "PruneAt", "state": {"done": True}}
@@ -393,12 +394,12 @@ def test_checkpoint_every(tmp_path):
     class Peek(Callback):
         def on_epoch_begin(self, trainer, epoch):
             p = tmp_path / "last.pt"
-            saved.append(torch.load(p, weights_only=False)["epoch"] if p.exists() else None)
+            saved.append(load_checked(p)["epoch"] if p.exists() else None)
 
     Trainer(make_model(), cfg_(epochs=5, checkpoint_every=2), batches(x, y, 16), callbacks=[Peek()],
             run_dir=tmp_path).fit()
     assert saved == [None, None, 2, 2, 4]
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 5  # and at the end
+    assert load_checked(tmp_path / "last.pt")["epoch"] == 5  # and at the end
     Trainer(make_model(), cfg_(epochs=2, checkpoint_every=0), batches(x, y, 16), run_dir=tmp_path / "never").fit()
     assert not (tmp_path / "never" / "last.pt").exists()
 

@@ -1,6 +1,7 @@
 """Atomic file writes: a crash never leaves a half-written file behind."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -23,21 +24,46 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
     if not distributed.is_main():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        _raise_plain(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        _raise_plain(e, path)
         raise
     return path
+
+
+def _raise_plain(e: BaseException, path: Path) -> None:
+    """Raise a disk-full, read-only or permission error as a one-line :class:`WriteError` naming ``path``; return
+    for any other exception (the caller re-raises it)."""
+    if isinstance(e, OSError) and e.errno in _PLAIN_CAUSES:
+        raise WriteError(f"cannot write {path}: {_PLAIN_CAUSES[e.errno]}; nothing was changed (the previous file, "
+                         "if any, is intact)") from e
+
+
+class WriteError(PrunekitError):
+    """A file could not be written for a reason the user must fix (disk full, read-only, permission)."""
+
+
+_PLAIN_CAUSES = {
+    errno.ENOSPC: "the disk is full (ENOSPC): free some space and run the same command again",
+    errno.EDQUOT: "the disk quota is exceeded (EDQUOT): free some space and run the same command again",
+    errno.EROFS: "the file system is read-only (EROFS): point --root at a writable folder",
+    errno.EACCES: "permission denied (EACCES): make the folder writable or point --root elsewhere",
+}
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from . import distributed
+from .checkpoint import CheckpointError, CorruptCheckpointWarning, load_checked, on_corrupt_policy, quarantine, \
+    save_checked
 from .errors import PrunekitError
-from .io import atomic_torch_save, atomic_write_json
+from .io import atomic_write_json
 from .masks import Masks
 from .seeding import generator
 from .select import keep_among_alive
@@ -205,6 +209,7 @@ def run_imp(
     rule_config: Mapping | None = None,
     on_level: Callable[[dict], None] | None = None,
     masks_fn: Callable[[nn.Module], Masks] | None = None,
+    owner: str | None = None,
 ) -> list[dict]:
     """Iterative magnitude pruning: ``levels`` pruning levels after the dense level 0 (``levels + 1`` trainings).
 
@@ -244,11 +249,10 @@ def run_imp(
     index_path = run_dir / "imp.json"
     init_path = run_dir / "init.pt"
     model = model_fn()
-    if init_path.exists():
-        theta0 = torch.load(init_path, map_location="cpu", weights_only=True)
-    else:
+    theta0 = _trusted(init_path, owner)
+    if theta0 is None:  # model_fn() is deterministic: a lost init.pt is written again, identical
         theta0 = _clone_state(model)
-        atomic_torch_save(theta0, init_path)
+        save_checked(theta0, init_path, owner)
     records: list[dict] = []
     first = masks_fn(model) if masks_fn is not None else Masks(model)
     masks_next = {n: m.cpu() for n, m in first.state_dict().items()}
@@ -267,7 +271,10 @@ def run_imp(
         done = int(index.get("done", 0))
     prune_info: dict = {}
     for level in range(done):
-        blob = torch.load(run_dir / f"level_{level}.pt", map_location="cpu", weights_only=True)
+        blob = _trusted(run_dir / f"level_{level}.pt", owner)
+        if blob is None:  # untrusted: this level and the ones after it are trained again
+            done = level
+            break
         records.append(blob["record"])
         masks_next, prev_final = blob["next_masks"], blob["final_state"]
         prune_info = blob.get("prune_info") or {}
@@ -318,8 +325,8 @@ def run_imp(
                 _check_nested(cur_masks, nxt)
             masks_next = {n: m.cpu().to(torch.bool) for n, m in nxt.items()}
         prev_final = _clone_state(model)  # after the prune rule, which may move weights (kept with rewind 'none')
-        atomic_torch_save({"record": record, "masks": cur_masks, "next_masks": masks_next, "prune_info": prune_info,
-                           "final_state": prev_final, "rewind_state": saved_rewind}, run_dir / f"level_{level}.pt")
+        save_checked({"record": record, "masks": cur_masks, "next_masks": masks_next, "prune_info": prune_info,
+                      "final_state": prev_final, "rewind_state": saved_rewind}, run_dir / f"level_{level}.pt", owner)
         records.append(record)
         atomic_write_json(index_path, {"config": config, "done": level + 1,
                                        "levels": [{k: r[k] for k in ("level", "kept", "total", "density")}
@@ -327,6 +334,23 @@ def run_imp(
         if on_level is not None:
             on_level(record)
     return records
+
+
+def _trusted(path: Path, owner: str | None):
+    """The contents of a checked level file, or None when it is missing or cannot be trusted (then it is moved
+    aside with a warning, or, with ``PRUNEKIT_ON_CORRUPT=error``, the search stops with the reason)."""
+    if not path.exists():
+        return None
+    try:
+        return load_checked(path, owner)
+    except CheckpointError as e:
+        if on_corrupt_policy() == "error":
+            raise CheckpointError(path, f"{e.reason}; not resumed (--no-restart-corrupt): move it aside to redo the "
+                                        "work it held") from None
+        kept = quarantine(path) if distributed.is_main() else path
+        warnings.warn(CorruptCheckpointWarning(f"{path}: {e.reason}; not used (kept as {kept.name}), its work is "
+                                               "done again"), stacklevel=3)
+        return None
 
 
 def _check_nested(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:

@@ -30,7 +30,10 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """The global RNG states, for checkpoints."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}  # plain data: loads with weights_only=True
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -38,7 +41,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    ns = state["numpy"]
+    if isinstance(ns, dict):
+        ns = (ns["kind"], ns["keys"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["gauss"])
+    np.random.set_state(ns)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..checkpoint import sub_owner
 from ..lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
@@ -43,7 +44,7 @@ def run_cascade(resolved: dict, run_dir: Path, loaders_: tuple, model_fn: Callab
 
     def train_fn(model, masks, level, level_dir, rewind_epoch=None):
         trainer = Trainer(model, tcfg if level == 0 else retrain, train_dl, val_dl, test_dl, run_dir=level_dir,
-                          seed=resolved["seed"], masks=masks, log=log)
+                          owner=sub_owner(run_dir, level_dir), seed=resolved["seed"], masks=masks, log=log)
         return fit_level(trainer)
 
     def prune_rule(masks: Masks, model, level: int):
@@ -59,4 +60,5 @@ def run_cascade(resolved: dict, run_dir: Path, loaders_: tuple, model_fn: Callab
         model_fn, train_fn, len(chunks), run_dir=run_dir / "cascade", prune_fraction=0.5, rewind="none",
         prune_rule=prune_rule, rule_config={"method": p["method"], "chunks": chunks, "options": options},
         on_level=on_level, masks_fn=lambda model: Masks(model, prunable_params(model, common.param_spec())),
+        owner=sub_owner(run_dir, run_dir / "cascade"),
     )

@@ -17,6 +17,7 @@ Each finished level becomes one row (:func:`level_row`) that the runner stores i
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +26,14 @@ import torch
 from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_step
 from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
 from .. import distributed
-from ..io import atomic_torch_save
+from ..checkpoint import (CheckpointError, CorruptCheckpointWarning, load_checked, on_corrupt_policy, quarantine,
+                          save_checked, sub_owner)
 from ..lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
 from ..prune import PruneOptions
 from ..train import Callback, Trainer
+from ..train.trainer import LAST
 from ..train.config import TrainConfig
 from ..typed import from_dict
 
@@ -66,15 +69,36 @@ class _Checks:
 class _RewindCapture(Callback):
     """Level 0 with ``rewind: step:<k>``: save the weights (and, in original mode, the references) after k steps."""
 
-    def __init__(self, k: int, path: Path, on_capture: Callable[[object], dict] | None):
-        self.k, self.path, self.on_capture = k, path, on_capture
+    def __init__(self, k: int, path: Path, on_capture: Callable[[object], dict] | None, owner: str | None = None):
+        self.k, self.path, self.on_capture, self.owner = k, path, on_capture, owner
 
     def on_batch_end(self, trainer, step, loss):
         # under DDP rank 0 decides (its file may already be visible to the others, and on_capture reduces)
         if step == self.k - 1 and not distributed.broadcast_object(self.path.exists()):
             extra = self.on_capture(trainer) if self.on_capture else {}
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
-            atomic_torch_save({"state": state, "extra": extra}, self.path)
+            save_checked({"state": state, "extra": extra}, self.path, self.owner)
+
+
+def _check_rewind(rewind_path: Path, last_path: Path, owner: str) -> None:
+    """Level 0 captures its rewind weights during training: an untrusted ``rewind.pt`` is moved aside together with
+    the level's ``last.pt`` (past the capture point), so the level trains again from scratch and captures anew."""
+    if not rewind_path.exists():
+        return
+    try:
+        load_checked(rewind_path, owner)
+    except CheckpointError as e:
+        if on_corrupt_policy() == "error":
+            raise CheckpointError(rewind_path, f"{e.reason}; not resumed (--no-restart-corrupt): move it and "
+                                               f"{last_path.name} aside to train level 0 again") from None
+        if distributed.is_main():
+            kept = quarantine(rewind_path)
+            if last_path.exists():
+                quarantine(last_path)
+        else:
+            kept = rewind_path
+        warnings.warn(CorruptCheckpointWarning(f"{rewind_path}: {e.reason}; not used (kept as {kept.name}), level 0 "
+                                               "trains again from scratch"), stacklevel=2)
 
 
 class _StopCheck(Callback):
@@ -184,10 +208,12 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
 
     def train_fn(model, masks, level, level_dir, rewind_epoch=None):
         level_dir = Path(level_dir)
+        owner = sub_owner(run_dir, level_dir)
         cbs: list = []
         rewind_path = level_dir / "rewind.pt"
         if level == 0 and rewind_epoch:
-            cbs.append(_RewindCapture(rewind_epoch, rewind_path, capture if original else None))
+            _check_rewind(rewind_path, level_dir / LAST, owner)
+            cbs.append(_RewindCapture(rewind_epoch, rewind_path, capture if original else None, owner))
         checker = None
         if level >= 1:
             rule = None
@@ -198,7 +224,7 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
             checker = _StopCheck(rule, flow, checks, ref, k_epoch, o.chunk_epochs, use_test=original)
             cbs.append(checker)
         trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=cbs, run_dir=level_dir, seed=seed,
-                          masks=masks, log=log)
+                          masks=masks, log=log, owner=owner)
         if level >= 1 and k:
             trainer.start_at(k_epoch, k_skip)
         out = fit_level(trainer)
@@ -210,7 +236,7 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
                        stop_epoch=rule.stopped_epoch if rule is not None else None)
         if level == 0:
             if original:
-                blob = torch.load(rewind_path, map_location="cpu", weights_only=False) if rewind_epoch else None
+                blob = load_checked(rewind_path, owner) if rewind_epoch else None
                 if blob is None:  # rewinding to init: the references of the trained dense network
                     st = checks.stats(trainer.model, trainer.masks)
                     blob = {"extra": {"if": st["if"], "gf": st["gf_ref"],
@@ -220,7 +246,7 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
                 st = checks.stats(trainer.model, trainer.masks)
                 out["reference"] = {"if": st["if"], "gf": st["gf"], "acc": s["best_val_acc"]}
             if rewind_epoch:
-                out["rewind_state"] = torch.load(rewind_path, map_location="cpu", weights_only=False)["state"]
+                out["rewind_state"] = load_checked(rewind_path, owner)["state"]
         return out
 
     def pq_rule(masks, model, level):
@@ -240,5 +266,5 @@ def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: s
         rewind=("step", k) if k is not None else o.rewind, train_epochs=tcfg.epochs, train_steps=tcfg.epochs * spe,
         control=None if o.control == "none" else o.control, control_seed=o.control_seed,
         control_levels=o.control_levels, prune_rule=prune_rule, rule_config=rule_config, on_level=remember,
-        masks_fn=lambda model: Masks(model, prunable_params(model, spec)),
+        masks_fn=lambda model: Masks(model, prunable_params(model, spec)), owner=sub_owner(run_dir, run_dir / "imp"),
     )

@@ -110,12 +110,16 @@ def _load_pretrained(model, pre: dict | None, root: Path, data_dir, store: Store
 
     if pre is None:
         return None
+    from ..checkpoint import load_checked, verify_digest
+
     if "file" in pre:
         return load(pre["file"], model)
     rec = run(pre["config"], root, data_dir=data_dir, store=store, log=log)  # a no-op once it is done
     if pre["weights"] == "best":
-        return load(Path(rec.run_dir) / "best.pt", model)
-    state = torch.load(Path(rec.run_dir) / "last.pt", map_location="cpu", weights_only=False)
+        best = Path(rec.run_dir) / "best.pt"
+        verify_digest(best, rec.run_id)
+        return load(best, model)
+    state = load_checked(Path(rec.run_dir) / "last.pt", rec.run_id)
     model.load_state_dict(state["model"])
     return Masks.from_state_dict(model, state["masks"]) if state["masks"] is not None else None
 
@@ -237,7 +241,9 @@ def _run_levels(resolved, rid, run_dir, splits, loaders_, device, model, start_m
     from ..registry import get_method
 
     distributed.barrier()  # DDP: rank 0 has written the level files the other ranks read now
-    blob = torch.load(run_dir / sub / f"level_{last['level']}.pt", map_location="cpu", weights_only=True)
+    from ..checkpoint import load_checked, sub_owner
+
+    blob = load_checked(run_dir / sub / f"level_{last['level']}.pt", sub_owner(run_dir, run_dir / sub))
     model.load_state_dict(blob["final_state"])  # the last level's trained weights
     final = Masks.from_state_dict(model, blob["masks"])
     final.apply()
@@ -387,7 +393,7 @@ def run(
                 pruner = PruningCallback(when, p["method"], data=score_data, on_prune=diagnose, **p["options"],
                                          **p["method_options"])
                 callbacks.insert(0, pruner)
-            trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=run_dir,
+            trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=run_dir, owner=rid,
                               seed=resolved["seed"], masks=start_masks, log=log)
             if tcfg.epochs == 0:
                 summary = _one_shot(trainer, callbacks, val_dl, test_dl)

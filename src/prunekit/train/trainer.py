@@ -11,9 +11,15 @@
 Files in ``run_dir``:
 
 - ``last.pt``: the resumable checkpoint (see :meth:`Trainer.checkpoint_state`), written atomically every
-  ``cfg.checkpoint_every`` epochs and after the last epoch;
+  ``cfg.checkpoint_every`` epochs and after the last epoch, as a checked checkpoint of ``owner``
+  (:mod:`prunekit.checkpoint`: owner and sha256 in a header, plain data loaded with ``weights_only=True``);
 - ``best.pt``: the model and masks at the best validation accuracy (the last epoch when there is no validation
-  data), written with :func:`prunekit.save`; read it back with :func:`prunekit.load`.
+  data), written with :func:`prunekit.save` (read it back with :func:`prunekit.load`), with ``best.pt.sha256``.
+
+A ``last.pt`` that cannot be trusted (unreadable, empty, truncated, damaged, another owner's, or not plain data) is
+never resumed: with ``on_corrupt="restart"`` (the default, or the ``PRUNEKIT_ON_CORRUPT`` environment variable) it
+is moved aside to ``last.pt.corrupt`` with a one-line warning and training starts from scratch; with ``"error"``
+the trainer raises :class:`prunekit.checkpoint.CheckpointError`.
 
 Resuming restores the model, optimizer, scheduler, masks, history, best tracking, callback states and the global
 RNG states, so an interrupted run continues exactly as an uninterrupted one would (bit for bit on the CPU, given a
@@ -32,6 +38,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -41,7 +48,7 @@ from torch import nn
 
 from .. import distributed
 from ..errors import PrunekitError
-from ..io import atomic_torch_save
+from ..checkpoint import CheckpointError, CorruptCheckpointWarning, load_checked, on_corrupt_policy, quarantine, save_checked, write_digest
 from ..masks import Masks, save
 from ..seeding import rng_state, seed_everything, set_rng_state
 from ..typed import to_dict
@@ -117,6 +124,8 @@ class Trainer:
         seed: int = 0,
         masks: Masks | None = None,
         log: Callable[[str], Any] | None = None,
+        owner: str | None = None,
+        on_corrupt: str | None = None,
     ):
         cfg.validate()
         self.cfg = cfg
@@ -126,8 +135,10 @@ class Trainer:
         self.seed = int(seed)
         self.log = log if log is not None else _stderr
         self.device = resolve_device(cfg.device)
+        self.owner = owner  # whose checkpoints these are (a run id); None: checked for damage only
+        self._on_corrupt = on_corrupt_policy(on_corrupt)
 
-        self._resume_from = self.last_path if self.last_path is not None and self.last_path.exists() else None
+        self._resume_from = self._trusted_checkpoint()  # (path, state) of a checkpoint to resume, or None
         if self._resume_from is None:
             seed_everything(self.seed)
 
@@ -159,6 +170,34 @@ class Trainer:
         self._skip = 0  # batches of the first epoch already trained before the start point (start_at)
         if masks is not None:
             self.set_masks(masks)
+
+    def _trusted_checkpoint(self) -> tuple[Path, dict] | None:
+        """The verified state of ``run_dir/last.pt`` when there is one to resume; an untrusted one is moved aside
+        (and training restarts from scratch) or raises, by ``on_corrupt``."""
+        path = self.last_path
+        if path is None or not path.exists():
+            return None
+        try:
+            return path, self._read_checkpoint(path)
+        except CheckpointError as e:
+            if self._on_corrupt == "error":
+                raise CheckpointError(path, f"{e.reason}; not resumed (--no-restart-corrupt): move it aside to "
+                                            "restart the run from scratch") from None
+            where = path
+            if distributed.is_main():
+                try:
+                    where = quarantine(path)
+                except FileNotFoundError:  # another process moved it first
+                    pass
+            warnings.warn(CorruptCheckpointWarning(f"{path}: {e.reason}; not resumed (kept as {where.name}), training "
+                                                   "starts from scratch"), stacklevel=3)
+            return None
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        state = load_checked(path, self.owner)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(path, f"not a prunekit training checkpoint ({CHECKPOINT_FORMAT})")
+        return state
 
     # ------------------------------------------------------------------------------------------------- paths
     @property
@@ -217,8 +256,6 @@ class Trainer:
             raise PrunekitError(f"start_at({epoch}): the epoch must be in [0, {self.cfg.epochs}] (train.epochs)")
         if self._resume_from is not None or self.epochs_done:
             return
-        import warnings
-
         with warnings.catch_warnings():  # stepping the schedule before any optimizer step is what we mean here
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(epoch):
@@ -239,8 +276,8 @@ class Trainer:
         (``None`` for missing val/test data) plus anything callbacks add in ``on_epoch_end``.
         """
         if self._resume_from is not None:
-            path, self._resume_from = self._resume_from, None
-            self.load_checkpoint(path)
+            (path, state), self._resume_from = self._resume_from, None
+            self._restore(path, state)
             if self.epochs_done < self.cfg.epochs:
                 self._say(f"resuming {path} after epoch {self.epochs_done}/{self.cfg.epochs}")
         if self.epochs_done >= self.cfg.epochs or self.stop_training:
@@ -298,7 +335,7 @@ class Trainer:
             every = self.cfg.checkpoint_every
             if self.run_dir is not None and every > 0 and (self.epochs_done % every == 0 or self.stop_training
                                                            or self.epochs_done == self.cfg.epochs):
-                atomic_torch_save(self.checkpoint_state(), self.last_path)
+                save_checked(self.checkpoint_state(), self.last_path, self.owner)
             self._log_epoch(metrics)
             if self.tensorboard is not None:
                 from .tensorboard import log_epoch
@@ -415,6 +452,8 @@ class Trainer:
         if self.run_dir is not None:
             save(self.best_path, self.model, self.masks, epoch=m["epoch"], val_acc=m["val_acc"],
                  test_acc=m["test_acc"], sparsity=m["sparsity"])
+            if distributed.is_main():
+                write_digest(self.best_path, self.owner)
 
     def summary(self) -> dict:
         """final_test_acc, best_val_acc, best_epoch, test_acc_at_best_val, epochs, train_seconds (and finals)."""
@@ -453,10 +492,12 @@ class Trainer:
         }
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a state written by :meth:`checkpoint_state` (our own file, so ``weights_only=False``)."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise PrunekitError(f"{path} is not a prunekit training checkpoint ({CHECKPOINT_FORMAT})")
+        """Restore a state written by :meth:`checkpoint_state` (a checked checkpoint of this trainer's ``owner``;
+        raises :class:`~prunekit.checkpoint.CheckpointError` for one that cannot be trusted)."""
+        path = Path(path)
+        self._restore(path, self._read_checkpoint(path))
+
+    def _restore(self, path: Path, state: dict) -> None:
         saved_cbs = state["callbacks"]
         names = [type(cb).__name__ for cb in self.callbacks]
         if [c["class"] for c in saved_cbs] != names:
