@@ -76,6 +76,25 @@ class BNScaleOptions(FilterOptions):
     normalize: Literal["max", "none"] = "none"
 
 
+def why_fixed(groups: list[ChannelGroup], n: int = 6) -> str:
+    """``'name' (reason); ...`` for the first ``n`` channel groups that cannot lose channels."""
+    fixed = [g for g in groups if not g.prunable]
+    text = "; ".join(f"{g.name!r} ({g.reason})" for g in fixed[:n])
+    return text + (f"; and {len(fixed) - n} more" if len(fixed) > n else "")
+
+
+def require_prunable_group(code: str, model, groups: list[ChannelGroup]) -> None:
+    """A structured method needs at least one channel group that may lose channels: otherwise a PrunekitError that
+    names every group's reason and the ways out, raised before any scoring work."""
+    if any(g.prunable for g in groups):
+        return
+    raise PrunekitError(
+        f"{code} removes whole channels, but no channel group of {type(model).__name__} can lose channels: "
+        f"{why_fixed(groups) or 'the tracer found no channel groups'}. Use an unstructured method (magnitude, snip, "
+        "woodfisherblock, ...), or change the layers named (e.g. groups=1 instead of a grouped conv, a BatchNorm "
+        "instead of a LayerNorm over channels) so their channels can be removed together")
+
+
 def _l1(ctx: ScoreContext, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     return filter_norm_scores(ctx.model, groups, p=1)
 
@@ -125,6 +144,7 @@ def _make(code: str, channel_score: Callable):
         o = ctx.options
         s = check_sparsity(sparsity)
         st = _state(ctx, code, channel_score)
+        require_prunable_group(code, ctx.model, st["groups"])
         alive = {p.name: ctx.masks[p.name].to(torch.bool) for p in ctx.params}
         total = sum(m.numel() for m in alive.values())
         target = keep_count(total, s)

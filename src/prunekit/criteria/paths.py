@@ -116,7 +116,7 @@ class _Activations(TorchFunctionMode):
             return out
         if self.strict and func in _OTHER_ACT:
             raise PrunekitError(
-                f"{self.method} supports ReLU networks only: the forward calls {_fname(func)}"
+                f"{self.method} supports ReLU networks only: the forward calls {_fname(func)}{_RELU_ONLY_FIX}"
             )
         return func(*args, **kwargs)
 
@@ -131,13 +131,19 @@ class _Activations(TorchFunctionMode):
         return any(o is not out for o, _ in self.softmax)
 
 
+#: Why PX refuses other activations, and what to do instead (appended to its refusals).
+_RELU_ONLY_FIX = (" (PX's path decomposition gates every unit by 1[a > 0], which needs ReLU activations; GELU, "
+                  "SiLU, tanh, ... have no such gates); use a ReLU model, or an unstructured data method that "
+                  "accepts any activation (snip, grasp, fts, woodfisherblock, ...)")
+
+
 def _check_relu_modules(model: nn.Module, method: str) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.ReLU) or isinstance(m, _SOFTMAX_MODULES):
             continue
         if type(m).__module__ == "torch.nn.modules.activation":
             raise PrunekitError(
-                f"{method} supports ReLU networks only: module {name!r} is {type(m).__name__}"
+                f"{method} supports ReLU networks only: module {name!r} is {type(m).__name__}{_RELU_ONLY_FIX}"
             )
 
 

@@ -141,6 +141,16 @@ def _check_layer(p: PrunableParam) -> None:
         "not one: leave it out with exclude=[...] (and do not pass include_bias)")
 
 
+def _no_reader_message(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
+    from .filters import why_fixed
+
+    fixed = why_fixed(list(groups))
+    return ("pfp: no layer reads a prunable channel group, so no channel can be removed (the groups are not prunable "
+            "or their layers are excluded" + (f"; not prunable: {fixed}" if fixed else "") + "); use an "
+            "unstructured method (sipp is PFP's weight-level counterpart), or change the layers named (e.g. groups=1 "
+            "instead of a grouped conv) so their channels can be removed together")
+
+
 def _readers(groups: Sequence[ChannelGroup]) -> dict[str, list[tuple[ChannelGroup, int]]]:
     out: dict[str, list[tuple[ChannelGroup, int]]] = {}
     for g in groups:
@@ -553,8 +563,7 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
     plan = _Plan(ctx, scores, st, seed, min_keep)
     if not plan.readers:
-        raise PrunekitError("pfp: no layer reads a prunable channel group, so no channel can be removed (the "
-                            "groups are not prunable or their layers are excluded); use an unstructured method")
+        raise PrunekitError(_no_reader_message(ctx.model, st["groups"]))
     k_min = plan.evaluate_t(plan.t_of(0.0), "det")[0]
     k_max = plan.evaluate_t(plan.t_of(1.0), "det")[0]
     tol = o.size_tol
@@ -636,6 +645,9 @@ def pfp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         _check_layer(p)
     x, need = sv.sample_inputs(ctx, o, who="pfp")
     groups = channel_groups(ctx.model, x[:2])
+    readers = _readers(groups)
+    if not any(_input_group(p, readers) is not None for p in ctx.params):  # before the sensitivities
+        raise PrunekitError(_no_reader_message(ctx.model, groups))
     run, layers = sv._collect(ctx.model, ctx.params, x, "max")
     out = {}
     for p in ctx.params:
