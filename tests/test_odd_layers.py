@@ -7,6 +7,7 @@ PrunekitError whose reason its definition requires (REFUSES, with the reason per
 from the registry automatically; IMP codes (needs_data == "training") only run as experiments and are skipped."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -175,3 +176,75 @@ def test_structured_codes_refuse_a_model_without_removable_channels_naming_why(c
     assert "groups=2 (grouped, not depthwise)" in msg and "Tensor.transpose" in msg and "feeds the output" in msg
     assert "unstructured method" in msg
     assert all(bool(p.detach().ne(0).all()) for n, p in m.named_parameters() if n.endswith("weight"))  # untouched
+
+
+# ---------------------------------------------------------------------------------------- Conv3d in sipp and pfp
+
+
+@pytest.mark.parametrize("mode,groups", [("zeros", 1), ("zeros", 2), ("reflect", 2)])
+def test_sipp_conv3d_patches_reproduce_the_convolution(mode, groups):
+    """The Conv3d patches sipp and pfp read are the conv's own inputs: Σ_j w_ij·patch_j + b_i is its output."""
+    from prunekit.criteria import sensitivity as sv
+    from prunekit.params import prunable_params
+
+    torch.manual_seed(1)
+    conv = nn.Conv3d(4, 6, (2, 3, 2), stride=(1, 2, 1), dilation=(2, 1, 1), padding=(1, 1, 0), groups=groups,
+                     padding_mode=mode).double()
+    x = torch.randn(3, 4, 5, 6, 4, dtype=torch.float64)
+    (p,) = prunable_params(nn.Sequential(conv))
+    a = sv._patches(sv._layer(p), x)  # [n, in·∏k, P]
+    og, jg = 6 // groups, conv.weight[0].numel()
+    w = conv.weight.detach().reshape(6, -1)
+    z = torch.cat([torch.einsum("ij,njp->nip", w[g * og:(g + 1) * og], a[:, g * jg:(g + 1) * jg])
+                   for g in range(groups)], 1)
+    want = conv(x)
+    torch.testing.assert_close(z + conv.bias.detach()[None, :, None], want.reshape(3, 6, -1))
+
+
+class Net2d(nn.Module):
+    input_shape = (2, 5, 5)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+class Net3d(nn.Module):
+    """Net2d with (1, 3, 3) Conv3d kernels on a depth-1 input: the same function."""
+
+    input_shape = (2, 1, 5, 5)
+
+    def __init__(self, net2d: Net2d):
+        super().__init__()
+        self.a, self.b = nn.Conv3d(2, 6, (1, 3, 3), padding=(0, 1, 1)), nn.Conv3d(6, 6, (1, 3, 3), padding=(0, 1, 1))
+        with torch.no_grad():
+            for c3, c2 in ((self.a, net2d.a), (self.b, net2d.b)):
+                c3.weight.copy_(c2.weight.unsqueeze(2))
+                c3.bias.copy_(c2.bias)
+        self.fc = copy.deepcopy(net2d.fc)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("code,opts", [("sipp", {}), ("sipp", {"variant": "rand"}), ("pfp", {})])
+def test_conv3d_gets_the_masks_of_the_equivalent_conv2d(code, opts):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(24, 2, 5, 5, generator=g)
+    Y = torch.randint(0, 3, (24,), generator=g)
+    n2 = Net2d()
+    n3 = Net3d(n2)
+    with torch.no_grad():
+        torch.testing.assert_close(n3(X.unsqueeze(2)), n2(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pfp may miss the size by a channel: the same miss on both sides
+        m2 = pk.prune(n2, code, sparsity=0.6, data=[(X, Y)], sample_size=24, **opts)
+        m3 = pk.prune(n3, code, sparsity=0.6, data=[(X.unsqueeze(2), Y)], sample_size=24, **opts)
+    assert 0 < m3.kept() < m3.total()
+    for name in ("a.weight", "b.weight", "fc.weight"):
+        assert torch.equal(m3[name].reshape(m2[name].shape), m2[name]), name

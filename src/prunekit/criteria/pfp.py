@@ -50,7 +50,7 @@ Choices where methods/sensitivity.md is silent:
 
 - Only channel groups that :func:`prunekit.structured.channel_groups` marks prunable are touched: a layer whose
   input group is not prunable (unsupported operation, the model's output) keeps its input whole. A layer is
-  compressed only if its weight is prunable here (in ``ctx.params``), it is a Linear/Conv1d/Conv2d with
+  compressed only if its weight is prunable here (in ``ctx.params``), it is a Linear/Conv1d/2d/3d with
   ``groups == 1`` that reads exactly one group; a group loses channels only if all its readers are compressed.
 - Unreached bounds: if even the smallest ε-selection (every layer at its minimum of channels) keeps more than
   target·(1 + size_tol), or the largest (every channel with s_c > 0) fewer than target·(1 − size_tol), a
@@ -132,13 +132,17 @@ def channel_sensitivity(s: torch.Tensor, channels: int) -> torch.Tensor:
     return s.reshape(s.shape[0], channels, -1).amax(dim=(0, 2))
 
 
+#: The layers whose weights pfp prunes.
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _check_layer(p: PrunableParam) -> None:
     m, w = p.module, p.tensor
-    if p.attr == "weight" and w is not None and w.dim() >= 2 and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if p.attr == "weight" and w is not None and w.dim() >= 2 and isinstance(m, _LAYERS):
         return
     raise PrunekitError(
-        f"pfp prunes the weights of Linear, Conv1d and Conv2d layers; {p.name!r} ({type(m).__name__}.{p.attr}) is "
-        "not one: leave it out with exclude=[...] (and do not pass include_bias)")
+        f"pfp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d); {p.name!r} "
+        f"({type(m).__name__}.{p.attr}) is not one: leave it out with exclude=[...] (and do not pass include_bias)")
 
 
 def _no_reader_message(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
@@ -166,7 +170,7 @@ def _input_group(p: PrunableParam, readers: Mapping[str, list]) -> tuple[Channel
         return None
     g, block = got[0]
     m, w = p.module, p.tensor
-    if not g.prunable or not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if not g.prunable or not isinstance(m, _LAYERS):
         return None
     if isinstance(m, nn.Linear):
         return (g, block) if w.dim() == 2 and w.shape[1] == g.size * block else None

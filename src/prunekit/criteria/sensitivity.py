@@ -38,7 +38,7 @@ Choices where methods/sensitivity.md is silent:
   candidate closest to the target (the one below on a tie) and warns with the achieved ratio.
 - ``max(1, min_keep_per_layer)`` weights per tensor are reserved (§10's default is 1), except when the target is
   smaller than that many weights over all tensors.
-- Only Linear, Conv1d and Conv2d weights (groups included) are supported; the scope is always global.
+- Only Linear and Conv1d/2d/3d weights (groups included) are supported; the scope is always global.
 """
 from __future__ import annotations
 
@@ -183,12 +183,12 @@ def _layer(p: PrunableParam) -> _Layer:
     if p.attr == "weight" and w is not None and w.dim() >= 2:
         if isinstance(m, nn.Linear):
             return _Layer(p, "linear", w.shape[0], 1, 1)
-        for cls, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d")):
+        for cls, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d"), (nn.Conv3d, "conv3d")):
             if isinstance(m, cls):
                 return _Layer(p, kind, w.shape[0], m.groups, math.prod(m.kernel_size))
     raise PrunekitError(
-        f"sipp prunes the weights of Linear, Conv1d and Conv2d layers; {p.name!r} ({type(m).__name__}.{p.attr}) is "
-        "not one: leave it out with exclude=[...] (and do not pass include_bias)"
+        f"sipp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d); {p.name!r} "
+        f"({type(m).__name__}.{p.attr}) is not one: leave it out with exclude=[...] (and do not pass include_bias)"
     )
 
 
@@ -201,10 +201,16 @@ def _patches(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        pad = (0, 0)
+        pad = (0,) * len(m.kernel_size)
     else:
         pad = tuple(m.padding)
     ks, st, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+    if layer.kind == "conv3d":  # no 3-D unfold in torch: a strided window per spatial dim, then (C, k1, k2, k3) rows
+        if any(pad):
+            x = F.pad(x, [q for p in reversed(pad) for q in (p, p)])
+        for i in range(3):
+            x = x.unfold(2 + i, dil[i] * (ks[i] - 1) + 1, st[i])[..., ::dil[i]]
+        return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(n, x.shape[1] * math.prod(ks), -1)
     if layer.kind == "conv1d":
         x = x.unsqueeze(-2)
         ks, st, dil, pad = (1, ks[0]), (1, st[0]), (1, dil[0]), (0, pad[-1])
