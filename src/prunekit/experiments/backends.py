@@ -171,9 +171,10 @@ def _run_one(cfg: dict, root: str, data_dir) -> tuple[str, float]:
 
 
 class LocalBackend:
-    """A spawn process pool on this machine, ``workers`` processes (default: one per CPU core) of cores / workers
-    torch threads each; one worker runs the runs in this process, one after the other. Workers write the sweep's
-    store themselves (a local SQLite file, WAL mode, one transaction per write)."""
+    """A spawn process pool on this machine, ``workers`` processes (default: one per CPU core); one worker runs the
+    runs in this process, one after the other. Each run computes with its own ``train.threads`` (default 1), never
+    with a count derived from ``workers``, so a sweep gives the same numbers however it is launched. Workers write
+    the sweep's store themselves (a local SQLite file, WAL mode, one transaction per write)."""
 
     name = "local"
     remote = False

@@ -268,16 +268,28 @@ def _one_shot(trainer, callbacks, val_dl, test_dl) -> dict:
             "epochs": 0, "train_seconds": 0.0}
 
 
-class _ReadOnlyStore:
-    """The store as ranks other than 0 see it under DDP: reads pass through, writes are rank 0's job."""
+class RankStore:
+    """The store as ranks other than 0 see it under DDP: the reads a run makes pass through, and the writes a run
+    makes are rank 0's job (here they do nothing). Any other use is an error, not a silent no-op."""
+
+    READS = ("record", "status", "runs", "levels", "epochs", "layers")
+    WRITES = ("begin_run", "link", "log_epoch", "log_levels", "finish_run", "fail_run")
 
     def __init__(self, store: Store):
         self._store = store
 
     def __getattr__(self, name):
-        if name in ("record", "status", "runs", "levels", "epochs", "layers"):
+        if name in self.READS:
             return getattr(self._store, name)
-        return lambda *a, **k: None
+        if name in self.WRITES:
+            return _rank0_writes
+        raise AttributeError(f"{type(self).__name__} (the store of a DDP rank other than 0) has no {name!r}: "
+                             f"it reads ({', '.join(self.READS)}) and skips the run's writes "
+                             f"({', '.join(self.WRITES)})")
+
+
+def _rank0_writes(*args, **kwargs) -> None:
+    """A store write on a DDP rank other than 0: rank 0 writes it."""
 
 
 def run(
@@ -308,10 +320,11 @@ def run(
     store = store or Store(root / "results.sqlite")
     real_store = store
     if distributed.init_from_env(resolved["train"]["device"]) and not distributed.is_main():
-        store = _ReadOnlyStore(store)
+        store = RankStore(store)
         log = lambda msg: None  # noqa: E731 - rank 0 reports
     log = log or (lambda msg: print(msg, file=sys.stderr))
     lock = None
+    threads_before = torch.get_num_threads()
     try:
         done = store.record(rid)
         if done is not None:
@@ -323,6 +336,8 @@ def run(
         # checked before anything is written: a bad device or a missing dataset is the user's to fix, not a run
         tcfg: TrainConfig = from_dict(TrainConfig, resolved["train"])
         device = str(resolve_device(tcfg.device))
+        # results differ with the intra-op thread count: every run computes with its own, whoever launched it
+        torch.set_num_threads(tcfg.threads or 1)
         d = resolved["data"]
         splits = _dataset(d, data_dir)
         run_dir = root / rid
@@ -400,43 +415,49 @@ def run(
             else:
                 trainer.fit()
                 summary = trainer.summary()
+            masks = trainer.masks if trainer.masks is not None else Masks(model)
+            events = pruner.events if pruner is not None else []
+            layers = _layer_rows(masks)
+            structured = None
+            if p["method"] != "none" and get_method(p["method"]).structured and trainer.masks is not None \
+                    and distributed.is_main():  # the shrunk archive and its latency: rank 0's job
+                structured = structured_result(model, masks, tuple(splits.input_shape), run_dir, device)
+                best = structured["latency"][-1]
+                log(f"[{rid}] shrunk: params {structured['params_ratio']:.3f} of dense, MACs "
+                    f"{structured['macs_ratio']:.3f}, batch {best['batch_size']} latency {best['ms']:.2f} ms "
+                    f"({best['speedup']:.2f}x vs dense)")
+            final_events = [e for e in events if e.get("final")]
+            before = final_events[-1] if final_events else {}
+            rec = RunRecord(
+                run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
+                structured=structured, val_acc_before_finetune=before.get("val_acc_before"),
+                test_acc_before_finetune=before.get("test_acc_before"),
+                compression=1.0 / max(1.0 - masks.sparsity(), 1e-12),
+                theoretical_speedup=_speedup(model, masks, splits.input_shape), peak_memory_mb=_peak_memory_mb(device),
+                model=resolved["model"]["name"], dataset=resolved["data"]["name"],
+                final_test_acc=summary.get("final_test_acc"), best_val_acc=summary.get("best_val_acc"),
+                test_acc_at_best_val=summary.get("test_acc_at_best_val"), best_epoch=summary.get("best_epoch"),
+                achieved_sparsity=masks.sparsity(), collapsed=masks.collapsed(), prune_events=events,
+                connected=events[-1].get("diagnostics", {}).get("connected") if events else None,
+                prune_seconds=sum(e.get("seconds", 0.0) for e in events),
+                train_seconds=summary.get("train_seconds", 0.0),
+                total_seconds=time.perf_counter() - t_start, epochs=summary.get("epochs", tcfg.epochs),
+                run_dir=str(run_dir),
+            )
+            atomic_write_json(run_dir / "record.json", rec.to_dict())
+            store.finish_run(rid, rec.to_dict(), layers)
+            return rec
         except BaseException as e:
             msg = f"{type(e).__name__}: {e}"
             store.fail_run(rid, msg if not isinstance(e, KeyboardInterrupt) else INTERRUPTED)
             if not isinstance(e, (KeyboardInterrupt, SystemExit)) and distributed.is_main():
-                (run_dir / "error.txt").write_text(traceback.format_exc())
+                try:
+                    (run_dir / "error.txt").write_text(traceback.format_exc())
+                except OSError:  # a full disk: the store row holds the error
+                    pass
             raise
-        masks = trainer.masks if trainer.masks is not None else Masks(model)
-        events = pruner.events if pruner is not None else []
-        layers = _layer_rows(masks)
-        structured = None
-        if p["method"] != "none" and get_method(p["method"]).structured and trainer.masks is not None \
-                and distributed.is_main():  # the shrunk archive and its latency: rank 0's job
-            structured = structured_result(model, masks, tuple(splits.input_shape), run_dir, device)
-            best = structured["latency"][-1]
-            log(f"[{rid}] shrunk: params {structured['params_ratio']:.3f} of dense, MACs {structured['macs_ratio']:.3f}"
-                f", batch {best['batch_size']} latency {best['ms']:.2f} ms ({best['speedup']:.2f}x vs dense)")
-        final_events = [e for e in events if e.get("final")]
-        before = final_events[-1] if final_events else {}
-        rec = RunRecord(
-            run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
-            structured=structured, val_acc_before_finetune=before.get("val_acc_before"),
-            test_acc_before_finetune=before.get("test_acc_before"),
-            compression=1.0 / max(1.0 - masks.sparsity(), 1e-12),
-            theoretical_speedup=_speedup(model, masks, splits.input_shape), peak_memory_mb=_peak_memory_mb(device),
-            model=resolved["model"]["name"], dataset=resolved["data"]["name"],
-            final_test_acc=summary.get("final_test_acc"), best_val_acc=summary.get("best_val_acc"),
-            test_acc_at_best_val=summary.get("test_acc_at_best_val"), best_epoch=summary.get("best_epoch"),
-            achieved_sparsity=masks.sparsity(), collapsed=masks.collapsed(), prune_events=events,
-            connected=events[-1].get("diagnostics", {}).get("connected") if events else None,
-            prune_seconds=sum(e.get("seconds", 0.0) for e in events), train_seconds=summary.get("train_seconds", 0.0),
-            total_seconds=time.perf_counter() - t_start, epochs=summary.get("epochs", tcfg.epochs),
-            run_dir=str(run_dir),
-        )
-        atomic_write_json(run_dir / "record.json", rec.to_dict())
-        store.finish_run(rid, rec.to_dict(), layers)
-        return rec
     finally:
+        torch.set_num_threads(threads_before)
         if lock is not None:
             release_lock(lock)
         if own_store:

@@ -65,7 +65,7 @@ class SlurmOptions:
     """What each run's task asks Slurm for, and how the sweep submits them.
 
     ``partition``: None = the cluster's default. ``time_min``: each task's time limit (a requeued task gets a new
-    one). ``cpus_per_task`` (also the run's torch threads), ``gpus_per_task``, ``mem_gb`` (None: the partition's
+    one). ``cpus_per_task`` (a run computes with ``train.threads``; give it as many), ``gpus_per_task``, ``mem_gb`` (None: the partition's
     default). ``log_dir``: submitit's folder of job pickles and logs (default ``ROOT/slurm_logs``; must be shared).
     ``array_parallelism``: at most this many tasks of an array run at once. ``max_timeouts``: how often a task that
     hits its time limit is requeued (preemptions do not count). ``executor``: ``slurm``, or ``local`` to run the

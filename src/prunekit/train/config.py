@@ -34,7 +34,10 @@ class TrainConfig:
     masks are applied (:meth:`prunekit.train.Trainer.set_masks`). ``grad_clip`` is a maximum gradient norm (None =
     no clipping). ``device='auto'`` means CUDA when available, else the CPU. ``checkpoint_every`` is the number of
     epochs between resumable checkpoints (0 = never). ``tensorboard``: write TensorBoard event files under the run
-    folder (:mod:`prunekit.train.tensorboard`; needs the ``tensorboard`` extra).
+    folder (:mod:`prunekit.train.tensorboard`; needs the ``tensorboard`` extra). ``threads``: the intra-op torch
+    threads an experiment run computes with (None = 1); the harness fixes it per run, whatever the number of sweep
+    workers, because CPU results differ bit for bit with the thread count (the library's Trainer leaves the
+    process's setting alone).
     """
 
     epochs: int = 10
@@ -57,6 +60,7 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 1
     tensorboard: bool = False
+    threads: int | None = None
 
     def validate(self, path: str = "", error: type[Exception] = ConfigError) -> None:
         """Raise ``error(message)`` for a bad value or a bad combination of values."""
@@ -100,6 +104,8 @@ class TrainConfig:
             fail("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             fail("grad_clip", f"must be > 0 (or null for no clipping), got {self.grad_clip}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            fail("threads", f"must be an integer >= 1 (or null for 1), got {self.threads}")
         if self.checkpoint_every < 0:
             fail("checkpoint_every", f"must be >= 0 (0 = never), got {self.checkpoint_every}")
         if self.device != "auto":
