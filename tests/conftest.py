@@ -24,3 +24,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def scoped_registry():
+    """Register test methods freely: the method registry is restored after the test, and the fixture checks that it
+    was (a later test sees exactly the methods it saw before)."""
+    from prunekit import registry
+
+    before = registry.snapshot()
+    with registry.scoped():
+        yield registry
+    after = registry.snapshot()
+    assert after == before, "the method registry was not restored after the test"

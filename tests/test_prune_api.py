@@ -211,7 +211,7 @@ def test_custom_optimizer_gets_post_step_masking(tiny_mlp):
     assert pk.sparsity(tiny_mlp) < masks.sparsity()
 
 
-def test_method_update_runs_between_selection_and_masking(tiny_mlp):
+def test_method_update_runs_between_selection_and_masking(tiny_mlp, scoped_registry):
     """A registered update sees the masks before and after selection, moves weights, and pruned ones end at 0."""
     seen = {}
 
@@ -225,8 +225,7 @@ def test_method_update_runs_between_selection_and_masking(tiny_mlp):
         ctx.state["from_score"] = "hello"
         return {p.name: p.tensor.detach().abs() for p in ctx.params}
 
-    if "test_shift_update" not in [m.name for m in pk.methods()]:
-        pk.register("test_shift_update", family="test", needs_data="none", summary="test only", update=update)(score)
+    pk.register("test_shift_update", family="test", needs_data="none", summary="test only", update=update)(score)
     before = {n: p.detach().clone() for n, p in tiny_mlp.named_parameters()}
     masks = pk.prune(tiny_mlp, "test_shift_update", sparsity=0.5)
     assert seen == {"state": "hello", "newly_pruned": masks.total() - masks.kept()}
@@ -234,3 +233,150 @@ def test_method_update_runs_between_selection_and_masking(tiny_mlp):
         w = dict(tiny_mlp.named_parameters())[n]
         assert torch.count_nonzero(w[~m]) == 0
         torch.testing.assert_close(w[m], before[n][m] + 1.0)
+
+
+def test_registered_test_method_does_not_leak():
+    """The test above registered ``test_shift_update`` under ``scoped_registry``: no later test sees it."""
+    assert "test_shift_update" not in [m.name for m in pk.methods()]
+    with pytest.raises(pk.PrunekitError, match="unknown method"):
+        pk.get_method("test_shift_update")
+
+
+def test_scoped_registry_restores_the_registry():
+    from prunekit import registry
+
+    before = registry.snapshot()
+    with registry.scoped():
+        pk.register("test_scoped_tmp", family="test", needs_data="none", summary="test only",
+                    aliases=("test_scoped_alias",))(lambda ctx: {p.name: p.tensor.abs() for p in ctx.params})
+        assert pk.get_method("test_scoped_alias").name == "test_scoped_tmp"
+    assert registry.snapshot() == before
+    assert "test_scoped_tmp" not in [m.name for m in pk.methods()]
+
+
+# ------------------------------------------------------------------------------ masks never contradict the model
+def _lenet():
+    from prunekit.models import get_model
+
+    torch.manual_seed(0)
+    return get_model("lenet_300_100")
+
+
+def _weights(masks):
+    return {p.name: p.tensor.detach() for p in masks.params}
+
+
+def test_fresh_model_has_no_existing_zeros_warning(tiny_mlp):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.masks.ExistingZerosWarning)
+        masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.5)
+        pk.prune(tiny_mlp, "random", sparsity=0.9, masks=masks)  # masks given: no warning either
+
+
+def test_existing_zeros_count_as_pruned_without_masks():
+    """magnitude 0.5, then random 0.9 without masks=: the zeros of the first prune stay pruned, the masks keep
+    exactly the non-zero weights, and the counts are exact."""
+    model = _lenet()
+    first = pk.prune(model, "magnitude", sparsity=0.5)
+    total = first.total()
+    zeros = total - pk.keep_count(total, 0.5)
+    assert first.kept() == total - zeros
+    with pytest.warns(pk.masks.ExistingZerosWarning, match=f"{zeros:,} exact zeros") as rec:
+        masks = pk.prune(model, "random", sparsity=0.9)
+    assert "masks=" in str(rec[0].message)
+    assert masks.kept() == pk.keep_count(total, 0.9)
+    assert pk.sparsity(model) == masks.sparsity()
+    for name, w in _weights(masks).items():
+        assert torch.equal(masks[name], w != 0)  # kept entries are exactly the non-zero weights
+        assert not bool((masks[name] & ~first[name]).any())  # nested in the first masks
+
+
+def test_lower_sparsity_than_existing_zeros_is_an_error_before_scoring(scoped_registry):
+    model = _lenet()
+    pk.prune(model, "magnitude", sparsity=0.95)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def score(ctx):
+        calls.append(1)
+        return {p.name: p.tensor.detach().abs() for p in ctx.params}
+
+    pk.register("test_counting_score", family="test", needs_data="none", summary="test only")(score)
+    with pytest.warns(pk.masks.ExistingZerosWarning):
+        with pytest.raises(pk.PrunekitError, match=r"sparsity 0.8 .*at least 0.95"):
+            pk.prune(model, "test_counting_score", sparsity=0.8)
+    assert calls == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert pk.sparsity(model) == pytest.approx(0.95, abs=1e-5)
+
+
+def test_lower_sparsity_with_given_masks_is_an_error_before_scoring(tiny_mlp):
+    masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.75)
+    with pytest.raises(pk.PrunekitError, match=r"at least 0.75"):
+        pk.prune(tiny_mlp, "magnitude", sparsity=0.5, masks=masks)
+    assert masks.kept() == pk.keep_count(masks.total(), 0.75)
+
+
+def test_existing_zeros_layer_scope_keeps_them_pruned():
+    model = _lenet()
+    pk.prune(model, "magnitude", sparsity=0.95)
+    zeros_before = {n: int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight")}
+    with pytest.warns(pk.masks.ExistingZerosWarning):
+        masks = pk.prune(model, "random", sparsity=0.5, scope="layer")
+    for s in masks.layer_stats():
+        w = dict(model.named_parameters())[s.name]
+        assert torch.equal(masks[s.name], w.detach() != 0)
+        assert s.total - s.kept >= zeros_before[s.name]  # at least as sparse as before, in every layer
+        assert s.kept == min(max(1, int(0.5 * s.total + 0.5)), s.total - zeros_before[s.name])
+
+
+def test_all_zero_tensor_is_an_initialisation_not_a_mask(tiny_mlp):
+    import warnings
+
+    with torch.no_grad():
+        for m in tiny_mlp:
+            if isinstance(m, nn.Linear):
+                m.bias.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.masks.ExistingZerosWarning)
+        masks = pk.prune(tiny_mlp, "random", sparsity=0.5, include_bias=True, scope="layer")
+    assert all(s.kept == max(1, int(0.5 * s.total + 0.5)) for s in masks.layer_stats())  # biases pruned from dense
+
+
+def test_attach_reapplies_masks_after_regrowth(tiny_mlp):
+    masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.9, scope="layer")
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+        opt.step()
+
+    for _ in range(5):  # trained without the masks attached: pruned weights regrow
+        step()
+    assert pk.sparsity(tiny_mlp) < 0.5
+    masks.attach(opt)
+    assert pk.sparsity(tiny_mlp) == masks.sparsity()  # applied on attach
+    for _ in range(200):
+        step()
+    for name, w in _weights(masks).items():
+        assert torch.count_nonzero(w[~masks[name]]) == 0
+        buf = opt.state[dict(tiny_mlp.named_parameters())[name]]["momentum_buffer"]
+        assert torch.count_nonzero(buf[~masks[name]]) == 0
+    assert all(s.kept == max(1, int(0.1 * s.total + 0.5)) for s in masks.layer_stats())
+    assert pk.sparsity(tiny_mlp) == masks.sparsity()
+
+
+def test_attach_to_an_optimizer_of_another_model_is_an_error(tiny_mlp):
+    import copy
+
+    other = copy.deepcopy(tiny_mlp)
+    masks = pk.prune(tiny_mlp, "magnitude", sparsity=0.9, scope="layer")
+    with pytest.raises(pk.PrunekitError, match="holds none of the 3 masked tensors"):
+        masks.attach(torch.optim.SGD(other.parameters(), lr=0.1))
+    assert masks.optimizers() == []
+    with pytest.raises(pk.PrunekitError, match="Optimizer"):
+        masks.attach(other.parameters())

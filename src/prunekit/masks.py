@@ -17,6 +17,7 @@ step for the built-in optimizers (see ``bench/bench_masked_step.py`` for the mea
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -42,6 +43,11 @@ class LayerStat:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.density
+
+
+class ExistingZerosWarning(UserWarning):
+    """``pk.prune`` / ``pk.score`` without ``masks=`` found exact zeros in the prunable tensors and treats them as
+    pruned (:func:`prunekit.prune.starting_masks`); passing ``masks=`` chooses the starting masks instead."""
 
 
 #: Optimizers (exact types) whose update of an entry with zero weight, zero gradient and zero state is exactly 0.
@@ -146,12 +152,25 @@ class Masks:
     def attach(self, optimizer: torch.optim.Optimizer, post_step: str = "auto") -> "MaskHandle":
         """Keep pruned weights exactly zero through ``optimizer.step()``; returns a handle with ``remove()``.
 
+        The masks are applied once on attach (weights that moved since the masks were made, e.g. by training
+        without them, are zeroed again) and the optimizer's state is zeroed at pruned entries. An optimizer that
+        holds none of the masked tensors (one built over another model) is an error.
+
         ``post_step``: ``"auto"`` re-masks the weights after each step unless the optimizer's type is in
         :data:`ZERO_PRESERVING` (where masked gradients and zeroed state already give a zero update);
         ``"always"`` or ``"never"`` force the choice.
         """
         if post_step not in ("auto", "always", "never"):
             raise PrunekitError(f"post_step must be 'auto', 'always' or 'never', got {post_step!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise PrunekitError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        held = {id(t) for g in optimizer.param_groups for t in g["params"]}
+        if self.params and not any(id(p.tensor) in held for p in self.params):
+            raise PrunekitError(
+                f"the optimizer holds none of the {len(self.params)} masked tensors (e.g. {self.params[0].name!r} of "
+                f"{type(self.model).__name__}): build it over the pruned model's parameters, e.g. "
+                "torch.optim.SGD(model.parameters(), ...), then attach")
+        self.apply()
         self.zero_optimizer_state(optimizer)
         hooks = [optimizer.register_step_pre_hook(lambda *_: self.mask_grads())]
         if post_step == "always" or (post_step == "auto" and type(optimizer) not in ZERO_PRESERVING):
@@ -287,7 +306,22 @@ def save(path, model: nn.Module, masks: Masks | None = None, **meta) -> None:
 
 def load(path, model: nn.Module) -> Masks | None:
     """Load a model saved by :func:`save` into ``model`` (a freshly built one); returns its masks (or None)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+    import zipfile
+
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"pk.load needs the model to load into (a freshly built nn.Module, e.g. from "
+                            f"prunekit.models.get_model), got {type(model).__name__}")
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        raise PrunekitError(f"{path} does not exist: pass the path of a file written by prunekit.save")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, KeyError,
+            AttributeError, UnicodeDecodeError, IndexError, TypeError) as e:
+        # torch's own message advises weights_only=False, i.e. running arbitrary code from the file: never that
+        raise PrunekitError(f"{path} is not a prunekit model file or is damaged ({type(e).__name__} while reading "
+                            "it): load only files written by prunekit.save, and save the model again if it was "
+                            "truncated") from None
     if not isinstance(blob, dict) or "model" not in blob:
         raise PrunekitError(f"{path} is not a prunekit model file (expected one written by prunekit.save)")
     try:

@@ -14,8 +14,9 @@ metadata. Register one with :func:`register`::
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -155,3 +156,24 @@ def methods() -> list[MethodInfo]:
     """All registered methods, in registration order."""
     _load_builtin()
     return list(_REGISTRY.values())
+
+
+def snapshot() -> tuple[dict[str, MethodInfo], dict[str, str]]:
+    """Copies of the registry's tables (methods by name, aliases), built-in methods loaded first."""
+    _load_builtin()
+    return dict(_REGISTRY), dict(_ALIASES)
+
+
+@contextmanager
+def scoped() -> Iterator[None]:
+    """Methods registered inside the block are unregistered on exit (and methods replaced or removed inside it come
+    back), so a test or a notebook cell can register a throw-away method without changing the registry for the
+    code that runs after it. The built-in methods are loaded before the snapshot, so they are never dropped."""
+    methods_, aliases = snapshot()
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(methods_)
+        _ALIASES.clear()
+        _ALIASES.update(aliases)

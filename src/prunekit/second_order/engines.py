@@ -62,6 +62,9 @@ def _cholesky(A: torch.Tensor, size_for_jitter: int, what: str) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(A)
     bad = info != 0
     if bool(bad.any()):
+        if not bool(torch.isfinite(A).all()):
+            raise PrunekitError(f"{what} has NaN or infinite entries: the gradients are not finite (NaN or infinite "
+                                "data inputs, or a model/loss that produces NaN); raising fisher_damp does not help")
         tr = A.diagonal(dim1=-2, dim2=-1).sum(-1)
         jitter = 1e-10 * tr / size_for_jitter
         log.warning("Cholesky of %s failed for %d of %d block(s); retrying with jitter 1e-10·trace/%d",

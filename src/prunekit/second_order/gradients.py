@@ -135,6 +135,32 @@ class _Columns:
             dst.copy_(g)
 
 
+def check_finite_inputs(x: torch.Tensor, first_sample: int) -> None:
+    """NaN or infinite inputs make every gradient of their mini-batch NaN and the Fisher singular: say so, naming the
+    data, instead of letting the inverse fail later (where raising the damping would look like the fix)."""
+    if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+        raise PrunekitError(
+            f"the data batches contain NaN or infinite inputs ({n_bad} of scoring samples {first_sample}.."
+            f"{first_sample + x.shape[0] - 1}): the OBS Fisher would be NaN; clean the data (e.g. check the "
+            "normalization: a zero std gives NaN). Raising fisher_damp does not help")
+
+
+def check_finite_gradients(G: torch.Tensor, what: str = "the OBS gradient matrix") -> None:
+    """Non-finite gradients from finite inputs: the model or the loss produced NaN/inf (checked in row chunks)."""
+    if G.numel() == 0:
+        return
+    rows = max(1, (1 << 24) // max(1, G[0].numel()))
+    bad = torch.zeros((), dtype=torch.bool, device=G.device)
+    for a in range(0, G.shape[0], rows):
+        bad |= ~torch.isfinite(G[a:a + rows]).all()
+    if bool(bad):
+        raise PrunekitError(
+            f"{what} has NaN or infinite gradients although the data inputs are finite: the model or the loss "
+            "produced NaN/inf (check the weights with torch.isfinite, the model's outputs and the loss on these "
+            "batches). Raising fisher_damp does not help")
+
+
 def gradient_matrix(
     model: nn.Module,
     params: Sequence[PrunableParam],
@@ -228,6 +254,7 @@ def gradient_matrix(
                 break
             x, y = piece
             n = x.shape[0]
+            check_finite_inputs(x, got)
             if true_fisher:
                 with torch.no_grad():
                     y = sample_labels(model(x), generator)
@@ -251,6 +278,7 @@ def gradient_matrix(
             if n < take:
                 break
     distributed.all_sum(G)
+    check_finite_gradients(G)
     N = got // b
     if N == 0:
         raise PrunekitError(f"the OBS Fisher needs at least one mini-batch of fisher_batch={b} examples, but data "
@@ -371,6 +399,7 @@ def mean_gradient(model: nn.Module, params: Sequence[PrunableParam], data: Itera
     with scoring_mode(model, "eval", tensors):
         while got < n_examples and (piece := stream.take(min(chunk, n_examples - got))) is not None:
             x, y = piece
+            check_finite_inputs(x, got)
             index += 1
             if not distributed.owns(index - 1):  # DDP: this rank's chunks, summed over the ranks below
                 got += x.shape[0]
@@ -384,6 +413,7 @@ def mean_gradient(model: nn.Module, params: Sequence[PrunableParam], data: Itera
     distributed.all_sum(total)
     if got == 0:
         raise PrunekitError("grad_samples: data yielded no samples")
+    check_finite_gradients(total.unsqueeze(0), "the WoodTaylor mean gradient (grad_samples)")
     if got < n_examples:
         warnings.warn(f"grad_samples={n_examples} but data holds only {got} examples; using them all", stacklevel=3)
     total /= got
