@@ -45,6 +45,8 @@ def test_model_given_as_a_string():
                  lambda: pk.score("resnet20", "magnitude")):
         with pytest.raises(pk.PrunekitError, match=r"string 'resnet20'.*get_model\('resnet20'\)"):
             call()
+    with pytest.raises(pk.PrunekitError, match=r"get_model\('resnet20'\)"):
+        pk.sparsity("resnet20")
     with pytest.raises(pk.PrunekitError, match="nn.Module"):
         pk.load("whatever.pt", "resnet20")
 

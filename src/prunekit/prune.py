@@ -202,11 +202,12 @@ def starting_masks(model: nn.Module, spec: ParamSpec, action: str = "prune", sta
             zeros += z
     masks = Masks(model, params, masks=found or None)
     if zeros:
+        consequence = ("prune treats them as pruned, so they stay 0 and the result is at least that sparse"
+                       if action == "prune" else f"{action} treats them as pruned")
         warnings.warn(
             f"the model already has {zeros:,} exact zeros among its {total:,} prunable weights (sparsity "
-            f"{zeros / total:.4f}) and no masks= was given: {action} treats them as pruned, so they stay 0 and the "
-            f"result is at least that sparse; pass masks= (e.g. the Masks an earlier pk.prune returned) to "
-            f"choose the starting masks yourself",
+            f"{zeros / total:.4f}) and no masks= was given: {consequence}; pass masks= (e.g. the Masks an earlier "
+            f"pk.prune returned) to choose the starting masks yourself",
             ExistingZerosWarning, stacklevel=stacklevel)
     return masks
 
@@ -265,8 +266,8 @@ class CheckedData:
                 raise PrunekitError("data is an exhausted iterator (a generator or iter(loader) that was already "
                                     "read to its end): pass a re-iterable instead, e.g. the DataLoader itself or a "
                                     "list of (inputs, targets) batches") from None
-            raise PrunekitError(f"data yielded no batch: {self.who} needs at least one (inputs, targets) batch"
-                                ) from None
+            raise PrunekitError(f"data yielded no batch, so there is no example to score: {self.who} needs at "
+                                "least one (inputs, targets) batch") from None
         self._validate(first)
         return itertools.chain([first], it)
 
@@ -576,6 +577,7 @@ def score(model: nn.Module, method: str, data: Iterable | None = None, *, masks:
 
 def sparsity(model: nn.Module, **param_options) -> float:
     """Fraction of exact zeros among the prunable weights of ``model`` (default: Conv/Linear weights)."""
+    check_model(model, "sparsity")
     params = prunable_params(model, **param_options)
     total = sum(p.tensor.numel() for p in params)
     zeros = sum(int((p.tensor == 0).sum()) for p in params)
