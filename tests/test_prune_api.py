@@ -380,3 +380,21 @@ def test_attach_to_an_optimizer_of_another_model_is_an_error(tiny_mlp):
     assert masks.optimizers() == []
     with pytest.raises(pk.PrunekitError, match="Optimizer"):
         masks.attach(other.parameters())
+
+
+@pytest.mark.parametrize("method, options", [
+    ("snip", {}), ("grasp", {}), ("synflow", {"rounds": 3}),
+    ("woodfisherblock", {"fisher_samples": 16, "fisher_batch": 2}),  # an OBS update moves the kept weights
+])
+def test_existing_zeros_for_data_and_update_methods(tiny_mlp, method, options):
+    """After a first prune, a second one without masks= by any method keeps the zeros pruned: its masks keep exactly
+    the non-zero weights and the exact count."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    first = pk.prune(tiny_mlp, "magnitude", sparsity=0.5, scope="layer")
+    with pytest.warns(pk.masks.ExistingZerosWarning, match=f"{first.total() - first.kept():,} exact zeros"):
+        masks = pk.prune(tiny_mlp, method, sparsity=0.75, data=data, **options)
+    assert masks.kept() == pk.keep_count(masks.total(), 0.75)
+    for name, w in _weights(masks).items():
+        assert torch.equal(masks[name], w != 0)
+        assert not bool((masks[name] & ~first[name]).any())
