@@ -55,6 +55,7 @@ class RunRecord:
     structured: dict | None = None  # structured methods: the shrunk model's params, MACs and latency vs dense
     val_acc_before_finetune: float | None = None   # right after the final pruning step, before any retraining
     test_acc_before_finetune: float | None = None
+    before_finetune_samples: dict | None = None     # {'val': n, 'test': n}: the samples those two were measured on
     compression: float | None = None               # prunable weights / kept ones, 1 / (1 - achieved sparsity)
     theoretical_speedup: float | None = None       # dense MACs / masked MACs (prunekit.flops)
     peak_memory_mb: float | None = None            # peak RSS of the process (CPU) or peak CUDA allocation
@@ -168,6 +169,38 @@ def _peak_memory_mb(device: str) -> float | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     except Exception:  # noqa: BLE001
         return None
+
+
+#: The post-prune diagnostics (accuracy before fine-tuning) evaluate at most this many samples of each of the
+#: validation and test sets: a fixed, seeded subset, the same for every run of a dataset, whose size is recorded
+#: beside the numbers (``before_finetune_samples``). The full sets stay the measure of training. On ResNet-20 with
+#: CIFAR-sized sets this costs about what a SNIP step on 100 samples does (bench/bench_diagnostics.py), instead of
+#: 13 times as much.
+DIAGNOSE_SAMPLES = 500
+
+
+def _diagnose_sets(splits, batch_size: int, device: str, val_dl, test_dl) -> dict:
+    """{'val': (loader, n), 'test': (loader, n)}: the sets the post-prune diagnostics evaluate (see
+    :data:`DIAGNOSE_SAMPLES`); a split no larger than the cap is used whole (its own loader)."""
+    import dataclasses as dc
+
+    from ..data import loaders, random_subset
+    from ..seeding import derive_seed
+
+    k = DIAGNOSE_SAMPLES
+    parts, out = {}, {}
+    for name, split, full in (("val", splits.val, val_dl), ("test", splits.test, test_dl)):
+        if len(split) <= k:
+            out[name] = (full, len(split))
+        else:
+            parts[name] = split.subset(random_subset(len(split), k, seed=derive_seed(0, "diagnose", name)))
+    if parts:
+        small = dc.replace(splits, val=parts.get("val", splits.val), test=parts.get("test", splits.test))
+        _, val, test = loaders(small, batch_size, eval_batch_size=batch_size, device=device)
+        for name, dl in (("val", val), ("test", test)):
+            if name in parts:
+                out[name] = (dl, k)
+    return out
 
 
 def _layer_rows(masks) -> list[dict]:
@@ -388,11 +421,18 @@ def run(
                     return scoring_data(splits, p["samples"], batch_size=max(bs, 256) if info.rebatches else bs,
                                         seed=seed, transform=p["score_transform"], device=device)
 
+                diag_sets: dict = {}
+
                 def diagnose(masks, event):
-                    if event.get("final"):  # the accuracy the pruning left, before fine-tuning
-                        event["val_acc_before"] = trainer.evaluate(val_dl)[1]
-                        event["test_acc_before"] = trainer.evaluate(test_dl)[1]
+                    t0 = time.perf_counter()
+                    if event.get("final") and tcfg.epochs > 0:  # the accuracy the pruning left, before fine-tuning
+                        if not diag_sets:  # (one-shot runs: the final evaluation is that accuracy, on the full sets)
+                            diag_sets.update(_diagnose_sets(splits, tcfg.eval_batch_size, device, val_dl, test_dl))
+                        event["val_acc_before"] = trainer.evaluate(diag_sets["val"][0])[1]
+                        event["test_acc_before"] = trainer.evaluate(diag_sets["test"][0])[1]
+                        event["before_samples"] = {k: n for k, (_, n) in diag_sets.items()}
                     event["diagnostics"] = collapse_report(masks.model, masks).to_dict()
+                    event["diagnostics_seconds"] = time.perf_counter() - t0
                     if event["diagnostics"]["connected"] is False:
                         log(f"[{rid}] warning: no input-output path survives pruning (collapsed: "
                             f"{', '.join(event['diagnostics']['collapsed'])})")
@@ -428,10 +468,14 @@ def run(
                     f"({best['speedup']:.2f}x vs dense)")
             final_events = [e for e in events if e.get("final")]
             before = final_events[-1] if final_events else {}
+            if tcfg.epochs == 0 and before:  # one-shot: nothing was fine-tuned, the final numbers are "before"
+                before.update(val_acc_before=summary.get("best_val_acc"), test_acc_before=summary.get("final_test_acc"),
+                              before_samples={"val": len(splits.val), "test": len(splits.test)})
             rec = RunRecord(
                 run_id=rid, name=name, method=p["method"], sparsity=p["sparsity"], seed=resolved["seed"],
                 structured=structured, val_acc_before_finetune=before.get("val_acc_before"),
                 test_acc_before_finetune=before.get("test_acc_before"),
+                before_finetune_samples=before.get("before_samples"),
                 compression=1.0 / max(1.0 - masks.sparsity(), 1e-12),
                 theoretical_speedup=_speedup(model, masks, splits.input_shape), peak_memory_mb=_peak_memory_mb(device),
                 model=resolved["model"]["name"], dataset=resolved["data"]["name"],
