@@ -407,3 +407,19 @@ def test_valid_archive_still_loads(tmp_path):
     path, _ = _archive(tmp_path)
     gm = load_shrunk(path)
     assert gm(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_failure_after_training_is_recorded_as_failed(tmp_path, monkeypatch):
+    from prunekit.experiments import runner
+
+    def broken(masks):
+        raise RuntimeError("layer rows exploded")
+
+    monkeypatch.setattr(runner, "_layer_rows", broken)
+    with pytest.raises(RuntimeError, match="exploded"):
+        run(BASE, tmp_path, log=lambda m: None)
+    rid = C.run_id(C.resolve(BASE))
+    with Store(tmp_path / "results.sqlite") as s:
+        row = [r for r in s.runs(status=None) if r["run_id"] == rid][0]
+    assert row["status"] == "failed" and "layer rows exploded" in row["error"]
+    assert "exploded" in (tmp_path / rid / "error.txt").read_text()
