@@ -83,7 +83,7 @@ def test_overrides():
     assert d["train"]["epochs"] == 7 and d["prune"]["sparsity"] == 0.95 and d["model"] == "mlpnet"
     assert d["train"]["milestones"] == [2, 4]
     assert BASE["train"]["epochs"] == 3  # no mutation
-    with pytest.raises(pk.ConfigError, match="key=value"):
+    with pytest.raises(pk.ConfigError, match="expected form is KEY=VALUE"):
         C.apply_overrides(BASE, ["train.epochs"])
 
 

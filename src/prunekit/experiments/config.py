@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -110,9 +111,47 @@ def parse(data: dict) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model, data, train, prune, ...), got {type(data).__name__}")
     cfg = from_dict(ExperimentConfig, _shorthand(translate(data)))
+    check_name(cfg.name, "field 'name'" + (" (seed 000: general.id)" if _is_seed000(data) else ""))
     for key in cfg.grid:
         _check_grid_key(key)
     return cfg
+
+
+def _is_seed000(data) -> bool:
+    from . import seed000
+
+    return seed000.is_seed000(data)
+
+
+#: Characters an experiment name may hold besides letters and digits (it names plot files under --root).
+NAME_CHARS = "._-"
+
+
+def check_name(name, where: str = "field 'name'") -> str:
+    """``name`` if it is a plain experiment name: letters, digits and ``._-``, not starting with a dot. Such a name
+    can name files (``ROOT/<name>.png``) without leaving their folder; anything else is a :class:`ConfigError`."""
+    if isinstance(name, str) and name and not name.startswith(".") \
+            and all(c.isalnum() or c in NAME_CHARS for c in name):
+        return name
+    if not isinstance(name, str) or not name:
+        why = "is empty" if name == "" else f"is not a text ({type(name).__name__})"
+    elif "/" in name or "\\" in name:
+        why = "holds a path separator"
+    elif name.startswith("."):
+        why = "starts with a dot"
+    else:
+        bad = sorted({c for c in name if not (c.isalnum() or c in NAME_CHARS)})
+        why = "holds " + ", ".join(repr(c) for c in bad)
+    raise ConfigError(f"{where}: {name!r} {why}; an experiment name names its plots under --root, so it must be a "
+                      "plain name of letters, digits, '.', '_' and '-', not starting with a dot (e.g. "
+                      "mnist_pai)")
+
+
+def file_stem(name: str) -> str:
+    """A file name stem for ``name`` that stays in its folder: characters outside letters, digits and ``._-``
+    become ``_``, and a leading dot ``_`` (names stored by older versions were not checked)."""
+    stem = "".join(c if c.isalnum() or c in NAME_CHARS else "_" for c in str(name)) or "_"
+    return "_" + stem[1:] if stem.startswith(".") else stem
 
 
 def _check_grid_key(key: str) -> None:
@@ -123,21 +162,19 @@ def _check_grid_key(key: str) -> None:
 
 
 def load(path: str | Path) -> dict:
-    """Plain data from a YAML or JSON config file (one-line errors for missing files and syntax errors)."""
+    """Plain data from a YAML or JSON config file. Every mistake is a one-line :class:`ConfigError` that names the
+    file: missing, not UTF-8 (with the byte offset and line), a syntax error (with its line and column), a key given
+    twice in one mapping (with both lines), empty, or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    text = path.read_text()
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - any parser error is the user's config
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    text = _decode(path, raw)
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    data = loads(text, kind, str(path))
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
     if not isinstance(data, dict):
@@ -147,19 +184,155 @@ def load(path: str | Path) -> dict:
     if seed000.is_seed000(data):  # checked now (one-line errors) and said once per file, not at every parse
         import sys
 
-        lines = seed000.notes(data)
+        try:
+            lines = seed000.notes(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         print(f"note: {path} is in seed 000's layout (general/dataset/model/training/validation), translated to "
               "prunekit's fields" + "".join(f"\n  {line}" for line in lines), file=sys.stderr)
     return data
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: YAML scalar/list syntax (``0.9``, ``true``, ``[0.9, 0.98]``, ``sgd``)."""
+def _decode(path: Path, raw: bytes) -> str:
+    """The text of a config file: UTF-8 (a byte-order mark is dropped), or an error naming the first bad byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line}, "
+                          f"column {column}): save the file as UTF-8") from None
+
+
+def loads(text: str, kind: str = "YAML", where: str = "<config>"):
+    """Parse YAML (``yaml.safe_load`` semantics) or JSON config text; syntax errors and duplicate keys are one-line
+    :class:`ConfigError` s that name ``where`` and the line."""
+    if kind == "JSON":
+        try:
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}; fix the "
+                              "syntax there") from None
+        except _DuplicateKey:
+            key, first, second, section = _json_duplicate(text)
+            raise ConfigError(_duplicate_message(where, key, first, second, section)) from None
     import yaml
 
     try:
-        return yaml.safe_load(text)
-    except Exception:  # noqa: BLE001
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(_duplicate_message(where, e.key, e.first, e.second)) from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_yaml_message(where, e)) from None
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML: {first}") from None
+
+
+def _yaml_message(where: str, e) -> str:
+    mark = e.problem_mark or e.context_mark
+    at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = (e.problem or e.context or type(e).__name__).strip()
+    msg = f"{where}{at}: not valid YAML: {problem}"
+    if e.context and e.problem:
+        cm = e.context_mark
+        msg += f" ({e.context.strip()}" + (f" that starts at line {cm.line + 1}, column {cm.column + 1})"
+                                           if cm is not None and cm is not mark else ")")
+    if "\t" in problem or "\\t" in problem:
+        msg += "; YAML indents with spaces, not tabs"
+    return msg + "; fix the syntax there"
+
+
+def _duplicate_message(where: str, key, first: int, second: int, section: str = "") -> str:
+    inside = f" in {section!r}" if section else ""
+    lines = f"twice on line {first}" if first == second else f"on lines {first} and {second}"
+    return (f"{where}: key {key!r} is given twice{inside} ({lines}); only one value can hold: remove or rename one "
+            "of them")
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key=None, first: int = 0, second: int = 0):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _unique_pairs(pairs: list) -> dict:
+    """``object_pairs_hook`` of JSON configs: a dict, or :class:`_DuplicateKey` when a key repeats."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _json_duplicate(text: str) -> tuple[str, int, int, str]:
+    """(key, first line, second line, dotted section) of the first key that repeats in one object of valid JSON."""
+    from json.decoder import scanstring
+
+    stack: list[tuple[dict | None, str]] = []  # per open container: {key: line} of an object (None: an array), path
+    expect_key, last_key, i = False, "", 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            s, end = scanstring(text, i + 1)
+            if expect_key and stack and stack[-1][0] is not None:
+                keys, path = stack[-1]
+                line = text.count("\n", 0, i) + 1
+                if s in keys:
+                    return s, keys[s], line, path
+                keys[s], last_key = line, s
+            expect_key, i = False, end
+            continue
+        if c in "{[":
+            parent = stack[-1][1] if stack else ""
+            here = f"{parent}.{last_key}".strip(".") if stack and stack[-1][0] is not None else parent
+            stack.append(({} if c == "{" else None, here))
+            expect_key = c == "{"
+        elif c in "}]":
+            stack.pop()
+            expect_key = False
+        elif c == ",":
+            expect_key = bool(stack) and stack[-1][0] is not None
+        i += 1
+    return "?", 0, 0, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` subclass (built on first use: PyYAML is imported lazily)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error (PyYAML keeps the
+        last value silently). Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML allows."""
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _value in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base class says so, with its position
+                        break
+                    if first is not None:
+                        raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar/list syntax (``0.9``, ``true``, ``[0.9, 0.98]``, ``sgd``)."""
+    try:
+        return loads(text, "YAML", "--set value")
+    except ConfigError as e:
+        if "given twice" in str(e):  # {a: 1, a: 2}: a mistake, not a string
+            raise
         return text
 
 
@@ -189,23 +362,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` overrides (the CLI's ``--set``)."""
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value (e.g. --set train.epochs=3), got {item!r}")
+            raise ConfigError(f"--set {item!r} has no '=': the expected form is KEY=VALUE (e.g. --set train.epochs=3)")
         key, _, text = item.partition("=")
-        data = set_path(data, key.strip(), parse_value(text.strip()))
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r} has no key before '=': the expected form is KEY=VALUE (e.g. --set "
+                              "train.epochs=3)")
+        if any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part between dots; the expected form "
+                              "is KEY=VALUE with a dotted field path (e.g. --set prune.sparsity=0.95)")
+        data = set_path(data, key, parse_value(text.strip()))
     return data
 
 
 def expand(data: dict) -> list[dict]:
     """The grid's cartesian product as plain configs without ``grid`` (a config without a grid yields itself)."""
     data = translate(data)  # seed 000's JSON sections and seed 001's flags (net_arch, ...) as prunekit fields
-    cfg = parse(data)  # validates the grid keys and everything else
+    cfg = check_grid(data)  # validates the grid keys and everything else
     base = {k: v for k, v in data.items() if k != "grid"}
     if not cfg.grid:
         return [base]
     keys = list(cfg.grid)
-    for k in keys:
-        if not isinstance(cfg.grid[k], list) or not cfg.grid[k]:
-            raise ConfigError(f"grid field {k!r} must be a non-empty list of values")
     out = []
     for values in itertools.product(*(cfg.grid[k] for k in keys)):
         d = base
@@ -213,6 +390,19 @@ def expand(data: dict) -> list[dict]:
             d = merge_path(d, k, v) if isinstance(v, dict) else set_path(d, k, v)
         out.append(d)
     return out
+
+
+def check_grid(data: dict) -> ExperimentConfig:
+    """The parsed config of ``data``, after checking that every grid axis is a non-empty list (an empty axis would
+    expand to no runs at all, or, in a sweep, to the baselines alone)."""
+    cfg = parse(data)
+    for k, values in cfg.grid.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"grid field {k!r} must be a non-empty list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"grid field {k!r} is an empty list, which expands to no runs: give it at least one "
+                              "value, or remove it from the grid")
+    return cfg
 
 
 def merge_path(data: dict, dotted: str, values: dict) -> dict:
@@ -262,20 +452,24 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     if warmup > cfg.train.epochs:
         raise ConfigError(f"field 'prune.warmup': {warmup} epochs of warm-up exceed train.epochs={cfg.train.epochs}")
     cascade = _resolve_cascade(p, cfg) if p.get("cascade") is not None and info.name != "none" else None
+    rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
     try:
         if info.name == "none":
+            # the dense baseline ignores every pruning option, so it neither checks their values nor lets them into
+            # its identity (all configs of it are one run, and a method grid's shared prune section fits it); a key
+            # that no method has is still a typo, said as for any method
+            _check_option_names(rest)
             s = 0.0
-        elif cascade is not None:
-            s = 1.0 - cascade["ratios"][-1]
+            common, method_opts = split_options(info, {"seed": cfg.seed})
         else:
-            s = resolve_sparsity(p.get("sparsity"), p.get("density"), p.get("compression"))
-        rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
-        rest.setdefault("seed", cfg.seed)  # the mask generator follows the run's seed unless set explicitly
-        common, method_opts = split_options(info, rest)
+            if cascade is not None:
+                s = 1.0 - cascade["ratios"][-1]
+            else:
+                s = resolve_sparsity(p.get("sparsity"), p.get("density"), p.get("compression"))
+            rest.setdefault("seed", cfg.seed)  # the mask generator follows the run's seed unless set explicitly
+            common, method_opts = split_options(info, rest)
     except PrunekitError as e:
         raise ConfigError(f"section 'prune': {e}") from None
-    if info.name == "none":  # the dense baseline ignores every pruning option: all configs of it are one run
-        common, method_opts = split_options(info, {"seed": cfg.seed})
     common = dataclasses.replace(common, rounds=common.rounds or info.default_rounds)
     gradual = p.get("gradual")
     if gradual is not None and info.name != "none":
@@ -320,6 +514,24 @@ def resolve(data: dict | ExperimentConfig) -> dict:
         "cascade": cascade,
     }
     return out
+
+
+def _check_option_names(options: dict) -> None:
+    """Raise for a prune option that no method has (the dense baseline's only check of its ignored options)."""
+    from ..prune import PruneOptions
+    from ..registry import methods
+
+    known = {f.name for f in dataclasses.fields(PruneOptions)}
+    for info in methods():
+        known.update(info.option_names())
+    for key in options:
+        if key not in known:
+            from ..errors import closest
+
+            near = closest(str(key), sorted(known | set(_PRUNE_KEYS)))
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise PrunekitError(f"unknown option {key!r}: no method has it{hint}; `prunekit methods METHOD` lists "
+                                "a method's options")
 
 
 def _resolve_cascade(p: dict, cfg: ExperimentConfig) -> dict:
@@ -395,7 +607,7 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
 
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
-ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade")
+ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads")
 
 
 def run_id(resolved: dict) -> str:
