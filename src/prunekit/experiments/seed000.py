@@ -67,6 +67,9 @@ _KNOWN = {
     "validation": ("metric", "frequency"),
 }
 _OPTIMIZER = ("class", "learning_rate", "momentum", "w_decay", "lr_drops", "lr_drop_factor")
+#: The seed's ``training.compressor`` keys (``percentile`` has no prunekit meaning: a note).
+_COMPRESSOR = ("class", "mask", "sparsity", "warmup", "batch_size", "percentile")
+_WHY_KEYS = ("percentile",)
 _WHY = {
     "general.description": "free text",
     "general.output_dir": "runs go to the results store: --root DIR",
@@ -107,10 +110,29 @@ def _section(data: dict, key: str) -> dict:
     return v
 
 
-def _unknown(section: dict, known, where: str, ignored: list[str]) -> None:
+def _unknown(section: dict, known, where: str, unknown: list[str]) -> None:
+    """Add to ``unknown`` the keys of ``section`` that the seed's layout does not have, each with a did-you-mean
+    hint among ``known``."""
     for k in section:
         if k not in known:
-            ignored.append(f"{where}.{k}")
+            unknown.append(_spelled(f"{where}.{k}" if where else str(k), str(k), known))
+
+
+def _spelled(dotted: str, key: str, known) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
+    return f"{dotted!r} (did you mean {near[0]!r}?)" if near else repr(dotted)
+
+
+def _raise_unknown(unknown: list[str]) -> None:
+    if unknown:
+        keys = list(dict.fromkeys(unknown))
+        one = len(keys) == 1
+        raise ConfigError(f"seed 000 config: unknown key{'' if one else 's'} {', '.join(keys)}: "
+                          f"{'not a key' if one else 'not keys'} of seed 000's layout nor prunekit options, so "
+                          f"{'it' if one else 'they'} would be ignored and the run would use the defaults; fix the "
+                          f"spelling or remove {'it' if one else 'them'} (docs/seed000_json.md lists the keys)")
 
 
 def translate(data: dict, note: list[str] | None = None) -> dict:
@@ -120,7 +142,8 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
     fields given beside the seed's that replace a translated value."""
     if not is_seed000(data):
         return data
-    ignored: list[str] = []
+    ignored: list[str] = []   # the seed's keys that have no prunekit meaning: a note
+    unknown: list[str] = []   # keys of neither layout (typos): an error
     remarks: list[str] = []
     out: dict = {}
     src: dict[str, str] = {}  # translated prunekit field -> the seed key it came from
@@ -135,7 +158,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- general
     general = _section(data, "general")
-    _unknown(general, _KNOWN["general"], "general", ignored)
+    _unknown(general, _KNOWN["general"], "general", unknown)
     if "id" in general:
         put(None, "name", str(general["id"]), "general.id")
     ignored += [f"general.{k}" for k in ("description", "output_dir") if k in general]
@@ -154,7 +177,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
     if gpu is not None:
         if not isinstance(gpu, dict):
             raise ConfigError(f"general.gpu must be a mapping {{ngpus, gpu_id}}, got {gpu!r}")
-        _unknown(gpu, ("ngpus", "gpu_id"), "general.gpu", ignored)
+        _unknown(gpu, ("ngpus", "gpu_id"), "general.gpu", unknown)
         n = gpu.get("ngpus", 1)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"general.gpu.ngpus must be a whole number >= 0, got {n!r}")
@@ -166,7 +189,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- dataset
     dataset = _section(data, "dataset")
-    _unknown(dataset, _KNOWN["dataset"], "dataset", ignored)
+    _unknown(dataset, _KNOWN["dataset"], "dataset", unknown)
     ds_name = None
     if "class" in dataset:
         from ..data import dataset_names
@@ -191,7 +214,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
     if isinstance(model, str):
         native_model = {"name": model}
     elif isinstance(model, dict):
-        _unknown(model, _KNOWN["model"], "model", ignored)
+        _unknown(model, _KNOWN["model"], "model", unknown)
         native_model = {k: v for k, v in model.items() if k in ("name", "pretrained", "weights")}
         if "class" in model:
             put("model", "name", _arch(model["class"]), "model.class")
@@ -205,7 +228,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
 
     # --------------------------------------------------------------------------------------------- training
     training = _section(data, "training")
-    _unknown(training, _KNOWN["training"], "training", ignored)
+    _unknown(training, _KNOWN["training"], "training", unknown)
     if "num_steps" in training:
         put("train", "epochs", training["num_steps"], "training.num_steps")
     crit = training.get("criterion")
@@ -215,12 +238,12 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
             raise ConfigError(f"training.criterion.class={cls!r}: prunekit trains with cross-entropy only; set it "
                               "to CE")
         if isinstance(crit, dict):
-            _unknown(crit, ("class",), "training.criterion", ignored)
+            _unknown(crit, ("class",), "training.criterion", unknown)
     opt = training.get("optimizer")
     if opt is not None:
         if not isinstance(opt, dict):
             raise ConfigError(f"training.optimizer must be a mapping {{class, learning_rate, ...}}, got {opt!r}")
-        _unknown(opt, _OPTIMIZER, "training.optimizer", ignored)
+        _unknown(opt, _OPTIMIZER, "training.optimizer", unknown)
         if "class" in opt:
             name = str(opt["class"]).lower()
             if name not in ("sgd", "adam", "adamw"):
@@ -248,11 +271,11 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
         if not isinstance(comp, dict):
             raise ConfigError(f"training.compressor must be a mapping {{class, mask, sparsity, warmup, batch_size}}, "
                               f"got {comp!r}")
-        _compressor(comp, put, out, ignored, remarks)
+        _compressor(comp, put, out, ignored, unknown, remarks)
 
     # ------------------------------------------------------------------------------------------- validation
     val = _section(data, "validation")
-    _unknown(val, _KNOWN["validation"], "validation", ignored)
+    _unknown(val, _KNOWN["validation"], "validation", unknown)
     if "metric" in val and str(val["metric"]).lower() != "acc":
         raise ConfigError(f"validation.metric={val['metric']!r}: prunekit keeps the checkpoint of the best validation "
                           "accuracy (test_acc_at_best_val); set it to acc")
@@ -265,7 +288,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
         if key in SECTIONS or key == "model":
             continue
         if key not in NATIVE:
-            ignored.append(key)
+            unknown.append(_spelled(str(key), str(key), SECTIONS + NATIVE))
             continue
         if isinstance(value, str) and key == "data":
             value = {"name": value}
@@ -276,6 +299,7 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
                 _replace(out[key], k, v, f"{key}.{k}", src, remarks)
         else:
             _replace(out, key, copy.deepcopy(value), key, src, remarks)
+    _raise_unknown(unknown)
     if native_model:
         node = out.setdefault("model", {})
         for k, v in native_model.items():
@@ -311,7 +335,7 @@ def _arch(cls) -> str:
         raise ConfigError(f"model.class={cls!r}: not a seed 000 model (resnet18, VGG19) and {e}") from None
 
 
-def _compressor(comp: dict, put, out: dict, ignored: list[str], remarks: list[str]) -> None:
+def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[str], remarks: list[str]) -> None:
     """``training.compressor`` -> the prune section (class, mask, sparsity, warmup, batch_size and any prunekit
     prune option)."""
     import dataclasses
@@ -347,10 +371,17 @@ def _compressor(comp: dict, put, out: dict, ignored: list[str], remarks: list[st
             remarks.append(f"training.compressor.batch_size={comp['batch_size']!r} has no effect for {info.name!r}, "
                            "which uses no scoring data (as in the seed)")
     shared = {f.name for f in dataclasses.fields(PruneOptions)}
+    if info.name == "none":  # the dense baseline ignores every method's options (prunekit.experiments.config)
+        from ..registry import methods
+
+        own = {k for m in methods() for k in m.option_names()}
     for key, value in comp.items():
-        if key in ("class", "mask", "sparsity", "warmup", "batch_size"):
+        if key in _COMPRESSOR:
+            if key in _WHY_KEYS:
+                ignored.append(f"training.compressor.{key}")
             continue
         if key in own or key in shared or key in _PRUNE_KEYS:
             put("prune", key, value, f"training.compressor.{key}")
-        else:
-            ignored.append(f"training.compressor.{key}")
+        else:  # a typo (sparsty) would prune at the default: said, with the keys it could have meant
+            unknown.append(_spelled(f"training.compressor.{key}", str(key),
+                                    _COMPRESSOR + tuple(own) + tuple(sorted(shared)) + _PRUNE_KEYS))
