@@ -25,7 +25,8 @@ from . import config as C
 from .backends import Backend, Job, Outcome, SweepContext, _run_one, _worker_init, make_backend
 from .store import INTERRUPTED, Store
 
-__all__ = ["SweepResult", "sweep", "with_baselines", "BASELINES", "_run_one", "_worker_init"]
+__all__ = ["SweepResult", "sweep", "sweep_runs", "with_baselines", "check_workers", "BASELINES", "_run_one",
+           "_worker_init"]
 
 
 @dataclass
@@ -64,27 +65,77 @@ BASELINES = ("random", "magnitude")
 def with_baselines(data: dict) -> dict:
     """``data`` with the ``random`` and ``magnitude`` baselines added to a grid over pruning methods (a
     ``prune.method`` list, or ``prune`` mapping entries), when they are missing. Grids over one-shot/gradual
-    methods only: IMP codes and cascades compare among themselves."""
+    methods only: IMP codes and cascades compare among themselves. The added cells still carry the base ``prune``
+    section's method options; :func:`sweep_runs` gives them the shared options only."""
+    return _with_baselines(data)[0]
+
+
+def _with_baselines(data: dict) -> tuple[dict, tuple[str, ...]]:
+    """(:func:`with_baselines` of ``data``, the baselines it added)."""
     from ..registry import get_method
 
     grid = dict(data.get("grid") or {})
-    if "prune.method" in grid and isinstance(grid["prune.method"], list):
+    if "prune.method" in grid and isinstance(grid["prune.method"], list) and grid["prune.method"]:
         methods = [get_method(m).name for m in grid["prune.method"]]
         if any(get_method(m).needs_data == "training" for m in methods):
-            return data
-        extra = [b for b in BASELINES if b not in methods]
+            return data, ()
+        extra = tuple(b for b in BASELINES if b not in methods)
         if extra:
-            grid["prune.method"] = list(grid["prune.method"]) + extra
-    elif isinstance(grid.get("prune"), list) and all(isinstance(e, dict) for e in grid["prune"]):
+            grid["prune.method"] = list(grid["prune.method"]) + list(extra)
+    elif isinstance(grid.get("prune"), list) and grid["prune"] and all(isinstance(e, dict) for e in grid["prune"]):
         entries = grid["prune"]
         base = (data.get("prune") or {})
         names = [get_method(e.get("method", base.get("method", "none"))).name for e in entries]
         if any(get_method(m).needs_data == "training" for m in names) or any("cascade" in e for e in entries):
-            return data
-        grid["prune"] = list(entries) + [{"method": b} for b in BASELINES if b not in names]
+            return data, ()
+        extra = tuple(b for b in BASELINES if b not in names)
+        grid["prune"] = list(entries) + [{"method": b} for b in extra]
     else:
-        return data
-    return {**data, "grid": grid}
+        return data, ()
+    return {**data, "grid": grid}, extra
+
+
+def sweep_runs(data: dict, baselines: bool = True) -> list[dict]:
+    """The plain configs (one run each, no grid) of every cell :func:`sweep` runs for ``data``, in grid order,
+    validated as far as :func:`prunekit.experiments.config.expand` goes (an empty grid axis is an error).
+
+    With ``baselines``, a grid over methods gets the cells of the :data:`BASELINES` it lacks
+    (:func:`with_baselines`). A baseline cell keeps, of the ``prune`` section, what every method shares (the
+    sparsity, warm-up, gradual schedule, the options of :class:`prunekit.prune.PruneOptions`) and drops the
+    options of the grid's own methods (``fisher_samples`` of ``woodfisher``), which are no option of it: so a
+    config that ``prunekit run`` accepts is accepted by ``prunekit sweep`` too, and each baseline cell is the
+    same run, with the same run id, as that baseline written by hand with the shared options."""
+    data = C.translate(data)  # seed 000's and seed 001's layouts: their grids and prune sections as prunekit's
+    C.check_grid(data)  # before the baselines join: an empty method axis must not become a grid of baselines
+    if not baselines:
+        return C.expand(data)
+    full, added = _with_baselines(data)
+    runs = C.expand(full)
+    if not added:
+        return runs
+    from ..registry import get_method
+
+    return [_shared_only(r) if get_method((r.get("prune") or {}).get("method", "none")).name in added else r
+            for r in runs]
+
+
+def _shared_only(cfg: dict) -> dict:
+    """``cfg`` with its ``prune`` section cut down to the keys every method takes."""
+    import dataclasses
+
+    from ..prune import PruneOptions
+
+    shared = {f.name for f in dataclasses.fields(PruneOptions)} | set(C._PRUNE_KEYS)
+    return {**cfg, "prune": {k: v for k, v in cfg["prune"].items() if k in shared}}
+
+
+def check_workers(workers) -> None:
+    """``workers`` must be None (one per core) or a whole number >= 1."""
+    from ..errors import PrunekitError
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise PrunekitError(f"--workers must be a whole number >= 1 (1 runs the runs one after the other in the "
+                            f"sweep process; leave it out for one per CPU core), got {workers!r}")
 
 
 def sweep(data: dict, root: str | Path = "runs", *, workers: int | None = None, data_dir=None,
@@ -99,12 +150,11 @@ def sweep(data: dict, root: str | Path = "runs", *, workers: int | None = None, 
     (:func:`with_baselines`). Returns what was done, skipped and failed.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_workers(workers)
+    runs = sweep_runs(data, baselines)
+    resolved = [C.resolve(r) for r in runs]  # every cell is validated before anything runs
     if backend is None or isinstance(backend, str):
         backend = make_backend(backend, workers=workers)
-    if baselines:
-        data = with_baselines(data)
-    runs = C.expand(data)
-    resolved = [C.resolve(r) for r in runs]  # every cell is validated before anything runs
     by_id: dict[str, tuple[dict, dict]] = {}
     for cfg, res in zip(runs, resolved):
         by_id.setdefault(C.run_id(res), (cfg, res))
