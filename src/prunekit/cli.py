@@ -212,7 +212,7 @@ def cmd_run(args) -> int:
         if args.no_report:
             return 0
         done = [r for r in store.runs(name=cfg.name) if r["run_id"] in set(ids)]
-        plot_path = root / f"{cfg.name}.png" if cfg.report.plot and done else None
+        plot_path = root / f"{C.file_stem(cfg.name)}.png" if cfg.report.plot and done else None
         text, plots = render(store, done, cfg.report.metric, plot_path, title=cfg.name)
     print(text)
     for out in plots:
@@ -224,8 +224,9 @@ def cmd_sweep(args) -> int:
     from .experiments import config as C
     from .experiments.report import render
     from .experiments.store import Store
-    from .experiments.sweep import sweep
+    from .experiments.sweep import check_workers, sweep
 
+    check_workers(args.workers)
     data = C.apply_overrides(C.load(args.config), args.overrides + (["train.tensorboard=true"] if args.tensorboard
                                                                    else []))
     if args.device:
@@ -240,8 +241,8 @@ def cmd_sweep(args) -> int:
     if not args.no_report:
         with Store(root / "results.sqlite") as store:
             done = [r for r in store.runs(name=cfg.name)]
-            text, plots = render(store, done, cfg.report.metric, root / f"{cfg.name}.png" if done else None,
-                                 title=cfg.name)
+            plot_path = root / f"{C.file_stem(cfg.name)}.png" if done else None
+            text, plots = render(store, done, cfg.report.metric, plot_path, title=cfg.name)
         print(text)
         for out in plots:
             print(f"plot: {out}")
@@ -299,7 +300,7 @@ def cmd_report(args) -> int:
         path = Path(args.root) / "results.sqlite"
         if not path.exists():
             raise PrunekitError(f"no results store at {path}: run an experiment first (prunekit run CONFIG)")
-        with Store(path) as store:
+        with Store(path, readonly=True) as store:
             out = plot_layers(store, args.layers, args.plot or f"{args.layers}_layers.png")
         print(f"plot: {out}")
         return 0
@@ -308,7 +309,7 @@ def cmd_report(args) -> int:
         from .experiments.html import html_report
         from .experiments.store import Store
 
-        with Store(Path(args.root) / "results.sqlite") as store:
+        with Store(Path(args.root) / "results.sqlite", readonly=True) as store:
             out = html_report(store, store.runs(name=args.name), args.html, args.metric,
                               title=f"prunekit report: {args.name}" if args.name else "prunekit report")
         print(f"html: {out}")
@@ -316,7 +317,7 @@ def cmd_report(args) -> int:
         from .experiments.export import export
         from .experiments.store import Store
 
-        with Store(Path(args.root) / "results.sqlite") as store:
+        with Store(Path(args.root) / "results.sqlite", readonly=True) as store:
             written = export(store, args.export, name=args.name, metric=args.metric)
         print(f"export: {len(written)} file(s) in {args.export}")
     if args.plot:

@@ -155,7 +155,9 @@ def export(store: Store, out_dir: str | Path, *, name: str | None = None, metric
     written.append(_write_csv(out / "epochs.csv", ("run_id", "epoch") + EPOCH_FIELDS, all_epochs))
     written.append(_write_csv(out / "layers.csv", ("run_id",) + LAYER_COLUMNS, all_layers))
     if plots:
-        written += export_plots(store, runs, out, name or "report", metric, title=name)
+        from .config import file_stem
+
+        written += export_plots(store, runs, out, file_stem(name) if name else "report", metric, title=name)
     return written
 
 
@@ -165,7 +167,10 @@ def export_plots(store: Store, runs: list[dict], out_dir: str | Path, stem: str,
     from .imp_report import plot_accuracy, plot_epochs
     from .report import plot, plot_speedup
 
+    from .config import file_stem
+
     out = Path(out_dir)
+    stem = file_stem(stem)  # a stored experiment name names files in out_dir: never a path out of it
     col = _metric_column(metric)
     imp, other = split_level_runs(runs)
     imp_rows = [{**r, "recipe": recipe(r), "levels": store.levels(r["run_id"])} for r in imp]

@@ -397,7 +397,7 @@ def report(root: str | Path = "runs", name: str | None = None, metric: str = "te
     path = Path(root) / "results.sqlite"
     if not path.exists():
         raise PrunekitError(f"no results store at {path}: run an experiment first (prunekit run CONFIG)")
-    with Store(path) as store:
+    with Store(path, readonly=True) as store:  # reading only: works on a store this user may not write
         if name is not None and name not in store.experiment_names():
             from ..errors import unknown
 

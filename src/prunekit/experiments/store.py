@@ -11,12 +11,16 @@ is unsafe; they run into a private store and send the run's rows back (:mod:`pru
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from ..errors import PrunekitError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -70,17 +74,134 @@ EPOCH_FIELDS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_lo
 INTERRUPTED = "interrupted"
 
 
-class Store:
-    """A results store at ``path`` (created on first use)."""
+class StoreError(PrunekitError):
+    """The results store cannot be opened, read or written: a one-line message naming the file, the cause and the
+    fix (not a database, damaged, read-only, disk full, locked)."""
 
-    def __init__(self, path: str | Path):
+
+#: Columns of ``runs`` that every prunekit store has had; a SQLite file without them is someone else's database.
+_REQUIRED = ("run_id", "status", "config")
+
+
+class Store:
+    """A results store at ``path`` (created on first use).
+
+    ``readonly``: open an existing store for reading only (SQLite ``mode=ro``), as reports do: that works on a
+    store the user may not write (a read-only file or folder, a finished project's archive), and never changes the
+    file. Every SQLite or filesystem error becomes a :class:`StoreError` whose one line names the file and the
+    fix; a write that fails (disk full, say) is rolled back whole."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(SCHEMA)
+        self.readonly = readonly
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a folder, not a results store: move it aside or point --root elsewhere")
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(f"no results store at {self.path}: run an experiment first (prunekit run CONFIG), "
+                                 "or point --root at the folder that holds results.sqlite")
+            self._conn = self._connect_readonly()
+        else:
+            self._check_writable()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            except (OSError, sqlite3.Error) as e:
+                raise self._error(e) from None
+        try:
+            self._conn.row_factory = sqlite3.Row
+            if not readonly:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(SCHEMA)
+            self._tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            self._check_schema()
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise self._error(e) from None
+        except StoreError:
+            self._conn.close()
+            raise
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri()
+        try:
+            return sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
+        except sqlite3.OperationalError as e:
+            # a WAL store in a folder we may not write has no shared-memory file to open: read it as an unchanging
+            # file (nobody can be writing it here)
+            if os.access(self.path.parent, os.W_OK):
+                raise self._error(e) from None
+            try:
+                return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None)
+            except sqlite3.Error as e2:
+                raise self._error(e2) from None
+
+    def _check_writable(self) -> None:
+        """Fail before any work when the store (or the folder its journal files go to) cannot be written."""
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise StoreError(self._readonly_message("the file is read-only"))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(self._readonly_message(f"its folder {folder} is not writable"))
+
+    def _readonly_message(self, why: str) -> str:
+        reads = (f"; reports can still read it (prunekit report --root {self.path.parent})"
+                 if self.path.is_file() else "")
+        return (f"{self.path} cannot be written ({why}): this command records runs there; make it writable or point "
+                f"--root at another folder{reads}")
+
+    def _check_schema(self) -> None:
+        if "runs" not in self._tables:
+            raise StoreError(f"{self.path} is not a prunekit results store (an SQLite database without a runs "
+                             "table): move it aside or point --root elsewhere")
+        columns = set(self._columns("runs"))
+        missing = [c for c in _REQUIRED if c not in columns]
+        if missing:
+            raise StoreError(f"{self.path} is not a prunekit results store (its runs table has no "
+                             f"{', '.join(missing)} column{'s' if len(missing) > 1 else ''}): move it aside or point "
+                             "--root elsewhere")
+
+    def _error(self, e: BaseException) -> StoreError:
+        """The one-line :class:`StoreError` for a SQLite or filesystem error on this store."""
+        path = self.path
+        if isinstance(e, OSError):
+            if e.errno == errno.ENOSPC:
+                return StoreError(f"{path}: disk full: no space left to create the results store; free space on "
+                                  f"{path.parent} and run the same command again")
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return StoreError(self._readonly_message(e.strerror or "permission denied"))
+            return StoreError(f"{path}: cannot create the results store ({e.strerror or e})")
+        msg = str(e)
+        low = msg.lower()
+        if "not a database" in low:
+            return StoreError(f"{path} is not a prunekit results store ({msg}): move it aside or point --root "
+                              "elsewhere")
+        if "malformed" in low or "corrupt" in low:
+            return StoreError(f"{path} is damaged ({msg}: truncated or overwritten?): restore it from a backup, or "
+                              "move it aside and point --root elsewhere")
+        if "is full" in low:
+            return StoreError(f"{path}: disk full ({msg}); the write was rolled back, nothing of it is in the "
+                              f"store: free space on {path.parent} and run the same command again (finished runs "
+                              "are kept, interrupted ones resume)")
+        if "readonly" in low or "read-only" in low:
+            return StoreError(self._readonly_message(msg))
+        if "locked" in low or "busy" in low:
+            return StoreError(f"{path} is locked by another process ({msg}, after waiting 60 s): let it finish or "
+                              "stop it, then run the same command again")
+        if "unable to open" in low:
+            return StoreError(f"cannot open the results store {path} ({msg}): check that the file and its folder "
+                              "exist and are readable, or point --root elsewhere")
+        return StoreError(f"{path}: results store error ({type(e).__name__}: {msg})")
+
+    def _read(self, sql: str, args=()) -> list[sqlite3.Row]:
+        """Rows of one read query; SQLite errors as :class:`StoreError`."""
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e) from None
 
     def close(self) -> None:
         self._conn.close()
@@ -93,14 +214,26 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write: everything inside commits together or not at all."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        """One atomic write: everything inside commits together or not at all (a failed write, the disk full for
+        one, is rolled back whole and raised as a :class:`StoreError`)."""
+        if self.readonly:
+            raise StoreError(f"{self.path} was opened read-only (for a report): it cannot record runs")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise self._error(e) from None
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._conn.execute("COMMIT")
+        except BaseException as e:
+            if self._conn.in_transaction:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:  # SQLite may have rolled back already (a full disk)
+                    pass
+            if isinstance(e, sqlite3.Error):
+                raise self._error(e) from None
             raise
-        self._conn.execute("COMMIT")
 
     # ------------------------------------------------------------------------------------------------------ writes
     def begin_run(self, run_id: str, name: str, resolved: dict, versions: dict, hardware: dict) -> None:
@@ -172,12 +305,12 @@ class Store:
     # ------------------------------------------------------------------------------------------- whole runs
     def run_tables(self) -> list[str]:
         """The tables that hold rows of runs (those with a ``run_id`` column), in name order."""
-        names = [r[0] for r in self._conn.execute(
+        names = [r[0] for r in self._read(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
         return [t for t in names if "run_id" in self._columns(t)]
 
     def _columns(self, table: str) -> list[str]:
-        return [r[1] for r in self._conn.execute(f'PRAGMA table_info("{table}")').fetchall()]
+        return [r[1] for r in self._read(f'PRAGMA table_info("{table}")')]
 
     def export_run(self, run_id: str) -> dict[str, Any]:
         """Every row of one run, in every table that has a ``run_id`` column, as plain JSON-able data::
@@ -186,8 +319,7 @@ class Store:
 
         Remote sweep workers run into a store of their own and send this back; :meth:`import_run` writes it into
         the sweep's store. Tables without rows of the run are present with an empty list."""
-        tables = {t: [dict(r) for r in self._conn.execute(f'SELECT * FROM "{t}" WHERE run_id=? ORDER BY rowid',
-                                                          (run_id,)).fetchall()]
+        tables = {t: [dict(r) for r in self._read(f'SELECT * FROM "{t}" WHERE run_id=? ORDER BY rowid', (run_id,))]
                   for t in self.run_tables()}
         return {"format": RUN_EXPORT_FORMAT, "run_id": run_id, "tables": tables}
 
@@ -198,8 +330,6 @@ class Store:
         run belongs to): those are added to, since a run can belong to several experiments and the payload only
         knows the one it ran under. Raises :class:`~prunekit.errors.PrunekitError` for a payload that is not an
         export, or that has tables or columns this store lacks (written by a newer prunekit)."""
-        from ..errors import PrunekitError
-
         if not isinstance(payload, dict) or payload.get("format") != RUN_EXPORT_FORMAT:
             raise PrunekitError(f"not a run export ({RUN_EXPORT_FORMAT}): got "
                                 f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}")
@@ -233,12 +363,12 @@ class Store:
 
     # ------------------------------------------------------------------------------------------------------- reads
     def status(self, run_id: str) -> str | None:
-        row = self._conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return None if row is None else row["status"]
+        rows = self._read("SELECT status FROM runs WHERE run_id=?", (run_id,))
+        return rows[0]["status"] if rows else None
 
     def record(self, run_id: str) -> dict | None:
-        row = self._conn.execute("SELECT record FROM runs WHERE run_id=? AND status='done'", (run_id,)).fetchone()
-        return None if row is None or row["record"] is None else json.loads(row["record"])
+        rows = self._read("SELECT record FROM runs WHERE run_id=? AND status='done'", (run_id,))
+        return None if not rows or rows[0]["record"] is None else json.loads(rows[0]["record"])
 
     def runs(self, name: str | None = None, status: str | None = "done") -> list[dict[str, Any]]:
         """Run rows (dicts), optionally of one experiment name and/or status, oldest first."""
@@ -246,6 +376,8 @@ class Store:
         args: list = []
         where = []
         if name is not None:
+            if "experiments" not in self._tables:
+                return []
             sql += " JOIN experiments e ON e.run_id = r.run_id"
             where.append("e.name = ?")
             args.append(name)
@@ -255,21 +387,26 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY r.created"
-        return [dict(r) for r in self._conn.execute(sql, args).fetchall()]
+        return [dict(r) for r in self._read(sql, args)]
 
     def epochs(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,)).fetchall()
-        return [dict(r) for r in rows]
+        if "epochs" not in self._tables:
+            return []
+        return [dict(r) for r in self._read("SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
 
     def layers(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT * FROM layers WHERE run_id=? ORDER BY position", (run_id,)).fetchall()
-        return [dict(r) for r in rows]
+        if "layers" not in self._tables:
+            return []
+        return [dict(r) for r in self._read("SELECT * FROM layers WHERE run_id=? ORDER BY position", (run_id,))]
 
     def levels(self, run_id: str) -> list[dict[str, Any]]:
         """The IMP level rows of a run (the JSON data of each row), level order, main branch first."""
-        rows = self._conn.execute("SELECT data FROM levels WHERE run_id=? ORDER BY level, branch != 'main', branch",
-                                  (run_id,)).fetchall()
+        if "levels" not in self._tables:  # a store written before IMP levels were recorded, opened read-only
+            return []
+        rows = self._read("SELECT data FROM levels WHERE run_id=? ORDER BY level, branch != 'main', branch", (run_id,))
         return [json.loads(r["data"]) for r in rows]
 
     def experiment_names(self) -> list[str]:
-        return [r[0] for r in self._conn.execute("SELECT DISTINCT name FROM experiments ORDER BY name").fetchall()]
+        if "experiments" not in self._tables:
+            return []
+        return [r[0] for r in self._read("SELECT DISTINCT name FROM experiments ORDER BY name")]
