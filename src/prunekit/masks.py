@@ -318,7 +318,7 @@ def load(path, model: nn.Module) -> Masks | None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, KeyError,
             AttributeError, UnicodeDecodeError, IndexError, TypeError) as e:
-        # torch's own message advises weights_only=False, i.e. running arbitrary code from the file: never that
+        # torch's own message suggests turning weights-only loading off (running code from the file): never that
         raise PrunekitError(f"{path} is not a prunekit model file or is damaged ({type(e).__name__} while reading "
                             "it): load only files written by prunekit.save, and save the model again if it was "
                             "truncated") from None
