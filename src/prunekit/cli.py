@@ -201,8 +201,8 @@ def cmd_run(args) -> int:
     ids = list(dict.fromkeys(C.run_id(r) for r in resolved))
     unique = {C.run_id(r): run_cfg for r, run_cfg in zip(resolved, runs)}
     root = Path(args.root)
-    print(f"{cfg.name}: {len(ids)} run(s) -> {root}/", file=sys.stderr)
-    with Store(root / "results.sqlite") as store:
+    with Store(root / "results.sqlite") as store:  # a store that cannot be used fails here, before any run
+        print(f"{cfg.name}: {len(ids)} run(s) -> {root}/", file=sys.stderr)
         for i, rid in enumerate(ids, 1):
             rec = run(unique[rid], root, data_dir=args.data_dir, store=store)
             acc = "—" if rec.final_test_acc is None else f"{100 * rec.final_test_acc:.2f}%"
