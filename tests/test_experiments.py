@@ -13,6 +13,7 @@ import prunekit as pk
 from prunekit.cli import main
 from prunekit.experiments import Store, config as C, run
 from prunekit.experiments.report import aggregate, table
+from tiny import die_after_epoch
 
 BASE = {
     "name": "tiny",
@@ -124,22 +125,13 @@ def test_run_store_and_noop_rerun(tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     straight = run(BASE, tmp_path / "a", log=lambda m: None)
 
-    calls = {"n": 0}
-    real = Store.log_epoch
-
-    def dying(self, rid, epoch, metrics):
-        real(self, rid, epoch, metrics)
-        calls["n"] += 1
-        if epoch == 1:  # dies after epoch 1 is logged but before its checkpoint is written
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Store, "log_epoch", dying)
+    undo = die_after_epoch(monkeypatch, 1)  # dies after epoch 1 is logged but before its checkpoint is written
     with pytest.raises(KeyboardInterrupt):
         run(BASE, tmp_path / "b", log=lambda m: None)
     with Store(tmp_path / "b" / "results.sqlite") as s:
         assert s.status(straight.run_id) == "failed"
         assert s.runs(status="done") == []
-    monkeypatch.setattr(Store, "log_epoch", real)
+    undo()
     resumed = run(BASE, tmp_path / "b", log=lambda m: None)
     assert resumed.run_id == straight.run_id and not resumed.cached
     assert resumed.final_test_acc == straight.final_test_acc

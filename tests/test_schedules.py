@@ -6,6 +6,7 @@ from prunekit.checkpoint import load_checked
 import prunekit as pk
 from prunekit.experiments import Store, config as C, run
 from prunekit.schedules import Gradual, OneShot
+from tiny import die_after_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,17 +68,10 @@ def test_gradual_run_follows_the_schedule_and_resumes(tmp_path, monkeypatch):
     ckpt = load_checked(tmp_path / "a" / rec.run_id / "last.pt")
     assert ckpt["weight_decay_off"] is True
     # killed after epoch 2: resumes between two pruning steps and ends identical
-    real = Store.log_epoch
-
-    def dying(self, rid, epoch, metrics):
-        real(self, rid, epoch, metrics)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Store, "log_epoch", dying)
+    undo = die_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(BASE, tmp_path / "b", log=lambda m: None)
-    monkeypatch.setattr(Store, "log_epoch", real)
+    undo()
     again = run(BASE, tmp_path / "b", log=lambda m: None)
     def no_time(events):
         return [{k: v for k, v in e.items() if k not in ("seconds", "diagnostics_seconds")} for e in events]

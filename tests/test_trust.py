@@ -19,6 +19,7 @@ from prunekit.checkpoint import (MAGIC, CheckpointError, CorruptCheckpointWarnin
 from prunekit.errors import PrunekitError
 from prunekit.experiments import Store, config as C, run
 from prunekit.io import WriteError
+from tiny import die_after_epoch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -113,17 +114,10 @@ def test_malicious_payloads_never_run(tmp_path):
 # ----------------------------------------------------------------------------------------- runs that resume
 def _interrupted(root: Path, monkeypatch, cfg=BASE) -> str:
     """Run ``cfg`` into ``root`` until it dies after epoch 1 is logged (last.pt holds epoch 1); returns its id."""
-    real = Store.log_epoch
-
-    def dying(self, rid, epoch, metrics):
-        real(self, rid, epoch, metrics)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Store, "log_epoch", dying)
+    undo = die_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, root, log=lambda m: None)
-    monkeypatch.setattr(Store, "log_epoch", real)
+    undo()
     rid = C.run_id(C.resolve(cfg))
     assert (root / rid / "last.pt").exists()
     return rid

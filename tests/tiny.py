@@ -25,3 +25,19 @@ def fine_tune_of_dense(cfg: dict, folder) -> dict:
     ft = copy.deepcopy(cfg)
     ft["model"] = {"name": "lenet_300_100", "pretrained": str(folder / "dense.yaml")}
     return ft
+
+
+def die_after_epoch(monkeypatch, epoch: int):
+    """Make every run die (KeyboardInterrupt) right after ``epoch`` is logged to the store, before its checkpoint is
+    written; returns a function that undoes it."""
+    from prunekit.experiments import Store
+
+    real = Store.log_epoch
+
+    def dying(self, rid, e, metrics):
+        real(self, rid, e, metrics)
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "log_epoch", dying)
+    return lambda: monkeypatch.setattr(Store, "log_epoch", real)

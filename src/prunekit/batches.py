@@ -10,6 +10,22 @@ import torch
 from .errors import PrunekitError
 
 
+def labelled_pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` of a batch, checked: a pair of tensors with the same number of samples along
+    dimension 0; a :class:`PrunekitError` naming what was given otherwise."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise PrunekitError(f"each data batch must be a pair (inputs, targets); got {what}")
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise PrunekitError("data batches must hold tensors (inputs, targets), got "
+                            f"({type(x).__name__}, {type(y).__name__})")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise PrunekitError(f"inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)} do not hold "
+                            "the same number of samples along dimension 0")
+    return x, y
+
+
 class BatchStream:
     """``take(k)`` returns the next k samples (fewer only at the end of the data), ``peek()`` the next input."""
 
@@ -33,16 +49,7 @@ class BatchStream:
         except StopIteration:
             self._done = True
             return
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            what = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-            raise PrunekitError(f"each data batch must be a pair (inputs, targets); got {what}")
-        x, y = batch
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise PrunekitError("data batches must hold tensors (inputs, targets), got "
-                                f"({type(x).__name__}, {type(y).__name__})")
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise PrunekitError(f"inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)} do not hold "
-                                "the same number of samples along dimension 0")
+        x, y = labelled_pair(batch)
         if x.shape[0] == 0:
             return
         x = x.to(self.device)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import labelled_pair
 from .errors import PrunekitError
 from .masks import ExistingZerosWarning, Masks
 from .params import ParamSpec, prunable_params
@@ -413,16 +414,7 @@ def _check_batch(model: nn.Module, first, labels: bool, loss: Callable | None) -
     """The checks of :func:`check_data` on the first batch."""
     x = y = None
     if labels:
-        if not isinstance(first, (tuple, list)) or len(first) != 2:
-            what = type(first).__name__ + (f" of length {len(first)}" if isinstance(first, (tuple, list)) else "")
-            raise PrunekitError(f"each data batch must be a pair (inputs, targets); got {what}")
-        x, y = first
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise PrunekitError("data batches must hold tensors (inputs, targets), got "
-                                f"({type(x).__name__}, {type(y).__name__})")
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise PrunekitError(f"inputs of shape {_shape(x)} and targets of shape {_shape(y)} do not hold the same "
-                                "number of samples along dimension 0")
+        x, y = labelled_pair(first)
     else:
         x = _batch_inputs(first)
         if x is None:
