@@ -28,6 +28,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="folder of run folders and results.sqlite (env PRUNEKIT_RUNS; default: ./runs)")
 
 
+def _add_corrupt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-restart-corrupt", action="store_true",
+                   help="stop with an error on a damaged or foreign checkpoint instead of moving it aside (as "
+                        "last.pt.corrupt) and redoing its work (env PRUNEKIT_ON_CORRUPT=error)")
+
+
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="dataset folder (env PRUNEKIT_DATA; default: ~/.cache/prunekit/data)")
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write TensorBoard event files under each run folder (train.tensorboard=true; needs "
                         "pip install 'prunekit[tensorboard]')")
     p.add_argument("--no-report", action="store_true", help="skip the table and plot after the runs")
+    _add_corrupt(p)
     _add_common(p)
     _add_data_dir(p)
 
@@ -84,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slurm-partition", default=None, help="partition (default: the cluster's default)")
     g.add_argument("--slurm-time", default="60", help="time limit of each run's task: MINUTES, HH:MM:SS or "
                    "D-HH:MM:SS (default 60); a requeued task gets a new one")
-    g.add_argument("--slurm-cpus", type=int, default=1, help="CPUs per task, also the run's torch threads (default 1)")
+    g.add_argument("--slurm-cpus", type=int, default=1,
+                   help="CPUs per task (default 1); a run computes with train.threads (default 1)")
     g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per task (default 0)")
     g.add_argument("--slurm-mem", default=None, help="memory per task, e.g. 16G (default: the partition's)")
     g.add_argument("--slurm-log-dir", default=None, help="submitit's job files and logs (default ROOT/slurm_logs)")
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many tasks running at once (default 64)")
     g.add_argument("--slurm-executor", choices=("slurm", "local"), default="slurm",
                    help="slurm (default), or local: the same jobs as processes on this machine (testing)")
+    _add_corrupt(p)
     _add_common(p)
     _add_data_dir(p)
 
@@ -344,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "check": cmd_check, "results": cmd_results, "report": cmd_report, "data": cmd_data}
+    handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "check": cmd_check, "results": cmd_results,
+                "report": cmd_report, "data": cmd_data}
+    from .checkpoint import ON_CORRUPT_ENV
+
+    policy_before = os.environ.get(ON_CORRUPT_ENV)
+    if getattr(args, "no_restart_corrupt", False):  # read by every run of this process and of its workers
+        os.environ[ON_CORRUPT_ENV] = "error"
     if args.command not in handlers:
         ap.print_help()
         return 2
@@ -356,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunekit: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if policy_before is None:
+            os.environ.pop(ON_CORRUPT_ENV, None)
+        else:
+            os.environ[ON_CORRUPT_ENV] = policy_before
 
 
 if __name__ == "__main__":
