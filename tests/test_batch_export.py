@@ -158,16 +158,20 @@ def test_seed000_example_config_and_sweep_accept_the_layout(tmp_path):
 
 def test_seed000_note_lists_meaningless_keys_and_errors_name_the_key():
     data = copy.deepcopy(SEED000)
-    data["general"]["owner"] = "me"
     data["training"]["compressor"]["percentile"] = 3
-    data["training"]["optimizer"]["nesterov"] = True
-    data["extra_section"] = {"a": 1}
     data["train"] = {"epochs": 5}  # a prunekit field beside the seed's: it wins, and the note says so
     lines = seed000.notes(data)
     ignored = lines[0]
-    for key in ("general.description", "general.output_dir", "general.gpu.gpu_id", "general.owner",
-                "training.compressor.percentile", "training.optimizer.nesterov", "extra_section"):
+    for key in ("general.description", "general.output_dir", "general.gpu.gpu_id",
+                "training.compressor.percentile"):  # the seed's own keys without a prunekit meaning: a note
         assert key in ignored
+    unknown = copy.deepcopy(data)  # keys that are not the seed's: an error naming each (issue 14)
+    unknown["general"]["owner"] = "me"
+    unknown["training"]["optimizer"]["nesterov"] = True
+    unknown["extra_section"] = {"a": 1}
+    with pytest.raises(ConfigError, match=r"unknown keys 'general\.owner', 'training\.optimizer\.nesterov', "
+                                          r"'extra_section'"):
+        C.expand(unknown)
     assert any("train.epochs=5 replaces training.num_steps" in line for line in lines)
     assert C.resolve(C.expand(data)[0])["train"]["epochs"] == 5
     # data-free compressors ignore the scoring batch size, as in the seed
