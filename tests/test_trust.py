@@ -417,3 +417,28 @@ def test_a_failure_after_training_is_recorded_as_failed(tmp_path, monkeypatch):
         row = [r for r in s.runs(status=None) if r["run_id"] == rid][0]
     assert row["status"] == "failed" and "layer rows exploded" in row["error"]
     assert "exploded" in (tmp_path / rid / "error.txt").read_text()
+
+
+def test_on_corrupt_policy_values(monkeypatch):
+    from prunekit.checkpoint import on_corrupt_policy
+
+    monkeypatch.delenv("PRUNEKIT_ON_CORRUPT", raising=False)
+    assert on_corrupt_policy() == "restart"
+    monkeypatch.setenv("PRUNEKIT_ON_CORRUPT", "Error")
+    assert on_corrupt_policy() == "error"
+    monkeypatch.setenv("PRUNEKIT_ON_CORRUPT", "ignore")
+    with pytest.raises(PrunekitError, match="PRUNEKIT_ON_CORRUPT='ignore'.*'restart'.*'error'"):
+        on_corrupt_policy()
+
+
+def test_rank_store_reads_skips_writes_and_refuses_the_rest(tmp_path):
+    from prunekit.experiments.runner import RankStore
+
+    with Store(tmp_path / "results.sqlite") as s:
+        s.begin_run("r1", "x", C.resolve(BASE), {}, {})
+        rank = RankStore(s)
+        assert rank.status("r1") == "running" and rank.record("r1") is None
+        rank.fail_run("r1", "boom")  # rank 0's job: nothing happens here
+        assert s.status("r1") == "running"
+        with pytest.raises(AttributeError, match="has no 'import_run'.*reads.*skips"):
+            rank.import_run({})

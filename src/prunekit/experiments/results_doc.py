@@ -39,7 +39,7 @@ def results_markdown(roots: list[str | Path], metric: str = "test_acc", config_d
         path = Path(root) / "results.sqlite"
         if not path.exists():
             raise PrunekitError(f"no results store at {path}: run the experiments first (prunekit run CONFIG)")
-        with Store(path) as store:
+        with Store(path, readonly=True) as store:
             for name in store.experiment_names():
                 runs = store.runs(name=name)
                 if not runs:
