@@ -53,7 +53,7 @@ def test_methods_are_registered_as_structured():
     for code, allocation in (("filter_l1", "uniform"), ("filter_l2", "uniform"), ("filter_random", "uniform"),
                              ("bn_scale", "global")):
         info = infos[code]
-        assert info.structured and info.family == "structured baseline" and info.seeds == ("002",)
+        assert info.structured and info.family == "structured baseline" and info.sources == ("002",)
         assert info.select is not None and info.update is not None
         assert info.options().allocation == allocation and info.options().size_tol == 0.005
     with pytest.raises(PrunekitError, match="allocation"):

@@ -61,9 +61,9 @@ def with_grads(model, x):
 # ------------------------------------------------------------------------------------------------ synflow
 def test_registered_with_typed_options():
     s, p = pk.get_method("synflow"), pk.get_method("px")
-    assert (s.needs_data, s.default_rounds, s.seeds, s.option_names()) == ("none", 100, ("004",), ["dtype"])
+    assert (s.needs_data, s.default_rounds, s.sources, s.option_names()) == ("none", 100, ("004",), ["dtype"])
     assert s.options().dtype == "float64"
-    assert (p.needs_data, p.default_rounds, p.seeds) == ("inputs", 100, ("004",))
+    assert (p.needs_data, p.default_rounds, p.sources) == ("inputs", 100, ("004",))
     assert p.options().px_variant == "head" and p.options().dtype == "float32"
     with pytest.raises(pk.PrunekitError, match="px_variant"):
         p.make_options(px_variant="tail")

@@ -360,7 +360,7 @@ def test_fixed_seed_gives_identical_masks_and_weights():
 
 def test_registration_and_options():
     info = get_method("pfp")
-    assert info.structured and info.needs_data == "inputs" and info.seeds == ("002",)
+    assert info.structured and info.needs_data == "inputs" and info.sources == ("002",)
     assert info.family == "sensitivity (provable, filters)" and info.select is not None and info.update is not None
     o = info.make_options()
     assert (o.variant, o.delta_s, o.C, o.sample_size, o.size_tol, o.search_iters) == ("det", 1e-16, 3.0, None,

@@ -398,3 +398,14 @@ def test_existing_zeros_for_data_and_update_methods(tiny_mlp, method, options):
     for name, w in _weights(masks).items():
         assert torch.equal(masks[name], w != 0)
         assert not bool((masks[name] & ~first[name]).any())
+
+
+def test_method_kind_and_sources_with_the_deprecated_seeds_name():
+    kinds = {m.name: m.kind for m in pk.methods()}
+    assert kinds["none"] == "dense" and kinds["lth"] == "levels" and kinds["ciap"] == "levels"
+    assert kinds["snip"] == kinds["woodfisherblock"] == kinds["pfp"] == "one-shot"
+    assert set(kinds.values()) == {"dense", "one-shot", "levels"}
+    info = pk.get_method("snip") if hasattr(pk, "get_method") else [m for m in pk.methods() if m.name == "snip"][0]
+    assert info.sources == ("000", "004")
+    with pytest.warns(DeprecationWarning, match="sources"):
+        assert info.seeds == info.sources

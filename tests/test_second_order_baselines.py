@@ -62,7 +62,7 @@ def flat_weights(model):
 def test_registered_with_typed_options():
     for code in CODES:
         info = pk.get_method(code)
-        assert info.seeds == ("003",)
+        assert info.sources == ("003",)
         assert info.options is not None
     assert pk.get_method("kfac").update is not None
     for code in ("magni", "globalmagni", "naivehess", "diagfisher"):

@@ -424,7 +424,7 @@ def test_hybrid_on_a_conv_net_and_a_second_round():
 
 def test_registration_and_options():
     info = pk.get_method("sipp")
-    assert (info.family, info.needs_data, info.seeds, info.scope) == ("sensitivity (provable)", "inputs", ("002",),
+    assert (info.family, info.needs_data, info.sources, info.scope) == ("sensitivity (provable)", "inputs", ("002",),
                                                                       "global")
     assert info.select is not None and info.update is not None
     o = info.make_options()

@@ -170,7 +170,7 @@ def _show_method(name: str) -> int:
     info = get_method(name)
     print(f"{info.name}: {info.summary}")
     print(f"  family: {info.family}; data: {info.needs_data}; structured: {'yes' if info.structured else 'no'}; "
-          f"seeds: {', '.join(info.seeds) or '-'}; default rounds: {info.default_rounds}")
+          f"sources: {', '.join(info.sources) or '-'}; default rounds: {info.default_rounds}")
     if info.needs_data in ("inputs", "labels"):
         print(f"  default scoring samples (config key prune.samples): {info.default_samples}")
     rows = [(f.name, f.default, "method") for f in dataclasses.fields(info.options)]

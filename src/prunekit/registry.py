@@ -25,6 +25,7 @@ from .errors import PrunekitError, unknown
 from .params import PrunableParam
 
 NeedsData = Literal["none", "inputs", "labels", "training"]
+Kind = Literal["dense", "one-shot", "levels"]
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,29 @@ class MethodInfo:
     options: type = NoOptions
     score: Callable[[ScoreContext], dict] | None = field(default=None, repr=False)
     default_rounds: int = 1
-    seeds: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()  # the source systems (seed READMEs 000-004) the method comes from
     aliases: tuple[str, ...] = ()
     default_samples: Any = "all"
     rebatches: bool = True
     update: Callable[[ScoreContext, dict, dict], None] | None = field(default=None, repr=False)
     scope: str | None = None  # a method whose code fixes the scope (magni: layer, globalmagni: global)
     select: Callable[[ScoreContext, dict, float], dict] | None = field(default=None, repr=False)
+
+    kind: Kind | None = None  # how an experiment runs it; None: "levels" for training methods, else "one-shot"
+
+    def __post_init__(self):
+        if self.kind is None:  # dense (``none``: no mask) is declared; levels: the IMP codes (train, prune, rewind)
+            object.__setattr__(self, "kind", "levels" if self.needs_data == "training" else "one-shot")
+        elif self.kind not in ("dense", "one-shot", "levels"):
+            raise ValueError(f"method {self.name!r}: kind must be 'dense', 'one-shot' or 'levels', got {self.kind!r}")
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        """Deprecated name of :attr:`sources` ("seed" now means a random seed only)."""
+        import warnings
+
+        warnings.warn("MethodInfo.seeds is deprecated: use MethodInfo.sources", DeprecationWarning, stacklevel=2)
+        return self.sources
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -101,15 +118,21 @@ def register(
     options: type = NoOptions,
     structured: bool = False,
     default_rounds: int = 1,
-    seeds: tuple[str, ...] = (),
+    sources: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
     default_samples: Any = "all",
     rebatches: bool = True,
     update: Callable[[ScoreContext, dict, dict], None] | None = None,
     scope: str | None = None,
     select: Callable[[ScoreContext, dict, float], dict] | None = None,
+    seeds: tuple[str, ...] | None = None,
+    kind: Kind | None = None,
 ):
     """Decorator registering a score function as method ``name``.
+
+    ``sources``: the source systems the method comes from (``seeds=`` is its deprecated name). ``kind``: how an
+    experiment runs the method, ``dense`` (no mask: ``none``), ``levels`` (train-prune-rewind levels; the default
+    for ``needs_data="training"``) or ``one-shot`` (masks at the steps of a schedule; the default otherwise).
 
     ``default_samples``: the scoring-data budget used by experiments unless a config sets ``samples``
     (:mod:`prunekit.data.scoring`); ``rebatches``: the criterion regroups its data into its own mini-batches, so the
@@ -123,11 +146,17 @@ def register(
     prunable weights, i.e. ``round((1 - s) * n)`` kept, within the method's documented tolerance).
     """
 
+    if seeds is not None:
+        import warnings
+
+        warnings.warn("register(seeds=...) is deprecated: use sources=", DeprecationWarning, stacklevel=2)
+        sources = tuple(sources) + tuple(s for s in seeds if s not in sources)
+
     def deco(fn):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} registered twice")
-        info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, seeds, aliases,
-                          default_samples, rebatches, update, scope, select)
+        info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, tuple(sources),
+                          aliases, default_samples, rebatches, update, scope, select, kind)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name

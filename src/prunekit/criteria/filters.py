@@ -166,7 +166,7 @@ def _register(code: str, summary: str, options: type, channel_score: Callable) -
     score, select, update = _make(code, channel_score)
     score.__name__ = score.__qualname__ = code
     score.__doc__ = f"{summary}. Per-weight view of the channel scores (see the module docstring)."
-    register(code, family="structured baseline", needs_data="none", seeds=("002",), structured=True,
+    register(code, family="structured baseline", needs_data="none", sources=("002",), structured=True,
              options=options, select=select, update=update, summary=summary)(score)
 
 

@@ -37,14 +37,14 @@ def mean_gradient(ctx: ScoreContext, need_sq: bool = False):
 
 
 @register("grad_norm", family="pruning at init (first order)", needs_data="labels", options=GradOptions,
-          seeds=("000",), summary="|mean gradient| (GN): abs of ḡ, not a norm")
+          sources=("000",), summary="|mean gradient| (GN): abs of ḡ, not a norm")
 def grad_norm(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     st = mean_gradient(ctx)
     return {p.name: st.mean[p.name].abs() for p in ctx.params}
 
 
 @register("snip", family="pruning at init (first order)", needs_data="labels", options=GradOptions,
-          seeds=("000", "004"), summary="connection sensitivity |θ·ḡ| (Lee et al. 2019)")
+          sources=("000", "004"), summary="connection sensitivity |θ·ḡ| (Lee et al. 2019)")
 def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |θ ⊙ ḡ|, SNIP's |∂L/∂c| at c = 1 up to a positive factor (its normalization does not change ranks)."""
     st = mean_gradient(ctx)
@@ -68,7 +68,7 @@ class GraspOptions:
 
 
 @register("grasp", family="pruning at init (Hessian-gradient)", needs_data="labels", options=GraspOptions,
-          seeds=("000", "004"), summary="GraSP: keep the largest θ·(Hg) (gradient-flow preservation, Wang et al. 2020)")
+          sources=("000", "004"), summary="GraSP: keep the largest θ·(Hg) (gradient-flow preservation, Wang et al. 2020)")
 def grasp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = θ ⊙ (H v) with v = Σ_b ∇L_b^T (temperature-scaled loss), H the Hessian of Σ_b L_b^T restricted to the
     prunable tensors (other parameters held fixed); keep the k largest.

@@ -133,7 +133,7 @@ def _abs_weights(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return {p.name: p.tensor.detach().abs().clone() for p in ctx.params}
 
 
-_COMMON = dict(needs_data="training", options=ImpOptions, seeds=("001",))
+_COMMON = dict(needs_data="training", options=ImpOptions, sources=("001",))
 
 register("lth", family="iterative (IMP)", summary="lottery-ticket IMP: train, prune a fixed fraction by |w|, rewind",
          **_COMMON)(_abs_weights)

@@ -535,7 +535,7 @@ def _subset_loss(ctx: ScoreContext, st: OBSState) -> float:
 
 # Experiments feed the whole training split in a seeded order (``samples: all``); the step reads only its first
 # fisher_samples × fisher_batch examples, i.e. a seeded random subset without replacement (§1).
-_COMMON = dict(family=FAMILY, needs_data="labels", seeds=("003",), default_samples="all", update=obs_update)
+_COMMON = dict(family=FAMILY, needs_data="labels", sources=("003",), default_samples="all", update=obs_update)
 
 register("woodfisher", options=FullOptions, **_COMMON,
          summary="WoodFisher: OBS statistic and update with one damped empirical-Fisher inverse over all weights "

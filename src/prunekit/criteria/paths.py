@@ -233,7 +233,7 @@ def _input_shape(ctx: ScoreContext, method: str) -> tuple[int, ...]:
 
 
 @register("synflow", family="pruning at init (data-free, iterative)", needs_data="none", default_rounds=100,
-          seeds=("004",), options=SynflowOptions,
+          sources=("004",), options=SynflowOptions,
           summary="Iterative Synaptic Flow: abs(θ·∂R/∂θ) on the abs-valued network with an all-ones input")
 def synflow(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """SynFlow score S = abs(θ' ⊙ ∂R/∂θ'), θ' = abs(θ) masked, R = sum of f(1) on the abs-valued network.
@@ -441,7 +441,7 @@ def _forward(net: nn.Module, x: torch.Tensor, mode: _Activations, method: str = 
 
 
 @register("px", family="pruning at init (path exclusion, iterative)", needs_data="inputs", default_rounds=100,
-          seeds=("004",), options=PXOptions, default_samples={"per_class": 10, "pick": "random"}, rebatches=False,
+          sources=("004",), options=PXOptions, default_samples={"per_class": 10, "pick": "random"}, rebatches=False,
           summary="Path eXclusion: θ²·abs(∂R/∂θ²), R = path kernel × data-dependent path activations")
 def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """PX score (pai.md 6.12). Per round, three copies of the current masked model in ``dtype``:

@@ -635,7 +635,7 @@ def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
         make_exact(ctx.model, plan.groups, removed)
 
 
-@register("pfp", family="sensitivity (provable, filters)", needs_data="inputs", seeds=("002",), structured=True,
+@register("pfp", family="sensitivity (provable, filters)", needs_data="inputs", sources=("002",), structured=True,
           options=PfpOptions, select=_select, update=_update,
           summary="PFP: channel sensitivities on |S| examples; shared-ε input-channel budgets, det top-u or "
                   "importance sampling with rescaling; removed channels propagate to the producing filters")

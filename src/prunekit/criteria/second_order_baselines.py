@@ -131,7 +131,7 @@ class MagniOptions:
 
 
 @register("magni", family="second-order baseline (magnitude)", needs_data="none", options=MagniOptions,
-          seeds=("003",), scope="layer", summary="|w| with an exact count per layer (every layer gets the sparsity)")
+          sources=("003",), scope="layer", summary="|w| with an exact count per layer (every layer gets the sparsity)")
 def magni(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |w|, selected per layer: exactly round((1 − s)·n_ℓ) weights kept in each layer (ties by index). The
     reference scores (|w| + 1e-4)·mask; prunekit simply excludes pruned weights from the ranking (same order)."""
@@ -155,7 +155,7 @@ class GlobalMagniOptions:
 
 
 @register("globalmagni", family="second-order baseline (magnitude)", needs_data="none", options=GlobalMagniOptions,
-          seeds=("003",), scope="global", summary="|w| with one global count; optional FLOPs reweighting |w|/φ_ℓ^p")
+          sources=("003",), scope="global", summary="|w| with one global count; optional FLOPs reweighting |w|/φ_ℓ^p")
 def globalmagni(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |w| / φ_ℓ^p (p = ``flops_power``; p = 0 gives |w|), selected globally.
 
@@ -318,7 +318,7 @@ def hessian_diagonal(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 
 @register("naivehess", family="second-order baseline (OBD, Hessian diagonal)", needs_data="labels",
-          options=NaiveHessOptions, seeds=("003",),
+          options=NaiveHessOptions, sources=("003",),
           summary="OBD saliency ½·w²·H_ii, exact Hessian diagonal by double backprop (or Hutchinson)")
 def naivehess(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = ½·w_i²·H_ii − min over active entries (≥ 0; pruned entries 0). The shift keeps the reference ordering:
@@ -354,7 +354,7 @@ class DiagFisherOptions:
 
 
 @register("diagfisher", family="second-order baseline (diagonal Fisher)", needs_data="labels",
-          options=DiagFisherOptions, seeds=("003",),
+          options=DiagFisherOptions, sources=("003",),
           summary="½·w²·F_qq, diagonal empirical Fisher from per-example gradients (no damping, no update)")
 def diagfisher(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = ½·w_q²·F_qq with F_qq = (1/N_d)·Σ_n (m ⊙ g_n)_q², g_n the gradient of example n's loss (true labels, eval
@@ -704,7 +704,7 @@ def kfac_update(ctx: ScoreContext, before: dict, after: dict) -> None:
         t.add_(dW.reshape(t.shape).to(t.dtype))
 
 
-@register("kfac", family="second-order (OBS, K-FAC)", needs_data="labels", options=KFACOptions, seeds=("003",),
+@register("kfac", family="second-order (OBS, K-FAC)", needs_data="labels", options=KFACOptions, sources=("003",),
           update=kfac_update,
           summary="OBS statistic and summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A")
 def kfac(ctx: ScoreContext) -> dict[str, torch.Tensor]:

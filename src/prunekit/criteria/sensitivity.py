@@ -815,7 +815,7 @@ def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
             t.copy_(w_hat[p.name].reshape(t.shape).to(t.dtype))
 
 
-@register("sipp", family="sensitivity (provable)", needs_data="inputs", seeds=("002",), options=SippOptions,
+@register("sipp", family="sensitivity (provable)", needs_data="inputs", sources=("002",), options=SippOptions,
           scope="global", select=_select, update=_update,
           summary="SiPP: empirical sensitivities on |S| examples; det top-k, or importance sampling with reweighting")
 def sipp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
