@@ -509,7 +509,7 @@ def prune(
     """
     check_model(model, "prune")
     info = get_method(method)
-    from .criteria.iterative import check_not_training
+    from .families.imp.codes import check_not_training
 
     check_not_training(info)
     common, method_opts = split_options(info, {"scope": scope, **options})

@@ -166,7 +166,7 @@ def register(
 
 
 def _load_builtin() -> None:
-    from . import criteria  # noqa: F401  (registers the built-in methods)
+    from . import families  # noqa: F401  (registers the built-in methods)
 
 
 def get_method(name: str) -> MethodInfo:

@@ -1,0 +1,663 @@
+"""PFP: provable filter pruning (Liebenwein et al., ICLR 2020; seed 002, methods/sensitivity.md §0, 1, 3, 5–7, 10).
+
+PFP prunes the INPUT channels of every layer; a channel that no layer reads any more is removed from the layer
+that writes it, so the producer's filters shrink to match. The image channels entering the first layer are never
+pruned and the outputs of the network are never removed.
+
+Score (§2–3): the per-weight empirical sensitivities of ``sipp`` with the MAX over conv positions
+(:func:`prunekit.criteria.sensitivity.sensitivities`), computed on the sample set S (§1: the first |S| examples of
+the scoring data, |S| = ⌈C·ln(8·η*·η/δ_S)⌉ unless ``sample_size`` is given). The channel sensitivity of input
+channel c of layer ℓ is s_c = max over examples, output neurons i and kernel entries k of channel c of g_{i,(c,k)}:
+a max-reduction of the per-weight sensitivities over every dim but the input channel (for a linear layer after a
+flatten, over the H·W features the channel owns; :func:`channel_sensitivity`).
+
+Allocation (§5), one ε for every layer ℓ that reads a prunable channel group:
+
+- S_ℓ = Σ_c s_c, p_c = s_c/S_ℓ, K_ℓ = 2·C·ln(8·(P_ℓ+1)·k_ℓ/δ_S)·S_ℓ (P_ℓ output positions, k_ℓ = kh·kw, both 1 for a
+  linear layer), m_ℓ(ε) = ⌈3·(6 + 2ε)·K_ℓ/ε²⌉ draws, and u_ℓ(ε) = min(#alive channels, round(Σ_c [1 − (1 −
+  p_c)^{m_ℓ}])) kept input channels (at least ``max(1, min_keep_per_layer)``).
+- ``det`` keeps the top-u_ℓ channels by s_c (ties: lower index). ``rand`` picks m′ draws with E[unique](m′) = u_ℓ
+  (:func:`prunekit.criteria.sensitivity.draws_for_unique`), draws counts ~ Multinomial(m′, p) and scales the
+  layer's weights of each kept channel by count_c/(m′·p_c), which keeps the layer's pre-activation unbiased.
+  ``top``: with m′ as for rand, the channels with p_c ≥ 1/m′ (expected count ≥ 1) are kept unscaled; if there are
+  at least u_ℓ of them the top-u_ℓ by s_c are kept and nothing is sampled; otherwise the remaining u_ℓ − |T|
+  channels are sampled from the rest R exactly as ``rand`` does, with p restricted to R and renormalized (m′_R
+  draws with E[unique] = u_ℓ − |T|, scale count_c/(m′_R·p_c/P_R)). When u_ℓ reaches the number of channels with
+  s_c > 0, all of those are kept unscaled (no sampling).
+- Propagation (§7): a channel of a group is removed only when every layer reading it drops it (residual-tied
+  groups: every member, producers and consumers alike); the producers' rows of a removed channel are masked and
+  its producer biases and BatchNorm entries are zeroed by the update hook
+  (:func:`prunekit.structured.make_exact`), so it outputs exactly 0 and ``pk.shrink(model, masks)`` returns a
+  smaller model with the same outputs. A layer may still drop its input slice of a channel that another reader
+  keeps (its own u_ℓ).
+- Size: the kept prunable weights after propagation, i.e. the current masks AND
+  :func:`prunekit.structured.channel_masks_to_masks` of the removed channels AND each layer's dropped input slices
+  (counted with per-layer matrices of alive entries per row and input channel, checked against the final masks).
+  The target is round((1 − s)·n) (the ``pk.sparsity`` convention). ε is searched in log ε inside [1e-300, 1e150]
+  with the size search of ``sipp`` (:func:`prunekit.criteria.sensitivity.search_keep_ratio`: start at the
+  predicted ε, a second bracketing point, then Brent's method; at most ``search_iters`` evaluations; stop once
+  within ``size_tol``). The prediction is the ``det`` size (no sampling, cheap; for ``det`` it is the size).
+- Fill: one channel can carry many weights (a conv channel before a flatten owns H·W columns of every row of the
+  linear layer), so the size is a coarse step function of ε and can jump over the ±size_tol window. When no ε
+  hits, the selection goes on from the best candidate below the target along the shared-ε path one step at a
+  time (u_ℓ → u_ℓ + 1 for det and top; one more draw for rand, so at most one more channel), in the order in which
+  a decreasing ε takes them; a layer whose next step would exceed target·(1 + size_tol) is frozen where it is.
+  Without a freeze this is the shared-ε selection at a smaller ε; with one, frozen layers keep their larger-ε
+  size. The closest candidate is returned (the one below the target on a tie), with a warning if it is still
+  outside size_tol.
+
+Choices where methods/sensitivity.md is silent:
+
+- Only channel groups that :func:`prunekit.structured.channel_groups` marks prunable are touched: a layer whose
+  input group is not prunable (unsupported operation, the model's output) keeps its input whole. A layer is
+  compressed only if its weight is prunable here (in ``ctx.params``), it is a Linear/Conv1d/2d/3d with
+  ``groups == 1`` that reads exactly one group; a group loses channels only if all its readers are compressed.
+- Unreached bounds: if even the smallest ε-selection (every layer at its minimum of channels) keeps more than
+  target·(1 + size_tol), or the largest (every channel with s_c > 0) fewer than target·(1 − size_tol), a
+  :class:`PrunekitError` gives the reachable sparsity range. A sparsity that keeps every alive weight returns the
+  current masks unchanged.
+- The search variable is x ∈ (0, 1], log ε = t_hi − x·(t_hi − t_lo), with [t_lo, t_hi] the part of
+  [ln 1e-300, ln 1e150] where the sizes change: at t_hi every m_ℓ = 1, at t_lo every u_ℓ is the number of
+  channels with s_c > 0 (one nat of margin each side).
+- Sampling is deterministic given the seed (one 62-bit seed drawn from ``ctx.generator`` per selection): each layer
+  has its own uniform sequence (``derive_seed(seed, "pfp", param name)``), mapped to channels by the inverse CDF,
+  so draw t is the same at every evaluation and the kept set grows with m′ (``rand`` sizes are monotone in ε).
+  At most 32·nnz draws per layer, as ``sipp``.
+- Channels whose slice is already fully masked are not alive and score 0; masks stay nested. Channels with
+  s_c = 0 (never active on S) are dropped even at the smallest ε (§10: pruned first).
+- ``max(1, min_keep_per_layer)`` input channels per compressed layer are kept (the best by s_c, unscaled), so no
+  layer is emptied. In a group read by several layers (residual stages) each layer keeps its own u_ℓ channels,
+  drops its slices of the others, and the group keeps the union.
+- ``top`` with its fill steps in u only; ``rand`` draw counts are capped at 32·nnz (then the layer goes full).
+- ``ctx.state["pfp"]`` after a selection: ``search`` (ε, kept, target, hit, evaluations, history, fill, reachable
+  range), ``kept_channels`` / ``channels`` per compressed weight, ``group_channels`` per group that may shrink.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ...errors import PrunekitError
+from ...params import PrunableParam
+from ...registry import ScoreContext, register
+from ...seeding import derive_seed
+from ...select import check_sparsity, keep_count
+from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact
+from . import sipp as sv
+
+log = logging.getLogger("prunekit.pfp")
+
+#: log ε range of the search (methods/sensitivity.md §5).
+LOG_EPS_MIN, LOG_EPS_MAX = math.log(1e-300), math.log(1e150)
+#: Bisection steps of the (cheap, deterministic) det prediction.
+PREDICT_STEPS = 64
+
+
+@dataclass(frozen=True)
+class PfpOptions(sv.SensitivityOptions):
+    """Options of ``pfp`` (methods/sensitivity.md §0).
+
+    - ``variant``: ``det`` (top-u_ℓ channels by sensitivity), ``rand`` (importance sampling of channels, kept
+      channels rescaled) or ``top`` (channels with p_c ≥ 1/m′ kept as they are, the rest sampled).
+    - ``delta_s`` δ_S and ``C``: failure probability and constant of the bound; they fix |S| and m_ℓ(ε).
+    - ``sample_size``: |S|; None = ⌈C·ln(8·η*·η/δ_S)⌉.
+    - ``size_tol``: relative tolerance on the kept count; ``search_iters``: most size evaluations of the ε search.
+    - ``round_channels``: round each layer's kept input channels up to a multiple of this (capped at the layer's
+      channels), so shrunk layers get SIMD-friendly widths (16 measured fastest for VGG-16 on a 2-core CPU:
+      bench/bench_shrink.py); the size search then works on rounded sizes and skips the channel-by-channel fill.
+    """
+
+    variant: Literal["det", "rand", "top"] = "det"
+    round_channels: int = 1
+
+    def validate(self, path, error) -> None:
+        super().validate(path, error)
+        if self.round_channels < 1:
+            raise error(f"round_channels must be >= 1, got {self.round_channels}")
+
+
+# ------------------------------------------------------------------------------------ channel sensitivities (§3)
+
+
+def channel_sensitivity(s: torch.Tensor, channels: int) -> torch.Tensor:
+    """s_c for ``channels`` input channels from per-weight sensitivities ``s`` shaped like the weight ((out, C, kh,
+    kw) for a conv, (out, C·block) for a linear layer whose input channel owns ``block`` consecutive features):
+    the maximum over output neurons and the entries of each channel."""
+    return s.reshape(s.shape[0], channels, -1).amax(dim=(0, 2))
+
+
+#: The layers whose weights pfp prunes.
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_layer(p: PrunableParam) -> None:
+    m, w = p.module, p.tensor
+    if p.attr == "weight" and w is not None and w.dim() >= 2 and isinstance(m, _LAYERS):
+        return
+    raise PrunekitError(
+        f"pfp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d); {p.name!r} "
+        f"({type(m).__name__}.{p.attr}) is not one: leave it out with exclude=[...] (and do not pass include_bias)")
+
+
+def _no_reader_message(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
+    from ..filters.baselines import why_fixed
+
+    fixed = why_fixed(list(groups))
+    return ("pfp: no layer reads a prunable channel group, so no channel can be removed (the groups are not prunable "
+            "or their layers are excluded" + (f"; not prunable: {fixed}" if fixed else "") + "); use an "
+            "unstructured method (sipp is PFP's weight-level counterpart), or change the layers named (e.g. groups=1 "
+            "instead of a grouped conv) so their channels can be removed together")
+
+
+def _readers(groups: Sequence[ChannelGroup]) -> dict[str, list[tuple[ChannelGroup, int]]]:
+    out: dict[str, list[tuple[ChannelGroup, int]]] = {}
+    for g in groups:
+        for cname, block in g.consumers:
+            out.setdefault(cname, []).append((g, block))
+    return out
+
+
+def _input_group(p: PrunableParam, readers: Mapping[str, list]) -> tuple[ChannelGroup, int] | None:
+    """(group, features per channel) when ``p``'s input channels may be pruned, else None."""
+    got = readers.get(p.module_name, [])
+    if p.attr != "weight" or len(got) != 1:
+        return None
+    g, block = got[0]
+    m, w = p.module, p.tensor
+    if not g.prunable or not isinstance(m, _LAYERS):
+        return None
+    if isinstance(m, nn.Linear):
+        return (g, block) if w.dim() == 2 and w.shape[1] == g.size * block else None
+    return (g, block) if m.groups == 1 and block == 1 and w.shape[1] == g.size else None
+
+
+def channel_sensitivities(model: nn.Module, inputs: torch.Tensor, params: Sequence[PrunableParam] | None = None,
+                          groups: Sequence[ChannelGroup] | None = None,
+                          chunk: int = sv.EXAMPLES_PER_FORWARD) -> dict[str, torch.Tensor]:
+    """``{param name: s_c}`` for every prunable weight whose input channels PFP may prune (it reads one prunable
+    channel group): the §3 channel sensitivities over the examples ``inputs``. Pure; eval mode."""
+    from ...params import prunable_params
+
+    params = list(params) if params is not None else prunable_params(model)
+    groups = groups if groups is not None else channel_groups(model, inputs[:2])
+    s = sv.sensitivities(model, params, inputs, aggregate="max", chunk=chunk)
+    readers = _readers(groups)
+    out = {}
+    for p in params:
+        ig = _input_group(p, readers)
+        if ig is not None:
+            out[p.name] = channel_sensitivity(s[p.name], ig[0].size)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- allocation (§5)
+
+
+@dataclass
+class _Reader:
+    """One compressed layer: the channel sensitivities of its input group and its sampling state."""
+
+    param: PrunableParam
+    group: str
+    block: int
+    s: torch.Tensor          # (C,) float64 channel sensitivities (0 for dead channels)
+    alive: torch.Tensor      # (C,) bool: the layer still reads the channel
+    positions: int
+    k: int
+    delta_s: float
+    C_const: float
+    min_keep: int
+    round_to: int = 1        # kept counts rounded up to a multiple (SIMD-friendly shapes), capped at #alive
+    S: float = 0.0
+    p: torch.Tensor = field(default=None)
+    K: float = 0.0
+    nnz: int = 0
+    n_alive: int = 0
+    order: torch.Tensor = field(default=None)  # channels by (alive, s) descending, lower index first on ties
+    uniforms: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)  # selections by (u, variant, draws)
+
+    def __post_init__(self):
+        self.n_alive = int(self.alive.sum())
+        self.S = float(self.s.sum())
+        pos = self.s > 0
+        self.nnz = int(pos.sum())
+        self.p = self.s / self.S if self.S > sv.S_ZERO else torch.zeros_like(self.s)
+        if self.S <= sv.S_ZERO:
+            self.nnz = 0
+        self.K = sv.log_factor(self.positions, self.k, self.delta_s, self.C_const) * self.S
+        key = self.s + self.alive.double()  # s ∈ [0, 1]: alive channels first
+        self.order = torch.sort(key, descending=True, stable=True).indices
+        self.floor = min(self.min_keep, self.n_alive)
+
+    @property
+    def channels(self) -> int:
+        return self.s.numel()
+
+    # -- the ε rule
+    def draws(self, t: float) -> float:
+        """m_ℓ(ε) = ⌈3·(6 + 2ε)·K/ε²⌉ at log ε = t (inf when it overflows)."""
+        lm = math.log(3.0 * (6.0 + 2.0 * math.exp(t)) * self.K) - 2.0 * t
+        return math.ceil(math.exp(lm)) if lm < 700.0 else math.inf
+
+    def unique(self, t: float) -> int:
+        """u_ℓ(ε) = min(#alive, round(Σ_c [1 − (1 − p_c)^m])), before the min-keep floor."""
+        if self.nnz == 0:
+            return 0
+        m = self.draws(t)
+        e = self.expected_unique(m) if math.isfinite(m) else float(self.nnz)
+        u = int(math.floor(e + 0.5))
+        if self.round_to > 1 and u > 0:
+            u = self.round_to * math.ceil(u / self.round_to)
+        return min(self.n_alive, u)
+
+    def t_single(self) -> float:
+        """log ε above which m_ℓ = 1: ε² − 6Kε − 18K ≥ 0."""
+        K = self.K
+        return math.log(3.0 * K + math.sqrt(9.0 * K * K + 18.0 * K))
+
+    def t_full(self) -> float:
+        """log ε below which u_ℓ = nnz: m ≥ ln(4·nnz)/(−ln(1 − p_min)) makes Σ_c (1 − p_c)^m ≤ 1/4."""
+        pmin = float(self.p[self.p > 0].min())
+        M = math.log(4.0 * self.nnz) / max(-math.log1p(-min(pmin, 1.0 - 1e-16)), 1e-300) + 1.0
+        K = self.K
+        return math.log((6.0 * K + math.sqrt(36.0 * K * K + 72.0 * K * M)) / (2.0 * M))
+
+    # -- selection at u
+    def _top(self, u: int) -> torch.Tensor:
+        keep = torch.zeros(self.channels, dtype=torch.bool)
+        keep[self.order[:u]] = True
+        return keep & self.alive
+
+    def _pad(self, keep: torch.Tensor) -> torch.Tensor:
+        """The min-keep floor: the best alive channels not yet kept, unscaled."""
+        short = self.floor - int(keep.sum())
+        if short > 0:
+            extra = self.order[~keep[self.order] & self.alive[self.order]][:short]
+            keep = keep.clone()
+            keep[extra] = True
+        return keep
+
+    def _uniforms(self, seed: int) -> torch.Tensor:
+        if self.uniforms is None:
+            gen = torch.Generator().manual_seed(derive_seed(seed, "pfp", self.param.name))
+            self.uniforms = torch.rand(sv.DRAW_CAP * max(self.nnz, 1), generator=gen, dtype=torch.float64)
+        return self.uniforms
+
+    def draws_for(self, p: torch.Tensor, u: int) -> int:
+        """m′: the draw count whose E[unique] is closest to ``u`` (1 ≤ u < nnz of ``p``)."""
+        return int(sv.draws_for_unique(p[None], torch.tensor([float(u)], dtype=torch.float64))[0])
+
+    def expected_unique(self, m: int) -> float:
+        q = self.p[self.p > 0]
+        return float((-torch.expm1(m * torch.log1p(-q.clamp(max=1.0)))).sum())
+
+    def _sample(self, p: torch.Tensor, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``m`` draws of Multinomial(·, p) from the layer's fixed uniforms: (kept, scale)."""
+        cdf = torch.cumsum(p, 0)
+        last = int(torch.nonzero(p > 0).max())
+        u = self._uniforms(seed)
+        if m > u.numel():  # beyond the cap (only reachable through an explicit draw count)
+            m = u.numel()
+        j = torch.searchsorted(cdf, u[:m], right=True).clamp(max=last)
+        counts = torch.bincount(j, minlength=p.numel()).double()
+        kept = counts > 0
+        scale = torch.where(kept, counts / (m * p.clamp(min=1e-300)), torch.ones_like(counts))
+        return kept, scale
+
+    def select(self, u: int, variant: str, seed: int, m: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(kept channels, per-channel scale or None, draws m′) for u_ℓ = ``u`` kept channels (before the floor);
+        ``m`` overrides rand's draw count (the fill's draw-by-draw steps)."""
+        key = (u, variant, m)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = self._select(u, variant, seed, m)
+        return hit
+
+    def _select(self, u: int, variant: str, seed: int, m: int | None):
+        if variant == "det" or u >= self.nnz or u == 0:
+            return self._pad(self._top(min(u, self.nnz))), None, 0
+        if variant == "rand":
+            m = m if m is not None else self.draws_for(self.p, u)
+            keep, scale = self._sample(self.p, m, seed)
+            keep = self._pad(keep)
+            return keep, torch.where(keep, scale, torch.ones_like(scale)), m
+        # top
+        m = self.draws_for(self.p, u)
+        fixed = self.p >= 1.0 / m
+        if int(fixed.sum()) >= u:
+            return self._pad(self._top(u)), None, m
+        rest = (self.p > 0) & ~fixed
+        u_r, n_r = u - int(fixed.sum()), int(rest.sum())
+        if u_r >= n_r:
+            return self._pad(fixed | rest), None, m
+        pr = torch.where(rest, self.p, torch.zeros_like(self.p))
+        pr = pr / pr.sum()
+        m_r = self.draws_for(pr, u_r)
+        drawn, scale = self._sample(pr, m_r, seed)
+        keep = self._pad(fixed | drawn)
+        return keep, torch.where(drawn & ~fixed, scale, torch.ones_like(scale)), m_r
+
+    def entry(self, v: int, t_lo: float, t_hi: float) -> float:
+        """The largest log ε in [t_lo, t_hi] at which u_ℓ ≥ v (u_ℓ does not increase with ε); t_lo if none."""
+        if self.unique(t_hi) >= v:
+            return t_hi
+        lo, hi = t_lo, t_hi  # unique(lo) >= v > unique(hi)
+        for _ in range(PREDICT_STEPS):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            if self.unique(mid) >= v:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+@dataclass
+class _Counter:
+    """Kept entries of one prunable weight for given kept rows and input channels: r^T A c."""
+
+    name: str
+    A: torch.Tensor              # (out, C or 1) float64: alive entries per (row, input channel)
+    row_group: str | None        # group whose removed channels mask the rows
+    reader: int | None           # index of the _Reader compressing the input, or None
+
+
+class _Plan:
+    """PFP's selection for one round: the readers, the groups that may lose channels, the counters."""
+
+    def __init__(self, ctx: ScoreContext, scores: Mapping[str, torch.Tensor], st: dict, seed: int, min_keep: int):
+        o = ctx.options
+        self.model, self.variant, self.seed = ctx.model, o.variant, seed
+        self.groups: list[ChannelGroup] = st["groups"]
+        positions = st["positions"]
+        self.params = list(ctx.params)
+        self.alive = {p.name: ctx.masks[p.name].to(torch.bool) for p in self.params}
+        readers = _readers(self.groups)
+        self.readers: list[_Reader] = []
+        reader_of: dict[str, int] = {}
+        for p in self.params:
+            ig = _input_group(p, readers)
+            if ig is None:
+                continue
+            g, block = ig
+            out = p.tensor.shape[0]
+            alive = self.alive[p.name].reshape(out, g.size, -1).cpu()
+            s = (scores[p.name].detach().reshape(out, g.size, -1).cpu().double() * alive).amax(dim=(0, 2))
+            pos, k = positions[p.name]
+            reader_of[p.module_name] = len(self.readers)
+            self.readers.append(_Reader(p, g.name, block, s.clamp(0.0, 1.0), alive.any(2).any(0), pos, k,
+                                        o.delta_s, o.C, min_keep, o.round_channels))
+        # groups that lose the channels all their readers drop
+        self.removable: dict[str, list[int]] = {}
+        for g in self.groups:
+            if g.prunable and g.consumers and all(c in reader_of for c, _ in g.consumers):
+                self.removable[g.name] = [reader_of[c] for c, _ in g.consumers]
+        row_group = {pr: g.name for g in self.groups if g.name in self.removable for pr in g.producers}
+        self.counters: list[_Counter] = []
+        for p in self.params:
+            a = self.alive[p.name]
+            out = a.shape[0]
+            r = reader_of.get(p.module_name) if p.attr == "weight" else None
+            cols = self.readers[r].channels if r is not None else 1
+            A = a.reshape(out, cols, -1).sum(2).cpu().double()
+            self.counters.append(_Counter(p.name, A, row_group.get(p.module_name) if p.attr == "weight" else None,
+                                          r))
+        active = [r for r in self.readers if r.nnz > 0]
+        if active:
+            t_hi = max(r.t_single() for r in active) + 1.0
+            t_lo = min(r.t_full() for r in active) - 1.0
+            self.t_hi = min(LOG_EPS_MAX, t_hi)
+            self.t_lo = max(LOG_EPS_MIN, min(t_lo, self.t_hi - 1.0))
+        else:
+            self.t_lo, self.t_hi = LOG_EPS_MIN, LOG_EPS_MAX
+
+    def t_of(self, x: float) -> float:
+        return self.t_hi - x * (self.t_hi - self.t_lo)
+
+    def units(self, t: float) -> list[int]:
+        """u_ℓ(ε) of every reader at log ε = t."""
+        return [r.unique(t) for r in self.readers]
+
+    def evaluate_u(self, us: Sequence[int], variant: str | None = None,
+                   ms: Sequence[int | None] | None = None) -> tuple[int, dict]:
+        """(kept prunable weights, selection) when reader ℓ keeps u_ℓ = ``us[ℓ]`` input channels (``ms``: rand
+        draw counts overriding those of u_ℓ)."""
+        variant = variant or self.variant
+        ms = ms if ms is not None else [None] * len(us)
+        sel = [r.select(u, variant, self.seed, m) for r, u, m in zip(self.readers, us, ms)]
+        group_keep = {}
+        for gname, idx in self.removable.items():
+            keep = torch.zeros_like(sel[idx[0]][0])
+            for i in idx:
+                keep |= sel[i][0]
+            if not bool(keep.any()):
+                keep[0] = True
+            group_keep[gname] = keep
+        kept = 0.0
+        for c in self.counters:
+            v = c.A @ sel[c.reader][0].double() if c.reader is not None else c.A[:, 0]
+            kept += float(v @ group_keep[c.row_group].double()) if c.row_group is not None else float(v.sum())
+        kept = int(round(kept))
+        return kept, {"u": list(us), "select": sel, "groups": group_keep}
+
+    def evaluate_t(self, t: float, variant: str | None = None) -> tuple[int, dict]:
+        kept, res = self.evaluate_u(self.units(t), variant)
+        res["t"] = t
+        return kept, res
+
+    def evaluate(self, x: float) -> tuple[int, dict]:
+        return self.evaluate_t(self.t_of(x))
+
+    def predict(self, count: float) -> float:
+        """x whose det size is closest to ``count`` (bisection; the det size does not decrease with x)."""
+        lo, hi = 0.0, 1.0
+        k_lo = self.evaluate_t(self.t_of(lo), "det")[0]
+        k_hi = self.evaluate_t(self.t_of(hi), "det")[0]
+        if count <= k_lo:
+            return sv.KAPPA_MIN
+        if count >= k_hi:
+            return 1.0
+        for _ in range(PREDICT_STEPS):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            k = self.evaluate_t(self.t_of(mid), "det")[0]
+            if k == count:
+                return mid
+            if k < count:
+                lo, k_lo = mid, k
+            else:
+                hi, k_hi = mid, k
+        return max(sv.KAPPA_MIN, lo if count - k_lo <= k_hi - count else hi)
+
+    def fill(self, t: float, target: int, tol: float) -> tuple[int, dict, int, list[str]]:
+        """Continue the shared-ε path past log ε = ``t`` (a selection below the target) one step at a time.
+
+        A step is u_ℓ → u_ℓ + 1 (det, top), or one more draw for a sampling rand layer (each adds at most one
+        channel; the draws of u_ℓ + 1 belong to the ε where u_ℓ + 1 is reached). The next step is the one the
+        shared ε reaches first as it decreases (largest entry ε, lower reader index on ties); it is taken if the
+        size stays ≤ target·(1 + tol), else that reader is frozen where it is. Stops within tol, or when every
+        reader is frozen or full. Returns (kept, selection, steps taken, frozen readers)."""
+        us = self.units(t)
+        sampling = [self.variant == "rand" and 0 < u < r.nnz for r, u in zip(self.readers, us)]
+        ms = [r.draws_for(r.p, u) if smp else None for r, u, smp in zip(self.readers, us, sampling)]
+        kept, res = self.evaluate_u(us, ms=ms)
+        taken, frozen, nxt = 0, set(), {}
+        hi_ok = target * (1.0 + tol)
+
+        def step(i: int) -> tuple[float, int, int | None]:
+            """(entry log ε, new u, new draws) of reader i's next step."""
+            r = self.readers[i]
+            if ms[i] is None:
+                return r.entry(us[i] + 1, self.t_lo, t), us[i] + 1, None
+            v = int(math.floor(r.expected_unique(ms[i] + 1) + 0.5))
+            if v >= r.nnz or ms[i] >= sv.DRAW_CAP * r.nnz:  # the layer becomes full (every channel, unscaled)
+                return r.entry(r.nnz, self.t_lo, t), r.nnz, None
+            return (r.entry(v, self.t_lo, t) if v > us[i] else t), max(us[i], v), ms[i] + 1
+
+        while kept < target * (1.0 - tol):
+            for i, r in enumerate(self.readers):
+                if i not in frozen and i not in nxt and us[i] < r.nnz:
+                    nxt[i] = step(i)
+            if not nxt:
+                break
+            i = max(nxt, key=lambda j: (nxt[j][0], -j))
+            _, u_new, m_new = nxt.pop(i)
+            trial_u, trial_m = list(us), list(ms)
+            trial_u[i], trial_m[i] = u_new, m_new
+            k, r = self.evaluate_u(trial_u, ms=trial_m)
+            if k <= hi_ok:
+                us, ms, kept, res = trial_u, trial_m, k, r
+                taken += 1
+            else:
+                frozen.add(i)
+        res["t"] = t
+        return kept, res, taken, [self.readers[i].param.name for i in sorted(frozen)]
+
+    def masks(self, result: dict) -> dict[str, torch.Tensor]:
+        """Per-weight masks of a selection: current masks AND removed channels AND dropped input slices."""
+        removed = {g: k for g, k in result["groups"].items() if not bool(k.all())}
+        wm = channel_masks_to_masks(self.model, self.groups, removed) if removed else {}
+        out = {}
+        for c in self.counters:
+            m = self.alive[c.name].clone()
+            if c.name in wm:
+                m &= wm[c.name].to(m.device)
+            if c.reader is not None:
+                keep = result["select"][c.reader][0].to(m.device)
+                view = m.view(m.shape[0], keep.numel(), -1)
+                view[:, ~keep, :] = False
+            out[c.name] = m
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- the method
+
+
+def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
+    """PFP's selection (§5–7): shared-ε allocation, det/rand/top channels, propagation, size search in log ε."""
+    o = ctx.options
+    s = check_sparsity(sparsity, allow_one=True)
+    st = ctx.state.get("pfp")
+    if st is None or "groups" not in st:
+        raise RuntimeError("pfp: the selection needs the score of the same round (ctx.state['pfp'])")
+    st["result"] = None
+    names = [p.name for p in ctx.params]
+    alive = {n: ctx.masks[n].to(torch.bool) for n in names}
+    total = sum(a.numel() for a in alive.values())
+    n_alive = sum(int(a.sum()) for a in alive.values())
+    target = keep_count(total, s)
+    q = ctx.prune_options.min_keep_per_layer if ctx.prune_options is not None else 0
+    min_keep = max(1, q)
+    if target > n_alive:
+        raise PrunekitError(
+            f"sparsity {s:g} keeps {target} weights but only {n_alive} are still alive (current sparsity "
+            f"{1 - n_alive / total:.4f}); masks are nested, so ask for a sparsity of at least that")
+    if target == n_alive:
+        return {n: alive[n].clone() for n in names}
+    seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
+    plan = _Plan(ctx, scores, st, seed, min_keep)
+    if not plan.readers:
+        raise PrunekitError(_no_reader_message(ctx.model, st["groups"]))
+    k_min = plan.evaluate_t(plan.t_of(0.0), "det")[0]
+    k_max = plan.evaluate_t(plan.t_of(1.0), "det")[0]
+    tol = o.size_tol
+    reach = (f"pfp can reach sparsities from {1 - k_max / total:.4f} to {1 - k_min / total:.4f} here "
+             f"(keeping {k_max} to {k_min} of {total} prunable weights; size_tol={tol:g})")
+    if k_min > target * (1.0 + tol):
+        raise PrunekitError(f"sparsity {s:g} (keep {target} weights) is above what channel pruning can reach: "
+                            f"{reach}. Every layer already keeps its minimum of max(1, min_keep_per_layer) input "
+                            "channels")
+    if k_max < target * (1.0 - tol):
+        raise PrunekitError(f"sparsity {s:g} (keep {target} weights) is below what channel pruning can reach: "
+                            f"{reach}. Input channels with zero sensitivity on S are always removed")
+    chosen, history, hit = sv.search_keep_ratio(plan.evaluate, plan.predict, target, o.search_iters, tol)
+    kept, result = chosen.kept, chosen.result
+    fill = None
+    if not hit and o.round_channels == 1:  # one channel can carry many weights: continue the ε path channel by channel
+        under = [(k, x) for x, k in history if k <= target]
+        x_under = max(under)[1] if under else sv.KAPPA_MIN
+        k_f, res_f, taken, frozen = plan.fill(plan.t_of(x_under), target, tol)
+        fill = {"from_eps": math.exp(plan.t_of(x_under)), "increments": taken, "frozen": frozen, "kept": k_f}
+        f_f, f_c = k_f / target - 1.0, kept / target - 1.0
+        if abs(f_f) <= tol or (abs(f_f), f_f > 0) < (abs(f_c), f_c > 0):
+            kept, result = k_f, res_f
+        hit = abs(kept / target - 1.0) <= tol
+    masks = plan.masks(result)
+    counted = sum(int(m.sum()) for m in masks.values())
+    if counted != kept:  # the fast count and the masks must agree
+        raise RuntimeError(f"pfp: internal size mismatch ({counted} kept in the masks, {kept} counted)")
+    result["masks"] = masks
+    st["result"] = result
+    eps = math.exp(result["t"])
+    st["search"] = {"eps": eps, "kept": kept, "target": target, "hit": hit, "evaluations": len(history),
+                    "history": [(math.exp(plan.t_of(x)), k) for x, k in history], "fill": fill,
+                    "range": (k_min, k_max)}
+    st["kept_channels"] = {r.param.name: int(sel[0].sum()) for r, sel in zip(plan.readers, result["select"])}
+    st["channels"] = {r.param.name: r.channels for r in plan.readers}
+    st["group_channels"] = {g: int(k.sum()) for g, k in result["groups"].items()}
+    st["plan"] = plan
+    ratio = kept / target
+    if not hit:
+        warnings.warn(f"pfp ({o.variant}): no ε keeps the target size within size_tol={tol:g} "
+                      f"({len(history)} evaluations and a step-by-step fill); kept {kept} of a target {target} "
+                      f"weights ({ratio:.4f} of it, sparsity {1 - kept / total:.4f} instead of {s:.4f})", stacklevel=3)
+    log.info("pfp (%s): eps = %.6g keeps %d / target %d (%.4f) after %d evaluations", o.variant, eps, kept, target,
+             ratio, len(history))
+    return masks
+
+
+@torch.no_grad()
+def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
+    """rand/top: scale each kept channel's input slice by count_c/(m′·p_c); then zero the producer biases and norm
+    entries of removed channels (make_exact), so they output exactly 0."""
+    st = ctx.state.get("pfp", {})
+    result, plan = st.get("result"), st.get("plan")
+    if not result or plan is None:
+        return
+    for r, (keep, scale, _) in zip(plan.readers, result["select"]):
+        if scale is None:
+            continue
+        w = r.param.tensor
+        view = w.view(w.shape[0], r.channels, -1)
+        view.mul_(scale.to(device=w.device, dtype=w.dtype)[None, :, None])
+    removed = {g: k for g, k in result["groups"].items() if not bool(k.all())}
+    if removed:
+        make_exact(ctx.model, plan.groups, removed)
+
+
+@register("pfp", family="sensitivity (provable, filters)", needs_data="inputs", sources=("002",), structured=True,
+          options=PfpOptions, select=_select, update=_update,
+          summary="PFP: channel sensitivities on |S| examples; shared-ε input-channel budgets, det top-u or "
+                  "importance sampling with rescaling; removed channels propagate to the producing filters")
+def pfp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """Scores = the per-weight empirical sensitivities (max over conv positions), in [0, 1]; the selection reduces
+    them to channel sensitivities. Also traces the channel groups (one eval forward of two examples)."""
+    o = ctx.options
+    if not ctx.params:
+        raise PrunekitError("pfp: the model has nothing prunable")
+    for p in ctx.params:
+        _check_layer(p)
+    x, need = sv.sample_inputs(ctx, o, who="pfp")
+    groups = channel_groups(ctx.model, x[:2])
+    readers = _readers(groups)
+    if not any(_input_group(p, readers) is not None for p in ctx.params):  # before the sensitivities
+        raise PrunekitError(_no_reader_message(ctx.model, groups))
+    run, layers = sv._collect(ctx.model, ctx.params, x, "max")
+    out = {}
+    for p in ctx.params:
+        alive = ctx.masks[p.name].to(run[p.name].device).reshape(run[p.name].shape)
+        out[p.name] = (run[p.name] * alive).reshape(p.tensor.shape)
+    ctx.state["pfp"] = {"groups": groups, "positions": {lay.param.name: (lay.positions, lay.k) for lay in layers},
+                        "n_samples": int(x.shape[0]), "sample_size": need}
+    log.info("pfp: sensitivities from %d examples (|S| = %d)", x.shape[0], need)
+    return out
