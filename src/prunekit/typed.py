@@ -20,10 +20,6 @@ def hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 def _where(path: str) -> str:
     return f"field {path!r}" if path else "value"
 

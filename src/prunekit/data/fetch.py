@@ -46,11 +46,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def mnist_path(root: str | os.PathLike | None = None) -> Path:
-    """``<data dir>/mnist/mnist.pkl.gz`` (may not exist)."""
-    return data_dir(root) / MNIST_RELPATH
-
-
 def cifar_missing_message(name: str, root: Path, missing: bool = True) -> str:
     """One line saying where the CIFAR archive for ``name`` must go."""
     title, tarball, folder = CIFAR_ARCHIVES[name]
