@@ -342,7 +342,7 @@ def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[st
 
     from ..prune import PruneOptions
     from ..registry import get_method
-    from .config import _PRUNE_KEYS
+    from ..experiments.resolved import PRUNE_KEYS
 
     if "class" not in comp:
         raise ConfigError("training.compressor.class is missing: name a compressor code (none, random, magnitude, "
@@ -360,18 +360,19 @@ def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[st
     for key in ("sparsity", "warmup"):
         if key in comp:
             put("prune", key, comp[key], f"training.compressor.{key}")
-    if info.name != "none":
+    dense = info.kind == "dense"
+    if not dense:
         # the seed skips every parameter whose name contains "linear": its output layer is never pruned
         put("prune", "exclude_output", True, "training.compressor")
     own = set(info.option_names())
     if "batch_size" in comp:
         if "batch_size" in own:
             put("prune", "batch_size", comp["batch_size"], "training.compressor.batch_size")
-        elif info.name != "none":
+        elif not dense:
             remarks.append(f"training.compressor.batch_size={comp['batch_size']!r} has no effect for {info.name!r}, "
                            "which uses no scoring data (as in the seed)")
     shared = {f.name for f in dataclasses.fields(PruneOptions)}
-    if info.name == "none":  # the dense baseline ignores every method's options (prunekit.experiments.config)
+    if dense:  # the dense baseline ignores every method's options (prunekit.experiments.config)
         from ..registry import methods
 
         own = {k for m in methods() for k in m.option_names()}
@@ -380,8 +381,8 @@ def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[st
             if key in _WHY_KEYS:
                 ignored.append(f"training.compressor.{key}")
             continue
-        if key in own or key in shared or key in _PRUNE_KEYS:
+        if key in own or key in shared or key in PRUNE_KEYS:
             put("prune", key, value, f"training.compressor.{key}")
         else:  # a typo (sparsty) would prune at the default: said, with the keys it could have meant
             unknown.append(_spelled(f"training.compressor.{key}", str(key),
-                                    _COMPRESSOR + tuple(own) + tuple(sorted(shared)) + _PRUNE_KEYS))
+                                    _COMPRESSOR + tuple(own) + tuple(sorted(shared)) + PRUNE_KEYS))

@@ -33,13 +33,24 @@ import functools
 import hashlib
 import itertools
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ConfigError, PrunekitError
+from ..compat import fts_json, incop_flags
+from ..data import dataset_names
+from ..errors import ConfigError, PrunekitError, unknown
+from ..models import canonical_name
 from ..train.config import TrainConfig
-from ..typed import from_dict, to_dict
+from ..typed import from_dict
+from .resolved import (ABSENT_WHEN_NONE, NOT_IDENTITY, PRUNE_KEYS, PretrainedFile, PretrainedRun, ResolvedModel,
+                       ResolvedRun, resolve_prune, run_id)
+
+__all__ = ["ExperimentConfig", "ModelSection", "DataSection", "ReportSection", "ResolvedRun", "PRUNE_KEYS",
+           "NOT_IDENTITY", "ABSENT_WHEN_NONE", "NAME_CHARS", "translate", "parse", "check_name", "file_stem", "load",
+           "loads", "parse_value", "set_path", "apply_overrides", "expand", "check_grid", "merge_path", "resolve",
+           "resolve_run", "run_id"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +96,8 @@ class ExperimentConfig:
     report: ReportSection = field(default_factory=ReportSection)
 
 
-# Keys of the prune section that are not options of prunekit.prune.
-_PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform", "gradual",
-               "cascade")
+#: Deprecated name of :data:`PRUNE_KEYS` (the keys of the prune section that are not options of prunekit.prune).
+_PRUNE_KEYS = PRUNE_KEYS
 
 
 def _shorthand(data: dict) -> dict:
@@ -100,10 +110,9 @@ def _shorthand(data: dict) -> dict:
 
 def translate(data: dict) -> dict:
     """``data`` with the seeds' own layouts written as prunekit fields: seed 000's JSON sections
-    (:mod:`.seed000`) and seed 001's flags (:mod:`.seed001`); identity for a prunekit config."""
-    from . import seed000, seed001
-
-    return seed001.translate(seed000.translate(data))
+    (:mod:`prunekit.compat.fts_json`) and seed 001's flags (:mod:`prunekit.compat.incop_flags`); identity for a
+    prunekit config."""
+    return incop_flags.translate(fts_json.translate(data))
 
 
 def parse(data: dict) -> ExperimentConfig:
@@ -111,16 +120,10 @@ def parse(data: dict) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model, data, train, prune, ...), got {type(data).__name__}")
     cfg = from_dict(ExperimentConfig, _shorthand(translate(data)))
-    check_name(cfg.name, "field 'name'" + (" (seed 000: general.id)" if _is_seed000(data) else ""))
+    check_name(cfg.name, "field 'name'" + (" (seed 000: general.id)" if fts_json.is_seed000(data) else ""))
     for key in cfg.grid:
         _check_grid_key(key)
     return cfg
-
-
-def _is_seed000(data) -> bool:
-    from . import seed000
-
-    return seed000.is_seed000(data)
 
 
 #: Characters an experiment name may hold besides letters and digits (it names plot files under --root).
@@ -179,13 +182,9 @@ def load(path: str | Path) -> dict:
         raise ConfigError(f"{path}: the config is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections (model, data, train, prune, ...)")
-    from . import seed000
-
-    if seed000.is_seed000(data):  # checked now (one-line errors) and said once per file, not at every parse
-        import sys
-
+    if fts_json.is_seed000(data):  # checked now (one-line errors) and said once per file, not at every parse
         try:
-            lines = seed000.notes(data)
+            lines = fts_json.notes(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         print(f"note: {path} is in seed 000's layout (general/dataset/model/training/validation), translated to "
@@ -413,215 +412,44 @@ def merge_path(data: dict, dotted: str, values: dict) -> dict:
     return data
 
 
-def resolve(data: dict | ExperimentConfig) -> dict:
-    """Fully resolved plain config (every default filled in, names canonical) of ONE run (no grid)."""
-    from ..models import canonical_name
-    from ..prune import resolve_sparsity, split_options
-    from ..registry import get_method
-
+def resolve_run(data: dict | ExperimentConfig) -> ResolvedRun:
+    """The :class:`ResolvedRun` of ONE run (no grid): every default filled in, names canonical, options split and
+    checked. A ``model.pretrained`` config is resolved here too, once (it is kept in the result)."""
     cfg = data if isinstance(data, ExperimentConfig) else parse(data)
     if cfg.grid:
         raise ConfigError("resolve() takes one run; expand the grid first (prunekit.experiments.expand)")
-    out = to_dict(cfg)
-    out.pop("grid")
-    out.pop("report")
     try:
-        out["model"]["name"] = canonical_name(cfg.model.name)
+        name = canonical_name(cfg.model.name)
     except PrunekitError as e:
         raise ConfigError(f"field 'model.name': {e}") from None
-    out["model"] = _resolve_pretrained(out["model"])
-    from ..data import dataset_names
-
+    model = ResolvedModel(name, _resolve_pretrained(cfg.model, name))
     if cfg.data.name not in dataset_names():
-        from ..errors import unknown
-
         raise ConfigError(f"field 'data.name': {unknown('dataset', cfg.data.name, dataset_names())}")
-    p = dict(cfg.prune)
-    if "method" not in p:
-        raise ConfigError("missing required field 'prune.method' (e.g. magnitude; `prunekit methods` lists them)")
-    try:
-        info = get_method(p["method"])
-    except PrunekitError as e:
-        raise ConfigError(f"field 'prune.method': {e}") from None
-    if info.needs_data == "training":
-        out["prune"] = _resolve_imp(info, p, cfg)
-        return out
-    warmup = p.get("warmup", 0)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ConfigError(f"field 'prune.warmup': expected a whole number of epochs >= 0, got {warmup!r}")
-    if warmup > cfg.train.epochs:
-        raise ConfigError(f"field 'prune.warmup': {warmup} epochs of warm-up exceed train.epochs={cfg.train.epochs}")
-    cascade = _resolve_cascade(p, cfg) if p.get("cascade") is not None and info.name != "none" else None
-    rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
-    try:
-        if info.name == "none":
-            # the dense baseline ignores every pruning option, so it neither checks their values nor lets them into
-            # its identity (all configs of it are one run, and a method grid's shared prune section fits it); a key
-            # that no method has is still a typo, said as for any method
-            _check_option_names(rest)
-            s = 0.0
-            common, method_opts = split_options(info, {"seed": cfg.seed})
-        else:
-            if cascade is not None:
-                s = 1.0 - cascade["ratios"][-1]
-            else:
-                s = resolve_sparsity(p.get("sparsity"), p.get("density"), p.get("compression"))
-            rest.setdefault("seed", cfg.seed)  # the mask generator follows the run's seed unless set explicitly
-            common, method_opts = split_options(info, rest)
-    except PrunekitError as e:
-        raise ConfigError(f"section 'prune': {e}") from None
-    common = dataclasses.replace(common, rounds=common.rounds or info.default_rounds)
-    gradual = p.get("gradual")
-    if gradual is not None and info.name != "none":
-        from ..schedules import Gradual
-
-        if not isinstance(gradual, dict):
-            raise ConfigError("field 'prune.gradual': expected a mapping {start, freq, end, initial_sparsity, ...}")
-        if "target_sparsity" in gradual:
-            raise ConfigError("field 'prune.gradual.target_sparsity': the target is prune.sparsity; remove it here")
-        sched = from_dict(Gradual, {"target_sparsity": s, **gradual}, "prune.gradual")
-        sched.validate("prune.gradual", ConfigError)
-        if warmup:
-            raise ConfigError("prune.warmup and prune.gradual exclude each other: a gradual schedule starts at "
-                              "gradual.start")
-        if sched.end >= cfg.train.epochs:
-            raise ConfigError(f"field 'prune.gradual.end': the last pruning step (epoch {sched.end}) must come before "
-                              f"the end of training; set train.epochs to at least {sched.end + 1}")
-        gradual = {k: v for k, v in to_dict(sched).items() if k != "target_sparsity"}
-    else:
-        gradual = None
-    uses_data = info.needs_data in ("inputs", "labels")
-    samples = p.get("samples", info.default_samples) if uses_data else None
-    transform = p.get("score_transform", "eval") if uses_data else None
-    if uses_data:
-        from ..data.scoring import check_samples
-
-        try:
-            check_samples(samples)
-        except PrunekitError as e:
-            raise ConfigError(f"field 'prune.samples': {e}") from None
-        if transform not in ("eval", "train"):
-            raise ConfigError(f"field 'prune.score_transform': {transform!r} is not one of 'eval', 'train'")
-    out["prune"] = {
-        "method": info.name,
-        "sparsity": s,
-        "warmup": warmup if info.name != "none" else 0,
-        "samples": samples,
-        "score_transform": transform,
-        "gradual": gradual,
-        "options": to_dict(common),
-        "method_options": to_dict(method_opts),
-        "cascade": cascade,
-    }
-    return out
+    return ResolvedRun(cfg.name, model, cfg.data, cfg.train, resolve_prune(cfg), cfg.seed)
 
 
-def _check_option_names(options: dict) -> None:
-    """Raise for a prune option that no method has (the dense baseline's only check of its ignored options)."""
-    from ..prune import PruneOptions
-    from ..registry import methods
-
-    known = {f.name for f in dataclasses.fields(PruneOptions)}
-    for info in methods():
-        known.update(info.option_names())
-    for key in options:
-        if key not in known:
-            from ..errors import closest
-
-            near = closest(str(key), sorted(known | set(_PRUNE_KEYS)))
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise PrunekitError(f"unknown option {key!r}: no method has it{hint}; `prunekit methods METHOD` lists "
-                                "a method's options")
+def resolve(data: dict | ExperimentConfig) -> dict:
+    """Fully resolved plain config (every default filled in, names canonical) of ONE run (no grid): the plain form
+    of :func:`resolve_run`, which is what identifies the run (:func:`run_id`) and what the store holds."""
+    return resolve_run(data).to_dict()
 
 
-def _resolve_cascade(p: dict, cfg: ExperimentConfig) -> dict:
-    """``prune.cascade`` with its keep ratios written out (so equal cascades hash equal)."""
-    from ..schedules import Cascade
-
-    for key in ("sparsity", "density", "compression", "warmup", "gradual"):
-        if p.get(key) not in (None, 0):
-            raise ConfigError(f"field 'prune.{key}' does not combine with prune.cascade: the cascade's keep ratios "
-                              "set the sparsity, and its level 0 is the dense training; remove it")
-    if not isinstance(p["cascade"], dict):
-        raise ConfigError("field 'prune.cascade': expected a mapping {ratios | start, end, n, spacing, "
-                          "retrain_iterations, retrain_epochs}")
-    c = from_dict(Cascade, p["cascade"], "prune.cascade")
-    c.validate("prune.cascade", ConfigError)
-    if cfg.train.epochs < 1:
-        raise ConfigError("prune.cascade trains the dense network first: set train.epochs >= 1")
-    return {"ratios": c.keep_ratios(), "retrain_iterations": c.retrain_iterations,
-            "retrain_epochs": c.retrain_epochs}
-
-
-def _resolve_imp(info, p: dict, cfg: ExperimentConfig) -> dict:
-    """The prune section of an IMP code (lth, sap, ciap, giap): its options, checked; no target sparsity."""
-    from ..criteria.iterative import DEFAULT_SCOPE, check_imp_options
-    from ..prune import split_options
-
-    for key in ("sparsity", "density", "compression", "warmup", "gradual", "samples", "score_transform"):
-        if p.get(key) is not None:
-            hint = ("its final sparsity follows from levels and prune_fraction (lth) or the PQ rule (sap, ciap, giap)"
-                    if key in ("sparsity", "density", "compression") else
-                    "rewind: step:<k>ep is the IMP form of dense warm-up" if key == "warmup" else
-                    "IMP prunes between training levels, with no scoring data")
-            raise ConfigError(f"field 'prune.{key}' does not apply to {info.name!r}: {hint}; remove it")
-    rest = {k: v for k, v in p.items() if k not in _PRUNE_KEYS}
-    rest.setdefault("seed", cfg.seed)
-    rest.setdefault("scope", DEFAULT_SCOPE[info.name])
-    try:
-        common, opts = split_options(info, rest)
-        check_imp_options(info.name, opts, cfg.train.epochs)
-    except PrunekitError as e:
-        raise ConfigError(f"section 'prune': {e}") from None
-    return {"method": info.name, "sparsity": None, "warmup": 0, "samples": None, "score_transform": None,
-            "gradual": None, "options": to_dict(common), "method_options": to_dict(opts)}
-
-
-def _resolve_pretrained(model: dict) -> dict:
-    """Replace ``pretrained`` by what identifies it: the run id of a config, or the sha256 of a model file."""
-    src, weights = model.pop("pretrained"), model.pop("weights")
+def _resolve_pretrained(model: ModelSection, name: str) -> PretrainedFile | PretrainedRun | None:
+    """What identifies ``model.pretrained``: the sha256 of a model file, or the run of a config (resolved)."""
+    src = model.pretrained
     if src is None:
-        return model
+        return None
     path = Path(src)
     if path.suffix in (".pt", ".pth"):
         if not path.is_file():
             raise ConfigError(f"field 'model.pretrained': model file {src!r} not found")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        model["pretrained"] = {"file": str(path), "sha256": digest}
-        return model
+        return PretrainedFile(str(path), hashlib.sha256(path.read_bytes()).hexdigest())
     data = load(path)
     runs = expand(data)
     if len(runs) != 1:
         raise ConfigError(f"field 'model.pretrained': {src} expands to {len(runs)} runs; point it at a config of "
                           "exactly one run (no grid)")
-    pre = resolve(runs[0])
-    if pre["model"]["name"] != model["name"]:
-        raise ConfigError(f"field 'model.pretrained': {src} trains {pre['model']['name']}, not {model['name']}")
-    model["pretrained"] = {"run_id": run_id(pre), "weights": weights, "config": runs[0]}
-    return model
-
-
-#: Resolved fields that do not change a run's result and so are left out of its identity.
-NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size",
-                "train.tensorboard", "model.pretrained.config", "model.pretrained.file")
-
-
-#: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
-ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads")
-
-
-def run_id(resolved: dict) -> str:
-    """Identity of a run: a hash of its resolved config, without the fields in :data:`NOT_IDENTITY` (the
-    experiment's name, progress display, device choice, checkpoint frequency, evaluation batch size)."""
-    ident = copy.deepcopy(resolved)
-    for dotted in NOT_IDENTITY + ABSENT_WHEN_NONE:
-        *parents, leaf = dotted.split(".")
-        node = ident
-        for k in parents:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            continue
-        if dotted in NOT_IDENTITY or node.get(leaf, 0) is None:
-            node.pop(leaf, None)
-    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    pre = resolve_run(runs[0])
+    if pre.model.name != name:
+        raise ConfigError(f"field 'model.pretrained': {src} trains {pre.model.name}, not {name}")
+    return PretrainedRun(pre.id, model.weights, runs[0], pre)
