@@ -26,7 +26,7 @@ def test_codes_are_registered_with_typed_options():
     for code in CODES:
         info = pk.get_method(code)
         assert info.family == obs.FAMILY and info.needs_data == "labels" and info.sources == ("003",)
-        assert info.update is obs.obs_update and info.summary
+        assert isinstance(info.new(), obs.WoodFisher) and info.update is not None and info.summary
         o = info.make_options()
         assert o.fisher_samples == 1000 and o.fisher_batch == 1 and o.scale_prune_update == 1.0
         assert o.update == "sum" and o.joint_max == 2048 and o.engine == "auto"

@@ -508,46 +508,79 @@ def prune(
     (see :func:`check_data`).
     """
     check_model(model, "prune")
-    info = get_method(method)
-    from .families.imp.codes import check_not_training
-
-    check_not_training(info)
-    common, method_opts = split_options(info, {"scope": scope, **options})
     s = resolve_sparsity(sparsity, density, compression)
-    given = masks is not None
-    if masks is None:
-        masks = starting_masks(model, common.param_spec(), "prune")
-    rounds = common.rounds or info.default_rounds
+    step = PruningStep(model, method, data, masks, loss, {"scope": scope, **options})
     t0 = time.perf_counter()
-    if info.score is not None and info.name != "none" and s > 0:
-        if common.scope == "global" and info.select is None:
-            _check_reachable(masks, s, given)
-        data = check_data(model, data, info, rounds, loss)
-        start = masks.sparsity() if common.scope == "global" else 0.0
-        for rnd, s_r in enumerate(round_sparsities(s, rounds, common.schedule, start=min(start, s)), start=1):
-            ctx = _context(model, info, masks, data, loss, method_opts, common, rnd)
-            scores = _check_scores(info, masks, info.score(ctx))
-            agree(scores)  # DDP: rank 0's scores everywhere, so every rank selects the identical mask
-            masks.scores = scores  # the last round's scores (TensorBoard histograms); not saved with the masks
-            if info.select is not None:
-                new = info.select(ctx, scores, s_r)
-            else:
-                new = select(scores, masks.as_dict(), s_r, common.scope,
-                             min_keep_per_layer=common.min_keep_per_layer, nan_policy=common.nan_policy)
-            if info.update is not None:
-                with torch.no_grad():
-                    info.update(ctx, masks.as_dict(), new)
-                    agree({p.name: p.tensor for p in masks.params})  # DDP: the updated weights of rank 0
-            masks.set(new)
+    if step.prunes and s > 0:
+        if step.common.scope == "global" and step.method.select is None:
+            _check_reachable(step.masks, s, step.given)
+        step.check_data(step.rounds)
+        start = step.masks.sparsity() if step.common.scope == "global" else 0.0
+        for rnd, s_r in enumerate(round_sparsities(s, step.rounds, step.common.schedule, start=min(start, s)), start=1):
+            ctx, scores = step.score(rnd)
+            step.apply(ctx, step.choose(ctx, scores, s_r))
+    masks, info = step.masks, step.info
     collapsed = masks.collapsed()
     if collapsed:
         warnings.warn(f"layer collapse: {len(collapsed)} prunable tensor(s) have no weight left: {', '.join(collapsed)}",
                       stacklevel=2)
     masks.report = {
-        "method": info.name, "sparsity": s, "scope": common.scope, "rounds": rounds if info.name != "none" else 0,
+        "method": info.name, "sparsity": s, "scope": step.common.scope, "rounds": step.rounds if step.prunes else 0,
         "seconds": time.perf_counter() - t0, "collapsed": collapsed, "achieved_sparsity": masks.sparsity(),
     }
     return masks
+
+
+class PruningStep:
+    """One method pruning one model: the pieces every driver (:func:`prune`, :func:`prunekit.families.obs.
+    woodfisher.prune_to_flops`, schedules, cascades) goes through, so each gets the same checks.
+
+    Construction checks the method (training methods run only as experiments), splits the options, and takes the
+    starting masks (``masks``, or the model's existing zeros). :meth:`check_data` validates the data once;
+    :meth:`score` scores a round (checked, agreed across DDP ranks); :meth:`choose` selects nested masks (the
+    method's own selection, or exact counts); :meth:`apply` runs the method's weight update, then applies the masks.
+    One method object (:meth:`prunekit.registry.MethodInfo.new`) carries state from a round's score to its
+    selection and update."""
+
+    def __init__(self, model: nn.Module, method: str, data, masks: Masks | None, loss: Callable | None,
+                 options: dict, action: str = "prune"):
+        from .families.imp.codes import check_not_training
+
+        self.model, self.info = model, get_method(method)
+        if action == "prune":
+            check_not_training(self.info)
+        self.common, self.options = split_options(self.info, options)
+        self.given = masks is not None
+        self.masks = masks if masks is not None else starting_masks(model, self.common.param_spec(), action,
+                                                                    stacklevel=4)
+        self.data, self.loss = data, loss
+        self.rounds = self.common.rounds or self.info.default_rounds
+        self.prunes = self.info.kind != "dense"
+        self.method = self.info.new()
+
+    def check_data(self, rounds: int = 1) -> None:
+        self.data = check_data(self.model, self.data, self.info, rounds, self.loss)
+
+    def score(self, rnd: int = 1) -> tuple[ScoreContext, dict]:
+        ctx = _context(self.model, self.info, self.masks, self.data, self.loss, self.options, self.common, rnd)
+        scores = _check_scores(self.info, self.masks, self.method.score(ctx))
+        agree(scores)  # DDP: rank 0's scores everywhere, so every rank selects the identical mask
+        self.masks.scores = scores  # the last round's scores (TensorBoard histograms); not saved with the masks
+        return ctx, scores
+
+    def choose(self, ctx: ScoreContext, scores: dict, sparsity: float) -> dict:
+        if self.method.select is not None:
+            return self.method.select(ctx, scores, sparsity)
+        c = self.common
+        return select(scores, self.masks.as_dict(), sparsity, c.scope, min_keep_per_layer=c.min_keep_per_layer,
+                      nan_policy=c.nan_policy)
+
+    def apply(self, ctx: ScoreContext, new: dict) -> None:
+        if self.method.update is not None:
+            with torch.no_grad():
+                self.method.update(ctx, self.masks.as_dict(), new)
+                agree({p.name: p.tensor for p in self.masks.params})  # DDP: the updated weights of rank 0
+        self.masks.set(new)
 
 
 def score(model: nn.Module, method: str, data: Iterable | None = None, *, masks: Masks | None = None,
@@ -558,13 +591,9 @@ def score(model: nn.Module, method: str, data: Iterable | None = None, *, masks:
     Without ``masks``, exact zeros in the prunable tensors count as pruned, as in :func:`prune`.
     """
     check_model(model, "score")
-    info = get_method(method)
-    common, method_opts = split_options(info, options)
-    if masks is None:
-        masks = starting_masks(model, common.param_spec(), "score")
-    data = check_data(model, data, info, 1, loss)
-    ctx = _context(model, info, masks, data, loss, method_opts, common, 1)
-    return _check_scores(info, masks, info.score(ctx))
+    step = PruningStep(model, method, data, masks, loss, options, action="score")
+    step.check_data(1)
+    return step.score(1)[1]
 
 
 def sparsity(model: nn.Module, **param_options) -> float:

@@ -80,6 +80,14 @@ class MethodInfo:
     select: Callable[[ScoreContext, dict, float], dict] | None = field(default=None, repr=False)
 
     kind: Kind | None = None  # how an experiment runs it; None: "levels" for training methods, else "one-shot"
+    factory: Callable[[], "PruningMethod"] | None = field(default=None, repr=False)  # a fresh method object
+
+    def new(self) -> "PruningMethod":
+        """A fresh method object for one prune call: ``score(ctx)``, and ``select`` / ``update`` (None when the
+        method has none). It holds whatever the method carries from its score to its selection and update."""
+        if self.factory is not None:
+            return self.factory()
+        return FunctionMethod(self.score, self.select, self.update)
 
     def __post_init__(self):
         if self.kind is None:  # dense (``none``: no mask) is declared; levels: the IMP codes (train, prune, rewind)
@@ -105,6 +113,28 @@ class MethodInfo:
         return from_dict(self.options, kw, error=PrunekitError) if kw else self.options()
 
 
+class FunctionMethod:
+    """The method object of a method registered as functions (a score, optional select and update); they share
+    what they pass on through ``ctx.state``."""
+
+    def __init__(self, score, select=None, update=None):
+        self.score, self.select, self.update = score, select, update
+
+
+class PruningMethod:
+    """Base class of a method registered as a class: ``@register(...)`` on a subclass with ``score(ctx)`` and,
+    where the method needs them, ``select(ctx, scores, sparsity)`` and ``update(ctx, masks_before, masks_after)``.
+    :func:`prunekit.prune` makes one instance per call, so state passes from a round's score to its selection and
+    update on ``self`` (never through ``ctx.state``). ``select = None`` / ``update = None`` mean the generic
+    selection / no weight update."""
+
+    select = None
+    update = None
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 _REGISTRY: dict[str, MethodInfo] = {}
 _ALIASES: dict[str, str] = {}
 
@@ -128,7 +158,8 @@ def register(
     seeds: tuple[str, ...] | None = None,
     kind: Kind | None = None,
 ):
-    """Decorator registering a score function as method ``name``.
+    """Decorator registering method ``name``: a score function (with ``select`` / ``update`` functions given here),
+    or a :class:`PruningMethod` subclass that defines them (one instance per :func:`prunekit.prune` call).
 
     ``sources``: the source systems the method comes from (``seeds=`` is its deprecated name). ``kind``: how an
     experiment runs the method, ``dense`` (no mask: ``none``), ``levels`` (train-prune-rewind levels; the default
@@ -155,8 +186,14 @@ def register(
     def deco(fn):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} registered twice")
-        info = MethodInfo(name, family, needs_data, structured, summary, options, fn, default_rounds, tuple(sources),
-                          aliases, default_samples, rebatches, update, scope, select, kind)
+        score_, select_, update_, factory = fn, select, update, None
+        if isinstance(fn, type):  # a method class: one instance per prune call (a shared one for MethodInfo's fields)
+            if select is not None or update is not None:
+                raise ValueError(f"method {name!r}: a method class defines select/update itself")
+            factory, shared = fn, fn()
+            score_, select_, update_ = shared.score, getattr(shared, "select", None), getattr(shared, "update", None)
+        info = MethodInfo(name, family, needs_data, structured, summary, options, score_, default_rounds,
+                          tuple(sources), aliases, default_samples, rebatches, update_, scope, select_, kind, factory)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name

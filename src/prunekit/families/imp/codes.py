@@ -147,7 +147,7 @@ register("giap", family="iterative (IMP)", aliases=("incop_gf",),
 
 def check_not_training(info) -> None:
     """The error for running an IMP code through the one-shot API."""
-    if info.needs_data == "training":
+    if info.kind == "levels":
         raise PrunekitError(f"method {info.name!r} is iterative magnitude pruning: it trains between levels, so it "
                             "runs as an experiment (`prunekit run` with a config, see configs/seed001/) or with "
                             "prunekit.lottery.run_imp; for one-shot magnitude pruning use method 'magnitude'")

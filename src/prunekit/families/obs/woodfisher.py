@@ -9,7 +9,7 @@ One pruning step (``pk.prune`` calls the score, selects, then the update, then a
    :mod:`prunekit.second_order.engines` (Gram–Woodbury when N < c, direct Cholesky otherwise; equal-size blocks
    batched). Score ρ_q = w_q²/(2[F⁻¹]_qq), the predicted loss increase of removing q alone; WoodTaylor ranks by
    ½(w_q − h_q)²/[F⁻¹]_qq with h = F⁻¹∇L (§5). What the update needs (G, the layout, the diagonal, h and, when the
-   memory planner allows, the block factors) is left in ``ctx.state``.
+   memory planner allows, the block factors) stays on the method object (:class:`WoodFisher`, one per prune call).
 2. **Select**: prunekit's exact-count selection (global scope by default).
 3. **Update** (pass 2): for the newly pruned set Q and each block B with Q∩B non-empty,
    δw_B = −σ·F_B⁻¹ u_B with u_B = Σ_{q∈Q∩B} (w_q/[F⁻¹]_qq)·e_q (``update: sum``, the reference's summed update), or
@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -37,13 +37,11 @@ from ...errors import PrunekitError
 from ...flops import layer_positions, macs
 from ...masks import Masks
 from ...modes import model_device, scoring_mode
-from ...params import prunable_params
-from ...registry import ScoreContext, get_method, register
+from ...registry import PruningMethod, ScoreContext, get_method, register
 from . import planner as _planner
 from .blocks import BlockBatch, BlockLayout, make_layout
 from .engines import _cholesky, block_factor
 from .gradients import gradient_matrix, mean_gradient, per_example_activation_bytes
-from ...select import select
 
 log = logging.getLogger("prunekit.obs")
 F64 = torch.float64
@@ -370,23 +368,42 @@ def _scores(ctx: ScoreContext, st: OBSState) -> dict[str, torch.Tensor]:
     return out
 
 
-def _score_fn(taylor: bool, dynamic: bool):
-    def score(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-        st = obs_statistics(ctx, taylor=taylor, dynamic=dynamic)
-        ctx.state["obs"] = st
-        return _scores(ctx, st)
+class WoodFisher(PruningMethod):
+    """The OBS codes as one method object per prune call: :meth:`score` computes the statistics of pass 1 and keeps
+    them; :meth:`update` applies pass 2 with them once (the report of the step is then in :attr:`report`)."""
 
-    return score
+    taylor = False  # WoodTaylor: rank and update with the first-order term
+    dynamic = False  # woodfisherblockdynamic: blocks over the active weights, growing block size
+
+    def __init__(self):
+        self.state: OBSState | None = None
+        self.report: dict = {}
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        self.state = obs_statistics(ctx, taylor=self.taylor, dynamic=self.dynamic)
+        return _scores(ctx, self.state)
+
+    def update(self, ctx: ScoreContext, before: dict, after: dict) -> None:
+        st, self.state = self.state, None
+        if st is not None:
+            obs_update(ctx, st, before, after)
+            self.report = st.report
+
+
+class WoodTaylor(WoodFisher):
+    taylor = True
+
+
+class WoodFisherDynamic(WoodFisher):
+    dynamic = True
 
 
 # -------------------------------------------------------------------------------------------------------- update
 
 
-def obs_update(ctx: ScoreContext, before: dict, after: dict) -> None:
-    """Pass 2: move the live weights by the OBS update for Q = before & ~after (module docs). Runs under no_grad."""
-    st: OBSState | None = ctx.state.pop("obs", None)
-    if st is None:
-        return
+def obs_update(ctx: ScoreContext, st: OBSState, before: dict, after: dict) -> None:
+    """Pass 2: move the live weights by the OBS update for Q = before & ~after (module docs), with the statistics
+    ``st`` of pass 1; the step's numbers go to ``st.report``. Runs under no_grad."""
     o = ctx.options
     params = ctx.params
     dev = st.device
@@ -474,7 +491,6 @@ def obs_update(ctx: ScoreContext, before: dict, after: dict) -> None:
                  loss_after - loss_before)
     else:
         log.info("OBS step: %d weights pruned, predicted loss increase %.6g", int(Q.sum()), predicted)
-    ctx.state["obs_report"] = st.report
 
 
 def _joint(f, Gb, qb, num, joint_max: int):
@@ -535,28 +551,27 @@ def _subset_loss(ctx: ScoreContext, st: OBSState) -> float:
 
 # Experiments feed the whole training split in a seeded order (``samples: all``); the step reads only its first
 # fisher_samples × fisher_batch examples, i.e. a seeded random subset without replacement (§1).
-_COMMON = dict(family=FAMILY, needs_data="labels", sources=("003",), default_samples="all", update=obs_update)
+_COMMON = dict(family=FAMILY, needs_data="labels", sources=("003",), default_samples="all")
 
 register("woodfisher", options=FullOptions, **_COMMON,
          summary="WoodFisher: OBS statistic and update with one damped empirical-Fisher inverse over all weights "
-                 "(Gram–Woodbury, never d×d)")(_score_fn(False, False))
+                 "(Gram–Woodbury, never d×d)")(WoodFisher)
 register("woodtaylor", options=FullTaylorOptions, **_COMMON,
          summary="WoodTaylor: WoodFisher plus the first-order term (ranks ½(w−F⁻¹∇L)²/[F⁻¹]_qq, gradient step in the "
-                 "update)")(_score_fn(True, False))
+                 "update)")(WoodTaylor)
 register("woodfisherblock", options=OBSOptions, **_COMMON,
-         summary="WoodFisher with a block-diagonal Fisher inverse (blocks of block_size inside each layer)")(
-    _score_fn(False, False))
+         summary="WoodFisher with a block-diagonal Fisher inverse (blocks of block_size inside each layer)")(WoodFisher)
 register("woodfisherblockgroup", options=GroupOptions, **_COMMON,
          summary="woodfisherblock with blocks: global (chunks of the concatenated weights, may straddle layers)")(
-    _score_fn(False, False))
+    WoodFisher)
 register("woodtaylorblock", options=TaylorOptions, **_COMMON,
-         summary="WoodTaylor with the block-diagonal Fisher inverse")(_score_fn(True, False))
+         summary="WoodTaylor with the block-diagonal Fisher inverse")(WoodTaylor)
 register("woodfisherblockdynamic", options=OBSOptions, **_COMMON,
          summary="woodfisherblock over active weights only; the block size grows as c0·d_total/d_active")(
-    _score_fn(False, True))
+    WoodFisherDynamic)
 register("woodfisherblock_flops", options=FlopsOptions, **_COMMON,
          summary="woodfisherblock with a FLOPs target: prune_to_flops bisects the sparsity and applies one update")(
-    _score_fn(False, False))
+    WoodFisher)
 
 
 # ------------------------------------------------------------------------------------------------------------ FLOPs
@@ -583,21 +598,18 @@ def prune_to_flops(model: nn.Module, target_mflops: float | None = None, data=No
     are closest to the target is used (reported in ``masks.report``). ``options``: the method's options and the
     common prune options (``seed``, ``exclude``, ``modules``, ...).
     """
-    from ...prune import agree, default_loss, split_options
-    from ...seeding import generator
+    from ...prune import PruningStep
 
-    info = get_method(method)
-    if not issubclass(info.options, FlopsOptions):
+    if not issubclass(get_method(method).options, FlopsOptions):
         raise PrunekitError(f"prune_to_flops needs an OBS code with FLOPs options (woodfisherblock_flops), got "
-                            f"{info.name!r}")
-    common, o = split_options(info, {"scope": scope, **options})
+                            f"{get_method(method).name!r}")
+    step = PruningStep(model, method, data, masks, loss, {"scope": scope, **options})
+    info, common, o, masks = step.info, step.common, step.options, step.masks
     target = o.flops_target if target_mflops is None else float(target_mflops)
     if target is None:
         raise PrunekitError("prune_to_flops needs a target: pass target_mflops= or flops_target=")
     if data is None:
         raise PrunekitError(f"method {info.name!r} needs data: pass data= an iterable of (inputs, targets) batches")
-    if masks is None:
-        masks = Masks(model, prunable_params(model, common.param_spec()))
     layers = layer_positions(model, o.input_shape)
     names = {p.name: p.module_name for p in masks.params if p.attr == "weight"}
 
@@ -612,48 +624,44 @@ def prune_to_flops(model: nn.Module, target_mflops: float | None = None, data=No
         masks.report = {**report, "mflops": f_cur, "sparsity": s_cur, "achieved_sparsity": s_cur, "skipped": True,
                         "collapsed": masks.collapsed()}
         return masks
-    ctx = ScoreContext(model=model, params=masks.params, masks=current, data=data, loss=loss or default_loss,
-                       options=o, generator=generator(common.seed, "mask", info.name, "1"), round=1)
-    scores = info.score(ctx)
-    agree(scores)
-
-    def at(s: float) -> dict:
-        return select(scores, current, s, common.scope, min_keep_per_layer=common.min_keep_per_layer,
-                      nan_policy=common.nan_policy)
-
-    hi = max(o.max_sparsity, s_cur)
-    m_hi = at(hi)
-    f_hi = mflops(m_hi)
-    iters = 0
-    if f_hi > target + o.flops_epsilon:
-        warnings.warn(f"FLOPs target {target:g} MFLOPs is unreachable: at max_sparsity={hi:g} the model still has "
-                      f"{f_hi:.3f} MFLOPs (non-prunable layers); stopping there", stacklevel=2)
-        chosen, s_chosen, f_chosen = m_hi, hi, f_hi
-    else:
-        lo, f_lo, m_lo = s_cur, f_cur, current
-        best = min(((abs(f_lo - target), lo, m_lo, f_lo), (abs(f_hi - target), hi, m_hi, f_hi)), key=lambda t: t[0])
-        while iters < 50 and best[0] >= o.flops_epsilon:
-            iters += 1
-            mid = 0.5 * (lo + hi)
-            m_mid = at(mid)
-            f_mid = mflops(m_mid)
-            if abs(f_mid - target) < best[0]:
-                best = (abs(f_mid - target), mid, m_mid, f_mid)
-            if f_mid > target:
-                lo = mid
-            else:
-                hi = mid
-        _, s_chosen, chosen, f_chosen = best
-    if info.update is not None:
-        with torch.no_grad():
-            info.update(ctx, current, chosen)
-            agree({p.name: p.tensor for p in masks.params})
-    masks.set(chosen)
+    step.check_data(1)
+    ctx, scores = step.score(1)
+    s_chosen, chosen, f_chosen, iters = _bisect_flops(lambda s: step.choose(ctx, scores, s), mflops, target,
+                                                      s_cur, current, f_cur, o)
+    step.apply(ctx, chosen)
     masks.report = {**report, "mflops": f_chosen, "sparsity": s_chosen, "achieved_sparsity": masks.sparsity(),
-                    "bisection_iterations": iters, "collapsed": masks.collapsed(),
-                    "obs": ctx.state.get("obs_report", {})}
+                    "bisection_iterations": iters, "collapsed": masks.collapsed(), "obs": step.method.report}
     return masks
 
 
+def _bisect_flops(at: Callable[[float], dict], mflops: Callable[[dict], float], target: float, s_cur: float,
+                  current: dict, f_cur: float, o: FlopsOptions) -> tuple[float, dict, float, int]:
+    """(sparsity, masks, MFLOPs, iterations): the global sparsity in [current, ``max_sparsity``] whose masks come
+    within ``flops_epsilon`` of ``target`` (at most 50 bisections; the closest one found otherwise)."""
+    hi = max(o.max_sparsity, s_cur)
+    m_hi = at(hi)
+    f_hi = mflops(m_hi)
+    if f_hi > target + o.flops_epsilon:
+        warnings.warn(f"FLOPs target {target:g} MFLOPs is unreachable: at max_sparsity={hi:g} the model still has "
+                      f"{f_hi:.3f} MFLOPs (non-prunable layers); stopping there", stacklevel=3)
+        return hi, m_hi, f_hi, 0
+    lo = s_cur
+    best = min(((abs(f_cur - target), lo, current, f_cur), (abs(f_hi - target), hi, m_hi, f_hi)), key=lambda t: t[0])
+    iters = 0
+    while iters < 50 and best[0] >= o.flops_epsilon:
+        iters += 1
+        mid = 0.5 * (lo + hi)
+        m_mid = at(mid)
+        f_mid = mflops(m_mid)
+        if abs(f_mid - target) < best[0]:
+            best = (abs(f_mid - target), mid, m_mid, f_mid)
+        if f_mid > target:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], best[2], best[3], iters
+
+
 __all__ = ["OBSOptions", "FullOptions", "GroupOptions", "TaylorOptions", "FullTaylorOptions", "FlopsOptions",
-           "OBSState", "obs_statistics", "obs_update", "prune_to_flops", "flops_schedule_target", "damping"]
+           "OBSState", "obs_statistics", "obs_update", "prune_to_flops", "flops_schedule_target", "damping",
+           "WoodFisher", "WoodTaylor", "WoodFisherDynamic"]
