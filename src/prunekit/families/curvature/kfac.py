@@ -15,7 +15,7 @@ from torch import nn
 from ... import distributed
 from ...errors import PrunekitError
 from ...modes import model_device, scoring_mode
-from ...registry import ScoreContext, register
+from ...registry import PruningMethod, ScoreContext, register
 
 try:  # torch >= 2.4
     from torch.autograd.graph import get_gradient_edge as _gradient_edge
@@ -326,13 +326,13 @@ def _grouped_factors(ctx: ScoreContext, m: nn.Module, mname: str, A_sum: torch.T
     return res
 
 
-def kfac_update(ctx: ScoreContext, before: dict, after: dict) -> None:
+def kfac_update(ctx: ScoreContext, before: dict, after: dict, factors: dict[str, KFACFactors] | None = None) -> None:
     """Summed OBS update (§2) per tensor: U = w / [F⁻¹] on the newly pruned entries (0 elsewhere) and
     δW = −σ·Γ_d⁻¹·U·A_d⁻¹, i.e. −σ·F⁻¹·vec(U) for F⁻¹ = Γ_d⁻¹ ⊗ A_d⁻¹ (row-major out × in·kh·kw). A grouped
     convolution does this per group (U_g: the group's out/g rows; F⁻¹ is block-diagonal over groups). Applied in
     place before the new masks zero the pruned entries. σ = 0 leaves every weight unchanged."""
     sigma = float(ctx.options.scale_prune_update)
-    factors: dict[str, KFACFactors] = ctx.state.get("kfac", {})
+    factors = factors or {}
     if sigma == 0 or not factors:
         return
     done: set[int] = set()
@@ -354,12 +354,9 @@ def kfac_update(ctx: ScoreContext, before: dict, after: dict) -> None:
         t.add_(dW.reshape(t.shape).to(t.dtype))
 
 
-@register("kfac", family="second-order (OBS, K-FAC)", needs_data="labels", options=KFACOptions, sources=("003",),
-          update=kfac_update,
-          summary="OBS statistic and summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A")
 def kfac(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """ρ_ij = w_ij² / (2·[Γ_d⁻¹]_ii·[A_d⁻¹]_jj) per prunable Linear / Conv1d / Conv2d / Conv3d weight; the factors
-    go to ``ctx.state['kfac']`` for :func:`kfac_update`. Factors and inverses are float64 (Cholesky); the Kronecker
+    are what :func:`kfac_update` needs (the :class:`KFAC` method object keeps them between the two). Factors and inverses are float64 (Cholesky); the Kronecker
     product is never formed (memory O(in² + out²) per layer). The factors ignore the mask (Γ ⊗ A cannot express it),
     so the update may move previously pruned coordinates, which the mask zeroes again.
 
@@ -369,11 +366,30 @@ def kfac(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
     Reference defect fixed: the reference assembles a dense d_ℓ × d_ℓ block per layer (memory-bound and slow).
     """
-    factors = kfac_factors(ctx)
-    ctx.state["kfac"] = factors
+    return kfac_scores(ctx, kfac_factors(ctx))
+
+
+def kfac_scores(ctx: ScoreContext, factors: dict[str, KFACFactors]) -> dict[str, torch.Tensor]:
+    """ρ_ij = w_ij² / (2·[Γ_d⁻¹]_ii·[A_d⁻¹]_jj) from the factors of :func:`kfac_factors`."""
     out = {}
     for p in ctx.params:
         f = factors[p.name]
         w = p.tensor.detach().double().reshape(f.inv_diag.shape)
         out[p.name] = (w * w / (2.0 * f.inv_diag)).reshape(p.tensor.shape)
     return out
+
+
+@register("kfac", family="second-order (OBS, K-FAC)", needs_data="labels", options=KFACOptions, sources=("003",),
+          summary="OBS statistic and summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A")
+class KFAC(PruningMethod):
+    """``kfac`` as a method object: the score's factors stay on it for the update of the same round."""
+
+    def __init__(self):
+        self.factors: dict[str, KFACFactors] = {}
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        self.factors = kfac_factors(ctx)
+        return kfac_scores(ctx, self.factors)
+
+    def update(self, ctx: ScoreContext, before: dict, after: dict) -> None:
+        kfac_update(ctx, before, after, self.factors)

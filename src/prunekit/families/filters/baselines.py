@@ -37,7 +37,7 @@ from typing import Callable, Literal
 import torch
 
 from ...errors import PrunekitError
-from ...registry import ScoreContext, register
+from ...registry import PruningMethod, ScoreContext, register
 from ...select import check_sparsity, keep_count
 from ...structured.groups import ChannelGroup, make_exact
 from ...structured.select import (bn_scale_scores, broadcast_channel_scores, cached_channel_groups, filter_norm_scores,
@@ -122,29 +122,36 @@ def _bn(ctx: ScoreContext, groups: list[ChannelGroup]) -> dict[str, torch.Tensor
     return scores
 
 
-def _state(ctx: ScoreContext, code: str, channel_score: Callable) -> dict:
-    """Groups and channel scores of this round (``ctx.state['filters']``), computed once per round."""
-    st = ctx.state.get("filters")
-    if st is None or st.get("method") != code:
-        groups = cached_channel_groups(ctx.model, ctx)
-        with torch.no_grad():
-            scores = channel_score(ctx, groups)
-        st = {"method": code, "groups": groups, "scores": scores, "channel_masks": None}
-        ctx.state["filters"] = st
-    return st
+class FilterMethod(PruningMethod):
+    """A channel method as one object per prune call: the round's groups and channel scores are computed once
+    (by the score, or by the selection when called alone) and reused by its selection and update."""
 
+    code = ""
+    channel_score: Callable = None  # (ctx, groups) -> channel scores; set by each code's subclass
 
-def _make(code: str, channel_score: Callable):
-    def score(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-        st = _state(ctx, code, channel_score)
+    def __init__(self):
+        self._ctx: ScoreContext | None = None
+        self._st: dict = {}
+
+    def _state(self, ctx: ScoreContext) -> dict:
+        if self._ctx is not ctx:  # a new round
+            groups = cached_channel_groups(ctx.model, ctx)
+            with torch.no_grad():
+                scores = type(self).channel_score(ctx, groups)
+            self._ctx, self._st = ctx, {"method": self.code, "groups": groups, "scores": scores,
+                                        "channel_masks": None}
+        return self._st
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        st = self._state(ctx)
         tensors = {p.name: p.tensor.detach() for p in ctx.params}
         return broadcast_channel_scores(ctx.model, st["groups"], st["scores"], tensors)
 
-    def select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
+    def select(self, ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
         o = ctx.options
         s = check_sparsity(sparsity)
-        st = _state(ctx, code, channel_score)
-        require_prunable_group(code, ctx.model, st["groups"])
+        st = self._state(ctx)
+        require_prunable_group(self.code, ctx.model, st["groups"])
         alive = {p.name: ctx.masks[p.name].to(torch.bool) for p in ctx.params}
         total = sum(m.numel() for m in alive.values())
         target = keep_count(total, s)
@@ -153,21 +160,19 @@ def _make(code: str, channel_score: Callable):
         st.update(channel_masks=keep, kept=kept, target=target)
         return masks_from_channels(ctx.model, st["groups"], keep, alive)
 
-    def update(ctx: ScoreContext, before: dict, after: dict) -> None:
+    def update(self, ctx: ScoreContext, before: dict, after: dict) -> None:
         """Removed channels output exactly 0: their biases and BN gamma, beta and running mean are zeroed."""
-        st = ctx.state.get("filters") or {}
+        st = self._st if self._ctx is ctx else {}
         if st.get("channel_masks"):
             make_exact(ctx.model, st["groups"], st["channel_masks"])
 
-    return score, select, update
-
 
 def _register(code: str, summary: str, options: type, channel_score: Callable) -> None:
-    score, select, update = _make(code, channel_score)
-    score.__name__ = score.__qualname__ = code
-    score.__doc__ = f"{summary}. Per-weight view of the channel scores (see the module docstring)."
+    cls = type(f"Filter_{code}", (FilterMethod,), {
+        "code": code, "channel_score": staticmethod(channel_score), "__module__": __name__,
+        "__doc__": f"{summary}. Per-weight view of the channel scores (see the module docstring)."})
     register(code, family="structured baseline", needs_data="none", sources=("002",), structured=True,
-             options=options, select=select, update=update, summary=summary)(score)
+             options=options, summary=summary)(cls)
 
 
 _register("filter_l1", "FT (Li et al.): remove the channels whose filters have the smallest l1 norm, same ratio per "
