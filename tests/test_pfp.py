@@ -40,6 +40,7 @@ def _build(name, seed=0):
 
 def _context(model, data, seed=0, min_keep=0, **opts):
     info = get_method("pfp")
+    method = info.new()  # one method object: its score feeds its selection and update
     masks = Masks(model)
     return ScoreContext(model=model, params=masks.params, masks=masks.as_dict(), data=data, loss=None,
                         options=info.make_options(**opts), generator=generator(seed, "mask", "pfp", "1"),
@@ -156,15 +157,16 @@ def test_lenet5_sizes_within_tolerance(variant):
     model = _build("lenet5_caffe")
     ctx = _context(model, _data((1, 28, 28), 8), variant=variant, sample_size=8)
     info = get_method("pfp")
-    scores = info.score(ctx)
+    method = info.new()  # one method object: its score feeds its selection and update
+    scores = method.score(ctx)
     per_layer = []
     for s in (0.4, 0.7, 0.9):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            new = info.select(ctx, scores, s)
+            new = method.select(ctx, scores, s)
         target = _target(new, s)
         assert abs(_kept(new) / target - 1) <= 0.005, (s, _kept(new), target)
-        st = ctx.state["pfp"]
+        st = method.state
         assert st["search"]["kept"] == _kept(new) and st["search"]["hit"]
         for name, m in new.items():  # nested in the current masks, and the first layer's input is whole
             assert not bool((m & ~ctx.masks[name]).any())
@@ -177,16 +179,17 @@ def test_vgg11_sizes_within_tolerance():
     model = _build("vgg11_bn")
     ctx = _context(model, _data((3, 32, 32), 2), sample_size=2)
     info = get_method("pfp")
-    scores = info.score(ctx)
+    method = info.new()  # one method object: its score feeds its selection and update
+    scores = method.score(ctx)
     for s in (0.5, 0.9):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            new = info.select(ctx, scores, s)
+            new = method.select(ctx, scores, s)
         assert abs(_kept(new) / _target(new, s) - 1) <= 0.005
-    ch = ctx.state["pfp"]["kept_channels"]
+    ch = method.state["kept_channels"]
     assert set(ch) == {f"features.{i}.weight" for i in (4, 8, 11, 15, 18, 22, 25)} | {"fc.weight"}
     # apply the last selection as pk.prune does (update hook, then masks): BN shifts of removed channels are gone
-    info.update(ctx, ctx.masks, new)
+    method.update(ctx, ctx.masks, new)
     masks = Masks(model, masks=new)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     _check_whole_channels(model, masks, channel_groups(model, x))
@@ -307,24 +310,24 @@ def test_rand_rescaling_is_unbiased():
     data = [(torch.randn(16, 6, dtype=torch.float64, generator=g), torch.zeros(16, dtype=torch.long))]
     x = torch.randn(5, 6, dtype=torch.float64, generator=g)
     info = get_method("pfp")
+    method = info.new()  # one method object: its score feeds its selection and update
     ctx0 = _context(net, data, variant="rand", sample_size=16, search_iters=1)
-    scores = info.score(ctx0)
+    scores = method.score(ctx0)
     with torch.no_grad():
         dense = net(x)
     outs, kept = [], set()
     for seed in range(300):
         model = copy.deepcopy(net)
         ctx = _context(model, data, seed=seed, variant="rand", sample_size=16, search_iters=1)
-        ctx.state = ctx0.state
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            new = info.select(ctx, scores, 0.5)
-        info.update(ctx, ctx.masks, new)
+            new = method.select(ctx, scores, 0.5)
+        method.update(ctx, ctx.masks, new)
         Masks(model, masks=new)
         kept.add(tuple(new["2.weight"][0].tolist()))
         with torch.no_grad():
             outs.append(model(x))
-    assert 1 <= ctx0.state["pfp"]["kept_channels"]["2.weight"] < 24 and len(kept) > 10
+    assert 1 <= method.state["kept_channels"]["2.weight"] < 24 and len(kept) > 10
     outs = torch.stack(outs)
     se = outs.std(0) / math.sqrt(outs.shape[0])
     assert bool(((outs.mean(0) - dense).abs() <= 5 * se + 1e-9).all())
@@ -360,6 +363,7 @@ def test_fixed_seed_gives_identical_masks_and_weights():
 
 def test_registration_and_options():
     info = get_method("pfp")
+    method = info.new()  # one method object: its score feeds its selection and update
     assert info.structured and info.needs_data == "inputs" and info.sources == ("002",)
     assert info.family == "sensitivity (provable, filters)" and info.select is not None and info.update is not None
     o = info.make_options()

@@ -205,9 +205,10 @@ def test_first_sample_size_examples_are_used_and_too_few_warn():
     info = pk.get_method("sipp")
     ctx = ScoreContext(model, masks.params, masks.as_dict(), _batches(x, size=50), None, info.make_options(),
                        torch.Generator())
-    scores = info.score(ctx)
+    method = info.new()  # one method object: it keeps what the score found for the selection
+    scores = method.score(ctx)
     need = sv.sample_size(model, (256,))
-    assert ctx.state["sipp"]["n_samples"] == need == 144
+    assert method.state["n_samples"] == need == 144
     ref = sv.sensitivities(model, masks.params, x[:need], "mean")
     assert all(torch.equal(scores[n], ref[n]) for n in scores)
     with pytest.warns(UserWarning, match="only 300 examples, fewer than"):

@@ -69,7 +69,7 @@ Choices where methods/sensitivity.md is silent:
   layer is emptied. In a group read by several layers (residual stages) each layer keeps its own u_ℓ channels,
   drops its slices of the others, and the group keeps the union.
 - ``top`` with its fill steps in u only; ``rand`` draw counts are capped at 32·nnz (then the layer goes full).
-- ``ctx.state["pfp"]`` after a selection: ``search`` (ε, kept, target, hit, evaluations, history, fill, reachable
+- ``PFP.state`` (the method object of the prune call) after a selection: ``search`` (ε, kept, target, hit, evaluations, history, fill, reachable
   range), ``kept_channels`` / ``channels`` per compressed weight, ``group_channels`` per group that may shrink.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ from torch import nn
 
 from ...errors import PrunekitError
 from ...params import PrunableParam
-from ...registry import ScoreContext, register
+from ...registry import PruningMethod, ScoreContext, register
 from ...seeding import derive_seed
 from ...select import check_sparsity, keep_count
 from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact
@@ -543,13 +543,13 @@ class _Plan:
 # --------------------------------------------------------------------------------------------------- the method
 
 
-def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
-    """PFP's selection (§5–7): shared-ε allocation, det/rand/top channels, propagation, size search in log ε."""
+def _select(ctx: ScoreContext, scores: dict, sparsity: float, st: dict) -> dict[str, torch.Tensor]:
+    """PFP's selection (§5–7): shared-ε allocation, det/rand/top channels, propagation, size search in log ε.
+    ``st``: what the score left (groups, positions); the search and the chosen channels go back into it."""
     o = ctx.options
     s = check_sparsity(sparsity, allow_one=True)
-    st = ctx.state.get("pfp")
-    if st is None or "groups" not in st:
-        raise RuntimeError("pfp: the selection needs the score of the same round (ctx.state['pfp'])")
+    if "groups" not in st:
+        raise RuntimeError("pfp: the selection needs the score of the same round (PFP.score first)")
     st["result"] = None
     names = [p.name for p in ctx.params]
     alive = {n: ctx.masks[n].to(torch.bool) for n in names}
@@ -617,10 +617,9 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch
 
 
 @torch.no_grad()
-def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
+def _update(ctx: ScoreContext, st: dict) -> None:
     """rand/top: scale each kept channel's input slice by count_c/(m′·p_c); then zero the producer biases and norm
     entries of removed channels (make_exact), so they output exactly 0."""
-    st = ctx.state.get("pfp", {})
     result, plan = st.get("result"), st.get("plan")
     if not result or plan is None:
         return
@@ -635,13 +634,14 @@ def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
         make_exact(ctx.model, plan.groups, removed)
 
 
-@register("pfp", family="sensitivity (provable, filters)", needs_data="inputs", sources=("002",), structured=True,
-          options=PfpOptions, select=_select, update=_update,
-          summary="PFP: channel sensitivities on |S| examples; shared-ε input-channel budgets, det top-u or "
-                  "importance sampling with rescaling; removed channels propagate to the producing filters")
 def pfp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Scores = the per-weight empirical sensitivities (max over conv positions), in [0, 1]; the selection reduces
     them to channel sensitivities. Also traces the channel groups (one eval forward of two examples)."""
+    return pfp_scores(ctx)[0]
+
+
+def pfp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
+    """(scores, state): the sensitivities and what the selection needs (channel groups, positions, the sample)."""
     o = ctx.options
     if not ctx.params:
         raise PrunekitError("pfp: the model has nothing prunable")
@@ -657,7 +657,30 @@ def pfp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     for p in ctx.params:
         alive = ctx.masks[p.name].to(run[p.name].device).reshape(run[p.name].shape)
         out[p.name] = (run[p.name] * alive).reshape(p.tensor.shape)
-    ctx.state["pfp"] = {"groups": groups, "positions": {lay.param.name: (lay.positions, lay.k) for lay in layers},
-                        "n_samples": int(x.shape[0]), "sample_size": need}
+    state = {"groups": groups, "positions": {lay.param.name: (lay.positions, lay.k) for lay in layers},
+             "n_samples": int(x.shape[0]), "sample_size": need}
     log.info("pfp: sensitivities from %d examples (|S| = %d)", x.shape[0], need)
-    return out
+    return out, state
+
+
+@register("pfp", family="sensitivity (provable, filters)", needs_data="inputs", sources=("002",), structured=True,
+          options=PfpOptions,
+          summary="PFP: channel sensitivities on |S| examples; shared-ε input-channel budgets, det top-u or "
+                  "importance sampling with rescaling; removed channels propagate to the producing filters")
+class PFP(PruningMethod):
+    """``pfp`` as a method object: the score's channel groups and statistics (:attr:`state`) feed the selection;
+    the selection's channels and rescaling feed the update. ``state['search']`` and ``state['kept_channels']``
+    describe the last selection."""
+
+    def __init__(self):
+        self.state: dict = {}
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        scores, self.state = pfp_scores(ctx)
+        return scores
+
+    def select(self, ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
+        return _select(ctx, scores, sparsity, self.state)
+
+    def update(self, ctx: ScoreContext, before: dict, after: dict) -> None:
+        _update(ctx, self.state)

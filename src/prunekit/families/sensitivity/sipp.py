@@ -57,7 +57,7 @@ from ...batches import BatchStream
 from ...errors import PrunekitError
 from ...modes import model_device, scoring_mode
 from ...params import PRUNABLE_TYPES, PrunableParam
-from ...registry import ScoreContext, register
+from ...registry import PruningMethod, ScoreContext, register
 from ...select import check_sparsity, keep_among_alive, keep_count
 from ...select import select as select_top
 from ...seeding import derive_seed
@@ -760,8 +760,9 @@ class _Problem:
         return kept, (masks, w_hat)
 
 
-def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
-    """SiPP's selection (§4–6): det = exact global top-k; rand/hybrid = allocation, sampling and size search."""
+def _select(ctx: ScoreContext, scores: dict, sparsity: float, st: dict) -> dict[str, torch.Tensor]:
+    """SiPP's selection (§4–6): det = exact global top-k; rand/hybrid = allocation, sampling and size search.
+    ``st``: what the round's score left (its layers); the reweighted survivors and the search go back into it."""
     o = ctx.options
     s = check_sparsity(sparsity, allow_one=True)
     names = [p.name for p in ctx.params]
@@ -771,7 +772,6 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch
     target = keep_count(total, s)
     want = max(1, ctx.prune_options.min_keep_per_layer if ctx.prune_options is not None else 1)
     min_keep = want if target >= want * len(names) else (1 if target >= len(names) else 0)
-    st = ctx.state.setdefault("sipp", {})
     st["w_hat"] = None
     if o.variant == "det":
         return select_top(scores, alive, s, "global", min_keep_per_layer=min_keep)
@@ -785,7 +785,7 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch
         return {n: torch.zeros_like(alive[n]) for n in names}
     layers = st.get("layers")
     if layers is None:
-        raise RuntimeError("sipp: the selection needs the score of the same round (ctx.state['sipp'])")
+        raise RuntimeError("sipp: the selection needs the score of the same round (SiPP.score first)")
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
     problem = _Problem(layers, scores, alive, o, seed, min_keep, total)
     chosen, history, hit = search_keep_ratio(problem.evaluate, problem.predict, target, o.search_iters, o.size_tol)
@@ -804,9 +804,9 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch
     return masks
 
 
-def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
+def _update(ctx: ScoreContext, st: dict) -> None:
     """rand/hybrid: write the reweighted survivors Ŵ into the model (the masks zero the rest)."""
-    w_hat = ctx.state.get("sipp", {}).get("w_hat")
+    w_hat = st.get("w_hat")
     if not w_hat:
         return
     with torch.no_grad():
@@ -815,11 +815,13 @@ def _update(ctx: ScoreContext, before: dict, after: dict) -> None:
             t.copy_(w_hat[p.name].reshape(t.shape).to(t.dtype))
 
 
-@register("sipp", family="sensitivity (provable)", needs_data="inputs", sources=("002",), options=SippOptions,
-          scope="global", select=_select, update=_update,
-          summary="SiPP: empirical sensitivities on |S| examples; det top-k, or importance sampling with reweighting")
 def sipp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Scores = the empirical sensitivities s ∈ [0, 1] (conv positions: mean for det, max for rand/hybrid)."""
+    return sipp_scores(ctx)[0]
+
+
+def sipp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
+    """(scores, state): the sensitivities and what the selection needs (the layers' statistics, the sample)."""
     o = ctx.options
     if not ctx.params:
         raise PrunekitError("sipp: the model has nothing prunable")
@@ -833,7 +835,27 @@ def sipp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         alive = ctx.masks[p.name].to(run[p.name].device).reshape(run[p.name].shape)
         run[p.name] = run[p.name] * alive
         out[p.name] = run[p.name].reshape(p.tensor.shape)
-    ctx.state["sipp"] = {"layers": layers, "n_samples": int(x.shape[0]), "sample_size": need,
-                         "aggregate": aggregate}
+    state = {"layers": layers, "n_samples": int(x.shape[0]), "sample_size": need, "aggregate": aggregate}
     log.info("sipp: sensitivities from %d examples (|S| = %d, %s over positions)", x.shape[0], need, aggregate)
-    return out
+    return out, state
+
+
+@register("sipp", family="sensitivity (provable)", needs_data="inputs", sources=("002",), options=SippOptions,
+          scope="global",
+          summary="SiPP: empirical sensitivities on |S| examples; det top-k, or importance sampling with reweighting")
+class SiPP(PruningMethod):
+    """``sipp`` as a method object: the score's statistics (:attr:`state`) feed the selection of the same round,
+    whose reweighted survivors (rand/hybrid) the update writes."""
+
+    def __init__(self):
+        self.state: dict = {}
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        scores, self.state = sipp_scores(ctx)
+        return scores
+
+    def select(self, ctx: ScoreContext, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
+        return _select(ctx, scores, sparsity, self.state)
+
+    def update(self, ctx: ScoreContext, before: dict, after: dict) -> None:
+        _update(ctx, self.state)
