@@ -11,6 +11,7 @@ from torch import nn
 import prunekit as pk
 import prunekit.criteria.obs as obs  # registers the codes (the criteria package may not import it yet)
 from prunekit.masks import Masks
+from prunekit.flops_target import prune_to_flops
 
 F64 = torch.float64
 CODES = ("woodfisher", "woodtaylor", "woodfisherblock", "woodfisherblockgroup", "woodtaylorblock",
@@ -410,7 +411,7 @@ def test_prune_to_flops_meets_the_target_within_epsilon():
     net, data = _conv_net()
     dense = masked_macs(net, Masks(net)) / 1e6  # 0.011568 MMACs
     target, eps = 0.5 * dense, 0.0002
-    masks = obs.prune_to_flops(net, target, data, fisher_samples=100, flops_epsilon=eps, block_size=100,
+    masks = prune_to_flops(net, target, data, fisher_samples=100, flops_epsilon=eps, block_size=100,
                                flops_power=0.3, flops_per_param=True)
     got = masked_macs(net, masks) / 1e6
     assert abs(got - target) < eps
@@ -419,21 +420,21 @@ def test_prune_to_flops_meets_the_target_within_epsilon():
         assert bool((p.tensor[~masks[p.name]] == 0).all())
     # a second step from the pruned model keeps the masks nested; at or below the target nothing changes
     before = {k: v.clone() for k, v in masks.items()}
-    m2 = obs.prune_to_flops(net, 0.3 * dense, data, masks=masks, fisher_samples=100, flops_epsilon=eps)
+    m2 = prune_to_flops(net, 0.3 * dense, data, masks=masks, fisher_samples=100, flops_epsilon=eps)
     assert abs(masked_macs(net, m2) / 1e6 - 0.3 * dense) < eps
     assert all(not bool((m2[k] & ~before[k]).any()) for k in before)
     w = _flat(net)
-    m3 = obs.prune_to_flops(net, dense, data, masks=m2, fisher_samples=100)
+    m3 = prune_to_flops(net, dense, data, masks=m2, fisher_samples=100)
     assert m3.report["skipped"] and torch.equal(_flat(net), w)
 
 
 def test_prune_to_flops_unreachable_target_stops_at_max_sparsity():
     net, data = _conv_net()
     with pytest.warns(UserWarning, match="unreachable"):
-        masks = obs.prune_to_flops(net, 0.0, data, fisher_samples=50, max_sparsity=0.9, flops_epsilon=1e-4)
+        masks = prune_to_flops(net, 0.0, data, fisher_samples=50, max_sparsity=0.9, flops_epsilon=1e-4)
     assert masks.sparsity() == pytest.approx(0.9, abs=2e-3)
     with pytest.raises(pk.PrunekitError, match="needs a target"):
-        obs.prune_to_flops(net, None, data)
+        prune_to_flops(net, None, data)
 
 
 def test_flops_schedule_target():

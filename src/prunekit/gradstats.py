@@ -63,6 +63,7 @@ from .batches import BatchStream
 from .errors import PrunekitError, is_count
 from .modes import scoring_mode
 from .params import PrunableParam
+from .registry import default_loss
 
 try:  # torch >= 2.4
     from torch.autograd.graph import get_gradient_edge as _gradient_edge
@@ -96,8 +97,6 @@ class GradStats:
 
 
 def _is_default_ce(loss) -> bool:
-    from .prune import default_loss  # lazy: prune imports the registry
-
     return loss is None or loss is default_loss or loss is F.cross_entropy
 
 

@@ -23,7 +23,7 @@ from .batches import labelled_pair
 from .errors import PrunekitError
 from .masks import ExistingZerosWarning, Masks
 from .params import ParamSpec, prunable_params
-from .registry import MethodInfo, ScoreContext, get_method
+from .registry import MethodInfo, ScoreContext, default_loss, get_method
 from .registry import methods as _methods
 from .select import check_sparsity, select
 from .seeding import generator
@@ -129,10 +129,6 @@ def split_options(info: MethodInfo, options: dict) -> tuple[PruneOptions, object
     common = from_dict(PruneOptions, common_kw, error=PrunekitError)
     method_opts = info.make_options(**{k: v for k, v in options.items() if k in own})
     return common, method_opts
-
-
-def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets)
 
 
 def _context(model, info, masks: Masks, data, loss, method_opts, common: PruneOptions, rnd: int) -> ScoreContext:
@@ -532,8 +528,8 @@ def prune(
 
 
 class PruningStep:
-    """One method pruning one model: the pieces every driver (:func:`prune`, :func:`prunekit.families.obs.
-    woodfisher.prune_to_flops`, schedules, cascades) goes through, so each gets the same checks.
+    """One method pruning one model: the pieces every driver (:func:`prune`, :func:`prunekit.flops_target.
+    prune_to_flops`, schedules, cascades) goes through, so each gets the same checks.
 
     Construction checks the method (training methods run only as experiments), splits the options, and takes the
     starting masks (``masks``, or the model's existing zeros). :meth:`check_data` validates the data once;

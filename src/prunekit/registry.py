@@ -33,6 +33,11 @@ class NoOptions:
     """A method without options of its own."""
 
 
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss criteria use unless given one: cross-entropy, the mean over the batch."""
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
+
 @dataclass
 class ScoreContext:
     """Everything a criterion may read. Criteria must not modify the model, its buffers or its gradients.
