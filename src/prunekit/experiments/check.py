@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .tables import percent
+
 _TRAIN = {"epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "lr_schedule": "cosine",
           "progress": False}
 _LENET = {"model": "lenet_300_100", "data": {"name": "mnist", "subset": 10000}, "train": _TRAIN, "seed": 0}
@@ -38,6 +40,11 @@ def _acc(recs, label) -> float:
     return 100.0 * (recs[label].final_test_acc or 0.0)
 
 
+def _accuracies(*labels: str) -> Callable[[dict], str]:
+    """A claim's ``show``: ``label accuracy`` of each run, comma separated."""
+    return lambda recs: ", ".join(f"{lab} {percent(recs[lab].final_test_acc or 0.0)}" for lab in labels)
+
+
 def claims() -> list[Claim]:
     """The claims, CPU-sized. Budgets are in the configs; every run is an ordinary prunekit run."""
     dense_mlp = {"name": "check_mlpnet_dense", "model": "mlpnet", "data": {"name": "mnist", "subset": 10000},
@@ -47,34 +54,33 @@ def claims() -> list[Claim]:
         Claim("fts_snip", "000", "FTS and SNIP beat random pruning at 99% sparsity on LeNet-300-100",
               {m: _cfg("check_000", _LENET, method=m, sparsity=0.99) for m in ("random", "snip", "fts")},
               lambda r: min(_acc(r, "snip"), _acc(r, "fts")) > _acc(r, "random") + 5.0,
-              lambda r: ", ".join(f"{m} {_acc(r, m):.2f}" for m in ("random", "snip", "fts"))),
+              _accuracies("random", "snip", "fts")),
         Claim("px", "004", "PX beats random pruning at 98% sparsity on LeNet-300-100",
               {m: _cfg("check_004", _LENET, method=m, sparsity=0.98) for m in ("random", "px")},
               lambda r: _acc(r, "px") > _acc(r, "random"),
-              lambda r: f"random {_acc(r, 'random'):.2f}, px {_acc(r, 'px'):.2f}"),
+              _accuracies("random", "px")),
         Claim("woodfisher", "003", "one-shot WoodFisher beats global magnitude at 90% on a trained MLPNet "
               "(no retraining)",
               {m: {**_cfg("check_003", dense_mlp, method=m, sparsity=0.9, **opts), "train": {"epochs": 0},
                    "model": {"name": "mlpnet", "pretrained_config": dense_mlp}}
                for m, opts in (("globalmagni", {}), ("woodfisherblock", {"fisher_samples": 400}))},
               lambda r: _acc(r, "woodfisherblock") > _acc(r, "globalmagni"),
-              lambda r: f"globalmagni {_acc(r, 'globalmagni'):.2f}, woodfisherblock "
-                        f"{_acc(r, 'woodfisherblock'):.2f}"),
+              _accuracies("globalmagni", "woodfisherblock")),
         Claim("pfp", "002", "PFP keeps more accuracy than random filter pruning at 98% on a trained LeNet-300-100 "
               "(prune, retrain 2 epochs)",
               {m: {**_cfg("check_002", _LENET, method=m, sparsity=0.98), "train": {**_TRAIN, "epochs": 2},
                    "model": {"name": "lenet_300_100", "pretrained_config": dense_lenet}}
                for m in ("filter_random", "pfp")},
               lambda r: _acc(r, "pfp") > _acc(r, "filter_random"),
-              lambda r: f"filter_random {_acc(r, 'filter_random'):.2f}, pfp {_acc(r, 'pfp'):.2f}"),
+              _accuracies("filter_random", "pfp")),
         Claim("incop", "001", "InCoP (ciap) trains fewer epochs than LTH for the same 3 levels on the full MNIST "
               "training set, within 1 point",
               {m: {**_cfg("check_001", _LENET, method=m, levels=3, chunk_epochs=1), "data": {"name": "mnist"},
                    "train": {**_TRAIN, "epochs": 4, "optimizer": "adam", "lr": 1.2e-3, "momentum": 0.0}}
                for m in ("lth", "ciap")},
               lambda r: r["ciap"].epochs < r["lth"].epochs and _acc(r, "ciap") >= _acc(r, "lth") - 1.0,
-              lambda r: f"lth {r['lth'].epochs} epochs {_acc(r, 'lth'):.2f}, ciap {r['ciap'].epochs} epochs "
-                        f"{_acc(r, 'ciap'):.2f}"),
+              lambda r: ", ".join(f"{m} {r[m].epochs} epochs {percent(r[m].final_test_acc or 0.0)}"
+                                  for m in ("lth", "ciap"))),
     ]
     return out
 

@@ -29,15 +29,17 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import PrunekitError
-from ..io import atomic_write, atomic_write_text
-from .report import _metric_column, _value, recipe, split_level_runs
+from ..errors import PrunekitError, unknown
+from .config import file_stem
+from .files import write_shared
+from .imp_report import plot_levels
+from .report import plot_runs
 from .store import EPOCH_FIELDS, LEVEL_FIELDS, Store
+from .summary import metric_column, recipe, split_level_runs, value, with_levels
 
 #: Text columns of runs.csv; every other column is a number.
 TEXT_COLUMNS = ("run_id", "experiment", "method", "model", "dataset", "recipe")
@@ -53,12 +55,12 @@ LEVEL_COLUMNS = ("level", "branch") + LEVEL_FIELDS
 
 def run_row(run: dict, experiment: str | None = None) -> dict:
     """The runs.csv row of a stored run (a row of :meth:`Store.runs`)."""
-    row = {c: _value(run, c) for c in RUN_COLUMNS
+    row = {c: value(run, c) for c in RUN_COLUMNS
            if c not in ("experiment", "recipe", "params_ratio", "macs_ratio", "measured_speedup",
                         "measured_speedup_batch")}
-    row["experiment"] = experiment if experiment is not None else _value(run, "name")
+    row["experiment"] = experiment if experiment is not None else value(run, "name")
     row["recipe"] = recipe(run)
-    st = _value(run, "structured") or {}
+    st = value(run, "structured") or {}
     row["params_ratio"] = st.get("params_ratio")
     row["macs_ratio"] = st.get("macs_ratio")
     shrunk = sorted((r for r in st.get("latency", []) if r.get("model") == "shrunk"), key=lambda r: r["batch_size"])
@@ -97,30 +99,21 @@ def _arrays(prefix: str, columns, rows: list[dict], text=(), rename=None) -> dic
     return {rename.get(c, f"{prefix}{c}"): _column([r.get(c) for r in rows], c in text) for c in columns}
 
 
-def _readable(path: Path) -> Path:
-    """Give an exported file the permissions of a normally created one (the temporary file was private)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-    return path
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    return _readable(atomic_write(path, lambda f: np.savez(f, **arrays)))
+    return write_shared(path, lambda f: np.savez(f, **arrays))
 
 
 def _write_csv(path: Path, columns, rows: list[dict]) -> Path:
-    return _readable(atomic_write_text(path, _csv(columns, rows)))
+    text = _csv(columns, rows)
+    return write_shared(path, lambda f: f.write(text.encode()))
 
 
 def export(store: Store, out_dir: str | Path, *, name: str | None = None, metric: str = "test_acc",
            plots: bool = True) -> list[Path]:
     """Write the finished runs of ``store`` (optionally of experiment ``name``) to ``out_dir`` as described in the
     module text; returns the paths written."""
-    _metric_column(metric)  # an unknown metric fails before anything is written
+    metric_column(metric)  # an unknown metric fails before anything is written
     if name is not None and name not in store.experiment_names():
-        from ..errors import unknown
-
         raise unknown("experiment", name, store.experiment_names())
     runs = store.runs(name=name)
     if not runs:
@@ -155,8 +148,6 @@ def export(store: Store, out_dir: str | Path, *, name: str | None = None, metric
     written.append(_write_csv(out / "epochs.csv", ("run_id", "epoch") + EPOCH_FIELDS, all_epochs))
     written.append(_write_csv(out / "layers.csv", ("run_id",) + LAYER_COLUMNS, all_layers))
     if plots:
-        from .config import file_stem
-
         written += export_plots(store, runs, out, file_stem(name) if name else "report", metric, title=name)
     return written
 
@@ -164,23 +155,15 @@ def export(store: Store, out_dir: str | Path, *, name: str | None = None, metric
 def export_plots(store: Store, runs: list[dict], out_dir: str | Path, stem: str, metric: str = "test_acc",
                  title: str | None = None) -> list[Path]:
     """The report's plots of ``runs`` in ``out_dir``, each as ``.png`` and ``.pdf``."""
-    from .imp_report import plot_accuracy, plot_epochs
-    from .report import plot, plot_speedup
-
-    from .config import file_stem
-
     out = Path(out_dir)
     stem = file_stem(stem)  # a stored experiment name names files in out_dir: never a path out of it
-    col = _metric_column(metric)
+    col = metric_column(metric)
     imp, other = split_level_runs(runs)
-    imp_rows = [{**r, "recipe": recipe(r), "levels": store.levels(r["run_id"])} for r in imp]
+    imp_rows = with_levels(store, imp)
     written = []
     for ext in ("png", "pdf"):
         if other:
-            written.append(plot(other, out / f"{stem}.{ext}", metric, title=title))
-            if any(_value(r, "theoretical_speedup") for r in other):
-                written.append(plot_speedup(other, out / f"{stem}_speedup.{ext}", metric, title=title))
+            written += plot_runs(other, out / f"{stem}.{ext}", metric, title=title)
         if imp_rows:
-            written.append(plot_accuracy(imp_rows, out / f"{stem}_accuracy.{ext}", col, title=title))
-            written.append(plot_epochs(imp_rows, out / f"{stem}_epochs.{ext}", title=title))
+            written += plot_levels(imp_rows, out, stem, col, title=title, ext=ext)
     return written

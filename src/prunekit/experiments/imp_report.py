@@ -10,21 +10,23 @@ within a group, runs with the same label are the seeds of one method.
   over seeds), then totals (epochs, seconds, final density and accuracy). Control branches get a small table.
 - :func:`savings` / :func:`savings_table`: each method against the ``lth`` baseline of its group, both for the same
   number of levels and at equal final sparsity (lth interpolated linearly in log(density)).
-- :func:`plot_accuracy` / :func:`plot_epochs`: PNG plots, one subplot per group, written atomically.
-- :func:`imp_report`: the two tables, and the two plots when a folder is given.
+- :func:`plot_accuracy` / :func:`plot_epochs`: PNG or PDF plots, one subplot per group, written by
+  :func:`.figures.finish`; :func:`plot_levels` writes both.
+- :func:`imp_report`: the tables, and the two plots when a folder is given.
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from ..criteria.iterative import IMP_CODES
 from ..errors import PrunekitError, unknown
-from .report import _fmt, _render
+from ..families.imp.codes import IMP_CODES
+from . import figures
+from .figures import Panel
+from .tables import delta_rows, group_title, mean_std, number, stats, text_table
 
 IMP_METHODS = IMP_CODES
 METRICS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc")
@@ -79,11 +81,6 @@ def _order(labels: dict[str, list[dict]]) -> list[str]:
     return sorted(labels, key=key)
 
 
-def _stats(values: list[float]) -> Stats:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def _per_level(runs: list[dict], metric: str) -> dict[int, dict[str, Stats]]:
     """``{level: {"density", "acc", "epochs", "cum_epochs"}}`` over the seeds that reached the level (% for density
     and accuracy; ``cum_epochs`` counts every epoch through that level)."""
@@ -97,7 +94,7 @@ def _per_level(runs: list[dict], metric: str) -> dict[int, dict[str, Stats]]:
             v["acc"].append(100.0 * row[metric])
             v["epochs"].append(float(row["epochs"]))
             v["cum_epochs"].append(cum)
-    return {k: {name: _stats(x) for name, x in v.items()} for k, v in sorted(vals.items())}
+    return {k: {name: stats(x) for name, x in v.items()} for k, v in sorted(vals.items())}
 
 
 def _totals(runs: list[dict], metric: str) -> dict[str, Stats]:
@@ -105,17 +102,13 @@ def _totals(runs: list[dict], metric: str) -> dict[str, Stats]:
     last level's density and accuracy (%)."""
     per_run = [_main_rows(r) for r in runs]
     return {
-        "epochs": _stats([float(sum(row["epochs"] for row in rows)) for rows in per_run]),
-        "seconds": _stats([float(sum(row["seconds"] for row in rows)) for rows in per_run]),
-        "check_seconds": _stats([float(sum(row.get("check_seconds") or 0.0 for row in rows)) for rows in per_run]),
-        "levels": _stats([float(len(rows)) for rows in per_run]),
-        "density": _stats([100.0 * rows[-1]["density"] for rows in per_run]),
-        "acc": _stats([100.0 * rows[-1][metric] for rows in per_run]),
+        "epochs": stats([float(sum(row["epochs"] for row in rows)) for rows in per_run]),
+        "seconds": stats([float(sum(row["seconds"] for row in rows)) for rows in per_run]),
+        "check_seconds": stats([float(sum(row.get("check_seconds") or 0.0 for row in rows)) for rows in per_run]),
+        "levels": stats([float(len(rows)) for rows in per_run]),
+        "density": stats([100.0 * rows[-1]["density"] for rows in per_run]),
+        "acc": stats([100.0 * rows[-1][metric] for rows in per_run]),
     }
-
-
-def _title(group: Group, what: str) -> str:
-    return f"{group[0]} on {group[1]} [recipe {group[2]}]: {what}"
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -129,30 +122,40 @@ def level_table(runs: list[dict], metric: str = "final_test_acc") -> str:
     blocks = []
     for group, labels in _collect(runs, metric).items():
         order = _order(labels)
-        stats = {lab: _per_level(labels[lab], metric) for lab in order}
+        curves = {lab: _per_level(labels[lab], metric) for lab in order}
         totals = {lab: _totals(labels[lab], metric) for lab in order}
         head = ["level"] + [f"{lab} {col}" for lab in order for col in ("dens%", "acc%", "epochs")]
-        rows = []
-        for k in sorted({k for s in stats.values() for k in s}):
-            row = [str(k)]
-            for lab in order:
-                s = stats[lab].get(k)
-                row += ["-"] * 3 if s is None else [f"{s['density']['mean']:.2f}", _fmt(s["acc"]), _fmt(s["epochs"])]
-            rows.append(row)
-        rows.append(["total epochs"] + [c for lab in order for c in ("", "", _fmt(totals[lab]["epochs"]))])
-        rows.append(["total seconds"] + [c for lab in order for c in ("", "", f"{totals[lab]['seconds']['mean']:.1f}")])
-        rows.append(["check seconds"]
-                    + [c for lab in order for c in ("", "", f"{totals[lab]['check_seconds']['mean']:.1f}")])
-        rows.append(["final"] + [c for lab in order
-                                 for c in (f"{totals[lab]['density']['mean']:.2f}", _fmt(totals[lab]["acc"]), "")])
+        rows = _level_rows(order, curves) + _total_rows(order, totals)
         seeds = ", ".join(f"{lab} {len(labels[lab])}" for lab in order)
-        table = "\n".join(line.rstrip() for line in _render([head] + rows).splitlines())  # blank total cells
-        lines = [_title(group, f"{metric} (%) per IMP level, mean ± std over seeds ({seeds})"), table]
+        table = text_table([head] + rows, strip=True)  # blank total cells
+        lines = [group_title(group, f"{metric} (%) per IMP level, mean ± std over seeds ({seeds})"), table]
         controls = _controls_table(labels, order, metric)
         if controls:
             lines += ["", controls]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _level_rows(order: list[str], curves: dict[str, dict[int, dict[str, Stats]]]) -> list[list[str]]:
+    """One row per level: per method its density %, accuracy and epochs (``-`` where it has no such level)."""
+    rows = []
+    for k in sorted({k for c in curves.values() for k in c}):
+        row = [str(k)]
+        for lab in order:
+            s = curves[lab].get(k)
+            row += (["-"] * 3 if s is None
+                    else [f"{s['density']['mean']:.2f}", mean_std(s["acc"]), mean_std(s["epochs"])])
+        rows.append(row)
+    return rows
+
+
+def _total_rows(order: list[str], totals: dict[str, dict[str, Stats]]) -> list[list[str]]:
+    """The totals under the level rows: epochs, training and stop-check seconds, the final density and accuracy."""
+    cells = {"total epochs": lambda t: ("", "", mean_std(t["epochs"])),
+             "total seconds": lambda t: ("", "", f"{t['seconds']['mean']:.1f}"),
+             "check seconds": lambda t: ("", "", f"{t['check_seconds']['mean']:.1f}"),
+             "final": lambda t: (f"{t['density']['mean']:.2f}", mean_std(t["acc"]), "")}
+    return [[name] + [c for lab in order for c in cell(totals[lab])] for name, cell in cells.items()]
 
 
 def _controls_table(labels: dict[str, list[dict]], order: list[str], metric: str) -> str:
@@ -168,8 +171,8 @@ def _controls_table(labels: dict[str, list[dict]], order: list[str], metric: str
     cols = sorted(vals, key=lambda c: (order.index(c[0]), c[1]))
     rows = [["level"] + [f"{lab} {branch}" for lab, branch in cols]]
     for k in sorted({k for v in vals.values() for k in v}):
-        rows.append([str(k)] + [_fmt(_stats(vals[c][k])) if vals[c].get(k) else "-" for c in cols])
-    return f"control branches: {metric} (%), mean ± std over seeds\n" + _render(rows)
+        rows.append([str(k)] + [mean_std(stats(vals[c][k])) if vals[c].get(k) else "-" for c in cols])
+    return f"control branches: {metric} (%), mean ± std over seeds\n" + text_table(rows)
 
 
 def _interp_log_density(points: list[tuple[float, float]], density: float) -> float | None:
@@ -255,21 +258,19 @@ def savings_table(runs: list[dict], metric: str = "final_test_acc") -> str:
     if not rows:
         return "(no savings to show: they need lth runs and another method in the same model/dataset/recipe group)"
 
-    def f(v: float | None, spec: str = ".2f") -> str:
-        return "-" if v is None else format(v, spec)
-
     head = ["method", "levels", "epochs", "lth epochs", "saved %", "Δacc", "dens%", "lth epochs@dens",
             "saved %@dens", "lth acc@dens", "Δacc@dens"]
     blocks = []
     for key in dict.fromkeys((r["model"], r["dataset"], r["recipe"], r["baseline"]) for r in rows):
         sel = [r for r in rows if (r["model"], r["dataset"], r["recipe"], r["baseline"]) == key]
+        f = number
         body = [[r["method"], f(r["levels"], "g"), f(r["epochs"], ".1f"), f(r["lth_epochs"], ".1f"),
                  f(r["epochs_saved_pct"], ".1f"), f(r["acc_diff"], "+.2f"), f(r["final_density"]),
                  f(r["lth_epochs_at_density"], ".1f"), f(r["epochs_saved_pct_at_density"], ".1f"),
                  f(r["lth_acc_at_density"]), f(r["acc_diff_at_density"], "+.2f")] for r in sel]
         what = (f"epochs and {metric} vs {key[3]}, same levels and at equal final density (lth interpolated in "
                 "log density); Δacc in points, method minus lth")
-        lines = [_title(key[:3], what), _render([head] + body)]
+        lines = [group_title(key[:3], what), text_table([head] + body)]
         lines += [f"note ({r['method']}): {r['note']}" for r in sel if r["note"]]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -278,52 +279,23 @@ def savings_table(runs: list[dict], metric: str = "final_test_acc") -> str:
 # ---------------------------------------------------------------------------------------------------- plots
 
 
-def _figure(n: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ncols = min(n, 2)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(6.5 * ncols, 4.2 * nrows), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
+def _figure(groups: dict[Group, dict[str, list[dict]]]):
+    """(figure, axes, colors): one subplot per group, two per row, and one color per label across groups."""
+    labels = list(dict.fromkeys(lab for labs in groups.values() for lab in _order(labs)))
+    fig, axes = figures.figure(len(groups), size=(6.5, 4.2), dpi=110, ncols=2)
+    return fig, axes, dict(zip(labels, figures.palette(len(labels))))
 
 
-def _colors(groups: dict[Group, dict[str, list[dict]]]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
-    labels = list(dict.fromkeys(lab for labels in groups.values() for lab in _order(labels)))
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
-
-
-def _save(fig, path: str | Path, title: str | None) -> Path:
-    """Write ``fig`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+def _panel_title(group: Group) -> str:
+    return f"{group[0]} / {group[1]} [{group[2]}]"
 
 
 def plot_accuracy(runs: list[dict], path: str | Path, metric: str = "final_test_acc", title: str | None = None) -> Path:
     """``metric`` (%) vs remaining weights (%, log axis, 100 on the left) per method: mean line, ± std band over
     seeds, and the dense level-0 accuracy as a dashed line; one subplot per (model, dataset, recipe)."""
-    import matplotlib.ticker
-
     groups = _collect(runs, metric)
-    colors = _colors(groups)
-    fig, axes = _figure(len(groups))
-    for ax, (group, labels) in zip(axes, groups.items()):
+    fig, axes, colors = _figure(groups)
+    for ax, labels in zip(axes, groups.values()):
         lowest = 100.0
         for lab in _order(labels):
             st = _per_level(labels[lab], metric).values()
@@ -337,28 +309,22 @@ def plot_accuracy(runs: list[dict], path: str | Path, metric: str = "final_test_
         dense = [100.0 * row[metric] for runs_ in labels.values() for r in runs_ for row in _main_rows(r)
                  if row["level"] == 0]
         if dense:
-            ax.axhline(statistics.fmean(dense), color="k", ls="--", lw=1, label="dense (level 0)")
+            figures.reference_line(ax, statistics.fmean(dense), "dense (level 0)")
         ax.set_xscale("log")
         lo, hi = min(1.0, lowest) / 1.15, 100.0 * 1.15
         ax.set_xlim(hi, lo)  # decreasing left to right
-        ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01) if lo <= t <= hi]
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("remaining weights (%)")
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(f"{group[0]} / {group[1]} [{group[2]}]", fontsize="medium")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-    return _save(fig, path, title)
+        figures.log_ticks(ax, [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01) if lo <= t <= hi])
+    panels = [Panel(ax, "remaining weights (%)", f"{metric} (%)", title=_panel_title(group), title_size="medium",
+                    legend="small") for ax, group in zip(axes, groups)]
+    return figures.finish(fig, path, panels, suptitle=title)
 
 
 def plot_epochs(runs: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Epochs trained per IMP level (mean ± std over seeds as error bars), grouped bars per method; one subplot per
     (model, dataset, recipe)."""
     groups = _collect(runs, METRICS[0])
-    colors = _colors(groups)
-    fig, axes = _figure(len(groups))
-    for ax, (group, labels) in zip(axes, groups.items()):
+    fig, axes, colors = _figure(groups)
+    for ax, labels in zip(axes, groups.values()):
         order = _order(labels)
         width = 0.8 / len(order)
         levels: set[int] = set()
@@ -368,12 +334,31 @@ def plot_epochs(runs: list[dict], path: str | Path, title: str | None = None) ->
             ax.bar([k + (i - (len(order) - 1) / 2) * width for k in st], [s["epochs"]["mean"] for s in st.values()],
                    width, yerr=[s["epochs"]["std"] for s in st.values()], capsize=2, color=colors[lab], label=lab)
         ax.set_xticks(sorted(levels))
-        ax.set_xlabel("IMP level")
-        ax.set_ylabel("epochs trained")
-        ax.set_title(f"{group[0]} / {group[1]} [{group[2]}]", fontsize="medium")
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize="small")
-    return _save(fig, path, title)
+    panels = [Panel(ax, "IMP level", "epochs trained", title=_panel_title(group), title_size="medium", grid="y",
+                    legend="small") for ax, group in zip(axes, groups)]
+    return figures.finish(fig, path, panels, suptitle=title)
+
+
+def plot_levels(runs: list[dict], folder: str | Path, stem: str, metric: str = "final_test_acc",
+                title: str | None = None, ext: str = "png") -> list[Path]:
+    """:func:`plot_accuracy` and :func:`plot_epochs` as ``<stem>_accuracy.<ext>`` and ``<stem>_epochs.<ext>`` in
+    ``folder``."""
+    folder = Path(folder)
+    return [plot_accuracy(runs, folder / f"{stem}_accuracy.{ext}", metric, title=title),
+            plot_epochs(runs, folder / f"{stem}_epochs.{ext}", title=title)]
+
+
+def _checked(runs: list[dict]) -> list[dict]:
+    """The main level rows of ``runs`` that logged stop checks."""
+    return [row for r in runs for row in _main_rows(r) if row.get("checks")]
+
+
+def _first_last(rows: list[dict], key: str) -> str:
+    """``first→last``: a stop-check distance at the first and at the last check of the levels ``rows``, mean
+    over seeds; ``-`` when not logged."""
+    first = [row["checks"][0][key] for row in rows if row["checks"][0].get(key) is not None]
+    last = [row["checks"][-1][key] for row in rows if row["checks"][-1].get(key) is not None]
+    return f"{statistics.fmean(first):.4f}→{statistics.fmean(last):.4f}" if first and last else "-"
 
 
 def flow_table(runs: list[dict]) -> str:
@@ -382,22 +367,16 @@ def flow_table(runs: list[dict]) -> str:
     logged checks."""
     blocks = []
     for group, labels in _collect(runs, "final_test_acc").items():
-        order = [lab for lab in _order(labels) if any(row.get("checks") for r in labels[lab] for row in _main_rows(r))]
+        checked = {lab: _checked(labels[lab]) for lab in _order(labels)}
+        order = [lab for lab, rows in checked.items() if rows]
         if not order:
             continue
-        levels = sorted({row["level"] for lab in order for r in labels[lab] for row in _main_rows(r) if row.get("checks")})
-        head = ["level"] + [f"{lab} {k}" for lab in order for k in ("IF first→last", "GF first→last")]
-        table = [head]
-        for k in levels:
-            line = [str(k)]
-            for lab in order:
-                checks = [row["checks"] for r in labels[lab] for row in _main_rows(r) if row["level"] == k and row.get("checks")]
-                for key in ("d_if", "d_gf"):
-                    first = [c[0][key] for c in checks if c and c[0].get(key) is not None]
-                    last = [c[-1][key] for c in checks if c and c[-1].get(key) is not None]
-                    line.append(f"{statistics.fmean(first):.4f}→{statistics.fmean(last):.4f}" if first and last else "-")
-            table.append(line)
-        blocks.append(_title(group, "stop-check distances to the dense network, mean over seeds") + "\n" + _render(table))
+        table = [["level"] + [f"{lab} {k}" for lab in order for k in ("IF first→last", "GF first→last")]]
+        for k in sorted({row["level"] for lab in order for row in checked[lab]}):
+            at_k = {lab: [row for row in checked[lab] if row["level"] == k] for lab in order}
+            table.append([str(k)] + [_first_last(at_k[lab], key) for lab in order for key in ("d_if", "d_gf")])
+        title = group_title(group, "stop-check distances to the dense network, mean over seeds")
+        blocks.append(title + "\n" + text_table(table))
     return "\n\n".join(blocks)
 
 
@@ -431,6 +410,12 @@ def commensurate(runs: list[dict], metric: str = "final_test_acc", deltas=DELTAS
     return out
 
 
+def _pr_cell(rows: list[dict], method: str, delta: float) -> str:
+    """``<prune ratio>  <Δacc>`` of ``method`` at ``delta`` in :func:`commensurate` rows, ``-`` if no level."""
+    r = next(x for x in rows if x["method"] == method and x["delta"] == delta)
+    return "-" if r["level"] is None else f"{r['prune_ratio']:.2f}  {r['diff']:+.2f}"
+
+
 def commensurate_table(runs: list[dict], metric: str = "final_test_acc", deltas=DELTAS) -> str:
     """:func:`commensurate` as text: one row per δ, per method the prune ratio % and the accuracy difference."""
     rows = commensurate(runs, metric, deltas)
@@ -438,15 +423,9 @@ def commensurate_table(runs: list[dict], metric: str = "final_test_acc", deltas=
     for group in dict.fromkeys(r["group"] for r in rows):
         sub = [r for r in rows if r["group"] == group]
         methods = list(dict.fromkeys(r["method"] for r in sub))
-        table = [["δ (points)"] + [f"{m} PR%  Δacc" for m in methods]]
-        for d in deltas:
-            line = [f"{100 * d:+.1f}"]
-            for m in methods:
-                r = next(x for x in sub if x["method"] == m and x["delta"] == d)
-                line.append("-" if r["level"] is None else f"{r['prune_ratio']:.2f}  {r['diff']:+.2f}")
-            table.append(line)
-        title = _title(group, f"smallest network within δ of the dense {metric} (PR = % of weights removed)")
-        blocks.append(title + "\n" + _render(table))
+        table = delta_rows(deltas, methods, "PR%  Δacc", functools.partial(_pr_cell, sub))
+        title = group_title(group, f"smallest network within δ of the dense {metric} (PR = % of weights removed)")
+        blocks.append(title + "\n" + text_table(table))
     return "\n\n".join(blocks)
 
 
@@ -454,10 +433,10 @@ def imp_report(runs: list[dict], metric: str = "final_test_acc", plot_dir: str |
                name: str = "imp") -> str:
     """:func:`level_table` and :func:`savings_table`; with ``plot_dir``, also writes ``{name}_accuracy.png`` and
     ``{name}_epochs.png`` there and names them at the end."""
-    parts = [level_table(runs, metric), commensurate_table(runs, metric), savings_table(runs, metric), flow_table(runs)]
+    parts = [level_table(runs, metric), commensurate_table(runs, metric), savings_table(runs, metric),
+             flow_table(runs)]
     text = "\n\n".join(p for p in parts if p)
     if plot_dir is not None:
-        acc = plot_accuracy(runs, Path(plot_dir) / f"{name}_accuracy.png", metric, title=name)
-        ep = plot_epochs(runs, Path(plot_dir) / f"{name}_epochs.png", title=name)
+        acc, ep = plot_levels(runs, plot_dir, name, metric, title=name)
         text += f"\n\nplots: {acc}\n       {ep}"
     return text

@@ -11,13 +11,12 @@ from pathlib import Path
 
 from ..errors import PrunekitError
 from ..io import atomic_write_text
+from .config import load
 from .report import render
 from .store import Store
 
 
 def _configs_by_name(config_dir: Path) -> dict[str, Path]:
-    from .config import load
-
     out = {}
     for p in sorted(config_dir.rglob("*.yaml")):
         try:
