@@ -18,6 +18,20 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.mo
 
 
 @contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; on exit each module gets its own mode back (not the
+    top-level one: a frozen BatchNorm inside a training model stays frozen)."""
+    training = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, flag in training:
+            m.training = flag
+
+
+@contextmanager
 def scoring_mode(model: nn.Module, mode: str = "eval", tensors: Sequence[torch.Tensor] = ()) -> Iterator[nn.Module]:
     """Put ``model`` in ``mode`` with gradients enabled and ``tensors`` requiring grad; on exit restore every
     module's mode, the requires_grad flags, every buffer (running statistics updated by train-mode forwards) and

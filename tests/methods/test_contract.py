@@ -54,18 +54,6 @@ SEED = 7  # the ``seed=`` option (mask generator) of every prune call
 #: (code, property) -> the evidence: contract violations, expected to fail (strict: a fix makes the test fail too,
 #: so the entry must then be removed). Properties: count, nested, pure, modes, deterministic, device.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
-_OBS_MODES = ("per_example_activation_bytes (the OBS gradient engine's memory estimate, called by the woodfisher "
-              "codes' planner and by gradient_matrix) runs model.eval() and restores with model.train(was), which "
-              "gives every submodule the root's mode: a BatchNorm left in eval mode inside a training model comes "
-              "back in train mode (bn2 here)")
-_TRACE_MODES = ("channel_groups (its shape propagation, _propagate_shapes in prunekit.structured.groups) runs "
-                "model.eval() and restores with model.train(was), which gives every submodule the root's mode: a "
-                "BatchNorm left in eval mode inside a training model comes back in train mode (bn2 here)")
-KNOWN_VIOLATIONS.update({(code, "modes"): _OBS_MODES for code in (
-    "woodfisher", "woodtaylor", "woodfisherblock", "woodfisherblockgroup", "woodtaylorblock", "woodfisherblockdynamic",
-    "woodfisherblock_flops")})
-KNOWN_VIOLATIONS.update({(code, "modes"): _TRACE_MODES for code in (
-    "filter_l1", "filter_l2", "filter_random", "bn_scale", "pfp")})
 
 #: Codes whose score cannot be called through pk.score, with the reason (none today: levels codes are skipped
 #: whole, every other code's score is callable).

@@ -48,6 +48,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import PrunekitError
+from ..modes import eval_mode
 
 __all__ = [
     "ChannelGroup", "channel_groups", "channel_masks_to_masks", "make_exact", "channel_masks_from_masks",
@@ -223,11 +224,8 @@ def _inputs_tuple(example_input) -> tuple:
 
 
 def _propagate_shapes(model: nn.Module, gm: torch.fx.GraphModule, example_input) -> None:
-    was = model.training
-    model.eval()
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model, gm), torch.no_grad():
             ShapeProp(gm).propagate(*_inputs_tuple(example_input))
     except PrunekitError:
         raise
@@ -235,9 +233,6 @@ def _propagate_shapes(model: nn.Module, gm: torch.fx.GraphModule, example_input)
         first = (str(e).strip().splitlines() or [""])[0]
         raise PrunekitError(f"the traced {type(model).__name__} fails on the example input "
                             f"({type(e).__name__}: {first}); check example_input's shape") from None
-    finally:
-        model.train(was)
-        gm.train(was)
 
 
 def _shape(node) -> tuple[int, ...] | None:

@@ -35,7 +35,7 @@ from ... import distributed
 from ...batches import BatchStream
 from ...errors import PrunekitError, is_count
 from ...gradstats import _Unsupported, _gradient_edge, _hook_kind, _is_default_ce, _unfolder, capture_io
-from ...modes import model_device, scoring_mode
+from ...modes import eval_mode, model_device, scoring_mode
 from ...params import PrunableParam
 
 ENGINES = ("auto", "hooks", "vmap")
@@ -63,13 +63,10 @@ def per_example_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x[:1])
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return 3 * total + unfold
