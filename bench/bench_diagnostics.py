@@ -4,7 +4,7 @@ run with ``data.subset: 100`` went to evaluating the full validation and test se
 ResNet-20 on CIFAR-shaped synthetic data (5,000 validation and 10,000 test images, as CIFAR-10 with its default
 split), 100 scoring samples. Measured in one process, interleaved: the pruning step (``pk.prune`` with SNIP, and
 with magnitude), the old diagnostics (accuracy on the full validation and test sets) and the new ones (on the fixed
-subsets of ``prunekit.experiments.runner.DIAGNOSE_SAMPLES`` samples each); prints seconds and ratios.
+subsets of ``prunekit.experiments.measure.DIAGNOSE_SAMPLES`` samples each); prints seconds and ratios.
 
     python bench/bench_diagnostics.py [--threads 2]
 """
@@ -18,7 +18,7 @@ import torch
 
 import prunekit as pk
 from prunekit.data import load_dataset, loaders, scoring_data
-from prunekit.experiments.runner import DIAGNOSE_SAMPLES, _diagnose_sets
+from prunekit.experiments.measure import DIAGNOSE_SAMPLES, diagnose_sets
 from prunekit.models import get_model
 from prunekit.train import Trainer, TrainConfig
 
@@ -47,7 +47,7 @@ def main() -> None:
     t_mag, masks = timed(lambda: pk.prune(pruned, "magnitude", sparsity=0.9))
     trainer = Trainer(pruned, TrainConfig(epochs=1, progress=False), [], masks=masks)
     t_full, _ = timed(lambda: (trainer.evaluate(val_dl), trainer.evaluate(test_dl)))
-    sets = _diagnose_sets(splits, 1000, "cpu", val_dl, test_dl)
+    sets = diagnose_sets(splits, 1000, "cpu", val_dl, test_dl)
     t_new, _ = timed(lambda: (trainer.evaluate(sets["val"][0]), trainer.evaluate(sets["test"][0])))
     print(f"torch {torch.__version__}, {args.threads} thread(s), ResNet-20, {len(splits.val)} val + "
           f"{len(splits.test)} test images, DIAGNOSE_SAMPLES={DIAGNOSE_SAMPLES}")

@@ -5,7 +5,7 @@ import torch
 import prunekit as pk
 from prunekit.data import load_dataset, random_subset
 from prunekit.experiments import run
-from prunekit.experiments import runner
+from prunekit.experiments import measure
 from prunekit.models import get_model
 from prunekit.seeding import derive_seed, seed_everything
 
@@ -27,8 +27,8 @@ def _plain_accuracy(model, split, mean, std, idx) -> float:
 
 
 def test_before_finetune_accuracy_is_measured_on_a_recorded_fixed_subset(tmp_path, monkeypatch):
-    assert runner.DIAGNOSE_SAMPLES == 500
-    monkeypatch.setattr(runner, "DIAGNOSE_SAMPLES", 40)  # below this val and test set's 128: both are subsampled
+    assert measure.DIAGNOSE_SAMPLES == 500
+    monkeypatch.setattr(measure, "DIAGNOSE_SAMPLES", 40)  # below this val and test set's 128: both are subsampled
     rec = run(CFG, tmp_path, log=lambda m: None)
     assert rec.before_finetune_samples == {"val": 40, "test": 40}
     ev = rec.prune_events[-1]

@@ -404,12 +404,12 @@ def test_valid_archive_still_loads(tmp_path):
 
 
 def test_a_failure_after_training_is_recorded_as_failed(tmp_path, monkeypatch):
-    from prunekit.experiments import runner
+    from prunekit.experiments import measure
 
     def broken(masks):
         raise RuntimeError("layer rows exploded")
 
-    monkeypatch.setattr(runner, "_layer_rows", broken)
+    monkeypatch.setattr(measure, "layer_rows", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         run(BASE, tmp_path, log=lambda m: None)
     rid = C.run_id(C.resolve(BASE))

@@ -19,46 +19,41 @@ from ..checkpoint import sub_owner
 from ..lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
-from ..prune import PruneOptions, prune
-from ..registry import get_method
-from ..schedules import Cascade
+from ..prune import prune
 from ..train import Trainer
-from ..train.config import TrainConfig
-from ..typed import from_dict
 from .imp_runner import fit_level
+from .resolved import ResolvedRun
 
 
-def run_cascade(resolved: dict, run_dir: Path, loaders_: tuple, model_fn: Callable[..., torch.nn.Module],
+def run_cascade(resolved: ResolvedRun, run_dir: Path, loaders_: tuple, model_fn: Callable[..., torch.nn.Module],
                 score_data: Callable[[int], object], log: Callable[[str], None],
                 on_level: Callable[[dict], None]) -> list[dict]:
-    """Run (or resume) the cascade of a resolved config; returns the level records of ``run_imp``."""
-    p = resolved["prune"]
-    cascade = from_dict(Cascade, p["cascade"])
+    """Run (or resume) the cascade of a resolved run; returns the level records of ``run_imp``."""
+    p = resolved.prune
+    cascade = p.cascade.schedule()
     chunks = cascade.chunks()
-    common = from_dict(PruneOptions, p["options"])
-    tcfg = from_dict(TrainConfig, resolved["train"])
+    tcfg = resolved.train
     retrain = dataclasses.replace(tcfg, epochs=cascade.retrain_epochs or tcfg.epochs)
     train_dl, val_dl, test_dl = loaders_
-    options = {**p["options"], **p["method_options"]}
-    uses_data = get_method(p["method"]).needs_data in ("inputs", "labels")
+    options = p.prune_kwargs()
 
     def train_fn(model, masks, level, level_dir, rewind_epoch=None):
         trainer = Trainer(model, tcfg if level == 0 else retrain, train_dl, val_dl, test_dl, run_dir=level_dir,
-                          owner=sub_owner(run_dir, level_dir), seed=resolved["seed"], masks=masks, log=log)
+                          owner=sub_owner(run_dir, level_dir), seed=resolved.seed, masks=masks, log=log)
         return fit_level(trainer)
 
     def prune_rule(masks: Masks, model, level: int):
         t0 = time.perf_counter()
         current = masks
         for ratio in chunks[level]:
-            current = prune(model, p["method"], sparsity=1.0 - ratio, data=score_data(level) if uses_data else None,
+            current = prune(model, p.method, sparsity=1.0 - ratio, data=score_data(level) if p.uses_data else None,
                             masks=current, **options)
         return current.as_dict(), {"ratios": chunks[level], "seconds": time.perf_counter() - t0,
                                    "achieved_density": current.density()}
 
     return run_imp(
         model_fn, train_fn, len(chunks), run_dir=run_dir / "cascade", prune_fraction=0.5, rewind="none",
-        prune_rule=prune_rule, rule_config={"method": p["method"], "chunks": chunks, "options": options},
-        on_level=on_level, masks_fn=lambda model: Masks(model, prunable_params(model, common.param_spec())),
+        prune_rule=prune_rule, rule_config={"method": p.method, "chunks": chunks, "options": options},
+        on_level=on_level, masks_fn=lambda model: Masks(model, prunable_params(model, p.options.param_spec())),
         owner=sub_owner(run_dir, run_dir / "cascade"),
     )

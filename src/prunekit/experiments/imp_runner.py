@@ -31,11 +31,9 @@ from ..checkpoint import (CheckpointError, CorruptCheckpointWarning, load_checke
 from ..lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
-from ..prune import PruneOptions
 from ..train import Callback, Trainer
 from ..train.trainer import LAST
-from ..train.config import TrainConfig
-from ..typed import from_dict
+from .resolved import ResolvedRun
 
 
 def flow_batches(splits, opts: ImpOptions, seed: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,16 +172,16 @@ def level_row(record: dict, branch: str = "main") -> dict:
     return row
 
 
-def run_levels(resolved: dict, run_dir: Path, splits, loaders_: tuple, device: str,
+def run_levels(resolved: ResolvedRun, run_dir: Path, splits, loaders_: tuple, device: str,
                model_fn: Callable[..., torch.nn.Module], log: Callable[[str], None],
                on_level: Callable[[dict], None]) -> list[dict]:
-    """Run (or resume) the IMP search of a resolved config; returns :func:`prunekit.lottery.run_imp`'s records."""
-    p = resolved["prune"]
-    code = p["method"]
-    o = from_dict(ImpOptions, p["method_options"])
-    common = from_dict(PruneOptions, p["options"])
-    tcfg = from_dict(TrainConfig, resolved["train"])
-    seed = resolved["seed"]
+    """Run (or resume) the IMP search of a resolved run; returns :func:`prunekit.lottery.run_imp`'s records."""
+    p = resolved.prune
+    code = p.method
+    o: ImpOptions = p.method_options
+    common = p.options
+    tcfg = resolved.train
+    seed = resolved.seed
     train_dl, val_dl, test_dl = loaders_
     spe = len(train_dl)
     k = rewind_step(o.rewind, tcfg.epochs, spe)  # the rewind point in optimizer steps (None: init / none)
