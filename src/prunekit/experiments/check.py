@@ -50,7 +50,7 @@ def claims() -> list[Claim]:
     dense_mlp = {"name": "check_mlpnet_dense", "model": "mlpnet", "data": {"name": "mnist", "subset": 10000},
                  "train": {**_TRAIN, "epochs": 5}, "prune": {"method": "none"}, "seed": 0}
     dense_lenet = _cfg("check_lenet_dense", _LENET, method="none")
-    out = [
+    return [
         Claim("fts_snip", "000", "FTS and SNIP beat random pruning at 99% sparsity on LeNet-300-100",
               {m: _cfg("check_000", _LENET, method=m, sparsity=0.99) for m in ("random", "snip", "fts")},
               lambda r: min(_acc(r, "snip"), _acc(r, "fts")) > _acc(r, "random") + 5.0,
@@ -82,7 +82,6 @@ def claims() -> list[Claim]:
               lambda r: ", ".join(f"{m} {r[m].epochs} epochs {percent(r[m].final_test_acc or 0.0)}"
                                   for m in ("lth", "ciap"))),
     ]
-    return out
 
 
 def _materialize(cfg: dict, root: Path) -> dict:
