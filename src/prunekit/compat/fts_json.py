@@ -135,6 +135,29 @@ def _raise_unknown(unknown: list[str]) -> None:
                           f"spelling or remove {'it' if one else 'them'} (docs/seed000_json.md lists the keys)")
 
 
+class _Translation:
+    """One translation under way: the prunekit fields so far (``out``), the seed key each came from (``src``), the
+    seed's keys with no prunekit meaning (a note), keys of neither layout (typos: an error) and remarks."""
+
+    def __init__(self) -> None:
+        self.out: dict = {}
+        self.src: dict[str, str] = {}
+        self.ignored: list[str] = []
+        self.unknown: list[str] = []
+        self.remarks: list[str] = []
+
+    def put(self, section: str | None, key: str, value, seed_key: str) -> None:
+        if section is None:
+            self.out[key] = value
+            self.src[key] = seed_key
+        else:
+            self.out.setdefault(section, {})[key] = value
+            self.src[f"{section}.{key}"] = seed_key
+
+    def check_keys(self, section: dict, known, where: str) -> None:
+        _unknown(section, known, where, self.unknown)
+
+
 def translate(data: dict, note: list[str] | None = None) -> dict:
     """A copy of ``data`` with seed 000's sections replaced by prunekit's fields (identity when there are none).
 
@@ -142,26 +165,32 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
     fields given beside the seed's that replace a translated value."""
     if not is_seed000(data):
         return data
-    ignored: list[str] = []   # the seed's keys that have no prunekit meaning: a note
-    unknown: list[str] = []   # keys of neither layout (typos): an error
-    remarks: list[str] = []
-    out: dict = {}
-    src: dict[str, str] = {}  # translated prunekit field -> the seed key it came from
+    t = _Translation()
+    _general(t, _section(data, "general"))
+    dataset = _section(data, "dataset")
+    ds_name = _dataset(t, dataset)
+    native_model = _model(t, data, dataset, ds_name)
+    _training(t, _section(data, "training"))
+    _validation(t, _section(data, "validation"))
+    _native(t, data)
+    _raise_unknown(t.unknown)
+    if native_model:
+        node = t.out.setdefault("model", {})
+        for k, v in native_model.items():
+            _replace(node, k, v, f"model.{k}", t.src, t.remarks)
+    if note is not None:
+        if t.ignored:
+            note.append("keys with no prunekit meaning (ignored): " + ", ".join(
+                f"{k} ({_WHY[k]})" if k in _WHY else k for k in dict.fromkeys(t.ignored)))
+        note.extend(t.remarks)
+    return t.out
 
-    def put(section: str | None, key: str, value, seed_key: str) -> None:
-        if section is None:
-            out[key] = value
-            src[key] = seed_key
-        else:
-            out.setdefault(section, {})[key] = value
-            src[f"{section}.{key}"] = seed_key
 
-    # ---------------------------------------------------------------------------------------------- general
-    general = _section(data, "general")
-    _unknown(general, _KNOWN["general"], "general", unknown)
+def _general(t: _Translation, general: dict) -> None:
+    t.check_keys(general, _KNOWN["general"], "general")
     if "id" in general:
-        put(None, "name", str(general["id"]), "general.id")
-    ignored += [f"general.{k}" for k in ("description", "output_dir") if k in general]
+        t.put(None, "name", str(general["id"]), "general.id")
+    t.ignored += [f"general.{k}" for k in ("description", "output_dir") if k in general]
     exp = general.get("experiment", "pbt")
     if str(exp).lower() != "pbt":
         raise ConfigError(f"general.experiment={exp!r}: seed 000 has only 'pbt' (prune before training), which is "
@@ -169,68 +198,72 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
     if "seed" in general:
         s = general["seed"]
         if isinstance(s, list):
-            out.setdefault("grid", {})["seed"] = list(s)
-            src["grid.seed"] = "general.seed"
+            t.out.setdefault("grid", {})["seed"] = list(s)
+            t.src["grid.seed"] = "general.seed"
         else:
-            put(None, "seed", s, "general.seed")
+            t.put(None, "seed", s, "general.seed")
     gpu = general.get("gpu")
     if gpu is not None:
         if not isinstance(gpu, dict):
             raise ConfigError(f"general.gpu must be a mapping {{ngpus, gpu_id}}, got {gpu!r}")
-        _unknown(gpu, ("ngpus", "gpu_id"), "general.gpu", unknown)
+        t.check_keys(gpu, ("ngpus", "gpu_id"), "general.gpu")
         n = gpu.get("ngpus", 1)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"general.gpu.ngpus must be a whole number >= 0, got {n!r}")
-        put("train", "device", "cpu" if n == 0 else "auto", "general.gpu.ngpus")
+        t.put("train", "device", "cpu" if n == 0 else "auto", "general.gpu.ngpus")
         if n > 1:
-            remarks.append(f"general.gpu.ngpus={n}: prunekit trains on one device, as the seed does")
+            t.remarks.append(f"general.gpu.ngpus={n}: prunekit trains on one device, as the seed does")
         if "gpu_id" in gpu:
-            ignored.append("general.gpu.gpu_id")
+            t.ignored.append("general.gpu.gpu_id")
 
-    # ---------------------------------------------------------------------------------------------- dataset
-    dataset = _section(data, "dataset")
-    _unknown(dataset, _KNOWN["dataset"], "dataset", unknown)
+
+def _dataset(t: _Translation, dataset: dict) -> str | None:
+    """The ``dataset`` section; returns the prunekit dataset it names (None when it names none)."""
+    t.check_keys(dataset, _KNOWN["dataset"], "dataset")
     ds_name = None
     if "class" in dataset:
         from ..data import dataset_names
 
         key = str(dataset["class"]).lower().replace("-", "").replace("_", "")
         if key in DATASETS:
-            out["data"] = dict(DATASETS[key])
-            src.update({f"data.{k}": "dataset.class" for k in DATASETS[key]})
+            t.out["data"] = dict(DATASETS[key])
+            t.src.update({f"data.{k}": "dataset.class" for k in DATASETS[key]})
         elif str(dataset["class"]).lower() in dataset_names():
-            put("data", "name", str(dataset["class"]).lower(), "dataset.class")
+            t.put("data", "name", str(dataset["class"]).lower(), "dataset.class")
         else:
             others = ", ".join(n for n in dataset_names() if n not in DATASETS)
             raise ConfigError(f"dataset.class={dataset['class']!r} is not available in prunekit; use one of "
                               f"cifar10, cifar100 (the seed's) or {others}")
-        ds_name = out["data"]["name"]
+        ds_name = t.out["data"]["name"]
     if "batch_size" in dataset:
-        put("train", "batch_size", dataset["batch_size"], "dataset.batch_size")
+        t.put("train", "batch_size", dataset["batch_size"], "dataset.batch_size")
+    return ds_name
 
-    # ------------------------------------------------------------------------------------------------ model
+
+def _model(t: _Translation, data: dict, dataset: dict, ds_name: str | None) -> dict:
+    """The ``model`` section (shared by both layouts); returns its prunekit keys (name, pretrained, weights)."""
     model = data.get("model")
-    native_model: dict = {}
     if isinstance(model, str):
-        native_model = {"name": model}
-    elif isinstance(model, dict):
-        _unknown(model, _KNOWN["model"], "model", unknown)
-        native_model = {k: v for k, v in model.items() if k in ("name", "pretrained", "weights")}
-        if "class" in model:
-            put("model", "name", _arch(model["class"]), "model.class")
-        if "num_classes" in model and ds_name in NUM_CLASSES and "data" not in data \
-                and model["num_classes"] != NUM_CLASSES[ds_name]:
-            raise ConfigError(f"model.num_classes={model['num_classes']!r} does not match dataset.class "
-                              f"{dataset['class']!r} ({NUM_CLASSES[ds_name]} classes); prunekit sizes the output "
-                              f"layer from the data: set it to {NUM_CLASSES[ds_name]} or remove it")
-    elif model is not None:
+        return {"name": model}
+    if model is None:
+        return {}
+    if not isinstance(model, dict):
         raise ConfigError(f"model must be a mapping {{class, num_classes}}, got {model!r}")
+    t.check_keys(model, _KNOWN["model"], "model")
+    if "class" in model:
+        t.put("model", "name", _arch(model["class"]), "model.class")
+    if "num_classes" in model and ds_name in NUM_CLASSES and "data" not in data \
+            and model["num_classes"] != NUM_CLASSES[ds_name]:
+        raise ConfigError(f"model.num_classes={model['num_classes']!r} does not match dataset.class "
+                          f"{dataset['class']!r} ({NUM_CLASSES[ds_name]} classes); prunekit sizes the output "
+                          f"layer from the data: set it to {NUM_CLASSES[ds_name]} or remove it")
+    return {k: v for k, v in model.items() if k in ("name", "pretrained", "weights")}
 
-    # --------------------------------------------------------------------------------------------- training
-    training = _section(data, "training")
-    _unknown(training, _KNOWN["training"], "training", unknown)
+
+def _training(t: _Translation, training: dict) -> None:
+    t.check_keys(training, _KNOWN["training"], "training")
     if "num_steps" in training:
-        put("train", "epochs", training["num_steps"], "training.num_steps")
+        t.put("train", "epochs", training["num_steps"], "training.num_steps")
     crit = training.get("criterion")
     if crit is not None:
         cls = crit.get("class") if isinstance(crit, dict) else crit
@@ -238,44 +271,45 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
             raise ConfigError(f"training.criterion.class={cls!r}: prunekit trains with cross-entropy only; set it "
                               "to CE")
         if isinstance(crit, dict):
-            _unknown(crit, ("class",), "training.criterion", unknown)
+            t.check_keys(crit, ("class",), "training.criterion")
     opt = training.get("optimizer")
     if opt is not None:
-        if not isinstance(opt, dict):
-            raise ConfigError(f"training.optimizer must be a mapping {{class, learning_rate, ...}}, got {opt!r}")
-        _unknown(opt, _OPTIMIZER, "training.optimizer", unknown)
-        if "class" in opt:
-            name = str(opt["class"]).lower()
-            if name not in ("sgd", "adam", "adamw"):
-                raise ConfigError(f"training.optimizer.class={opt['class']!r} is not available; use sgd (the seed's "
-                                  "only optimizer), adam or adamw")
-            put("train", "optimizer", name, "training.optimizer.class")
-        for key, field in (("learning_rate", "lr"), ("momentum", "momentum"), ("w_decay", "weight_decay")):
-            if key in opt:
-                put("train", field, opt[key], f"training.optimizer.{key}")
-        if "lr_drops" in opt:
-            drops = opt["lr_drops"]
-            if drops:
-                put("train", "lr_schedule", "multistep", "training.optimizer.lr_drops")
-                put("train", "milestones", list(drops), "training.optimizer.lr_drops")
-                if "lr_drop_factor" in opt:
-                    put("train", "gamma", opt["lr_drop_factor"], "training.optimizer.lr_drop_factor")
-            else:
-                put("train", "lr_schedule", "constant", "training.optimizer.lr_drops")
-                if "lr_drop_factor" in opt:
-                    remarks.append("training.optimizer.lr_drop_factor has no effect without lr_drops (as in the seed)")
-        elif "lr_drop_factor" in opt:
-            remarks.append("training.optimizer.lr_drop_factor has no effect without lr_drops (as in the seed)")
+        _optimizer(t, opt)
     comp = training.get("compressor")
     if comp is not None:
         if not isinstance(comp, dict):
             raise ConfigError(f"training.compressor must be a mapping {{class, mask, sparsity, warmup, batch_size}}, "
                               f"got {comp!r}")
-        _compressor(comp, put, out, ignored, unknown, remarks)
+        _compressor(comp, t)
 
-    # ------------------------------------------------------------------------------------------- validation
-    val = _section(data, "validation")
-    _unknown(val, _KNOWN["validation"], "validation", unknown)
+
+def _optimizer(t: _Translation, opt) -> None:
+    if not isinstance(opt, dict):
+        raise ConfigError(f"training.optimizer must be a mapping {{class, learning_rate, ...}}, got {opt!r}")
+    t.check_keys(opt, _OPTIMIZER, "training.optimizer")
+    if "class" in opt:
+        name = str(opt["class"]).lower()
+        if name not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"training.optimizer.class={opt['class']!r} is not available; use sgd (the seed's "
+                              "only optimizer), adam or adamw")
+        t.put("train", "optimizer", name, "training.optimizer.class")
+    for key, field in (("learning_rate", "lr"), ("momentum", "momentum"), ("w_decay", "weight_decay")):
+        if key in opt:
+            t.put("train", field, opt[key], f"training.optimizer.{key}")
+    if opt.get("lr_drops"):
+        t.put("train", "lr_schedule", "multistep", "training.optimizer.lr_drops")
+        t.put("train", "milestones", list(opt["lr_drops"]), "training.optimizer.lr_drops")
+        if "lr_drop_factor" in opt:
+            t.put("train", "gamma", opt["lr_drop_factor"], "training.optimizer.lr_drop_factor")
+        return
+    if "lr_drops" in opt:
+        t.put("train", "lr_schedule", "constant", "training.optimizer.lr_drops")
+    if "lr_drop_factor" in opt:
+        t.remarks.append("training.optimizer.lr_drop_factor has no effect without lr_drops (as in the seed)")
+
+
+def _validation(t: _Translation, val: dict) -> None:
+    t.check_keys(val, _KNOWN["validation"], "validation")
     if "metric" in val and str(val["metric"]).lower() != "acc":
         raise ConfigError(f"validation.metric={val['metric']!r}: prunekit keeps the checkpoint of the best validation "
                           "accuracy (test_acc_at_best_val); set it to acc")
@@ -283,12 +317,15 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
         raise ConfigError(f"validation.frequency={val['frequency']!r}: prunekit validates after every epoch, which "
                           "decides the best-validation checkpoint; set it to 1")
 
-    # ---------------------------------------------------------------- prunekit fields given beside the seed's
+
+def _native(t: _Translation, data: dict) -> None:
+    """prunekit fields given beside the seed's: they take precedence over the translated values (a remark each)."""
+    out = t.out
     for key, value in data.items():
         if key in SECTIONS or key == "model":
             continue
         if key not in NATIVE:
-            unknown.append(_spelled(str(key), str(key), SECTIONS + NATIVE))
+            t.unknown.append(_spelled(str(key), str(key), SECTIONS + NATIVE))
             continue
         if isinstance(value, str) and key == "data":
             value = {"name": value}
@@ -296,21 +333,9 @@ def translate(data: dict, note: list[str] | None = None) -> dict:
             if key == "data" and "name" in value and value["name"] != out["data"].get("name"):
                 out["data"] = {}  # another dataset: the seed's split belongs to the seed's dataset
             for k, v in value.items():
-                _replace(out[key], k, v, f"{key}.{k}", src, remarks)
+                _replace(out[key], k, v, f"{key}.{k}", t.src, t.remarks)
         else:
-            _replace(out, key, copy.deepcopy(value), key, src, remarks)
-    _raise_unknown(unknown)
-    if native_model:
-        node = out.setdefault("model", {})
-        for k, v in native_model.items():
-            _replace(node, k, v, f"model.{k}", src, remarks)
-
-    if note is not None:
-        if ignored:
-            note.append("keys with no prunekit meaning (ignored): " + ", ".join(
-                f"{k} ({_WHY[k]})" if k in _WHY else k for k in dict.fromkeys(ignored)))
-        note.extend(remarks)
-    return out
+            _replace(out, key, copy.deepcopy(value), key, t.src, t.remarks)
 
 
 def _replace(node: dict, key: str, value, dotted: str, src: dict, remarks: list[str]) -> None:
@@ -335,7 +360,7 @@ def _arch(cls) -> str:
         raise ConfigError(f"model.class={cls!r}: not a seed 000 model (resnet18, VGG19) and {e}") from None
 
 
-def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[str], remarks: list[str]) -> None:
+def _compressor(comp: dict, t: _Translation) -> None:
     """``training.compressor`` -> the prune section (class, mask, sparsity, warmup, batch_size and any prunekit
     prune option)."""
     import dataclasses
@@ -351,25 +376,25 @@ def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[st
         info = get_method(str(comp["class"]))
     except PrunekitError as e:
         raise ConfigError(f"training.compressor.class: {e}") from None
-    put("prune", "method", info.name, "training.compressor.class")
+    t.put("prune", "method", info.name, "training.compressor.class")
     if "mask" in comp:
         mask = str(comp["mask"]).lower()
         if mask not in ("global", "layer"):
             raise ConfigError(f"training.compressor.mask={comp['mask']!r} must be 'global' or 'layer'")
-        put("prune", "scope", mask, "training.compressor.mask")
+        t.put("prune", "scope", mask, "training.compressor.mask")
     for key in ("sparsity", "warmup"):
         if key in comp:
-            put("prune", key, comp[key], f"training.compressor.{key}")
+            t.put("prune", key, comp[key], f"training.compressor.{key}")
     dense = info.kind == "dense"
     if not dense:
         # the seed skips every parameter whose name contains "linear": its output layer is never pruned
-        put("prune", "exclude_output", True, "training.compressor")
+        t.put("prune", "exclude_output", True, "training.compressor")
     own = set(info.option_names())
     if "batch_size" in comp:
         if "batch_size" in own:
-            put("prune", "batch_size", comp["batch_size"], "training.compressor.batch_size")
+            t.put("prune", "batch_size", comp["batch_size"], "training.compressor.batch_size")
         elif not dense:
-            remarks.append(f"training.compressor.batch_size={comp['batch_size']!r} has no effect for {info.name!r}, "
+            t.remarks.append(f"training.compressor.batch_size={comp['batch_size']!r} has no effect for {info.name!r}, "
                            "which uses no scoring data (as in the seed)")
     shared = {f.name for f in dataclasses.fields(PruneOptions)}
     if dense:  # the dense baseline ignores every method's options (prunekit.experiments.config)
@@ -379,10 +404,10 @@ def _compressor(comp: dict, put, out: dict, ignored: list[str], unknown: list[st
     for key, value in comp.items():
         if key in _COMPRESSOR:
             if key in _WHY_KEYS:
-                ignored.append(f"training.compressor.{key}")
+                t.ignored.append(f"training.compressor.{key}")
             continue
         if key in own or key in shared or key in PRUNE_KEYS:
-            put("prune", key, value, f"training.compressor.{key}")
+            t.put("prune", key, value, f"training.compressor.{key}")
         else:  # a typo (sparsty) would prune at the default: said, with the keys it could have meant
-            unknown.append(_spelled(f"training.compressor.{key}", str(key),
+            t.unknown.append(_spelled(f"training.compressor.{key}", str(key),
                                     _COMPRESSOR + tuple(own) + tuple(sorted(shared)) + PRUNE_KEYS))

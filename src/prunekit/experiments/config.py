@@ -118,7 +118,8 @@ def translate(data: dict) -> dict:
 def parse(data: dict) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from plain data (the grid is kept, not expanded)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping of sections (model, data, train, prune, ...), got {type(data).__name__}")
+        raise ConfigError("a config must be a mapping of sections (model, data, train, prune, ...), got "
+                          f"{type(data).__name__}")
     cfg = from_dict(ExperimentConfig, _shorthand(translate(data)))
     check_name(cfg.name, "field 'name'" + (" (seed 000: general.id)" if fts_json.is_seed000(data) else ""))
     for key in cfg.grid:

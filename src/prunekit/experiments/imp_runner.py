@@ -177,92 +177,119 @@ def run_levels(resolved: ResolvedRun, run_dir: Path, splits, loaders_: tuple, de
                on_level: Callable[[dict], None]) -> list[dict]:
     """Run (or resume) the IMP search of a resolved run; returns :func:`prunekit.lottery.run_imp`'s records."""
     p = resolved.prune
-    code = p.method
     o: ImpOptions = p.method_options
     common = p.options
-    tcfg = resolved.train
-    seed = resolved.seed
-    train_dl, val_dl, test_dl = loaders_
-    spe = len(train_dl)
-    k = rewind_step(o.rewind, tcfg.epochs, spe)  # the rewind point in optimizer steps (None: init / none)
-    k_epoch, k_skip = divmod(k or 0, spe)
-    stop = o.stop or DEFAULT_STOP[code]
-    flow = stop if stop in ("if", "gf") else None
-    original = o.stop_mode == "original"
-    budget_chunks = max(1, -(-(tcfg.epochs - k_epoch) // o.chunk_epochs))
-    max_chunks = o.max_chunks or budget_chunks
-    checks = _Checks(o, flow_batches(splits, o, seed, device) if not original else None, train_dl)
-    ref: dict = {}
+    epochs = resolved.train.epochs
+    train_fn = _LevelTrainer(resolved, run_dir, splits, loaders_, device, log)
 
     def remember(record: dict) -> None:  # level 0's summary carries the references (also on resume)
         if record["level"] == 0:
-            ref.update(record["summary"]["reference"])
+            train_fn.ref.update(record["summary"]["reference"])
         on_level(record)
 
-    def capture(trainer) -> dict:  # original mode: references at the rewind point
-        st = checks.stats(trainer.model, trainer.masks if trainer.masks is not None else Masks(trainer.model))
-        accs = [h["test_acc"] for h in trainer.history] + [trainer.evaluate(trainer.test_data)[1]]
-        return {"if": st["if"], "gf": st["gf_ref"], "acc": max(a for a in accs if a is not None)}
+    lth = p.method == "lth"
+    output_fraction = o.output_fraction
+    if output_fraction is None and lth and common.scope == "layer":
+        output_fraction = o.prune_fraction / 2
+    spec = common.param_spec()
+    k, spe = train_fn.k, train_fn.steps_per_epoch
+    return run_imp(
+        model_fn, train_fn, o.levels, run_dir=run_dir / "imp", prune_fraction=o.prune_fraction,
+        output_fraction=output_fraction, scope=common.scope,
+        rewind=("step", k) if k is not None else o.rewind, train_epochs=epochs, train_steps=epochs * spe,
+        control=None if o.control == "none" else o.control, control_seed=o.control_seed,
+        control_levels=o.control_levels, prune_rule=None if lth else _pq_rule(o, common.scope),
+        rule_config=None if lth else {"rule": "pq", "p": o.p, "q": o.q, "eta": o.eta, "gamma": o.gamma,
+                                      "beta": o.beta},
+        on_level=remember, masks_fn=lambda model: Masks(model, prunable_params(model, spec)),
+        owner=sub_owner(run_dir, run_dir / "imp"),
+    )
 
-    def train_fn(model, masks, level, level_dir, rewind_epoch=None):
+
+def _pq_rule(o: ImpOptions, scope: str) -> Callable:
+    """The PQ-index pruning rule of sap, ciap and giap (:func:`prunekit.incop.pq_level_masks`)."""
+
+    def pq_rule(masks, model, level):
+        new, counts = pq_level_masks(masks, model, o.p, o.q, o.eta, o.gamma, o.beta, scope=scope)
+        return new, {"n_prune": sum(counts.values()), "fraction": sum(counts.values()) / max(masks.kept(), 1)}
+
+    return pq_rule
+
+
+class _LevelTrainer:
+    """``train_fn`` of :func:`prunekit.lottery.run_imp` for an IMP code: trains one level in its folder with the
+    rewind capture (level 0) or the stop checks (levels >= 1), and gives level 0 the references of the flow rules
+    (``ref``, filled again from level 0's record on resume)."""
+
+    def __init__(self, resolved: ResolvedRun, run_dir: Path, splits, loaders_: tuple, device: str,
+                 log: Callable[[str], None]):
+        o: ImpOptions = resolved.prune.method_options
+        self.o, self.tcfg, self.seed, self.run_dir, self.loaders, self.log = \
+            o, resolved.train, resolved.seed, run_dir, loaders_, log
+        self.steps_per_epoch = spe = len(loaders_[0])
+        self.k = rewind_step(o.rewind, self.tcfg.epochs, spe)  # the rewind point in optimizer steps (None: init / none)
+        self.k_epoch, self.k_skip = divmod(self.k or 0, spe)
+        self.stop = o.stop or DEFAULT_STOP[resolved.prune.method]
+        self.flow = self.stop if self.stop in ("if", "gf") else None
+        self.original = o.stop_mode == "original"
+        budget_chunks = max(1, -(-(self.tcfg.epochs - self.k_epoch) // o.chunk_epochs))
+        self.max_chunks = o.max_chunks or budget_chunks
+        batches = flow_batches(splits, o, self.seed, device) if not self.original else None
+        self.checks = _Checks(o, batches, loaders_[0])
+        self.ref: dict = {}
+
+    def __call__(self, model, masks, level, level_dir, rewind_epoch=None) -> dict:
         level_dir = Path(level_dir)
-        owner = sub_owner(run_dir, level_dir)
-        cbs: list = []
+        owner = sub_owner(self.run_dir, level_dir)
         rewind_path = level_dir / "rewind.pt"
+        cbs: list = []
         if level == 0 and rewind_epoch:
             _check_rewind(rewind_path, level_dir / LAST, owner)
-            cbs.append(_RewindCapture(rewind_epoch, rewind_path, capture if original else None, owner))
-        checker = None
-        if level >= 1:
-            rule = None
-            if stop != "fixed":
-                rule = StopRule(mode=o.stop_mode, flow=flow, epsilon=o.epsilon, patience=o.patience,
-                                min_chunks=o.min_chunks, max_chunks=max_chunks, acc_guard=o.acc_guard,
-                                acc_tol=o.acc_tol, acc_ref=ref.get("acc"))
-            checker = _StopCheck(rule, flow, checks, ref, k_epoch, o.chunk_epochs, use_test=original)
+            cbs.append(_RewindCapture(rewind_epoch, rewind_path, self._capture if self.original else None, owner))
+        checker = self._stop_check() if level >= 1 else None
+        if checker is not None:
             cbs.append(checker)
-        trainer = Trainer(model, tcfg, train_dl, val_dl, test_dl, callbacks=cbs, run_dir=level_dir, seed=seed,
-                          masks=masks, log=log, owner=owner)
-        if level >= 1 and k:
-            trainer.start_at(k_epoch, k_skip)
+        train_dl, val_dl, test_dl = self.loaders
+        trainer = Trainer(model, self.tcfg, train_dl, val_dl, test_dl, callbacks=cbs, run_dir=level_dir,
+                          seed=self.seed, masks=masks, log=self.log, owner=owner)
+        if level >= 1 and self.k:
+            trainer.start_at(self.k_epoch, self.k_skip)
         out = fit_level(trainer)
-        s, hist = trainer.summary(), trainer.history
         if checker is not None:
             rule = checker.rule
             out.update(check_seconds=checker.seconds, checks=checker.log,
                        stop_reason=(rule.reason if rule is not None and rule.reason else "budget"),
                        stop_epoch=rule.stopped_epoch if rule is not None else None)
         if level == 0:
-            if original:
-                blob = load_checked(rewind_path, owner) if rewind_epoch else None
-                if blob is None:  # rewinding to init: the references of the trained dense network
-                    st = checks.stats(trainer.model, trainer.masks)
-                    blob = {"extra": {"if": st["if"], "gf": st["gf_ref"],
-                                      "acc": max(h["test_acc"] for h in hist)}}
-                out["reference"] = blob["extra"]
-            else:
-                st = checks.stats(trainer.model, trainer.masks)
-                out["reference"] = {"if": st["if"], "gf": st["gf"], "acc": s["best_val_acc"]}
+            out["reference"] = self._reference(trainer, rewind_path if rewind_epoch else None, owner)
             if rewind_epoch:
                 out["rewind_state"] = load_checked(rewind_path, owner)["state"]
         return out
 
-    def pq_rule(masks, model, level):
-        new, counts = pq_level_masks(masks, model, o.p, o.q, o.eta, o.gamma, o.beta, scope=common.scope)
-        return new, {"n_prune": sum(counts.values()), "fraction": sum(counts.values()) / max(masks.kept(), 1)}
+    def _stop_check(self) -> _StopCheck:
+        o, rule = self.o, None
+        if self.stop != "fixed":
+            rule = StopRule(mode=o.stop_mode, flow=self.flow, epsilon=o.epsilon, patience=o.patience,
+                            min_chunks=o.min_chunks, max_chunks=self.max_chunks, acc_guard=o.acc_guard,
+                            acc_tol=o.acc_tol, acc_ref=self.ref.get("acc"))
+        return _StopCheck(rule, self.flow, self.checks, self.ref, self.k_epoch, o.chunk_epochs,
+                          use_test=self.original)
 
-    prune_rule = pq_rule if code != "lth" else None
-    rule_config = {"rule": "pq", "p": o.p, "q": o.q, "eta": o.eta, "gamma": o.gamma, "beta": o.beta} \
-        if code != "lth" else None
-    output_fraction = o.output_fraction
-    if output_fraction is None and code == "lth" and common.scope == "layer":
-        output_fraction = o.prune_fraction / 2
-    spec = common.param_spec()
-    return run_imp(
-        model_fn, train_fn, o.levels, run_dir=run_dir / "imp", prune_fraction=o.prune_fraction,
-        output_fraction=output_fraction, scope=common.scope,
-        rewind=("step", k) if k is not None else o.rewind, train_epochs=tcfg.epochs, train_steps=tcfg.epochs * spe,
-        control=None if o.control == "none" else o.control, control_seed=o.control_seed,
-        control_levels=o.control_levels, prune_rule=prune_rule, rule_config=rule_config, on_level=remember,
-        masks_fn=lambda model: Masks(model, prunable_params(model, spec)), owner=sub_owner(run_dir, run_dir / "imp"),
-    )
+    def _capture(self, trainer) -> dict:
+        """Original mode: the references at the rewind point."""
+        st = self.checks.stats(trainer.model, trainer.masks if trainer.masks is not None else Masks(trainer.model))
+        accs = [h["test_acc"] for h in trainer.history] + [trainer.evaluate(trainer.test_data)[1]]
+        return {"if": st["if"], "gf": st["gf_ref"], "acc": max(a for a in accs if a is not None)}
+
+    def _reference(self, trainer, rewind_path: Path | None, owner: str) -> dict:
+        """Level 0's references of the flow rules: in original mode those captured at the rewind point (or, when
+        rewinding to init, of the trained dense network); otherwise of the trained dense network."""
+        if self.original:
+            blob = load_checked(rewind_path, owner) if rewind_path is not None else None
+            if blob is None:  # rewinding to init: the references of the trained dense network
+                st = self.checks.stats(trainer.model, trainer.masks)
+                blob = {"extra": {"if": st["if"], "gf": st["gf_ref"],
+                                  "acc": max(h["test_acc"] for h in trainer.history)}}
+            return blob["extra"]
+        st = self.checks.stats(trainer.model, trainer.masks)
+        return {"if": st["if"], "gf": st["gf"], "acc": trainer.summary()["best_val_acc"]}

@@ -129,7 +129,7 @@ class ResolvedPrune:
     @property
     def uses_data(self) -> bool:
         """Whether the method scores with data (the scoring set of ``samples``)."""
-        return self.info.needs_data in ("inputs", "labels")
+        return scores_with_data(self.info)
 
     def schedule(self) -> Gradual | OneShot:
         """When the masks are set: the gradual schedule, or once after ``warmup`` epochs."""
@@ -220,9 +220,14 @@ def resolve_prune(cfg: ExperimentConfig) -> ResolvedPrune:
         raise ConfigError(f"section 'prune': {e}") from None
     common = dataclasses.replace(common, rounds=common.rounds or info.default_rounds)
     gradual = _resolve_gradual(p.get("gradual"), s, warmup, cfg.train.epochs)
-    samples, transform = _resolve_scoring(info, p) if info.needs_data in ("inputs", "labels") else (None, None)
+    samples, transform = _resolve_scoring(info, p) if scores_with_data(info) else (None, None)
     return ResolvedPrune(info, s, common, method_opts, warmup=warmup, samples=samples, score_transform=transform,
                          gradual=gradual, cascade=cascade)
+
+
+def scores_with_data(info: MethodInfo) -> bool:
+    """Whether ``info``'s method scores with data (its ``samples`` and ``score_transform`` apply)."""
+    return info.needs_data in ("inputs", "labels")
 
 
 def _resolve_dense(info: MethodInfo, p: dict, cfg: ExperimentConfig) -> ResolvedPrune:

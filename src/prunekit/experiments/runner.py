@@ -79,7 +79,8 @@ def _dataset(d: DataSection, data_dir):
     where = str(data_dir) if data_dir is not None else os.environ.get("PRUNEKIT_DATA", "")
     key = (d.name, where, d.val_size, d.split_seed, d.subset, d.resize)
     if key not in _LAST_DATASET:
-        splits = datasets.load_dataset(d.name, root=data_dir, val_size=d.val_size, split_seed=d.split_seed, subset=d.subset)
+        splits = datasets.load_dataset(d.name, root=data_dir, val_size=d.val_size, split_seed=d.split_seed,
+                                       subset=d.subset)
         if d.resize is not None:
             splits = resized(splits, d.resize)
         _LAST_DATASET.clear()

@@ -1,1 +1,5 @@
-import importlib, sys; sys.modules[__name__] = importlib.import_module("prunekit.compat.fts_json")  # moved there (issue 15)
+"""Moved to :mod:`prunekit.compat.fts_json` (issue 15): this old name is an alias of that module."""
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("prunekit.compat.fts_json")
