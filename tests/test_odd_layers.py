@@ -192,7 +192,7 @@ def test_sipp_conv3d_patches_reproduce_the_convolution(mode, groups):
                      padding_mode=mode).double()
     x = torch.randn(3, 4, 5, 6, 4, dtype=torch.float64)
     (p,) = prunable_params(nn.Sequential(conv))
-    a = sv._patches(sv._layer(p), x)  # [n, in·∏k, P]
+    a = sv.patches(sv.layer_view(p), x)  # [n, in·∏k, P]
     og, jg = 6 // groups, conv.weight[0].numel()
     w = conv.weight.detach().reshape(6, -1)
     z = torch.cat([torch.einsum("ij,njp->nip", w[g * og:(g + 1) * og], a[:, g * jg:(g + 1) * jg])

@@ -247,12 +247,12 @@ def test_det_is_the_global_top_k_of_the_mean_sensitivities():
 
 def test_error_bound_derivative_and_inverse():
     lc = torch.linspace(-60, 60, 241, dtype=F64)
-    assert (sv._log_h(sv._inv_log_h(lc)) - lc).abs().max() < 1e-10
+    assert (sv.log_h(sv.inv_log_h(lc)) - lc).abs().max() < 1e-10
     K = torch.tensor([0.3, 5.0, 50.0, 4000.0], dtype=F64)
     m = torch.tensor([0.7, 3.0, 7.0, 2.0], dtype=F64)
     h = 1e-6
     d = (sv.eps_bound(K, m + h) - sv.eps_bound(K, m - h)) / (2 * h)
-    torch.testing.assert_close(-d, torch.exp(sv._log_h(torch.log(K / m))) / K, rtol=1e-6, atol=0)
+    torch.testing.assert_close(-d, torch.exp(sv.log_h(torch.log(K / m))) / K, rtol=1e-6, atol=0)
 
 
 def _objective(K, w, m):
@@ -287,7 +287,7 @@ def test_allocation_satisfies_kkt_on_many_sides():
     budget = 0.4 * float(cap.sum())
     m = sv.allocate(K, cap, w, budget)
     assert float(m.sum()) == pytest.approx(budget, rel=1e-9)
-    marginal = w * torch.exp(sv._log_h(torch.log(K / m))) / K  # -w·ε'(m)
+    marginal = w * torch.exp(sv.log_h(torch.log(K / m))) / K  # -w·ε'(m)
     inner = m < cap * (1 - 1e-9)
     nu = marginal[inner]
     assert float(nu.max() / nu.min()) < 1 + 1e-6  # one multiplier for every interior side
@@ -322,10 +322,10 @@ def test_rand_reweighting_is_unbiased():
     torch.manual_seed(0)
     lin = nn.Linear(40, 8)
     x = torch.randn(150, 40)
-    lay = sv._layer(pk.prunable_params(lin)[0])
+    lay = sv.layer_view(pk.prunable_params(lin)[0])
     s = sv.sensitivities(lin, pk.prunable_params(lin), x, "max")["weight"]
     lay.positions = 1
-    sides = sv._Sides(lay, s, torch.ones_like(s, dtype=torch.bool), sv.SippOptions(variant="rand"), 0)
+    sides = sv.Sides(lay, s, torch.ones_like(s, dtype=torch.bool), sv.SippOptions(variant="rand"), 0)
     m = (sides.nnz / 5).floor().clamp(min=1)  # few draws: a side is never drawn whole
     xt = torch.randn(10, 40, dtype=F64)
     dense = xt @ lin.weight.detach().double().T
@@ -345,9 +345,9 @@ def test_hybrid_samples_flat_sides_and_keeps_the_top_of_peaked_ones():
     with torch.no_grad():
         lin.weight.copy_(torch.randn(2, 500).abs() + 0.1)  # one positive side per neuron
     s = torch.stack([torch.ones(500), 0.98 ** torch.arange(500.0)])
-    lay = sv._layer(pk.prunable_params(lin)[0])
+    lay = sv.layer_view(pk.prunable_params(lin)[0])
     lay.positions = 1
-    sides = sv._Sides(lay, s, torch.ones(2, 500, dtype=torch.bool), sv.SippOptions(variant="hybrid"), 0)
+    sides = sv.Sides(lay, s, torch.ones(2, 500, dtype=torch.bool), sv.SippOptions(variant="hybrid"), 0)
     m = torch.tensor([250.0, 250.0, 0.0, 0.0], dtype=F64)  # rows: positive sides of neurons 0, 1; negative sides
     mask, w_hat = sides.realize(m, "hybrid", 3.0, 7, 0)
     w = lin.weight.detach().double()

@@ -89,7 +89,9 @@ from ...registry import PruningMethod, ScoreContext, register
 from ...seeding import derive_seed
 from ...select import check_sparsity, keep_count
 from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact
-from . import sipp as sv
+from .budget import draws_for_unique, log_factor
+from .scores import DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, sample_inputs, sensitivities
+from .search import search_keep_ratio
 
 log = logging.getLogger("prunekit.pfp")
 
@@ -100,7 +102,7 @@ PREDICT_STEPS = 64
 
 
 @dataclass(frozen=True)
-class PfpOptions(sv.SensitivityOptions):
+class PfpOptions(SensitivityOptions):
     """Options of ``pfp`` (methods/sensitivity.md §0).
 
     - ``variant``: ``det`` (top-u_ℓ channels by sensitivity), ``rand`` (importance sampling of channels, kept
@@ -179,14 +181,14 @@ def _input_group(p: PrunableParam, readers: Mapping[str, list]) -> tuple[Channel
 
 def channel_sensitivities(model: nn.Module, inputs: torch.Tensor, params: Sequence[PrunableParam] | None = None,
                           groups: Sequence[ChannelGroup] | None = None,
-                          chunk: int = sv.EXAMPLES_PER_FORWARD) -> dict[str, torch.Tensor]:
+                          chunk: int = EXAMPLES_PER_FORWARD) -> dict[str, torch.Tensor]:
     """``{param name: s_c}`` for every prunable weight whose input channels PFP may prune (it reads one prunable
     channel group): the §3 channel sensitivities over the examples ``inputs``. Pure; eval mode."""
     from ...params import prunable_params
 
     params = list(params) if params is not None else prunable_params(model)
     groups = groups if groups is not None else channel_groups(model, inputs[:2])
-    s = sv.sensitivities(model, params, inputs, aggregate="max", chunk=chunk)
+    s = sensitivities(model, params, inputs, aggregate="max", chunk=chunk)
     readers = _readers(groups)
     out = {}
     for p in params:
@@ -228,10 +230,10 @@ class _Reader:
         self.S = float(self.s.sum())
         pos = self.s > 0
         self.nnz = int(pos.sum())
-        self.p = self.s / self.S if self.S > sv.S_ZERO else torch.zeros_like(self.s)
-        if self.S <= sv.S_ZERO:
+        self.p = self.s / self.S if self.S > S_ZERO else torch.zeros_like(self.s)
+        if self.S <= S_ZERO:
             self.nnz = 0
-        self.K = sv.log_factor(self.positions, self.k, self.delta_s, self.C_const) * self.S
+        self.K = log_factor(self.positions, self.k, self.delta_s, self.C_const) * self.S
         key = self.s + self.alive.double()  # s ∈ [0, 1]: alive channels first
         self.order = torch.sort(key, descending=True, stable=True).indices
         self.floor = min(self.min_keep, self.n_alive)
@@ -287,12 +289,12 @@ class _Reader:
     def _uniforms(self, seed: int) -> torch.Tensor:
         if self.uniforms is None:
             gen = torch.Generator().manual_seed(derive_seed(seed, "pfp", self.param.name))
-            self.uniforms = torch.rand(sv.DRAW_CAP * max(self.nnz, 1), generator=gen, dtype=torch.float64)
+            self.uniforms = torch.rand(DRAW_CAP * max(self.nnz, 1), generator=gen, dtype=torch.float64)
         return self.uniforms
 
     def draws_for(self, p: torch.Tensor, u: int) -> int:
         """m′: the draw count whose E[unique] is closest to ``u`` (1 ≤ u < nnz of ``p``)."""
-        return int(sv.draws_for_unique(p[None], torch.tensor([float(u)], dtype=torch.float64))[0])
+        return int(draws_for_unique(p[None], torch.tensor([float(u)], dtype=torch.float64))[0])
 
     def expected_unique(self, m: int) -> float:
         q = self.p[self.p > 0]
@@ -463,7 +465,7 @@ class _Plan:
         k_lo = self.evaluate_t(self.t_of(lo), "det")[0]
         k_hi = self.evaluate_t(self.t_of(hi), "det")[0]
         if count <= k_lo:
-            return sv.KAPPA_MIN
+            return KAPPA_MIN
         if count >= k_hi:
             return 1.0
         for _ in range(PREDICT_STEPS):
@@ -477,7 +479,7 @@ class _Plan:
                 lo, k_lo = mid, k
             else:
                 hi, k_hi = mid, k
-        return max(sv.KAPPA_MIN, lo if count - k_lo <= k_hi - count else hi)
+        return max(KAPPA_MIN, lo if count - k_lo <= k_hi - count else hi)
 
     def fill(self, t: float, target: int, tol: float) -> tuple[int, dict, int, list[str]]:
         """Continue the shared-ε path past log ε = ``t`` (a selection below the target) one step at a time.
@@ -500,7 +502,7 @@ class _Plan:
             if ms[i] is None:
                 return r.entry(us[i] + 1, self.t_lo, t), us[i] + 1, None
             v = int(math.floor(r.expected_unique(ms[i] + 1) + 0.5))
-            if v >= r.nnz or ms[i] >= sv.DRAW_CAP * r.nnz:  # the layer becomes full (every channel, unscaled)
+            if v >= r.nnz or ms[i] >= DRAW_CAP * r.nnz:  # the layer becomes full (every channel, unscaled)
                 return r.entry(r.nnz, self.t_lo, t), r.nnz, None
             return (r.entry(v, self.t_lo, t) if v > us[i] else t), max(us[i], v), ms[i] + 1
 
@@ -580,12 +582,12 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float, st: dict) -> dict[
     if k_max < target * (1.0 - tol):
         raise PrunekitError(f"sparsity {s:g} (keep {target} weights) is below what channel pruning can reach: "
                             f"{reach}. Input channels with zero sensitivity on S are always removed")
-    chosen, history, hit = sv.search_keep_ratio(plan.evaluate, plan.predict, target, o.search_iters, tol)
+    chosen, history, hit = search_keep_ratio(plan.evaluate, plan.predict, target, o.search_iters, tol)
     kept, result = chosen.kept, chosen.result
     fill = None
     if not hit and o.round_channels == 1:  # one channel can carry many weights: continue the ε path channel by channel
         under = [(k, x) for x, k in history if k <= target]
-        x_under = max(under)[1] if under else sv.KAPPA_MIN
+        x_under = max(under)[1] if under else KAPPA_MIN
         k_f, res_f, taken, frozen = plan.fill(plan.t_of(x_under), target, tol)
         fill = {"from_eps": math.exp(plan.t_of(x_under)), "increments": taken, "frozen": frozen, "kept": k_f}
         f_f, f_c = k_f / target - 1.0, kept / target - 1.0
@@ -647,12 +649,12 @@ def pfp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
         raise PrunekitError("pfp: the model has nothing prunable")
     for p in ctx.params:
         _check_layer(p)
-    x, need = sv.sample_inputs(ctx, o, who="pfp")
+    x, need = sample_inputs(ctx, o, who="pfp")
     groups = channel_groups(ctx.model, x[:2])
     readers = _readers(groups)
     if not any(_input_group(p, readers) is not None for p in ctx.params):  # before the sensitivities
         raise PrunekitError(_no_reader_message(ctx.model, groups))
-    run, layers = sv._collect(ctx.model, ctx.params, x, "max")
+    run, layers = collect(ctx.model, ctx.params, x, "max")
     out = {}
     for p in ctx.params:
         alive = ctx.masks[p.name].to(run[p.name].device).reshape(run[p.name].shape)

@@ -1,0 +1,297 @@
+"""Empirical sensitivities of single weights (seed 002; methods/sensitivity.md §1–2), shared by SiPP and PFP: the
+sample set size |S| (§1), the relative contributions g_ij(x) and their maximum over S (§2), and the first |S|
+examples of the scoring data."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import distributed
+from ...batches import BatchStream
+from ...errors import PrunekitError
+from ...modes import model_device, scoring_mode
+from ...params import PRUNABLE_TYPES, PrunableParam
+from ...registry import ScoreContext
+
+
+#: |z| at or below this is treated as 0 (the denominator becomes infinite and g = 0), whatever the model's dtype.
+EPS = float(torch.finfo(torch.float32).eps)
+#: Elements of the temporary tensors formed at once by the sensitivity kernels.
+BLOCK_ELEMS = 1 << 22
+#: Examples per forward pass while collecting sensitivities.
+EXAMPLES_PER_FORWARD = 32
+#: A side draws at most DRAW_CAP·nnz_i samples (then E[unique] may fall short of m_i; the size search compensates).
+DRAW_CAP = 32
+#: Draws per row and block of uniforms (fixed, so that draw t of a side is the same at every evaluation).
+DRAW_BLOCK = 128
+#: Sides whose summed sensitivity is at most this are left out of the allocation (m_i = 0).
+S_ZERO = 1e-12
+#: Smallest internal keep ratio tried by the search (every active side then keeps about one weight).
+KAPPA_MIN = 1e-12
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    """Options shared by ``sipp`` and ``pfp`` (methods/sensitivity.md §0): ``delta_s`` δ_S and ``C`` (failure
+    probability and constant of the bounds; they fix |S|), ``sample_size`` (|S|; None = ⌈C·ln(8·η*·η/δ_S)⌉, 152 for
+    LeNet-300-100), ``size_tol`` (relative tolerance on the kept count) and ``search_iters`` (most evaluations of
+    the size search)."""
+
+    delta_s: float = 1e-16
+    C: float = 3.0
+    sample_size: int | None = None
+    size_tol: float = 0.005
+    search_iters: int = 20
+
+    def validate(self, path, error) -> None:
+        if not (0.0 < self.delta_s < 1.0):
+            raise error(f"delta_s must be in (0, 1) (a failure probability), got {self.delta_s}")
+        if not (self.C > 0 and math.isfinite(self.C)):
+            raise error(f"C must be a positive number, got {self.C}")
+        if self.sample_size is not None and self.sample_size < 1:
+            raise error(f"sample_size must be >= 1 (or null for the automatic |S|), got {self.sample_size}")
+        if not (self.size_tol >= 0 and math.isfinite(self.size_tol)):
+            raise error(f"size_tol must be >= 0, got {self.size_tol}")
+        if self.search_iters < 1:
+            raise error(f"search_iters must be >= 1, got {self.search_iters}")
+
+
+# ------------------------------------------------------------------------------------------------- sample size (§1)
+
+
+def activation_counts(model: nn.Module, input_shape: Sequence[int],
+                      modules: Iterable[nn.Module] | None = None) -> tuple[int, int]:
+    """(η, η*): the sum and the maximum over layers of the per-example output count (channels·H·W for a conv) of
+    ``modules`` (default: every Conv/Linear of ``model``), from one forward of a zero input of ``input_shape``
+    (without the batch dimension) in eval mode. A module called several times counts once per call."""
+    mods = list(modules) if modules is not None else [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    if not mods:
+        raise PrunekitError(f"{type(model).__name__} has no Conv/Linear layer: SiPP has nothing to count")
+    counts: list[int] = []
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] > 0:
+            counts.append(out.numel() // out.shape[0])
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.zeros((1, *tuple(int(s) for s in input_shape)), device=model_device(model), dtype=dtype)
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in mods}.values()]
+    try:
+        with scoring_mode(model, "eval"), torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not counts:
+        raise PrunekitError("no prunable layer was called in the forward pass: SiPP cannot count activations")
+    return sum(counts), max(counts)
+
+
+def sample_size(model: nn.Module, input_shape: Sequence[int], delta_s: float = 1e-16, C: float = 3.0,
+                modules: Iterable[nn.Module] | None = None) -> int:
+    """|S| = ⌈C·ln(8·η*/δ′)⌉ with δ′ = δ_S/η, i.e. ⌈C·ln(8·η*·η/δ_S)⌉ (methods/sensitivity.md §1).
+
+    η and η* come from :func:`activation_counts`. LeNet-300-100 (η = 410, η* = 300) gives 152."""
+    eta, eta_star = activation_counts(model, input_shape, modules)
+    return int(math.ceil(C * math.log(8.0 * eta_star * eta / delta_s)))
+
+
+# ---------------------------------------------------------------------------------------------- sensitivities (§2)
+
+
+@dataclass
+class Layer:
+    """A prunable weight seen as a layer: ``out`` = n_ℓ neurons, ``k`` kernel entries, ``positions`` P."""
+
+    param: PrunableParam
+    kind: str
+    out: int
+    groups: int
+    k: int
+    positions: int = 0
+
+
+def layer_view(p: PrunableParam) -> Layer:
+    m, w = p.module, p.tensor
+    if p.attr == "weight" and w is not None and w.dim() >= 2:
+        if isinstance(m, nn.Linear):
+            return Layer(p, "linear", w.shape[0], 1, 1)
+        for cls, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d"), (nn.Conv3d, "conv3d")):
+            if isinstance(m, cls):
+                return Layer(p, kind, w.shape[0], m.groups, math.prod(m.kernel_size))
+    raise PrunekitError(
+        f"sipp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d); {p.name!r} "
+        f"({type(m).__name__}.{p.attr}) is not one: leave it out with exclude=[...] (and do not pass include_bias)"
+    )
+
+
+def patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``layer`` as patches (n, J, P): J = in·kernel in weight.view(out, -1) order, P positions."""
+    m = layer.param.module
+    n = x.shape[0]
+    if layer.kind == "linear":
+        return x.reshape(n, -1, x.shape[-1]).transpose(1, 2)
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        pad = (0,) * len(m.kernel_size)
+    else:
+        pad = tuple(m.padding)
+    ks, st, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+    if layer.kind == "conv3d":  # no 3-D unfold in torch: a strided window per spatial dim, then (C, k1, k2, k3) rows
+        if any(pad):
+            x = F.pad(x, [q for p in reversed(pad) for q in (p, p)])
+        for i in range(3):
+            x = x.unfold(2 + i, dil[i] * (ks[i] - 1) + 1, st[i])[..., ::dil[i]]
+        return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(n, x.shape[1] * math.prod(ks), -1)
+    if layer.kind == "conv1d":
+        x = x.unsqueeze(-2)
+        ks, st, dil, pad = (1, ks[0]), (1, st[0]), (1, dil[0]), (0, pad[-1])
+    return F.unfold(x, ks, dilation=dil, padding=pad, stride=st)
+
+
+def _reciprocal(z: torch.Tensor) -> torch.Tensor:
+    """|1/z|, and 0 where |z| ≤ eps (an infinite denominator)."""
+    az = z.abs()
+    return torch.where(az > EPS, az.clamp(min=EPS).reciprocal(), torch.zeros_like(az))
+
+
+def _max_product(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """max over rows R of r[R, i]·a[R, j] -> (I, J), for nonnegative r (R, I) and a (R, J), in bounded blocks."""
+    R, I = r.shape
+    J = a.shape[1]
+    out = torch.zeros((I, J), dtype=a.dtype, device=a.device)
+    ic = min(I, max(1, BLOCK_ELEMS // max(J, 1)))
+    rb = max(1, BLOCK_ELEMS // (ic * max(J, 1)))
+    for i0 in range(0, I, ic):
+        acc = out[i0:i0 + ic]
+        for r0 in range(0, R, rb):
+            blk = r[r0:r0 + rb, i0:i0 + ic, None] * a[r0:r0 + rb, None, :]
+            torch.maximum(acc, blk.amax(0), out=acc)
+    return out
+
+
+def _max_mean(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """max over examples n of (1/P)·Σ_p r[n, i, p]·a[n, j, p] -> (I, J): one batched matmul per block."""
+    n, J, P = a.shape
+    I = r.shape[1]
+    out = torch.zeros((I, J), dtype=a.dtype, device=a.device)
+    nb = max(1, BLOCK_ELEMS // max(I * J, 1))
+    for n0 in range(0, n, nb):
+        blk = torch.bmm(r[n0:n0 + nb], a[n0:n0 + nb].transpose(1, 2))
+        torch.maximum(out, blk.amax(0), out=out)
+    return out / P
+
+
+def relative_contributions(w: torch.Tensor, a: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """max over the examples of ``a`` of g_ij aggregated over positions (section 2 fast paths).
+
+    ``w``: (I, J) weights of one group; ``a``: (n, J, P) nonnegative patches. ``aggregate``: ``mean`` or ``max`` over
+    the P positions. Result (I, J) in [0, 1]."""
+    n, J, P = a.shape
+    I = w.shape[0]
+    pos, neg = w > 0, w < 0
+    rp = _reciprocal(torch.einsum("ij,njp->nip", w.clamp(min=0), a))
+    rn = _reciprocal(torch.einsum("ij,njp->nip", w.clamp(max=0), a))
+    if aggregate == "mean" and P > 1:
+        mp, mn = _max_mean(a, rp), _max_mean(a, rn)
+    else:  # max over positions then over examples = max over the n·P rows (MAX fast path; P = 1: mean = max)
+        ar = a.permute(0, 2, 1).reshape(n * P, J)
+        mp = _max_product(rp.permute(0, 2, 1).reshape(n * P, I), ar)
+        mn = _max_product(rn.permute(0, 2, 1).reshape(n * P, I), ar)
+    g = w.abs() * torch.where(pos, mp, torch.where(neg, mn, torch.zeros_like(mp)))
+    return g.clamp_(max=1.0)
+
+
+def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Tensor, aggregate: str,
+             chunk: int = EXAMPLES_PER_FORWARD) -> tuple[dict[str, torch.Tensor], list[Layer]]:
+    """Sensitivities (I, J) of every param over the examples ``inputs``, a running maximum over forward chunks."""
+    if aggregate not in ("mean", "max"):
+        raise PrunekitError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+    layers = [layer_view(p) for p in params]
+    by_module: dict[int, list[Layer]] = {}
+    for lay in layers:
+        by_module.setdefault(id(lay.param.module), []).append(lay)
+    run = {}
+    for lay in layers:
+        w = lay.param.tensor
+        run[lay.param.name] = torch.zeros((lay.out, w[0].numel()), device=w.device,
+                                          dtype=torch.promote_types(w.dtype, torch.float32))
+
+    def hook(module, args, out):
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        x = args[0].detach()
+        for lay in by_module[id(module)]:
+            acc = run[lay.param.name]
+            w = lay.param.tensor.detach().reshape(lay.out, -1).to(acc.dtype)
+            a = patches(lay, x.to(acc.dtype))
+            if bool((a < 0).any()):  # every example becomes the two points max(a, 0) and max(-a, 0)
+                a = torch.cat([a.clamp(min=0), (-a).clamp(min=0)])
+            lay.positions = max(lay.positions, a.shape[2])
+            og, jg = lay.out // lay.groups, w.shape[1]
+            for g in range(lay.groups):
+                rows = slice(g * og, (g + 1) * og)
+                s = relative_contributions(w[rows], a[:, g * jg:(g + 1) * jg], aggregate)
+                torch.maximum(acc[rows], s, out=acc[rows])
+
+    handles = [lays[0].param.module.register_forward_hook(hook) for lays in by_module.values()]
+    try:
+        with scoring_mode(model, "eval"), torch.no_grad():
+            # DDP: each rank runs every world-size-th chunk; the maxima are taken over the ranks below (exact)
+            for i in distributed.mine(range(0, inputs.shape[0], chunk)):
+                model(inputs[i:i + chunk])
+    finally:
+        for h in handles:
+            h.remove()
+    if distributed.active():
+        distributed.all_max(*run.values())
+        pos = torch.tensor([lay.positions for lay in layers], dtype=torch.int64)
+        distributed.all_max(pos)
+        for lay, n in zip(layers, pos.tolist()):
+            lay.positions = n
+    missed = [lay.param.name for lay in layers if lay.positions == 0]
+    if missed:
+        warnings.warn(f"sipp: {', '.join(missed)} never ran in the forward pass; their sensitivities are 0",
+                      stacklevel=3)
+        for lay in layers:
+            lay.positions = max(lay.positions, 1)
+    return run, layers
+
+
+def sensitivities(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Tensor,
+                  aggregate: str = "max", chunk: int = EXAMPLES_PER_FORWARD) -> dict[str, torch.Tensor]:
+    """Empirical sensitivities s (shaped like each weight) over the examples ``inputs``: the maximum over examples
+    of g, aggregated over conv positions by ``mean`` (SiPP det) or ``max`` (rand, hybrid). Pure; eval mode."""
+    run, _ = collect(model, params, inputs, aggregate, chunk)
+    return {p.name: run[p.name].reshape(p.tensor.shape) for p in params}
+
+
+# ------------------------------------------------------------------------------------------------- the sample set
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def sample_inputs(ctx: ScoreContext, o: SensitivityOptions, who: str = "sipp") -> tuple[torch.Tensor, int]:
+    """The first |S| examples of the scoring data, and |S| (auto from §1 unless ``sample_size`` is given); shared
+    by ``sipp`` and ``pfp`` (``who`` names the method in messages)."""
+    stream = BatchStream(ctx.data, model_device(ctx.model), float_dtype(ctx.model), who=who)
+    first = stream.peek()
+    if first is None:
+        raise PrunekitError(f"{who} needs data: the scoring data hold no example (pass batches of inputs)")
+    modules = list({id(p.module): p.module for p in ctx.params}.values())
+    need = o.sample_size if o.sample_size is not None else sample_size(
+        ctx.model, tuple(first.shape[1:]), o.delta_s, o.C, modules=modules)
+    x = stream.take(need)[0]
+    if x.shape[0] < need:
+        warnings.warn(f"{who}: the scoring data hold only {x.shape[0]} examples, fewer than |S| = {need} "
+                      f"(δ_S = {o.delta_s:g}, C = {o.C:g}); the sensitivities use all {x.shape[0]}", stacklevel=3)
+    return x, need
