@@ -42,8 +42,15 @@ seed's CIFAR ResNet-50) are errors that name the key and the fix. prunekit secti
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 
+from ..data import dataset_names
 from ..errors import ConfigError, PrunekitError
+from ..experiments.resolved import PRUNE_KEYS
+from ..models import canonical_name
+from ..prune import PruneOptions
+from ..registry import get_method, methods
 
 #: The seed's top-level sections (besides ``model``, which both layouts have).
 SECTIONS = ("general", "dataset", "training", "validation")
@@ -119,8 +126,6 @@ def _unknown(section: dict, known, where: str, unknown: list[str]) -> None:
 
 
 def _spelled(dotted: str, key: str, known) -> str:
-    import difflib
-
     near = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
     return f"{dotted!r} (did you mean {near[0]!r}?)" if near else repr(dotted)
 
@@ -222,8 +227,6 @@ def _dataset(t: _Translation, dataset: dict) -> str | None:
     t.check_keys(dataset, _KNOWN["dataset"], "dataset")
     ds_name = None
     if "class" in dataset:
-        from ..data import dataset_names
-
         key = str(dataset["class"]).lower().replace("-", "").replace("_", "")
         if key in DATASETS:
             t.out["data"] = dict(DATASETS[key])
@@ -345,8 +348,6 @@ def _replace(node: dict, key: str, value, dotted: str, src: dict, remarks: list[
 
 
 def _arch(cls) -> str:
-    from ..models import canonical_name
-
     key = str(cls).lower().replace("-", "").replace("_", "")
     if key in ARCH:
         return ARCH[key]
@@ -363,12 +364,6 @@ def _arch(cls) -> str:
 def _compressor(comp: dict, t: _Translation) -> None:
     """``training.compressor`` -> the prune section (class, mask, sparsity, warmup, batch_size and any prunekit
     prune option)."""
-    import dataclasses
-
-    from ..prune import PruneOptions
-    from ..registry import get_method
-    from ..experiments.resolved import PRUNE_KEYS
-
     if "class" not in comp:
         raise ConfigError("training.compressor.class is missing: name a compressor code (none, random, magnitude, "
                           "grad_norm, snip, grasp, fisher_diag, fisher_pruner, fts, fbss; `prunekit methods`)")
@@ -398,8 +393,6 @@ def _compressor(comp: dict, t: _Translation) -> None:
                            "which uses no scoring data (as in the seed)")
     shared = {f.name for f in dataclasses.fields(PruneOptions)}
     if dense:  # the dense baseline ignores every method's options (prunekit.experiments.config)
-        from ..registry import methods
-
         own = {k for m in methods() for k in m.option_names()}
     for key, value in comp.items():
         if key in _COMPRESSOR:

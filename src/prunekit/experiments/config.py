@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
 import sys
 from dataclasses import dataclass, field
+from json.decoder import scanstring
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from ..compat import fts_json, incop_flags
 from ..data import dataset_names
@@ -216,10 +218,8 @@ def loads(text: str, kind: str = "YAML", where: str = "<config>"):
         except _DuplicateKey:
             key, first, second, section = _json_duplicate(text)
             raise ConfigError(_duplicate_message(where, key, first, second, section)) from None
-    import yaml
-
     try:
-        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as e:
         raise ConfigError(_duplicate_message(where, e.key, e.first, e.second)) from None
     except yaml.MarkedYAMLError as e:
@@ -268,8 +268,6 @@ def _unique_pairs(pairs: list) -> dict:
 
 def _json_duplicate(text: str) -> tuple[str, int, int, str]:
     """(key, first line, second line, dotted section) of the first key that repeats in one object of valid JSON."""
-    from json.decoder import scanstring
-
     stack: list[tuple[dict | None, str]] = []  # per open container: {key: line} of an object (None: an array), path
     expect_key, last_key, i = False, "", 0
     while i < len(text):
@@ -298,32 +296,25 @@ def _json_duplicate(text: str) -> tuple[str, int, int, str]:
     return "?", 0, 0, ""
 
 
-@functools.lru_cache(maxsize=None)
-def _unique_key_loader():
-    """A ``yaml.SafeLoader`` subclass (built on first use: PyYAML is imported lazily)."""
-    import yaml
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last value silently). Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML allows."""
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error (PyYAML keeps the
-        last value silently). Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML allows."""
-
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
-                seen: dict = {}
-                for key_node, _value in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        first = seen.get(key)
-                    except TypeError:  # an unhashable key: the base class says so, with its position
-                        break
-                    if first is not None:
-                        raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
-                    seen[key] = key_node.start_mark.line + 1
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so, with its position
+                    break
+                if first is not None:
+                    raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_value(text: str) -> Any:

@@ -23,14 +23,16 @@ from typing import Callable
 
 import torch
 
-from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_step
-from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
 from .. import distributed
 from ..checkpoint import (CheckpointError, CorruptCheckpointWarning, load_checked, on_corrupt_policy, quarantine,
                           save_checked, sub_owner)
+from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_step
+from ..data import TensorLoader
+from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
 from ..lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
+from ..seeding import generator
 from ..train import Callback, Trainer
 from ..train.trainer import LAST
 from .resolved import ResolvedRun
@@ -38,9 +40,6 @@ from .resolved import ResolvedRun
 
 def flow_batches(splits, opts: ImpOptions, seed: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``flow_batches`` fixed mini-batches of the validation split (seeded draw, eval transform), drawn once."""
-    from ..data import TensorLoader
-    from ..seeding import generator
-
     n = min(len(splits.val), opts.flow_batches * opts.flow_batch_size)
     idx = torch.randperm(len(splits.val), generator=generator(seed, "flow_batches"))[:n]
     dl = TensorLoader(splits.val.subset(idx), opts.flow_batch_size, mean=splits.mean, std=splits.std, device=device)
