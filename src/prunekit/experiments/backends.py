@@ -6,6 +6,8 @@ store stays the single source of truth:
 
 - :class:`LocalBackend` (``--backend local``, the default): a spawn process pool on this machine (or this process
   with one worker). Workers write ``ROOT/results.sqlite`` directly, which is safe on a local disk.
+- :class:`InProcessBackend` (``prunekit run``, and the local backend's one worker): the runs one after the other in
+  this process, with the runner's own output.
 - :class:`~prunekit.experiments.ray_backend.RayBackend` (``--backend ray``, ``pip install 'prunekit[ray]'``): each
   run is a Ray task, on a local Ray cluster or a real one.
 - :class:`~prunekit.experiments.slurm_backend.SlurmBackend` (``--backend slurm``, ``pip install 'prunekit[slurm]'``):
@@ -60,6 +62,7 @@ class Outcome:
     host: str | None = None
     attempts: int = 1
     epochs_before: int = 0
+    record: Any = None          # the RunRecord the run returned (``record.cached``: looked up in the store)
 
 
 @dataclass
@@ -142,6 +145,15 @@ def make_backend(name: str | None = None, *, workers: int | None = None, ray=Non
 
 
 # ---------------------------------------------------------------------------------------------------------- local
+def check_workers(workers) -> None:
+    """``workers`` must be None (one per core) or a whole number >= 1."""
+    from ..errors import PrunekitError
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise PrunekitError(f"--workers must be a whole number >= 1 (1 runs the runs one after the other in the "
+                            f"sweep process; leave it out for one per CPU core), got {workers!r}")
+
+
 def _worker_init(threads: int) -> None:
     """Torch threads, and a watchdog: a worker whose sweep process died exits (its run resumes from its last
     checkpoint when the sweep is started again; its lock goes with it)."""
@@ -161,20 +173,72 @@ def _worker_init(threads: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _run_one(cfg: dict, root: str, data_dir) -> tuple[str, float]:
-    """One run in a worker process; returns (run id, seconds). Exceptions propagate to the parent."""
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _run_one(cfg: dict, root: str, data_dir):
+    """One run in a worker process; returns its RunRecord. Exceptions propagate to the parent."""
     from .runner import run
 
-    t0 = time.perf_counter()
-    rec = run(cfg, root, data_dir=data_dir, log=lambda msg: None)
-    return rec.run_id, time.perf_counter() - t0
+    return run(cfg, root, data_dir=data_dir, log=_quiet)
+
+
+def settle(run_id: str, result: Callable[[], Any], raise_errors: bool = False) -> Outcome:
+    """The outcome of a run whose record ``result()`` returns, or whose error it raises: another process holding
+    the run is ``busy`` (not a failure, not ours); any other error is a failed outcome. ``raise_errors``: every
+    error propagates instead."""
+    try:
+        return Outcome(run_id, True, record=result())
+    except RunBusyError as e:
+        if raise_errors:
+            raise
+        return Outcome(run_id, False, error=str(e), busy=True)
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+        if raise_errors:
+            raise
+        return Outcome(run_id, False, error=describe_error(e))
+
+
+class InProcessBackend:
+    """The runs one after the other in this process, writing the sweep's store (``prunekit run``, and a local sweep
+    of one worker). ``run_log``: what the runner logs (its per-run line and progress output; None: its default, to
+    stderr). ``raise_errors``: a run's error (another process holding the run included) stops the grid and
+    propagates, as ``prunekit run`` does, instead of becoming a failed outcome."""
+
+    name = "local"
+    remote = False
+
+    def __init__(self, run_log: Callable[[str], None] | None = None, *, raise_errors: bool = False):
+        self.run_log = run_log
+        self.raise_errors = raise_errors
+
+    def describe(self, n_jobs: int) -> str:
+        return "this process"
+
+    def start(self, n_jobs: int) -> int:
+        return 1
+
+    def stop(self) -> None:
+        pass
+
+    def run_all(self, jobs: Sequence[Job], ctx: SweepContext, on_done: OnDone) -> None:
+        from .runner import run
+
+        for job in jobs:
+            t0 = time.perf_counter()
+            out = settle(job.run_id, lambda: run(job.cfg, ctx.root, data_dir=ctx.data_dir, store=ctx.store,
+                                                  log=self.run_log), self.raise_errors)
+            out.seconds = time.perf_counter() - t0
+            on_done(out, 0)
 
 
 class LocalBackend:
     """A spawn process pool on this machine, ``workers`` processes (default: one per CPU core); one worker runs the
-    runs in this process, one after the other. Each run computes with its own ``train.threads`` (default 1), never
-    with a count derived from ``workers``, so a sweep gives the same numbers however it is launched. Workers write
-    the sweep's store themselves (a local SQLite file, WAL mode, one transaction per write)."""
+    runs in this process, one after the other (:class:`InProcessBackend`, the runner's log silenced). Each run
+    computes with its own ``train.threads`` (default 1), never with a count derived from ``workers``, so a sweep
+    gives the same numbers however it is launched. Workers write the sweep's store themselves (a local SQLite file,
+    WAL mode, one transaction per write)."""
 
     name = "local"
     remote = False
@@ -198,25 +262,9 @@ class LocalBackend:
     def run_all(self, jobs: Sequence[Job], ctx: SweepContext, on_done: OnDone) -> None:
         n_workers = self._n(len(jobs))
         if n_workers == 1:
-            self._in_process(jobs, ctx, on_done)
+            InProcessBackend(_quiet).run_all(jobs, ctx, on_done)
         else:
             self._pool(jobs, ctx, on_done, n_workers)
-
-    @staticmethod
-    def _in_process(jobs: Sequence[Job], ctx: SweepContext, on_done: OnDone) -> None:
-        from .runner import run
-
-        for job in jobs:
-            t0 = time.perf_counter()
-            try:
-                run(job.cfg, ctx.root, data_dir=ctx.data_dir, store=ctx.store, log=lambda msg: None)
-                out = Outcome(job.run_id, True)
-            except RunBusyError as e:  # another process is running it: not a failure, not ours
-                out = Outcome(job.run_id, False, error=str(e), busy=True)
-            except Exception as e:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-                out = Outcome(job.run_id, False, error=describe_error(e))
-            out.seconds = time.perf_counter() - t0
-            on_done(out, 0)
 
     @staticmethod
     def _pool(jobs: Sequence[Job], ctx: SweepContext, on_done: OnDone, n_workers: int) -> None:
@@ -239,14 +287,8 @@ class LocalBackend:
                     finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
                     for fut in finished:
                         rid = futures.pop(fut)
-                        seconds = time.perf_counter() - started[rid]
-                        try:
-                            fut.result()
-                            out = Outcome(rid, True, seconds)
-                        except RunBusyError as e:
-                            out = Outcome(rid, False, seconds, error=str(e), busy=True)
-                        except Exception as e:  # noqa: BLE001
-                            out = Outcome(rid, False, seconds, error=describe_error(e))
+                        out = settle(rid, fut.result)
+                        out.seconds = time.perf_counter() - started[rid]
                         on_done(out, len(futures))
             except KeyboardInterrupt:
                 for fut in futures:

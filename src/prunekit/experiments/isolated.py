@@ -24,10 +24,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from ..io import RunBusyError, atomic_write_json
-from .backends import Job, Outcome, describe_error
+from ..io import atomic_write_json
+from .backends import Job, Outcome, settle
 from .store import Store
 
 JOURNAL = "store.json"
@@ -60,6 +60,38 @@ def read_journal(run_dir: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return payload if isinstance(payload, dict) and payload.get("tables", {}).get("runs") else None
+
+
+def own_journal(run_dir: str | Path, run_id: str) -> dict | None:
+    """:func:`read_journal` of ``run_dir`` when it holds the rows of ``run_id`` (else None)."""
+    payload = read_journal(run_dir)
+    return payload if payload is not None and payload.get("run_id") == run_id else None
+
+
+def recover_journals(store: Store, run_ids: Iterable[str], root: Path) -> int:
+    """Import into ``store`` the rows remote workers left in the run folders under ``root`` for runs it lacks, or
+    has unfinished while the folder holds them finished (a sweep stopped before it collected them). Returns how
+    many finished runs came in this way."""
+    n = 0
+    for rid in run_ids:
+        status = store.status(rid)
+        payload = None if status == "done" else own_journal(root / rid, rid)
+        if payload is not None and (status is None or journal_status(payload) == "done"):
+            store.import_run(payload)
+            n += journal_status(payload) == "done"
+    return n
+
+
+def export_for_worker(store: Store, run_id: str, run_dir: Path) -> dict:
+    """The store rows of the finished run ``run_id`` for a remote worker, its record naming ``run_dir`` as its folder
+    (the folder the workers see)."""
+    payload = store.export_run(run_id)
+    for row in payload["tables"]["runs"]:
+        if row.get("record"):
+            rec = json.loads(row["record"])
+            rec["run_dir"] = str(run_dir)
+            row["record"] = json.dumps(rec, default=str)
+    return payload
 
 
 def journal_status(payload: dict | None) -> str | None:
@@ -133,13 +165,10 @@ def run_isolated(job: Job, root: str | Path, data_dir: str | None = None, *, thr
                                     "job_id": _job_id(), "started": time.time(), "epochs_before": before}) + "\n")
             log(f"[{job.run_id}] attempt {n} on {socket.gethostname()}"
                 + (f", {before} epoch(s) already recorded" if before else ""))
-            out = Outcome(job.run_id, True, host=socket.gethostname(), attempts=n, epochs_before=before)
-            try:
-                run(job.cfg, root, data_dir=data_dir, store=store, log=log)
-            except RunBusyError as e:
-                out.ok, out.busy, out.error = False, True, str(e)
-            except Exception as e:  # noqa: BLE001 - the run's error goes back in the outcome (and its rows)
-                out.ok, out.error = False, describe_error(e)
+            # the run's error goes back in the outcome (and its rows)
+            out = settle(job.run_id, lambda: run(job.cfg, root, data_dir=data_dir, store=store, log=log))
+            out.host, out.attempts, out.epochs_before = socket.gethostname(), n, before
+            if not out.ok and not out.busy:
                 log(f"[{job.run_id}] failed: {out.error}")
             if not out.busy and store.status(job.run_id) is not None:
                 out.payload = store.export_run(job.run_id)
