@@ -22,6 +22,7 @@ rewind weights.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import warnings
 from pathlib import Path
@@ -236,8 +237,6 @@ def run_imp(
     if control not in CONTROLS:
         raise PrunekitError(f"unknown control {control!r}: use None, 'reinit' or 'random_prune'")
     mode, rewind_epoch = _parse_rewind(rewind, train_epochs, train_steps)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = {"levels": levels, "prune_fraction": prune_fraction, "output_fraction": output_fraction,
               "scope": scope, "output_name": output_name, "rewind": [mode, rewind_epoch], "control": control,
               "control_seed": control_seed}
@@ -245,95 +244,122 @@ def run_imp(
         config["control_levels"] = sorted(int(x) for x in control_levels)
     if rule_config is not None:
         config["rule"] = dict(rule_config)
+    search = _Search(model_fn, train_fn, Path(run_dir), config, mode, rewind_epoch, prune_rule, control_levels,
+                     on_level, owner)
+    search.start(masks_fn)
+    for level in range(search.resume(), levels + 1):
+        search.level(level)
+    return search.records
 
-    index_path = run_dir / "imp.json"
-    init_path = run_dir / "init.pt"
-    model = model_fn()
-    theta0 = _trusted(init_path, owner)
-    if theta0 is None:  # model_fn() is deterministic: a lost init.pt is written again, identical
-        theta0 = _clone_state(model)
-        save_checked(theta0, init_path, owner)
-    records: list[dict] = []
-    first = masks_fn(model) if masks_fn is not None else Masks(model)
-    masks_next = {n: m.cpu() for n, m in first.state_dict().items()}
-    rewind_state = theta0 if mode in ("init", "epoch", "step") and rewind_epoch in (None, 0) else None
-    prev_final = theta0
 
-    # ---- resume: load finished levels
-    done = 0
-    if index_path.exists():
-        import json
+class _Search:
+    """One IMP search of :func:`run_imp`: its settings, and what the next level starts from (the masks, the last
+    level's final weights, the rewind weights, the last prune rule's info); every finished level is saved."""
 
-        index = json.loads(index_path.read_text())
-        if index.get("config") != json.loads(json.dumps(config)):
-            raise PrunekitError(f"{run_dir} holds an IMP search with other settings ({index.get('config')}); "
-                                "use another run_dir")
-        done = int(index.get("done", 0))
-    prune_info: dict = {}
-    for level in range(done):
-        blob = _trusted(run_dir / f"level_{level}.pt", owner)
-        if blob is None:  # untrusted: this level and the ones after it are trained again
-            done = level
-            break
-        records.append(blob["record"])
-        masks_next, prev_final = blob["next_masks"], blob["final_state"]
-        prune_info = blob.get("prune_info") or {}
-        if blob.get("rewind_state") is not None:
-            rewind_state = blob["rewind_state"]
-        if on_level is not None:
-            on_level(blob["record"])
+    def __init__(self, model_fn, train_fn, run_dir: Path, config: dict, mode: str, rewind_epoch, prune_rule,
+                 control_levels, on_level, owner: str | None):
+        self.model_fn, self.train_fn, self.run_dir, self.config = model_fn, train_fn, run_dir, config
+        self.mode, self.rewind_epoch, self.prune_rule = mode, rewind_epoch, prune_rule
+        self.control_levels, self.on_level, self.owner = control_levels, on_level, owner
+        self.index_path = run_dir / "imp.json"
+        self.records: list[dict] = []
+        self.prune_info: dict = {}
 
-    for level in range(done, levels + 1):
-        cur_masks = masks_next
-        if level == 0:
-            start = theta0
-        elif mode == "none":
-            start = prev_final
-        else:
-            start = rewind_state
-        model = model_fn()
+    def start(self, masks_fn) -> None:
+        """θ_0 (``init.pt``; ``model_fn()`` is deterministic, so a lost or damaged one is written again, identical)
+        and the level-0 masks."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        init_path = self.run_dir / "init.pt"
+        model = self.model_fn()
+        theta0 = _trusted(init_path, self.owner)
+        if theta0 is None:
+            theta0 = _clone_state(model)
+            save_checked(theta0, init_path, self.owner)
+        first = masks_fn(model) if masks_fn is not None else Masks(model)
+        self.theta0 = self.prev_final = theta0
+        self.masks_next = {n: m.cpu() for n, m in first.state_dict().items()}
+        at_init = self.mode in ("init", "epoch", "step") and self.rewind_epoch in (None, 0)
+        self.rewind_state = theta0 if at_init else None
+
+    def resume(self) -> int:
+        """Load the finished levels found in ``run_dir`` (up to the first untrusted one); returns the next level."""
+        done = 0
+        if self.index_path.exists():
+            index = json.loads(self.index_path.read_text())
+            if index.get("config") != json.loads(json.dumps(self.config)):
+                raise PrunekitError(f"{self.run_dir} holds an IMP search with other settings ({index.get('config')}); "
+                                    "use another run_dir")
+            done = int(index.get("done", 0))
+        for level in range(done):
+            blob = _trusted(self.run_dir / f"level_{level}.pt", self.owner)
+            if blob is None:  # untrusted: this level and the ones after it are trained again
+                return level
+            self.records.append(blob["record"])
+            self.masks_next, self.prev_final = blob["next_masks"], blob["final_state"]
+            self.prune_info = blob.get("prune_info") or {}
+            if blob.get("rewind_state") is not None:
+                self.rewind_state = blob["rewind_state"]
+            if self.on_level is not None:
+                self.on_level(blob["record"])
+        return done
+
+    def level(self, level: int) -> None:
+        """Train level ``level`` from its start weights under the current masks, run its control branch, choose the
+        next masks, and save the level (``level_<L>.pt`` and the index)."""
+        c = self.config
+        cur_masks = self.masks_next
+        start = self.theta0 if level == 0 else (self.prev_final if self.mode == "none" else self.rewind_state)
+        model = self.model_fn()
         model.load_state_dict(start)
         masks = Masks.from_state_dict(model, cur_masks)
-        level_dir = run_dir / f"level_{level}"
-        summary = dict(train_fn(model, masks, level, level_dir,
-                                rewind_epoch=rewind_epoch if (level == 0 and mode in ("epoch", "step")) else None)
-                       or {})
-        saved_rewind = None
-        if level == 0 and mode in ("epoch", "step"):
-            rs = summary.pop("rewind_state", None)
-            if rs is None and rewind_epoch == 0:
-                rs = theta0
-            if rs is None:
-                raise PrunekitError(f"rewind=('{mode}', {rewind_epoch}): train_fn must return the weights at {mode} "
-                                    f"{rewind_epoch} under 'rewind_state' at level 0")
-            rewind_state = saved_rewind = {k: v.detach().cpu().clone() for k, v in rs.items()}
+        level_dir = self.run_dir / f"level_{level}"
+        captures = level == 0 and self.mode in ("epoch", "step")
+        summary = dict(self.train_fn(model, masks, level, level_dir,
+                                     rewind_epoch=self.rewind_epoch if captures else None) or {})
+        saved_rewind = self._rewind_weights(summary) if captures else None
         summary.pop("rewind_state", None)
         record = {"level": level, "kept": masks.kept(), "total": masks.total(), "density": masks.density(),
                   "summary": summary}
         if level >= 1:
-            record["prune"] = prune_info
-        if control is not None and level >= 1 and (control_levels is None or level in control_levels):
-            record["control"] = _run_control(control, control_seed, model_fn, train_fn, cur_masks,
+            record["prune"] = self.prune_info
+        control = c["control"]
+        if control is not None and level >= 1 and (self.control_levels is None or level in self.control_levels):
+            record["control"] = _run_control(control, c["control_seed"], self.model_fn, self.train_fn, cur_masks,
                                              start, level, level_dir / f"control_{control}")
-        if level < levels:
-            if prune_rule is None:
-                nxt = level_masks(masks, model, prune_fraction, output_fraction, scope, output_name)
-                prune_info = {}
-            else:
-                nxt, prune_info = prune_rule(masks, model, level)
-                prune_info = dict(prune_info or {})
-                _check_nested(cur_masks, nxt)
-            masks_next = {n: m.cpu().to(torch.bool) for n, m in nxt.items()}
-        prev_final = _clone_state(model)  # after the prune rule, which may move weights (kept with rewind 'none')
-        save_checked({"record": record, "masks": cur_masks, "next_masks": masks_next, "prune_info": prune_info,
-                      "final_state": prev_final, "rewind_state": saved_rewind}, run_dir / f"level_{level}.pt", owner)
-        records.append(record)
-        atomic_write_json(index_path, {"config": config, "done": level + 1,
-                                       "levels": [{k: r[k] for k in ("level", "kept", "total", "density")}
-                                                  for r in records]})
-        if on_level is not None:
-            on_level(record)
-    return records
+        if level < c["levels"]:
+            self.masks_next = self._next_masks(masks, model, level, cur_masks)
+        self.prev_final = _clone_state(model)  # after the prune rule, which may move weights (kept with rewind none)
+        save_checked({"record": record, "masks": cur_masks, "next_masks": self.masks_next,
+                      "prune_info": self.prune_info, "final_state": self.prev_final, "rewind_state": saved_rewind},
+                     self.run_dir / f"level_{level}.pt", self.owner)
+        self.records.append(record)
+        atomic_write_json(self.index_path, {"config": c, "done": level + 1,
+                                            "levels": [{k: r[k] for k in ("level", "kept", "total", "density")}
+                                                       for r in self.records]})
+        if self.on_level is not None:
+            self.on_level(record)
+
+    def _rewind_weights(self, summary: dict) -> dict:
+        """Level 0 of an epoch/step rewind: the weights train_fn captured at the rewind point."""
+        rs = summary.pop("rewind_state", None)
+        if rs is None and self.rewind_epoch == 0:
+            rs = self.theta0
+        if rs is None:
+            raise PrunekitError(f"rewind=('{self.mode}', {self.rewind_epoch}): train_fn must return the weights at "
+                                f"{self.mode} {self.rewind_epoch} under 'rewind_state' at level 0")
+        self.rewind_state = {k: v.detach().cpu().clone() for k, v in rs.items()}
+        return self.rewind_state
+
+    def _next_masks(self, masks: Masks, model: nn.Module, level: int, cur_masks: dict) -> dict:
+        c = self.config
+        if self.prune_rule is None:
+            nxt = level_masks(masks, model, c["prune_fraction"], c["output_fraction"], c["scope"], c["output_name"])
+            self.prune_info = {}
+        else:
+            nxt, info = self.prune_rule(masks, model, level)
+            self.prune_info = dict(info or {})
+            _check_nested(cur_masks, nxt)
+        return {n: m.cpu().to(torch.bool) for n, m in nxt.items()}
 
 
 def _trusted(path: Path, owner: str | None):
