@@ -17,7 +17,6 @@ import torch
 from ...errors import PrunekitError
 from ...registry import ScoreContext, register
 
-STOPS = ("fixed", "acc", "if", "gf")
 DEFAULT_STOP = {"lth": "fixed", "sap": "fixed", "ciap": "if", "giap": "gf"}
 IMP_CODES = tuple(DEFAULT_STOP)  # lth, sap, ciap, giap: the codes whose runs are made of levels
 DEFAULT_SCOPE = {"lth": "layer", "sap": "global", "ciap": "global", "giap": "global"}

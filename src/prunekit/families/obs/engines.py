@@ -22,7 +22,6 @@ The factor objects do not keep G (it may be a gathered copy): pass the same G (s
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 
@@ -31,7 +30,6 @@ from ...errors import PrunekitError
 log = logging.getLogger("prunekit.second_order")
 
 ENGINES = ("auto", "gram", "direct", "sherman_morrison")
-Engine = Literal["auto", "gram", "direct", "sherman_morrison"]
 F64 = torch.float64
 #: Column chunk of G cast to float64 at once (elements per block row), bounding the float64 temporaries.
 DEFAULT_COL_CHUNK = 4096
