@@ -149,7 +149,7 @@ def test_run_reports_every_run_in_grid_order_finished_ones_looked_up(tmp_path, c
     assert "sparsity 0.5 " in lines[0] and "already done" not in lines[0]
     assert "sparsity 0.6 " in lines[1] and lines[1].endswith("already done)")
     assert "sparsity 0.7 " in lines[2] and "already done" not in lines[2]
-    assert [e for e in err if e.startswith("[")][0].startswith(f"[{ids[0]}]")  # the runner's own line comes first
+    assert next(e for e in err if e.startswith("[")).startswith(f"[{ids[0]}]")  # the runner's own line first
     with Store(tmp_path / "runs" / "results.sqlite") as s:
         assert [s.status(rid) for rid in ids] == ["done"] * 3
 
@@ -161,6 +161,6 @@ def test_an_unusable_store_is_one_line_naming_it(tmp_path, capsys):
     (root / "results.sqlite").write_text("my notes, not a database\n" * 40)
     assert main(["sweep", str(path), "--root", str(root), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"prunekit: error: {root / 'results.sqlite'} is not a prunekit results store (file is not a "
-                   "database): move it aside or point --root elsewhere"]
+    assert err == [(f"prunekit: error: {root / 'results.sqlite'} is not a prunekit results store (file is not a "
+                    "database): move it aside or point --root elsewhere")]
     assert sorted(p.name for p in root.iterdir()) == ["results.sqlite"]

@@ -26,6 +26,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -227,8 +228,8 @@ class InProcessBackend:
 
         for job in jobs:
             t0 = time.perf_counter()
-            out = settle(job.run_id, lambda: run(job.cfg, ctx.root, data_dir=ctx.data_dir, store=ctx.store,
-                                                  log=self.run_log), self.raise_errors)
+            out = settle(job.run_id, partial(run, job.cfg, ctx.root, data_dir=ctx.data_dir, store=ctx.store,
+                                             log=self.run_log), self.raise_errors)
             out.seconds = time.perf_counter() - t0
             on_done(out, 0)
 
