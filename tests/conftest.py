@@ -1,11 +1,11 @@
+"""Fixtures shared by every test folder. prunekit is imported as installed (`pip install -e .`, which `make test`
+does); tests/ is on sys.path (pytest puts the root conftest's folder there), so helper modules such as tiny and
+nets import by name from any subfolder."""
 import os
-import sys
-import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

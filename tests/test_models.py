@@ -1,16 +1,9 @@
 """Tests for prunekit.models: exact sizes, shapes, names, aliases, errors, init and module order."""
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
-try:
-    import prunekit.models  # noqa: F401
-except ImportError:  # running from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from prunekit.errors import PrunekitError
 from prunekit.models import ModelInfo, canonical_name, get_model, model_info, model_names
