@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: venv demo test test-fast bench results mnist clean
+.PHONY: venv demo lint test test-fast bench results mnist clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,15 @@ mnist: venv
 demo: mnist
 	$(BIN)/prunekit run configs/quickstart.yaml
 
-test: mnist
+# the import layers and the dead-code check (pyproject.toml: [tool.importlinter], [tool.vulture]), then the tests
+lint: venv
+	$(BIN)/lint-imports
+	$(BIN)/vulture
+
+test: mnist lint
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: venv
