@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import PrunekitError
-from .io import atomic_write
+from .io import atomic_write, atomic_write_json
 
 MAGIC = b"PRUNEKIT-CHECKPOINT/1\n"
 _MAX_HEADER = 4096
@@ -163,8 +163,6 @@ def quarantine(path: str | os.PathLike) -> Path:
 def write_digest(path: str | os.PathLike, owner: str | None) -> Path:
     """Write ``<path>.sha256`` (owner and sha256 of the file) beside a file kept in a public format (``best.pt``
     is a :func:`prunekit.save` file that users load directly)."""
-    from .io import atomic_write_json
-
     path = Path(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return atomic_write_json(path.with_name(path.name + ".sha256"), {"owner": owner, "sha256": digest})

@@ -15,6 +15,7 @@ from torch import nn
 
 from .batches import labelled_pair
 from .errors import PrunekitError
+from .modes import model_device, scoring_mode
 from .registry import MethodInfo, default_loss
 
 
@@ -228,8 +229,6 @@ def _is_default_loss(loss) -> bool:
 
 def _check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, samples: int = 4) -> None:
     """One forward of the first ``samples`` inputs in eval mode without gradients; the model is left unchanged."""
-    from .modes import model_device, scoring_mode
-
     xs = x[:samples].to(model_device(model))
     fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
     if fdtype is not None and xs.is_floating_point() and xs.dtype != fdtype:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .masks import Masks
+from .modes import NORM_TYPES
 
 
 @dataclass
@@ -34,8 +35,6 @@ class CollapseReport:
 @torch.no_grad()
 def connected(model: nn.Module, masks: Masks, input_shape) -> bool:
     """True when some input-output path of kept weights exists (see the module docstring)."""
-    from .modes import NORM_TYPES
-
     net = copy.deepcopy(model).double().eval()
     for p in net.parameters():
         p.abs_()

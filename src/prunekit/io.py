@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import PrunekitError
 
 import torch
@@ -20,8 +21,6 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     Under DDP (:mod:`prunekit.distributed`) only rank 0 writes: on the other ranks this returns ``path`` without
     writing (checkpoints, run records and archives are written once, by one process)."""
     path = Path(path)
-    from . import distributed
-
     if not distributed.is_main():
         return path
     try:

@@ -18,7 +18,9 @@ step for the built-in optimizers (see ``bench/bench_masked_step.py`` for the mea
 from __future__ import annotations
 
 import os
+import pickle
 import weakref
+import zipfile
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
+from .io import atomic_torch_save
 from .params import ParamSpec, PrunableParam, prunable_params
 
 
@@ -297,8 +300,6 @@ class MaskHandle:
 
 def save(path, model: nn.Module, masks: Masks | None = None, **meta) -> None:
     """Save a (pruned) model: its state_dict, its masks and any metadata, written atomically."""
-    from .io import atomic_torch_save
-
     atomic_torch_save(
         {"model": model.state_dict(), "masks": masks.state_dict() if masks is not None else None, "meta": meta}, path
     )
@@ -306,9 +307,6 @@ def save(path, model: nn.Module, masks: Masks | None = None, **meta) -> None:
 
 def load(path, model: nn.Module) -> Masks | None:
     """Load a model saved by :func:`save` into ``model`` (a freshly built one); returns its masks (or None)."""
-    import pickle
-    import zipfile
-
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"pk.load needs the model to load into (a freshly built nn.Module, e.g. from "
                             f"prunekit.models.get_model), got {type(model).__name__}")

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from .data_checks import CheckedData, check_data  # noqa: F401  (check_data, CheckedData: importable here too)
-from .errors import PrunekitError
+from . import distributed
+from .errors import PrunekitError, closest
 from .masks import ExistingZerosWarning, Masks
 from .params import ParamSpec, prunable_params
 from .registry import MethodInfo, ScoreContext, default_loss, get_method
 from .registry import methods as _methods
-from .select import check_sparsity, select
+from .select import check_sparsity, keep_count, select
 from .seeding import generator
 from .typed import from_dict
 
@@ -106,8 +107,6 @@ def split_options(info: MethodInfo, options: dict) -> tuple[PruneOptions, object
     bad = [k for k in options if k not in _COMMON and k not in own]
     if bad:
         valid = sorted(own) + sorted(_COMMON)
-        from .errors import closest
-
         near = closest(bad[0], valid)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise PrunekitError(f"unknown option {bad[0]!r} for method {info.name!r}{hint}; valid options: {', '.join(valid)}")
@@ -149,8 +148,6 @@ def agree(tensors: dict) -> None:
     """Under DDP, rank 0's values of ``tensors`` on every rank (no-op in one process): the scores of every rank are
     the same statistic, reduced in a possibly different floating-point order; broadcasting rank 0's copy makes the
     masks selected from them identical on every rank (see :mod:`prunekit.distributed`)."""
-    from . import distributed
-
     if distributed.active():
         distributed.same_on_all(*[t.data if isinstance(t, torch.nn.Parameter) else t for t in tensors.values()])
 
@@ -208,8 +205,6 @@ def starting_masks(model: nn.Module, spec: ParamSpec, action: str = "prune", sta
 def _check_reachable(masks: Masks, s: float, given: bool) -> None:
     """Global scope: masks are nested, so a sparsity below the current one cannot be reached (checked before any
     scoring; :func:`prunekit.select.select` would refuse it after)."""
-    from .select import keep_count
-
     total, kept = masks.total(), masks.kept()
     k = keep_count(total, s)
     if k <= kept:
@@ -293,11 +288,11 @@ class PruningStep:
 
     def __init__(self, model: nn.Module, method: str, data, masks: Masks | None, loss: Callable | None,
                  options: dict, action: str = "prune"):
-        from .families.imp.codes import check_not_training
-
         self.model, self.info = model, get_method(method)
-        if action == "prune":
-            check_not_training(self.info)
+        if action == "prune" and self.info.kind == "levels":
+            raise PrunekitError(f"method {self.info.name!r} is iterative magnitude pruning: it trains between levels, "
+                                "so it runs as an experiment (`prunekit run` with a config, see configs/seed001/) or "
+                                "with prunekit.lottery.run_imp; for one-shot magnitude pruning use method 'magnitude'")
         self.common, self.options = split_options(self.info, options)
         self.given = masks is not None
         self.masks = masks if masks is not None else starting_masks(model, self.common.param_spec(), action,

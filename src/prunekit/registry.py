@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import PrunekitError, unknown
 from .params import PrunableParam
+from .typed import from_dict
 
 NeedsData = Literal["none", "inputs", "labels", "training"]
 Kind = Literal["dense", "one-shot", "levels"]
@@ -113,8 +114,6 @@ class MethodInfo:
 
     def make_options(self, **kw):
         """The method's typed options from keyword arguments; an unknown option lists the valid ones."""
-        from .typed import from_dict
-
         return from_dict(self.options, kw, error=PrunekitError) if kw else self.options()
 
 

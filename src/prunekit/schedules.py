@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
 
 from .prune import prune
+from .registry import get_method
 from .train.callbacks import Callback
 
 
@@ -195,8 +196,6 @@ class PruningCallback(Callback):
         target = self.when.target(epoch)
         if target is None or any(e["epoch"] == epoch for e in self.events):
             return
-        from .registry import get_method
-
         needs = get_method(self.method).needs_data in ("inputs", "labels")
         current = trainer.masks.sparsity() if trainer.masks is not None else 0.0
         steps = self.when.substeps(current, target) if hasattr(self.when, "substeps") else [target]

@@ -47,7 +47,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ..errors import PrunekitError
+from ..errors import PrunekitError, closest
 from ..modes import eval_mode
 
 __all__ = [
@@ -731,7 +731,6 @@ def check_channel_masks(groups: Sequence[ChannelGroup], channel_masks: Mapping[s
     out = {}
     for name, m in channel_masks.items():
         if name not in by:
-            from ..errors import closest
             near = closest(name, list(by))
             hint = f"did you mean {', '.join(map(repr, near))}?" if near else f"known groups: {', '.join(by)}"
             raise PrunekitError(f"channel mask for unknown group {name!r}: {hint}")

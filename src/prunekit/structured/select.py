@@ -48,8 +48,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
-from .groups import _CONVT, ChannelGroup, channel_masks_from_masks
+from ..errors import PrunekitError, closest
+from .groups import _CONVT, ChannelGroup, channel_groups, channel_masks_from_masks
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,6 @@ def _signature(model: nn.Module) -> tuple:
 def cached_channel_groups(model: nn.Module, ctx_or_data: Any = None) -> list[ChannelGroup]:
     """:func:`prunekit.structured.channel_groups` of ``model`` on :func:`example_input_for`, cached per model
     object (recomputed when its modules or parameter shapes change); pruning rounds reuse one trace."""
-    from .groups import channel_groups
-
     sig = _signature(model)
     hit = _GROUP_CACHE.get(model)
     if hit is not None and hit[0] == sig:
@@ -486,8 +484,6 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     named = {g.name: g for g in groups}
     unknown = [n for n in channel_scores if n not in named]
     if unknown:
-        from ..errors import closest
-
         near = closest(unknown[0], list(named))
         hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
         raise PrunekitError(f"channel scores for unknown group {unknown[0]!r}{hint}")

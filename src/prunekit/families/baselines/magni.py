@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import PrunekitError
+from ...flops import layer_positions
 from ...modes import scoring_mode
 from ...registry import ScoreContext, register
 
@@ -59,8 +60,6 @@ def globalmagni(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     o = ctx.options
     if o.flops_power == 0:
         return {p.name: p.tensor.detach().abs().clone() for p in ctx.params}
-    from ...flops import layer_positions
-
     with scoring_mode(ctx.model, "eval"):  # layer_positions runs one forward; restore every module's mode
         layers = layer_positions(ctx.model, o.input_shape)
     out = {}

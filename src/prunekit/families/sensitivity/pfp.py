@@ -84,13 +84,15 @@ import torch
 from torch import nn
 
 from ...errors import PrunekitError
-from ...params import PrunableParam
+from ...params import PrunableParam, prunable_params
 from ...registry import PruningMethod, ScoreContext, register
 from ...seeding import derive_seed
 from ...select import check_sparsity, keep_count
 from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact
+from ..filters.baselines import why_fixed
 from .budget import draws_for_unique, log_factor
-from .scores import DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, sample_inputs, sensitivities
+from .scores import (DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, sample_inputs,
+                     sensitivities)
 from .search import search_keep_ratio
 
 log = logging.getLogger("prunekit.pfp")
@@ -148,8 +150,6 @@ def _check_layer(p: PrunableParam) -> None:
 
 
 def _no_reader_message(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
-    from ..filters.baselines import why_fixed
-
     fixed = why_fixed(list(groups))
     return ("pfp: no layer reads a prunable channel group, so no channel can be removed (the groups are not prunable "
             "or their layers are excluded" + (f"; not prunable: {fixed}" if fixed else "") + "); use an "
@@ -184,8 +184,6 @@ def channel_sensitivities(model: nn.Module, inputs: torch.Tensor, params: Sequen
                           chunk: int = EXAMPLES_PER_FORWARD) -> dict[str, torch.Tensor]:
     """``{param name: s_c}`` for every prunable weight whose input channels PFP may prune (it reads one prunable
     channel group): the §3 channel sensitivities over the examples ``inputs``. Pure; eval mode."""
-    from ...params import prunable_params
-
     params = list(params) if params is not None else prunable_params(model)
     groups = groups if groups is not None else channel_groups(model, inputs[:2])
     s = sensitivities(model, params, inputs, aggregate="max", chunk=chunk)
