@@ -99,7 +99,6 @@ class ExperimentConfig:
 
 
 #: Deprecated name of :data:`PRUNE_KEYS` (the keys of the prune section that are not options of prunekit.prune).
-_PRUNE_KEYS = PRUNE_KEYS
 
 
 def _shorthand(data: dict) -> dict:

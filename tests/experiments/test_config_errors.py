@@ -18,7 +18,7 @@ from tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli_error(capsys, argv: list[str]) -> str:

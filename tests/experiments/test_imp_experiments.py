@@ -267,7 +267,7 @@ def test_seed001_configs_resolve(name, n_runs):
 
     from prunekit.models import get_model
 
-    runs = C.expand(C.load(Path(__file__).resolve().parents[1] / "configs" / "seed001" / name))
+    runs = C.expand(C.load(Path(__file__).resolve().parents[2] / "configs" / "seed001" / name))
     resolved = [C.resolve(r) for r in runs]
     assert len({C.run_id(r) for r in resolved}) == n_runs
     r = resolved[0]

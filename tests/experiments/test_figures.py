@@ -9,7 +9,7 @@ import pytest
 from prunekit.experiments import figures
 from prunekit.experiments.tables import delta_rows, html_table, mean_std, number, percent_cell, stats, text_table
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "prunekit"
+SRC = Path(__file__).resolve().parents[2] / "src" / "prunekit"
 
 
 def _backend_uses(path: Path) -> list[str]:

@@ -21,7 +21,7 @@ from prunekit.experiments import Store, config as C, run
 from prunekit.io import WriteError
 from tiny import die_after_epoch
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 BASE = {"name": "trust", "model": "lenet_300_100", "data": {"name": "synthetic"},
         "train": {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},

@@ -222,7 +222,7 @@ MNIST = Path(os.environ.get("PRUNEKIT_DATA", Path.home() / ".cache/prunekit/data
 def test_quickstart_on_real_mnist(tmp_path, capsys):
     """The README's default experiment end to end: 15 LeNet-300-100 runs on real MNIST."""
     torch.set_num_threads(2)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert main(["run", str(root / "configs" / "quickstart.yaml"), "--root", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "dense (none)" in out
@@ -339,10 +339,10 @@ def test_structured_run_records_the_shrunk_model(tmp_path):
         assert "filter_l1" in structured_table(s.runs())
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(Path(__file__).resolve().parents[1]))
-                                        for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(Path(__file__).resolve().parents[2]))
+                                        for p in (Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml")))
 def test_every_shipped_config_resolves(path, monkeypatch):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)  # configs name their pretrained configs relative to the repository root
     runs = C.expand(C.load(root / path))
     ids = {C.run_id(C.resolve(r)) for r in runs}

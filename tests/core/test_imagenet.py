@@ -12,7 +12,7 @@ from prunekit.data import load_dataset, loaders, scoring_data
 from prunekit.errors import DatasetMissingError, PrunekitError
 from prunekit.models import get_model, model_info
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # created in shuffled order below; labels follow sorted order
 
 

@@ -19,7 +19,7 @@ from tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = tiny("tiny")
 
