@@ -11,7 +11,7 @@ from .errors import ConfigError, DatasetMissingError, PrunekitError
 from .masks import LayerStat, Masks, load, save
 from .params import ParamSpec, PrunableParam, prunable_params
 from .prune import PruneOptions, prune, resolve_sparsity, round_sparsities, score, sparsity
-from .registry import MethodInfo, ScoreContext, get_method, methods, register
+from .registry import MethodInfo, PruningMethod, ScoreContext, get_method, methods, register
 from .select import keep_count, select
 from .structured import shrink
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DatasetMissingError", "PrunekitError", "LayerStat", "Masks", "load", "save", "ParamSpec",
     "PrunableParam", "prunable_params", "PruneOptions", "prune", "resolve_sparsity", "round_sparsities", "score",
-    "sparsity", "MethodInfo", "ScoreContext", "get_method", "methods", "register", "keep_count", "select", "shrink",
+    "sparsity", "MethodInfo", "PruningMethod", "ScoreContext", "get_method", "methods", "register", "keep_count",
+    "select", "shrink",
     "__version__",
 ]
