@@ -409,3 +409,32 @@ def test_method_kind_and_sources_with_the_deprecated_seeds_name():
     assert info.sources == ("000", "004")
     with pytest.warns(DeprecationWarning, match="sources"):
         assert info.seeds == info.sources
+
+
+def test_a_method_class_gets_one_instance_per_prune_call(scoped_registry, tiny_mlp):
+    """A registered PruningMethod carries state from its score to its select and update on self; every prune call
+    gets a fresh instance (rounds of one call share it)."""
+    seen = []
+
+    @pk.register("test_class_method", family="test", needs_data="none", summary="test only")
+    class Mine(pk.PruningMethod):
+        def __init__(self):
+            self.rounds = []
+
+        def score(self, ctx):
+            self.rounds.append(ctx.round)
+            return {p.name: p.tensor.detach().abs() for p in ctx.params}
+
+        def select(self, ctx, scores, sparsity):
+            assert self.rounds[-1] == ctx.round  # the score of the same round, on the same object
+            return pk.select(scores, ctx.masks, sparsity, "global")
+
+        def update(self, ctx, before, after):
+            seen.append((self, tuple(self.rounds)))  # the object itself (an id could be reused after GC)
+
+    m1 = pk.prune(tiny_mlp, "test_class_method", sparsity=0.5, rounds=2)
+    pk.prune(tiny_mlp, "test_class_method", sparsity=0.8, rounds=1, masks=m1)
+    assert [r for _, r in seen] == [(1,), (1, 2), (1,)]
+    assert seen[0][0] is seen[1][0] and seen[1][0] is not seen[2][0]  # one instance per call, shared by its rounds
+    assert pk.get_method("test_class_method").kind == "one-shot"
+    assert m1.total() - m1.kept() >= 0 and pk.sparsity(tiny_mlp) == pytest.approx(0.8, abs=1e-2)
