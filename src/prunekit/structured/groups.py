@@ -81,8 +81,9 @@ class ChannelGroup:
 
 
 # ----------------------------------------------------------------------------------------------- op tables
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVT = CONVT_TYPES  # the old private name (structured.select still reads it)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 #: element-wise modules: any features-per-channel block passes through
@@ -215,7 +216,7 @@ def trace(model: nn.Module, exclude: Sequence[str] = ()) -> torch.fx.GraphModule
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _inputs_tuple(example_input) -> tuple:
+def inputs_tuple(example_input) -> tuple:
     if isinstance(example_input, torch.Tensor):
         return (example_input,)
     if isinstance(example_input, (tuple, list)):
@@ -226,7 +227,7 @@ def _inputs_tuple(example_input) -> tuple:
 def _propagate_shapes(model: nn.Module, gm: torch.fx.GraphModule, example_input) -> None:
     try:
         with eval_mode(model, gm), torch.no_grad():
-            ShapeProp(gm).propagate(*_inputs_tuple(example_input))
+            ShapeProp(gm).propagate(*inputs_tuple(example_input))
     except PrunekitError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -414,7 +415,7 @@ class _Analysis:
         src, c = self.source(node)
         ins = [n for n in self.tensor_inputs(node) if self.ch(n) is not None]
         name = node.target
-        if isinstance(mod, _CONV + _CONVT + (nn.Linear,)):
+        if isinstance(mod, CONV_TYPES + CONVT_TYPES + (nn.Linear,)):
             if len(ins) != 1 or c is None:
                 return self.opaque_producer(node, "with an input it cannot follow")
             in_shape = _shape(src)
@@ -427,7 +428,8 @@ class _Analysis:
                 return self.producer(name)
             if c.block != 1:
                 return self.opaque_producer(node, "applied to flattened features")
-            depthwise = isinstance(mod, _CONV) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+            depthwise = (isinstance(mod, CONV_TYPES) and mod.groups > 1
+                         and mod.groups == mod.in_channels == mod.out_channels)
             if depthwise:
                 # the depthwise conv's rows belong to its input's channels: output space = input space
                 space = self.remember(self.mod_in, name, c.space)
@@ -787,14 +789,14 @@ def channel_masks_to_masks(model: nn.Module, groups: Sequence[ChannelGroup],
         for p in g.producers:
             mask = get(p)
             k = keep.to(mask.device)
-            if isinstance(mods[p], _CONVT):
+            if isinstance(mods[p], CONVT_TYPES):
                 mask[:, ~k] = False
             else:
                 mask[~k] = False
         for cname, block in g.consumers:
             mask = get(cname)
             k = _expand(keep, block).to(mask.device)
-            if isinstance(mods[cname], _CONVT):
+            if isinstance(mods[cname], CONVT_TYPES):
                 mask[~k] = False
             else:
                 mask[:, ~k] = False
@@ -862,7 +864,7 @@ def channel_masks_from_masks(model: nn.Module, groups: Sequence[ChannelGroup],
                 dead_p[:] = False
                 continue
             m = m.detach().to("cpu", torch.bool)
-            m = m.transpose(0, 1) if isinstance(mods[p], _CONVT) else m
+            m = m.transpose(0, 1) if isinstance(mods[p], CONVT_TYPES) else m
             dead_p &= ~m.reshape(m.shape[0], -1).any(1)
         if not g.consumers:
             dead_c[:] = False
@@ -872,7 +874,7 @@ def channel_masks_from_masks(model: nn.Module, groups: Sequence[ChannelGroup],
                 dead_c[:] = False
                 continue
             m = m.detach().to("cpu", torch.bool)
-            m = m if isinstance(mods[cname], _CONVT) else m.transpose(0, 1)
+            m = m if isinstance(mods[cname], CONVT_TYPES) else m.transpose(0, 1)
             alive = m.reshape(m.shape[0], -1).any(1).reshape(g.size, block).any(1)
             dead_c &= ~alive
         dead = {"producers": dead_p, "consumers": dead_c, "either": dead_p | dead_c}[side]

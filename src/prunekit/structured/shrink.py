@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..flops import layer_positions, macs
 from ..masks import Masks
-from .groups import (_CONV, _CONVT, ChannelGroup, _inputs_tuple, channel_groups, channel_masks_from_masks,
+from .groups import (CONV_TYPES, CONVT_TYPES, ChannelGroup, inputs_tuple, channel_groups, channel_masks_from_masks,
                      channel_masks_to_masks, check_channel_masks, make_exact)
 
 __all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE"]
@@ -59,11 +59,11 @@ def _shrink_producer(mod: nn.Module, idx: torch.Tensor) -> None:
         _slice(mod, "weight", 0, idx)
         _slice(mod, "bias", 0, idx)
         mod.out_features = n
-    elif isinstance(mod, _CONVT):
+    elif isinstance(mod, CONVT_TYPES):
         _slice(mod, "weight", 1, idx)
         _slice(mod, "bias", 0, idx)
         mod.out_channels = n
-    elif isinstance(mod, _CONV):
+    elif isinstance(mod, CONV_TYPES):
         depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
         _slice(mod, "weight", 0, idx)
         _slice(mod, "bias", 0, idx)
@@ -79,10 +79,10 @@ def _shrink_consumer(mod: nn.Module, idx: torch.Tensor, block: int) -> None:
         cols = (idx[:, None] * block + torch.arange(block)).reshape(-1) if block != 1 else idx
         _slice(mod, "weight", 1, cols)
         mod.in_features = int(cols.numel())
-    elif isinstance(mod, _CONVT):
+    elif isinstance(mod, CONVT_TYPES):
         _slice(mod, "weight", 0, idx)
         mod.in_channels = int(idx.numel())
-    elif isinstance(mod, _CONV):
+    elif isinstance(mod, CONV_TYPES):
         _slice(mod, "weight", 1, idx)
         mod.in_channels = int(idx.numel())
     else:  # pragma: no cover
@@ -197,7 +197,7 @@ def shrink(model: nn.Module, channel_masks: Mapping[str, torch.Tensor], example_
         for cname, block in g.consumers:
             _shrink_consumer(mods[cname], idx, block)
     if check:
-        inputs = _inputs_tuple(example_input)
+        inputs = inputs_tuple(example_input)
         ref = _eval_outputs(masked_copy(model, groups, cm), inputs)
         try:
             got = _eval_outputs(shrunk, inputs)
@@ -247,7 +247,7 @@ def shrink_report(dense: nn.Module, shrunk: nn.Module, example_input, *, latency
     ``latency_dense_s``, ``latency_shrunk_s`` (median eval-mode forward time of ``example_input`` over that many
     runs after one warm-up) and ``latency_ratio``. Neither model is changed.
     """
-    inputs = _inputs_tuple(example_input)
+    inputs = inputs_tuple(example_input)
     shape = tuple(inputs[0].shape[1:])
     out: dict[str, Any] = {}
     for key, m in (("dense", dense), ("shrunk", shrunk)):
