@@ -124,8 +124,8 @@ def test_workers_exit_when_the_sweep_dies():
         import os, sys, time
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
-        from prunekit.experiments.sweep import _worker_init
-        pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(1,))
+        from prunekit.experiments.sweep import worker_init
+        pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=worker_init, initargs=(1,))
         fut = pool.submit(os.getpid)
         print(fut.result(), flush=True)
         pool.submit(time.sleep, 60)

@@ -224,7 +224,7 @@ def _subset_total(y: torch.Tensor, total: int, seed: int) -> torch.Tensor:
 # loading
 
 
-def _val_count(val_size, n: int, name: str) -> int:
+def val_count(val_size, n: int, name: str) -> int:
     ok = (not isinstance(val_size, bool) and isinstance(val_size, (int, float, np.integer, np.floating))
           and math.isfinite(val_size) and val_size >= 0 and (val_size < 1 or float(val_size).is_integer()))
     if not ok:
@@ -238,7 +238,7 @@ def _val_count(val_size, n: int, name: str) -> int:
 
 
 def _holdout(train: TensorData, val_size, seed: int, name: str) -> tuple[TensorData, TensorData]:
-    k = _val_count(val_size, len(train), name)
+    k = val_count(val_size, len(train), name)
     tr, va = stratified_split(train.y, k, seed)
     return train.subset(tr), train.subset(va)
 

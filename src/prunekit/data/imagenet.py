@@ -25,7 +25,7 @@ import torch
 
 from ..errors import DatasetMissingError, PrunekitError, is_count
 from ._util import check_seed, generator, mix_seed
-from .datasets import DatasetSplits, _val_count, stratified_split
+from .datasets import DatasetSplits, val_count, stratified_split
 from .paths import DATA_ENV
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -293,7 +293,7 @@ def load_imagenet(root: Path, val_size=None, seed: int = 42, **options) -> Datas
     _, tpaths, tlabels = _scan(base / "val", classes)
     spec = dict(image_size=size, resize_size=resize, workers=int(workers), classes=classes)
     pool, test = FileData(paths, labels, **spec), FileData(tpaths, tlabels, **spec)
-    k = _val_count(IMAGENET_VAL_SIZE if val_size is None else val_size, len(pool), "imagenet")
+    k = val_count(IMAGENET_VAL_SIZE if val_size is None else val_size, len(pool), "imagenet")
     tr, va = stratified_split(pool.y, k, seed)
     return DatasetSplits(pool.subset(tr), pool.subset(va), test, "imagenet", (3, size, size), len(classes),
                          IMAGENET_MEAN, IMAGENET_STD, augment=True)

@@ -155,7 +155,7 @@ def check_workers(workers) -> None:
                             f"sweep process; leave it out for one per CPU core), got {workers!r}")
 
 
-def _worker_init(threads: int) -> None:
+def worker_init(threads: int) -> None:
     """Torch threads, and a watchdog: a worker whose sweep process died exits (its run resumes from its last
     checkpoint when the sweep is started again; its lock goes with it)."""
     import threading
@@ -178,7 +178,7 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _run_one(cfg: dict, root: str, data_dir):
+def run_one(cfg: dict, root: str, data_dir):
     """One run in a worker process; returns its RunRecord. Exceptions propagate to the parent."""
     from .runner import run
 
@@ -274,7 +274,7 @@ class LocalBackend:
 
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         mpctx = mp.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(n_workers, mp_context=mpctx, initializer=_worker_init,
+        with ProcessPoolExecutor(n_workers, mp_context=mpctx, initializer=worker_init,
                                  initargs=(threads,)) as pool:
             queue = list(jobs)
             futures: dict[Any, str] = {}
@@ -283,7 +283,7 @@ class LocalBackend:
                 while queue or futures:
                     while queue and len(futures) < n_workers:
                         job = queue.pop(0)
-                        futures[pool.submit(_run_one, job.cfg, str(ctx.root), ctx.data_dir)] = job.run_id
+                        futures[pool.submit(run_one, job.cfg, str(ctx.root), ctx.data_dir)] = job.run_id
                         started[job.run_id] = time.perf_counter()
                     finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
                     for fut in finished:

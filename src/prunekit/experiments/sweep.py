@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config as C
-from .backends import Backend, Job, Outcome, SweepContext, _run_one, _worker_init, check_workers, make_backend
+from .backends import Backend, Job, Outcome, SweepContext, check_workers, make_backend, run_one, worker_init
 from .isolated import export_for_worker, own_journal, recover_journals
 from .store import INTERRUPTED, Store
 
 __all__ = ["Cell", "Grid", "GridOptions", "RUN_OPTIONS", "SweepResult", "SweepProgress", "plan", "execute", "sweep",
            "sweep_runs", "with_baselines", "check_workers", "record_failure", "starting_points", "BASELINES",
-           "_run_one", "_worker_init"]
+           "run_one", "worker_init"]
 
 BASELINES = ("random", "magnitude")
 
