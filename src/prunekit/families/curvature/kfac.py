@@ -170,22 +170,9 @@ def _spd_inverse(M: torch.Tensor, what: str) -> torch.Tensor:
     return torch.cholesky_inverse(L)
 
 
-def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
-    """A (inputs) and Γ (output gradients) of every prunable Linear / Conv1d / Conv2d / Conv3d, and their damped
-    inverses.
-
-    A = (1/(N·P))·Σ_n Σ_p a_np a_npᵀ and Γ = (1/N)·Σ_n Σ_p δ_np δ_npᵀ, δ_n the gradient of example n's own loss
-    w.r.t. the layer output (the batch-mean loss times the batch size), P output positions. A bias gets A = [[1]]
-    (its input is the constant 1) and the Γ of its layer.
-
-    Grouped and depthwise convolutions (``groups`` = g > 1): each group is an independent linear map from its
-    in/g·∏k patch features to its out/g outputs, so it gets its own A_g, Γ_g (the formulas above restricted to the
-    group's patch rows and output channels), its own π_g (``kfac_pi``) and its own damping √(λπ_g)·I, √(λ/π_g)·I.
-    """
-    o = ctx.options
-    model = ctx.model
-    if _gradient_edge is None:  # pragma: no cover
-        raise PrunekitError("kfac needs torch >= 2.4 (torch.autograd.graph.get_gradient_edge)")
+def _check_params(ctx: ScoreContext) -> None:
+    """Refuse what the Kronecker factors cannot express: layers other than standard Linear / Conv1d/2d/3d, tensors
+    other than weight and bias, and tensors tied across modules."""
     seen: dict[int, str] = {}
     for p in ctx.params:
         if _kfac_kind(p.module) is None:
@@ -201,95 +188,139 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
             raise PrunekitError(f"kfac: {p.name!r} is tied to a tensor of another module; tied weights are not "
                                 "supported")
         seen[id(p.tensor)] = p.module_name
-    modules: dict[nn.Module, str] = {}
-    for p in ctx.params:
-        modules.setdefault(p.module, p.module_name)
-    dev = model_device(model)
-    A_sum = {m: None for m in modules}
-    G_sum = {m: None for m in modules}
-    n_total = 0
+
+
+def _recorded_forward(model: nn.Module, modules: dict[nn.Module, str], x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``model(x)`` and, per layer of ``modules``, its calls: (input, the input's version, the output's gradient
+    edge), or None for a call whose output does not require grad."""
     records: dict[nn.Module, list] = {m: [] for m in modules}
 
     def hook(mod, args, out):
         records[mod].append((args[0], args[0]._version, _gradient_edge(out)) if out.grad_fn is not None else None)
 
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, records
+
+
+def _check_records(records: dict[nn.Module, list], modules: dict[nn.Module, str]) -> None:
+    """Each layer is called at most once per forward, on an input nothing modifies in place, with a differentiable
+    output."""
+    for m, rec in records.items():
+        if len(rec) > 1:
+            raise PrunekitError(f"kfac: module {modules[m]!r} is called {len(rec)} times per forward; shared "
+                                "modules are not supported")
+        if rec and (rec[0] is None or rec[0][0]._version != rec[0][1]):
+            raise PrunekitError(f"kfac: the input of module {modules[m]!r} is modified in place during the "
+                                "forward (or its output does not require grad)")
+
+
+def _add_chunk_sums(ctx: ScoreContext, modules: dict[nn.Module, str], x: torch.Tensor, y: torch.Tensor,
+                    A_sum: dict, G_sum: dict) -> None:
+    """Add one chunk's factor sums (:func:`_factor_sums`) of every layer called in its forward to ``A_sum`` and
+    ``G_sum`` (None until a layer's first sum); the loss of each example is its own (true Fisher: on labels drawn
+    from ``ctx.generator``)."""
+    out, records = _recorded_forward(ctx.model, modules, x)
+    if ctx.options.true_fisher:
+        y = _sample_labels(out, ctx.generator).to(y.device)
+    _check_records(records, modules)
+    live = [m for m, rec in records.items() if rec]
+    total = ctx.loss(out, y) * x.shape[0]  # each example's own loss: δ of the batch mean times the batch size
+    grads = torch.autograd.grad(total, [records[m][0][2] for m in live], allow_unused=True) if live else []
+    dout = dict(zip(live, grads))
+    for m in modules:
+        if not records[m]:
+            continue
+        At, Gt = _factor_sums(m, records[m][0][0].detach(), dout.get(m))
+        A_sum[m] = At if A_sum[m] is None else A_sum[m] + At
+        if Gt is not None:
+            G_sum[m] = Gt if G_sum[m] is None else G_sum[m] + Gt
+
+
+def _summed_statistics(ctx: ScoreContext, modules: dict[nn.Module, str], dev: torch.device) -> tuple[dict, dict, int]:
+    """(Σ a aᵀ per layer, Σ δ δᵀ per layer, N) over the first ``kfac_samples`` examples of ``ctx.data``, summed over
+    the DDP ranks (each rank takes every world-size-th chunk); a layer no chunk reached has None."""
+    o = ctx.options
+    model = ctx.model
+    A_sum = {m: None for m in modules}
+    G_sum = {m: None for m in modules}
+    n_total = 0
     chunks = first_examples(ctx.data, o.kfac_samples, "kfac", "kfac_samples", o.kfac_batch, dev,
                              float_dtype(model))
     with scoring_mode(model, "eval", [p.tensor for p in ctx.params]):
         for index, (x, y) in enumerate(chunks):
-            n = x.shape[0]
             if not distributed.owns(index):  # DDP: another rank's chunk (its sums are added below)
                 if o.true_fisher:  # draw its labels all the same: the generator stays in step on every rank
                     with torch.no_grad():
                         _sample_labels(model(x), ctx.generator)
-                n_total += n
-                continue
-            for r in records.values():
-                r.clear()
-            handles = [m.register_forward_hook(hook) for m in modules]
-            try:
-                out = model(x)
-            finally:
-                for h in handles:
-                    h.remove()
-            if o.true_fisher:
-                y = _sample_labels(out, ctx.generator).to(y.device)
-            for m, rec in records.items():
-                if len(rec) > 1:
-                    raise PrunekitError(f"kfac: module {modules[m]!r} is called {len(rec)} times per forward; shared "
-                                        "modules are not supported")
-                if rec and (rec[0] is None or rec[0][0]._version != rec[0][1]):
-                    raise PrunekitError(f"kfac: the input of module {modules[m]!r} is modified in place during the "
-                                        "forward (or its output does not require grad)")
-            live = [m for m, rec in records.items() if rec]
-            total = ctx.loss(out, y) * n  # each example's own loss: δ of the batch mean times the batch size
-            grads = torch.autograd.grad(total, [records[m][0][2] for m in live], allow_unused=True) if live else []
-            dout = dict(zip(live, grads))
-            for m in modules:
-                if not records[m]:
-                    continue
-                At, Gt = _factor_sums(m, records[m][0][0].detach(), dout.get(m))
-                A_sum[m] = At if A_sum[m] is None else A_sum[m] + At
-                if Gt is not None:
-                    G_sum[m] = Gt if G_sum[m] is None else G_sum[m] + Gt
-            n_total += n
-            del out, total, grads, dout
-            for r in records.values():
-                r.clear()
+            else:
+                _add_chunk_sums(ctx, modules, x, y, A_sum, G_sum)
+            n_total += x.shape[0]
     names = list(modules)
     summed = distributed.all_sum_optional([A_sum[m] for m in names] + [G_sum[m] for m in names])
-    A_sum = dict(zip(names, summed[: len(names)]))
-    G_sum = dict(zip(names, summed[len(names):]))
-    lam = o.fisher_damp
+    return dict(zip(names, summed[: len(names)])), dict(zip(names, summed[len(names):])), n_total
+
+
+def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
+    """A (inputs) and Γ (output gradients) of every prunable Linear / Conv1d / Conv2d / Conv3d, and their damped
+    inverses.
+
+    A = (1/(N·P))·Σ_n Σ_p a_np a_npᵀ and Γ = (1/N)·Σ_n Σ_p δ_np δ_npᵀ, δ_n the gradient of example n's own loss
+    w.r.t. the layer output (the batch-mean loss times the batch size), P output positions. A bias gets A = [[1]]
+    (its input is the constant 1) and the Γ of its layer.
+
+    Grouped and depthwise convolutions (``groups`` = g > 1): each group is an independent linear map from its
+    in/g·∏k patch features to its out/g outputs, so it gets its own A_g, Γ_g (the formulas above restricted to the
+    group's patch rows and output channels), its own π_g (``kfac_pi``) and its own damping √(λπ_g)·I, √(λ/π_g)·I.
+    """
+    if _gradient_edge is None:  # pragma: no cover
+        raise PrunekitError("kfac needs torch >= 2.4 (torch.autograd.graph.get_gradient_edge)")
+    _check_params(ctx)
+    modules: dict[nn.Module, str] = {}
+    for p in ctx.params:
+        modules.setdefault(p.module, p.module_name)
+    dev = model_device(ctx.model)
+    A_sum, G_sum, n_total = _summed_statistics(ctx, modules, dev)
     res: dict[str, KFACFactors] = {}
     for m, mname in modules.items():
-        if _kfac_groups(m) > 1:
-            res.update(_grouped_factors(ctx, m, mname, A_sum[m], G_sum[m], n_total, dev))
+        layer_factors = _grouped_factors if _kfac_groups(m) > 1 else _dense_factors
+        res.update(layer_factors(ctx, m, mname, A_sum[m], G_sum[m], n_total, dev))
+    return res
+
+
+def _dense_factors(ctx: ScoreContext, m: nn.Module, mname: str, A_sum: torch.Tensor | None,
+                   G_sum: torch.Tensor | None, n_total: int, dev) -> dict[str, KFACFactors]:
+    """The factors of a Linear or a convolution with groups = 1: A [din, din], Γ [dout, dout] and their damped
+    inverses, for the layer's weight and (A = [[1]]) bias."""
+    lam = ctx.options.fisher_damp
+    w = m.weight
+    din = w[0].numel()
+    dout = w.shape[0]
+    A = (A_sum / n_total) if A_sum is not None else torch.zeros(din, din, dtype=torch.float64, device=dev)
+    G = (G_sum / n_total) if G_sum is not None else torch.zeros(dout, dout, dtype=torch.float64, device=dev)
+    pi = 1.0
+    if ctx.options.kfac_pi:
+        ta, tg = float(torch.trace(A)) / din, float(torch.trace(G)) / dout
+        pi = ta / tg if ta > 0 and tg > 0 else 1.0
+    eye_a = torch.eye(din, dtype=torch.float64, device=A.device)
+    eye_g = torch.eye(dout, dtype=torch.float64, device=G.device)
+    A_inv = _spd_inverse(A + math.sqrt(lam * pi) * eye_a, f"A of {mname!r}")
+    G_inv = _spd_inverse(G + math.sqrt(lam / pi) * eye_g, f"Γ of {mname!r}")
+    gd = torch.diagonal(G_inv)
+    res = {}
+    for p in ctx.params:
+        if p.module is not m:
             continue
-        w = m.weight
-        din = w[0].numel()
-        dout_ = w.shape[0]
-        A = (A_sum[m] / n_total) if A_sum[m] is not None else torch.zeros(din, din, dtype=torch.float64, device=dev)
-        G = (G_sum[m] / n_total) if G_sum[m] is not None else torch.zeros(dout_, dout_, dtype=torch.float64,
-                                                                           device=dev)
-        pi = 1.0
-        if o.kfac_pi:
-            ta, tg = float(torch.trace(A)) / din, float(torch.trace(G)) / dout_
-            pi = ta / tg if ta > 0 and tg > 0 else 1.0
-        eye_a = torch.eye(din, dtype=torch.float64, device=A.device)
-        eye_g = torch.eye(dout_, dtype=torch.float64, device=G.device)
-        A_inv = _spd_inverse(A + math.sqrt(lam * pi) * eye_a, f"A of {mname!r}")
-        G_inv = _spd_inverse(G + math.sqrt(lam / pi) * eye_g, f"Γ of {mname!r}")
-        gd = torch.diagonal(G_inv)
-        for p in ctx.params:
-            if p.module is not m:
-                continue
-            if p.attr == "weight":
-                res[p.name] = KFACFactors(A, G, A_inv, G_inv, torch.outer(gd, torch.diagonal(A_inv)), pi)
-            else:  # bias: input 1, A = [[1]]
-                one = torch.ones(1, 1, dtype=torch.float64, device=A.device)
-                a_inv = 1.0 / (1.0 + math.sqrt(lam * pi)) * one
-                res[p.name] = KFACFactors(one, G, a_inv, G_inv, gd.unsqueeze(1) * a_inv, pi)
+        if p.attr == "weight":
+            res[p.name] = KFACFactors(A, G, A_inv, G_inv, torch.outer(gd, torch.diagonal(A_inv)), pi)
+        else:  # bias: input 1, A = [[1]]
+            one = torch.ones(1, 1, dtype=torch.float64, device=A.device)
+            a_inv = 1.0 / (1.0 + math.sqrt(lam * pi)) * one
+            res[p.name] = KFACFactors(one, G, a_inv, G_inv, gd.unsqueeze(1) * a_inv, pi)
     return res
 
 
