@@ -444,6 +444,103 @@ class _Selector:
         return total, keep
 
 
+def _check_arguments(mode: str, normalize: str, min_keep: int, size_tol: float) -> None:
+    if mode not in MODES:
+        raise PrunekitError(f"allocation mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if normalize not in NORMALIZATIONS:
+        raise PrunekitError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1:
+        raise PrunekitError(f"min_keep must be an int >= 1 (a group cannot lose every channel), got {min_keep!r}")
+    if not 0.0 <= float(size_tol) < 1.0:
+        raise PrunekitError(f"size_tol must be in [0, 1), got {size_tol!r}")
+
+
+def _selectable_groups(groups: Sequence[ChannelGroup], channel_scores: Mapping[str, torch.Tensor],
+                       alive: Mapping[str, torch.Tensor]) -> list[ChannelGroup]:
+    """The groups that take part (prunable, scored, every producer's weight in ``alive``); scores of a group that
+    does not exist are refused."""
+    named = {g.name: g for g in groups}
+    unknown = [n for n in channel_scores if n not in named]
+    if unknown:
+        near = closest(unknown[0], list(named))
+        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+        raise PrunekitError(f"channel scores for unknown group {unknown[0]!r}{hint}")
+    return [g for g in groups if g.prunable and g.name in channel_scores
+            and all((f"{p}.weight" if p else "weight") in alive for p in g.producers)]
+
+
+def _group_scores(chosen: Sequence[ChannelGroup], channel_scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scores of each chosen group as a float64 CPU vector of the group's size, without NaN."""
+    scores = {}
+    for g in chosen:
+        s = torch.as_tensor(channel_scores[g.name]).detach().to("cpu", torch.float64).reshape(-1)
+        if s.numel() != g.size:
+            raise PrunekitError(f"channel scores of group {g.name!r} have {s.numel()} entries, the group has {g.size}")
+        if bool(torch.isnan(s).any()):
+            raise PrunekitError(f"channel scores of group {g.name!r} contain NaN")
+        scores[g.name] = s
+    return scores
+
+
+def _within(c: float, target: int, tol: float) -> bool:
+    """``c`` kept entries are within the relative tolerance ``tol`` of ``target``."""
+    return abs(c - target) <= tol * max(target, 1)
+
+
+def _unreachable(sel: _Selector, plans: list[_Plan], c_min: float, target: int, total: int, min_keep: int,
+                 n_groups: int, tol: float) -> PrunekitError:
+    """The error for a target below the smallest network: the largest reachable sparsity and what to do."""
+    smax, digits = _largest_sparsity(c_min, total, tol)
+    fixed = _describe_fixed(plans)
+    where = (f"; {int(sel.fixed_count)} of them are in tensors no prunable channel group touches: {fixed}"
+             if fixed else "")
+    return PrunekitError(
+        f"cannot keep only {target} of {total} weights (sparsity {1 - target / total:.4f}) by removing whole "
+        f"channels: the smallest network, with {min_keep} channel(s) in each of {n_groups} prunable group(s), "
+        f"keeps {int(c_min)} (the largest reachable sparsity is {smax:.{digits}f}){where}. Ask for "
+        f"sparsity <= {smax:.{digits}f}, or leave the layers that cannot shrink out of pruning (exclude=[...] or "
+        "exclude_output=True) so they do not count")
+
+
+def _bracket(sel: _Selector, c_min: float, target: int) -> tuple[int, float, int, float]:
+    """(lo, size of lo, hi, size of hi): bisection for the prefixes just below and just above ``target``; lo = hi =
+    every item when the whole order fits."""
+    lo, hi = 0, sel.n_items
+    c_lo, c_hi = c_min, sel.count(hi)
+    if c_hi <= target:
+        return hi, c_hi, hi, c_hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        c = sel.count(mid)
+        if c <= target:
+            lo, c_lo = mid, c
+        else:
+            hi, c_hi = mid, c
+    return lo, c_lo, hi, c_hi
+
+
+def _best_selection(sel: _Selector, c_min: float, target: int, tol: float
+                    ) -> tuple[int, float, dict[str, torch.Tensor] | None]:
+    """(prefix length, size, None) of the selection closest to ``target`` (see the module docstring), or
+    (-1, size, keep vectors) when a walk off the prefixes wins."""
+    if c_min >= target or sel.n_items == 0:
+        return 0, c_min, None
+    lo, c_lo, hi, c_hi = _bracket(sel, c_min, target)
+    if _within(c_lo, target, tol) or lo == sel.n_items:
+        return lo, c_lo, None
+    if _within(c_hi, target, tol):
+        return hi, c_hi, None
+    # one channel jumps over the tolerance band: walk up from below, then down from above
+    cands = [(c_lo, lo), (c_hi, hi), sel.adjust(lo, target, tol, add=True)]
+    if not _within(cands[-1][0], target, tol):
+        cands.append(sel.adjust(hi, target, tol, add=False))
+    best_c, best = min(cands, key=lambda t: (0, t[0] > target, abs(t[0] - target)) if _within(t[0], target, tol)
+                       else (1, abs(t[0] - target), t[0] > target))
+    if isinstance(best, dict):
+        return -1, best_c, best
+    return best, best_c, None
+
+
 def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_scores: Mapping[str, torch.Tensor],
                     target_kept: int, alive: Mapping[str, torch.Tensor], mode: str = "uniform", min_keep: int = 1,
                     size_tol: float = 0.005, *, normalize: str = "max") -> tuple[dict[str, torch.Tensor], int]:
@@ -466,14 +563,7 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     channels in each group, plus every entry outside the selectable groups) keeps more than ``target_kept`` by
     more than ``size_tol``: the message gives the largest reachable sparsity and how to prune further.
     """
-    if mode not in MODES:
-        raise PrunekitError(f"allocation mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if normalize not in NORMALIZATIONS:
-        raise PrunekitError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1:
-        raise PrunekitError(f"min_keep must be an int >= 1 (a group cannot lose every channel), got {min_keep!r}")
-    if not 0.0 <= float(size_tol) < 1.0:
-        raise PrunekitError(f"size_tol must be in [0, 1), got {size_tol!r}")
+    _check_arguments(mode, normalize, min_keep, size_tol)
     target = int(target_kept)
     alive = {n: torch.as_tensor(m).to(torch.bool) for n, m in alive.items()}
     total = sum(m.numel() for m in alive.values())
@@ -481,79 +571,23 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     if target < 0 or target > n_alive:
         raise PrunekitError(f"target of {target} kept weights is outside [0, {n_alive}] (the alive entries; masks "
                             "are nested, so pruned weights cannot come back)")
-    named = {g.name: g for g in groups}
-    unknown = [n for n in channel_scores if n not in named]
-    if unknown:
-        near = closest(unknown[0], list(named))
-        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
-        raise PrunekitError(f"channel scores for unknown group {unknown[0]!r}{hint}")
-    chosen = [g for g in groups if g.prunable and g.name in channel_scores
-              and all((f"{p}.weight" if p else "weight") in alive for p in g.producers)]
+    chosen = _selectable_groups(groups, channel_scores, alive)
     _warn_fixed(model, groups, alive, n_alive)
-    scores = {}
-    for g in chosen:
-        s = torch.as_tensor(channel_scores[g.name]).detach().to("cpu", torch.float64).reshape(-1)
-        if s.numel() != g.size:
-            raise PrunekitError(f"channel scores of group {g.name!r} have {s.numel()} entries, the group has {g.size}")
-        if bool(torch.isnan(s).any()):
-            raise PrunekitError(f"channel scores of group {g.name!r} contain NaN")
-        scores[g.name] = s
+    scores = _group_scores(chosen, channel_scores)
     alive_ch = channel_masks_from_masks(model, chosen, alive, side="either") if chosen else {}
     plans = _plans(model, chosen, alive)
     sel = _Selector(chosen, scores, alive_ch, plans, mode, min_keep, normalize)
-
-    def within(c: float) -> bool:
-        return abs(c - target) <= size_tol * max(target, 1)
-
     c_min = sel.count(0)
-    if c_min > target and not within(c_min):
-        smax, digits = _largest_sparsity(c_min, total, size_tol)
-        fixed = _describe_fixed(plans)
-        where = (f"; {int(sel.fixed_count)} of them are in tensors no prunable channel group touches: {fixed}"
-                 if fixed else "")
-        raise PrunekitError(
-            f"cannot keep only {target} of {total} weights (sparsity {1 - target / total:.4f}) by removing whole "
-            f"channels: the smallest network, with {min_keep} channel(s) in each of {len(chosen)} prunable group(s), "
-            f"keeps {int(c_min)} (the largest reachable sparsity is {smax:.{digits}f}){where}. Ask for "
-            f"sparsity <= {smax:.{digits}f}, or leave the layers that cannot shrink out of pruning (exclude=[...] or "
-            "exclude_output=True) so they do not count")
-    if c_min >= target or sel.n_items == 0:
-        best_k, best_c, keep = 0, c_min, None
-    else:
-        lo, hi = 0, sel.n_items
-        c_lo, c_hi = c_min, sel.count(hi)
-        if c_hi <= target:
-            lo, c_lo = hi, c_hi
-        else:
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                c = sel.count(mid)
-                if c <= target:
-                    lo, c_lo = mid, c
-                else:
-                    hi, c_hi = mid, c
-        keep = None
-        if within(c_lo) or lo == sel.n_items:
-            best_k, best_c = lo, c_lo
-        elif within(c_hi):
-            best_k, best_c = hi, c_hi
-        else:  # one channel jumps over the tolerance band: walk up from below, then down from above
-            cands = [(c_lo, lo), (c_hi, hi), sel.adjust(lo, target, size_tol, add=True)]
-            if not within(cands[-1][0]):
-                cands.append(sel.adjust(hi, target, size_tol, add=False))
-            best_c, best = min(cands, key=lambda t: (0, t[0] > target, abs(t[0] - target)) if within(t[0])
-                               else (1, abs(t[0] - target), t[0] > target))
-            if isinstance(best, dict):
-                keep, best_k = best, -1
-            else:
-                best_k = best
+    if c_min > target and not _within(c_min, target, size_tol):
+        raise _unreachable(sel, plans, c_min, target, total, min_keep, len(chosen), size_tol)
+    best_k, best_c, keep = _best_selection(sel, c_min, target, size_tol)
     if keep is None:
         keep = sel.keep(best_k)
     channel_masks = {g.name: keep[g.name] > 0.5 for g in chosen}
     achieved = int(round(best_c))
     log.info("select_channels (%s): kept %d of target %d weights (%+.4f) after %d size evaluations%s", mode,
              achieved, target, achieved / max(target, 1) - 1.0, sel.evaluations, " and a walk" if best_k < 0 else "")
-    if not within(achieved):
+    if not _within(achieved, target, size_tol):
         warnings.warn(f"channel selection ({mode}) keeps {achieved} weights for a target of {target} "
                       f"({achieved / max(target, 1) - 1:+.2%}), outside size_tol={size_tol:g}: single channels carry "
                       "too many weights to get closer", stacklevel=2)
