@@ -462,6 +462,27 @@ def grad_stats(
       ``max_bytes``: budget for materialized per-sample / per-mini-batch gradients.
     - ``dtype``: accumulation precision; default float32 (float64 for a float64 model).
     """
+    params = _checked_params(model, params)
+    _check_options(batch_size, max_chunk, engine, mode, params)
+    device, fdtype, acc = _devices_and_precision(model, params, dtype)
+    B = batch_size
+    if mode == "train" and B == 1 and _has_batchnorm(model):
+        raise PrunekitError("mode='train' with batch_size=1 on a model with BatchNorm: a normalization layer would "
+                            "see a single sample; use batch_size > 1 or mode='eval'")
+
+    run = _Run(model, params, loss, per_sample_loss, B, need_sq, acc, int(max_bytes))
+    stream = BatchStream(data, device, fdtype, who="grad_stats")
+    assign = _assign_engines(model, params, engine, mode, run.sum_loss is not None)
+    with scoring_mode(model, mode, [p.tensor for p in params]):
+        if mode == "eval" and B > max_chunk:
+            n_samples, n_batches = _accumulate_micro_batches(run, stream, max_chunk)
+        else:
+            n_samples, n_batches = _accumulate_pieces(run, stream, assign, engine, mode, max_chunk)
+    return _reduce_and_finish(run, n_samples, n_batches)
+
+
+def _checked_params(model, params) -> list[PrunableParam]:
+    """The model is a module and ``params`` a non-empty list of distinct PrunableParams (as a list)."""
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"model must be an nn.Module, got {type(model).__name__}")
     params = list(params)
@@ -471,6 +492,11 @@ def grad_stats(
         raise PrunekitError("params must be PrunableParam objects (see prunekit.params.prunable_params)")
     if len({p.name for p in params}) != len(params):
         raise PrunekitError("params name the same tensor twice")
+    return params
+
+
+def _check_options(batch_size, max_chunk, engine: str, mode: str, params: list[PrunableParam]) -> None:
+    """Counts, engine and mode are valid together, and every prunable tensor is floating point."""
     if not is_count(batch_size):
         raise PrunekitError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not is_count(max_chunk):
@@ -485,6 +511,10 @@ def grad_stats(
     for p in params:
         if not isinstance(p.tensor, torch.Tensor) or not p.tensor.is_floating_point():
             raise PrunekitError(f"prunable tensor {p.name!r} is not a floating-point tensor")
+
+
+def _devices_and_precision(model: nn.Module, params: list[PrunableParam], dtype):
+    """(device of the data, floating dtype of the model, accumulation dtype) for :func:`grad_stats`."""
     first = next(model.parameters(), None)
     if first is None:
         first = params[0].tensor
@@ -495,89 +525,103 @@ def grad_stats(
         torch.float64 if fdtype == torch.float64 or distributed.active() else torch.float32)
     if not isinstance(acc, torch.dtype) or not acc.is_floating_point:
         raise PrunekitError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
-    B = batch_size
-    if mode == "train" and B == 1 and _has_batchnorm(model):
-        raise PrunekitError("mode='train' with batch_size=1 on a model with BatchNorm: a normalization layer would "
-                            "see a single sample; use batch_size > 1 or mode='eval'")
+    return device, fdtype, acc
 
-    run = _Run(model, params, loss, per_sample_loss, B, need_sq, acc, int(max_bytes))
-    stream = BatchStream(data, device, fdtype, who="grad_stats")
 
-    # which engine handles which tensor
-    assign: dict[str, str] = {}
+def _assign_engines(model: nn.Module, params: list[PrunableParam], engine: str, mode: str,
+                    has_sum_loss: bool) -> dict[str, str]:
+    """Which engine ('hooks', 'vmap' or 'loop') handles which tensor, by name, before any fallback."""
     if mode == "train" or engine == "loop":
-        assign = {p.name: "loop" for p in params}
-    elif engine == "vmap":
-        assign = {p.name: "vmap" for p in params}
-    else:
-        tied = {id(t) for t, names in _unique(params) if len(names) > 1}
-        # BatchNorm without running statistics normalizes with batch statistics even in eval mode
-        coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-                      for m in model.modules())
-        hookable = (_gradient_edge is not None and not coupled and (run.sum_loss is not None or engine == "hooks"))
-        unsupported = []
-        for p in params:
-            ok = hookable and _hook_kind(p.module) is not None and p.attr in ("weight", "bias") \
-                and id(p.tensor) not in tied
-            if not ok:
-                unsupported.append(p.name)
-            assign[p.name] = "hooks" if ok else "vmap"
-        if engine == "hooks" and unsupported:
-            raise PrunekitError(f"the hooks engine does not support {unsupported[0]!r} (only weights and biases of "
-                                "nn.Linear, nn.Conv1d and nn.Conv2d, each used once per forward); use engine='auto' "
-                                "or 'vmap'")
+        return {p.name: "loop" for p in params}
+    if engine == "vmap":
+        return {p.name: "vmap" for p in params}
+    assign: dict[str, str] = {}
+    tied = {id(t) for t, names in _unique(params) if len(names) > 1}
+    # BatchNorm without running statistics normalizes with batch statistics even in eval mode
+    coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+                  for m in model.modules())
+    hookable = (_gradient_edge is not None and not coupled and (has_sum_loss or engine == "hooks"))
+    unsupported = []
+    for p in params:
+        ok = hookable and _hook_kind(p.module) is not None and p.attr in ("weight", "bias") \
+            and id(p.tensor) not in tied
+        if not ok:
+            unsupported.append(p.name)
+        assign[p.name] = "hooks" if ok else "vmap"
+    if engine == "hooks" and unsupported:
+        raise PrunekitError(f"the hooks engine does not support {unsupported[0]!r} (only weights and biases of "
+                            "nn.Linear, nn.Conv1d and nn.Conv2d, each used once per forward); use engine='auto' "
+                            "or 'vmap'")
+    return assign
 
-    # DDP: every rank reads the same data and handles every world-size-th mini-batch (or piece of whole
-    # mini-batches); the sums and counts are then added over the ranks (prunekit.distributed)
+
+# DDP, both streams below: every rank reads the same data and handles every world-size-th mini-batch (or piece of
+# whole mini-batches); the sums and counts are then added over the ranks (prunekit.distributed)
+
+
+def _accumulate_micro_batches(run: _Run, stream: BatchStream, max_chunk: int) -> tuple[int, int]:
+    """Eval mode with B > max_chunk: each mini-batch as micro-batches of at most ``max_chunk`` samples whose
+    summed-loss gradients are added and divided by |b|. Returns (samples, mini-batches) read."""
+    B = run.B
     n_samples = n_batches = 0
-    with scoring_mode(model, mode, [p.tensor for p in params]):
-        if mode == "eval" and B > max_chunk:
-            # micro-batches of one mini-batch: sum the summed-loss gradients, divide by |b|
-            index = 0
-            while True:
-                carry, got, ours = None, 0, distributed.owns(index)
-                while got < B:
-                    piece = stream.take(min(max_chunk, B - got))
-                    if piece is None:
-                        break
-                    if ours:
-                        s = run.summed(*piece)
-                        carry = s if carry is None else {k: carry[k] + s[k] for k in carry}
-                    got += piece[0].shape[0]
-                if got == 0:
-                    break
-                if ours:
-                    for name, v in carry.items():
-                        run._add(name, (v / got).unsqueeze(0))
-                n_samples += got
-                n_batches += 1
-                index += 1
-                if got < B:
-                    break
-            run.used = ["batched"]
-        else:
-            size = B if mode == "train" else B * max(1, max_chunk // B)
-            index = 0
-            while (piece := stream.take(size)) is not None:
-                x, y = piece
-                n = x.shape[0]
-                if mode == "train" and n % B == 1 and _has_batchnorm(model):
-                    raise PrunekitError(f"mode='train': the last mini-batch holds a single sample ({n_samples + n} "
-                                        f"samples, batch_size={B}) and BatchNorm would see one value per channel; "
-                                        "use a sample count that leaves no mini-batch of one, or mode='eval'")
-                if distributed.owns(index):
-                    _piece(run, x, y, params, assign, engine)
-                index += 1
-                n_samples += n
-                n_batches += -(-n // B)
-    distributed.all_sum(*run.sum.values(), *(run.sq.values() if need_sq else ()))
+    index = 0
+    while True:
+        carry, got, ours = None, 0, distributed.owns(index)
+        while got < B:
+            piece = stream.take(min(max_chunk, B - got))
+            if piece is None:
+                break
+            if ours:
+                s = run.summed(*piece)
+                carry = s if carry is None else {k: carry[k] + s[k] for k in carry}
+            got += piece[0].shape[0]
+        if got == 0:
+            break
+        if ours:
+            for name, v in carry.items():
+                run._add(name, (v / got).unsqueeze(0))
+        n_samples += got
+        n_batches += 1
+        index += 1
+        if got < B:
+            break
+    run.used = ["batched"]
+    return n_samples, n_batches
+
+
+def _accumulate_pieces(run: _Run, stream: BatchStream, assign: dict[str, str], engine: str, mode: str,
+                       max_chunk: int) -> tuple[int, int]:
+    """Pieces of whole mini-batches (one mini-batch in train mode, up to ``max_chunk`` samples in eval mode), each
+    through the assigned engines. Returns (samples, mini-batches) read."""
+    B = run.B
+    size = B if mode == "train" else B * max(1, max_chunk // B)
+    n_samples = n_batches = 0
+    index = 0
+    while (piece := stream.take(size)) is not None:
+        x, y = piece
+        n = x.shape[0]
+        if mode == "train" and n % B == 1 and _has_batchnorm(run.model):
+            raise PrunekitError(f"mode='train': the last mini-batch holds a single sample ({n_samples + n} "
+                                f"samples, batch_size={B}) and BatchNorm would see one value per channel; "
+                                "use a sample count that leaves no mini-batch of one, or mode='eval'")
+        if distributed.owns(index):
+            _piece(run, x, y, run.params, assign, engine)
+        index += 1
+        n_samples += n
+        n_batches += -(-n // B)
+    return n_samples, n_batches
+
+
+def _reduce_and_finish(run: _Run, n_samples: int, n_batches: int) -> GradStats:
+    """Sums over the DDP ranks, then divides by the number of mini-batches."""
+    distributed.all_sum(*run.sum.values(), *(run.sq.values() if run.need_sq else ()))
     run.passes = distributed.sum_int(run.passes)
     if n_samples == 0:
         raise PrunekitError("grad_stats got no samples: data yielded no (inputs, targets) batch with samples")
     mean = {k: v.div_(n_batches) for k, v in run.sum.items()}
-    sq = {k: v.div_(n_batches) for k, v in run.sq.items()} if need_sq else None
+    sq = {k: v.div_(n_batches) for k, v in run.sq.items()} if run.need_sq else None
     order = [e for e in ("batched", "hooks", "vmap", "loop") if e in run.used]
-    return GradStats(mean, sq, n_samples, n_batches, B, run.passes, "+".join(order))
+    return GradStats(mean, sq, n_samples, n_batches, run.B, run.passes, "+".join(order))
 
 
 def _piece(run: _Run, x, y, params, assign: dict[str, str], engine: str) -> None:
