@@ -190,6 +190,33 @@ def gradient_matrix(
     - ``engine``: 'auto' (hooks where supported, else vmap), 'hooks' or 'vmap'.
     """
     params = list(params)
+    default_loss = _check_arguments(params, n_grads, grad_batch, engine, loss, label_smoothing)
+    mdev = model_device(model)
+    gdev = torch.device(device) if device is not None else mdev
+    fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+    if dtype is None:
+        dtype = torch.float64 if fdtype == torch.float64 else torch.float32
+    b = grad_batch
+    cols = _Columns(params, masks, active_only, mdev)
+    G = torch.zeros(n_grads, cols.d, dtype=dtype, device=gdev)
+    stream = BatchStream(data, mdev, fdtype, who="the OBS family")
+    use = _choose_engine(model, params, engine, default_loss)
+    m = _micro_batch_size(model, params, stream, b, max_micro_batch, chunk_bytes)
+
+    def vmap_engine() -> _Vmap:
+        return _Vmap(model, params, cols, loss, label_smoothing)
+
+    run = _Hooks(model, params, cols, label_smoothing) if use == "hooks" else vmap_engine()
+    with scoring_mode(model, "eval", [p.tensor for p in params]):
+        got = _fill_rows(G, run, vmap_engine, stream, model, want=n_grads * b, b=b, m=m, true_fisher=true_fisher,
+                         generator=generator)
+    distributed.all_sum(G)
+    check_finite_gradients(G)
+    return _rows_filled(G, got, n_grads, b)
+
+
+def _check_arguments(params: list[PrunableParam], n_grads, grad_batch, engine: str, loss, label_smoothing) -> bool:
+    """Validates the arguments of :func:`gradient_matrix`; returns whether the loss is the built-in cross-entropy."""
     if not params:
         raise PrunekitError("gradient_matrix needs at least one prunable parameter")
     if not is_count(n_grads):
@@ -205,28 +232,27 @@ def gradient_matrix(
     if label_smoothing and not default_loss:
         raise PrunekitError("hess_label_smoothing applies to the built-in cross-entropy only; a custom loss must "
                             "smooth its labels itself")
-    mdev = model_device(model)
-    gdev = torch.device(device) if device is not None else mdev
-    fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
-    if dtype is None:
-        dtype = torch.float64 if fdtype == torch.float64 else torch.float32
-    b = grad_batch
-    want = n_grads * b
-    cols = _Columns(params, masks, active_only, mdev)
-    G = torch.zeros(n_grads, cols.d, dtype=dtype, device=gdev)
-    stream = BatchStream(data, mdev, fdtype, who="the OBS family")
+    return default_loss
 
-    use = engine
-    if use == "auto":
+
+def _choose_engine(model: nn.Module, params: list[PrunableParam], engine: str, default_loss: bool) -> str:
+    """'hooks' or 'vmap': for 'auto', hooks when the loss is the built-in cross-entropy, every tensor is a weight or
+    bias of a stock Linear/Conv1d/Conv2d and no BatchNorm normalizes with batch statistics in eval mode."""
+    if engine == "auto":
         ok = default_loss and _gradient_edge is not None and all(
             _hook_kind(p.module) is not None and p.attr in ("weight", "bias") for p in params)
         coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
                       for m in model.modules())
-        use = "hooks" if ok and not coupled else "vmap"
-    elif use == "hooks" and not default_loss:
+        return "hooks" if ok and not coupled else "vmap"
+    if engine == "hooks" and not default_loss:
         raise PrunekitError("the hooks gradient engine needs the built-in cross-entropy loss; use engine='vmap'")
+    return engine
 
-    # examples per batched forward
+
+def _micro_batch_size(model: nn.Module, params: list[PrunableParam], stream: BatchStream, b: int,
+                      max_micro_batch: int | None, chunk_bytes: int) -> int:
+    """Examples per batched forward: ``max_micro_batch``, or as many as fit ``chunk_bytes`` (one example's gradient
+    temporaries and activations, measured on the first batch); whole mini-batches of b when b fits."""
     widest = max(p.tensor.numel() for p in params)
     first = stream.peek()
     if first is None:
@@ -238,51 +264,61 @@ def gradient_matrix(
     m = max(1, int(max_micro_batch))
     if b <= m:
         m = (m // b) * b
-    run = _Hooks(model, params, cols, label_smoothing) if use == "hooks" else _Vmap(model, params, cols, loss,
-                                                                                        label_smoothing)
-    # DDP: every rank reads the same data, fills the rows of the pieces it owns (prunekit.distributed) and leaves
-    # the others zero; the sum over the ranks is then exactly the one-process matrix
+    return m
+
+
+def _fill_rows(G: torch.Tensor, run, fallback: Callable[[], _Vmap], stream: BatchStream, model: nn.Module, *,
+               want: int, b: int, m: int, true_fisher: bool, generator: torch.Generator | None) -> int:
+    """Reads up to ``want`` examples in pieces of at most m and writes their mini-batch gradients into the rows of G:
+    one row per whole mini-batch when b <= m, else the sub-batch sums of one mini-batch added into its row. ``run``
+    switches to ``fallback()`` when the hooks engine meets a module it cannot handle. Returns the examples used.
+
+    DDP: every rank reads the same data, fills the rows of the pieces it owns (prunekit.distributed) and leaves the
+    others zero; the sum over the ranks is then exactly the one-process matrix."""
     got = index = 0
-    with scoring_mode(model, "eval", [p.tensor for p in params]):
-        while got < want:
-            take = min(m, want - got) if b <= m else min(m, b - got % b, want - got)
-            piece = stream.take(take)
-            if piece is None:
-                break
-            x, y = piece
-            n = x.shape[0]
-            check_finite_inputs(x, got)
-            if true_fisher:
-                with torch.no_grad():
-                    y = sample_labels(model(x), generator)
-            row0 = got // b
-            ours = distributed.owns(index)
-            index += 1
-            if b <= m:  # whole mini-batches, one row each
-                k = n // b
-                if k == 0:
-                    break  # a short last mini-batch: dropped
-                rows, used, args, kw = slice(row0, row0 + k), k * b, (x[: k * b], y[: k * b], b, b), {}
-            else:  # one mini-batch in pieces: add the sub-batch sums into its row
-                rows, used, args, kw = slice(row0, row0 + 1), n, (x, y, n, b), {"accumulate": True}
-            if ours:
-                try:
-                    run.groups(G, rows, *args, **kw)
-                except _Unsupported:
-                    run = _Vmap(model, params, cols, loss, label_smoothing)
-                    run.groups(G, rows, *args, **kw)
-            got += used
-            if n < take:
-                break
-    distributed.all_sum(G)
-    check_finite_gradients(G)
+    while got < want:
+        take = min(m, want - got) if b <= m else min(m, b - got % b, want - got)
+        piece = stream.take(take)
+        if piece is None:
+            break
+        x, y = piece
+        n = x.shape[0]
+        check_finite_inputs(x, got)
+        if true_fisher:
+            with torch.no_grad():
+                y = sample_labels(model(x), generator)
+        row0 = got // b
+        ours = distributed.owns(index)
+        index += 1
+        if b <= m:  # whole mini-batches, one row each
+            k = n // b
+            if k == 0:
+                break  # a short last mini-batch: dropped
+            rows, used, args, kw = slice(row0, row0 + k), k * b, (x[: k * b], y[: k * b], b, b), {}
+        else:  # one mini-batch in pieces: add the sub-batch sums into its row
+            rows, used, args, kw = slice(row0, row0 + 1), n, (x, y, n, b), {"accumulate": True}
+        if ours:
+            try:
+                run.groups(G, rows, *args, **kw)
+            except _Unsupported:
+                run = fallback()
+                run.groups(G, rows, *args, **kw)
+        got += used
+        if n < take:
+            break
+    return got
+
+
+def _rows_filled(G: torch.Tensor, got: int, n_grads: int, b: int) -> torch.Tensor:
+    """G cut to the N = got // b rows the data filled (a warning when N < n_grads; an error when N = 0)."""
     N = got // b
     if N == 0:
         raise PrunekitError(f"the OBS Fisher needs at least one mini-batch of fisher_batch={b} examples, but data "
                             f"holds only {got}")
     if N < n_grads:
+        # stacklevel 4: past this helper, gradient_matrix and its caller
         warnings.warn(f"data holds {got} examples, fewer than fisher_samples × fisher_batch = {n_grads} × {b}: "
-                      f"using N = {N} gradients", stacklevel=3)
+                      f"using N = {N} gradients", stacklevel=4)
         G = G[:N]
     return G
 
