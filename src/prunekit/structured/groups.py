@@ -83,7 +83,6 @@ class ChannelGroup:
 # ----------------------------------------------------------------------------------------------- op tables
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONVT = CONVT_TYPES  # the old private name (structured.select still reads it)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 #: element-wise modules: any features-per-channel block passes through
