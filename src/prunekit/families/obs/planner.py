@@ -37,6 +37,8 @@ BATCH_BYTES = 512 * 2**20
 CHUNK_BYTES = 256 * 2**20
 #: Bytes the planner keeps for what it does not model (the model, its activations, the allocator's slack).
 MARGIN = 64 * 2**20
+#: Bytes per value of a Sherman–Morrison inverse (prunekit keeps it in float64).
+_SM_BYTES = 8
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
@@ -151,57 +153,94 @@ def plan(layout: BlockLayout, n_grads: int, *, widest_tensor: int, activation_by
     gdev = torch.device(grad_device)
     fdev = torch.device(factor_device) if factor_device is not None else cdev
     limit = int(memory_limit) if memory_limit is not None else default_limit(cdev)
-    N = int(n_grads)
-    grad_bytes = N * layout.n_columns * grad_bytes_per_value
-    grads_here = gdev == cdev or (gdev.type == cdev.type == "cpu")
-    cache_here = fdev == cdev or (fdev.type == cdev.type == "cpu")
-    host_bytes = 0
-    notes: list[str] = []
+    p = _Planner(layout, int(n_grads), limit, gdev, fdev, cdev, grad_bytes_per_value)
+    p.place_gradients()
+    m, chunk_bytes = p.chunk(widest_tensor, activation_bytes, max_micro_batch, grad_batch)
+    p.block_costs(engine, col_chunk, sm_parts)
+    p.choose_cache(cache)
+    per_batch, batch_bytes = p.batch_sizes()
+    peak = p.resident + max(chunk_bytes, batch_bytes + (p.cache_total if p.cached else 0)) + MARGIN
+    return MemoryPlan(p.N, layout.n_columns, p.grad_bytes, m, chunk_bytes, per_batch, batch_bytes, p.cache_total,
+                      p.use_cache, peak, p.host_bytes, limit, p.flops, p.routes, str(gdev), str(fdev), str(cdev),
+                      p.notes)
 
-    def refuse(msg: str, suggest: str) -> PrunekitError:
+
+class _Planner:
+    """The numbers of one :func:`plan`, worked out step by step in the order of the module docs; a step raises
+    :meth:`refuse` with the numbers when its part does not fit. Each step keeps on the object what later steps
+    read: ``resident``/``avail`` (gradients), ``sizes``/``routes``/``work``/``gather``/``cache_total``/``flops``
+    (blocks), ``kept``/``use_cache``/``cached`` (cache); ``host_bytes`` and ``notes`` grow along the way."""
+
+    def __init__(self, layout: BlockLayout, N: int, limit: int, gdev: torch.device, fdev: torch.device,
+                 cdev: torch.device, grad_bytes_per_value: int):
+        self.layout, self.N, self.limit = layout, N, limit
+        self.cdev, self.grad_bytes_per_value = cdev, grad_bytes_per_value
+        self.grad_bytes = N * layout.n_columns * grad_bytes_per_value
+        self.grads_here = gdev == cdev or (gdev.type == cdev.type == "cpu")
+        self.cache_here = fdev == cdev or (fdev.type == cdev.type == "cpu")
+        self.host_bytes = 0
+        self.notes: list[str] = []
+
+    def refuse(self, msg: str, suggest: str) -> PrunekitError:
         return PrunekitError(
-            f"OBS step does not fit in memory: {msg} (limit {_fmt(limit)}; gradients {N}×{layout.n_columns} = "
-            f"{_fmt(grad_bytes)}). {suggest}")
+            f"OBS step does not fit in memory: {msg} (limit {_fmt(self.limit)}; gradients {self.N}×"
+            f"{self.layout.n_columns} = {_fmt(self.grad_bytes)}). {suggest}")
 
-    resident = grad_bytes if grads_here else 0
-    if not grads_here:
-        host_bytes += grad_bytes
-        host_limit = default_limit("cpu")
-        if host_bytes > host_limit:
-            raise refuse(f"the gradients need {_fmt(grad_bytes)} on the host, {_fmt(host_limit)} available",
-                         f"lower fisher_samples (at most {host_limit // max(1, layout.n_columns * 4)})")
-    avail = limit - resident - MARGIN
-    if avail <= 0:
-        hint = "set grad_device: cpu to keep them on the host, or " if cdev.type == "cuda" and grads_here else ""
-        raise refuse(f"the gradient matrix alone needs {_fmt(grad_bytes)}",
-                     f"{hint}lower fisher_samples (at most {max(0, (limit - MARGIN) // max(1, layout.n_columns * 4))})")
+    def place_gradients(self) -> None:
+        """Step 1: G counts against the compute device (``resident``) or the host; ``avail`` is what is left on the
+        compute device after it and the margin."""
+        layout, grad_bytes, limit = self.layout, self.grad_bytes, self.limit
+        self.resident = grad_bytes if self.grads_here else 0
+        if not self.grads_here:
+            self.host_bytes += grad_bytes
+            host_limit = default_limit("cpu")
+            if self.host_bytes > host_limit:
+                raise self.refuse(f"the gradients need {_fmt(grad_bytes)} on the host, {_fmt(host_limit)} available",
+                                  f"lower fisher_samples (at most {host_limit // max(1, layout.n_columns * 4)})")
+        self.avail = limit - self.resident - MARGIN
+        if self.avail <= 0:
+            on_cuda = self.cdev.type == "cuda" and self.grads_here
+            hint = "set grad_device: cpu to keep them on the host, or " if on_cuda else ""
+            raise self.refuse(f"the gradient matrix alone needs {_fmt(grad_bytes)}",
+                              f"{hint}lower fisher_samples (at most "
+                              f"{max(0, (limit - MARGIN) // max(1, layout.n_columns * 4))})")
 
-    # per-example chunk
-    per_ex = 3 * widest_tensor * 4 + int(activation_bytes)
-    m = int(max_micro_batch) if max_micro_batch is not None else \
-        max(1, min(256, min(CHUNK_BYTES, avail // 2) // max(1, per_ex)))
-    if grad_batch <= m:
-        m = max(grad_batch, (m // grad_batch) * grad_batch)
-    chunk_bytes = m * per_ex
-    if chunk_bytes > avail:
-        raise refuse(f"one per-example chunk of {m} example(s) needs {_fmt(chunk_bytes)}",
-                     "lower max_micro_batch")
+    def chunk(self, widest_tensor: int, activation_bytes: int, max_micro_batch: int | None,
+              grad_batch: int) -> tuple[int, int]:
+        """Step 2: (examples per batched forward, bytes of that chunk), whole mini-batches when they fit."""
+        per_ex = 3 * widest_tensor * 4 + int(activation_bytes)
+        m = int(max_micro_batch) if max_micro_batch is not None else \
+            max(1, min(256, min(CHUNK_BYTES, self.avail // 2) // max(1, per_ex)))
+        if grad_batch <= m:
+            m = max(grad_batch, (m // grad_batch) * grad_batch)
+        chunk_bytes = m * per_ex
+        if chunk_bytes > self.avail:
+            raise self.refuse(f"one per-example chunk of {m} example(s) needs {_fmt(chunk_bytes)}",
+                              "lower max_micro_batch")
+        return m, chunk_bytes
 
-    # blocks
-    sizes = layout.sizes()
-    routes = {c: choose_route(N, c, engine) for c in sizes}
-    sm_bytes = 8
-    work = {c: block_work_bytes(routes[c], N, c, col_chunk=col_chunk, sm_parts=sm_parts, sm_bytes=sm_bytes)
-            for c in sizes}
-    cache_total = sum(n * factor_bytes(routes[c], N, c, sm_bytes) for c, n in sizes.items())
-    flops = sum(n * block_flops(routes[c], N, c) for c, n in sizes.items())
-    # a batch of blocks that are not evenly spaced is gathered into a copy of its G slice
-    strided = {b.size for b in layout.batches() if not b.is_view()}
-    # (and every batch is copied to the compute device when the gradients live elsewhere)
-    gather = {c: N * c * grad_bytes_per_value if (c in strided or not grads_here) else 0 for c in sizes}
-    one = max((work[c] + gather[c] for c in sizes), default=0)
-    if one > avail:
-        # suggest a block size that fits: the largest c with min(direct, gram) work under the budget
+    def block_costs(self, engine: str, col_chunk: int, sm_parts: int) -> None:
+        """Steps 3 and 5 for every block size c: its route, working bytes, the bytes of a gathered copy of its G
+        slice, the factor cache and the flops; refuses when one block alone is over ``avail``."""
+        N, layout = self.N, self.layout
+        sizes = self.sizes = layout.sizes()
+        routes = self.routes = {c: choose_route(N, c, engine) for c in sizes}
+        work = self.work = {c: block_work_bytes(routes[c], N, c, col_chunk=col_chunk, sm_parts=sm_parts,
+                                                sm_bytes=_SM_BYTES) for c in sizes}
+        self.cache_total = sum(n * factor_bytes(routes[c], N, c, _SM_BYTES) for c, n in sizes.items())
+        self.flops = sum(n * block_flops(routes[c], N, c) for c, n in sizes.items())
+        # a batch of blocks that are not evenly spaced is gathered into a copy of its G slice
+        strided = {b.size for b in layout.batches() if not b.is_view()}
+        # (and every batch is copied to the compute device when the gradients live elsewhere)
+        gather = self.gather = {c: N * c * self.grad_bytes_per_value if (c in strided or not self.grads_here) else 0
+                                for c in sizes}
+        one = max((work[c] + gather[c] for c in sizes), default=0)
+        if one > self.avail:
+            raise self._block_refusal(engine, col_chunk, sm_parts)
+
+    def _block_refusal(self, engine: str, col_chunk: int, sm_parts: int) -> PrunekitError:
+        """The error when one block alone does not fit, suggesting the largest block size c whose work does."""
+        N, avail, work, gather = self.N, self.avail, self.work, self.gather
         best = None
         for c in (20000, 10000, 5000, 4000, 2000, 1000, 500, 250, 100, 50):
             r = choose_route(N, c, engine)
@@ -209,42 +248,49 @@ def plan(layout: BlockLayout, n_grads: int, *, widest_tensor: int, activation_by
                 best = c
                 break
         hint = f"use block_size: {best}" if best else "lower fisher_samples"
-        if grads_here and cdev.type == "cuda":
+        if self.grads_here and self.cdev.type == "cuda":
             hint += " or grad_device: cpu"
-        worst_c = max(sizes, key=lambda c: work[c] + gather[c])
-        raise refuse(f"one block of {worst_c} weights ({routes[worst_c]} route, N = {N}) needs "
-                     f"{_fmt(work[worst_c] + gather[worst_c])} of working memory, {_fmt(avail)} left after the "
-                     "gradients", hint + ".")
+        worst_c = max(self.sizes, key=lambda c: work[c] + gather[c])
+        return self.refuse(f"one block of {worst_c} weights ({self.routes[worst_c]} route, N = {N}) needs "
+                           f"{_fmt(work[worst_c] + gather[worst_c])} of working memory, {_fmt(avail)} left after the "
+                           "gradients", hint + ".")
 
-    # a cached Sherman–Morrison factor IS its working inverse: with the cache it is counted once, under the cache
-    kept = {c: work[c] - (factor_bytes(routes[c], N, c, sm_bytes) if routes[c] == "sherman_morrison" else 0)
-            for c in sizes}
-    one_cached = max((kept[c] + gather[c] for c in sizes), default=0)
-    if cache == "never":
-        use_cache = False
-    elif cache == "always":
-        use_cache = True
-    else:
-        room = avail - one_cached if cache_here else default_limit("cpu") - host_bytes
-        use_cache = cache_total <= room
-    if cache == "always" and cache_here and cache_total + one_cached > avail:
-        raise refuse(f"the factor cache needs {_fmt(cache_total)} plus {_fmt(one_cached)} per block",
-                     "set cache_factors: auto (recompute the factors in the update), or factor_device: cpu")
-    if use_cache and not cache_here:
-        host_bytes += cache_total
-    if not use_cache:
-        notes.append(f"factor cache of {_fmt(cache_total)} does not fit: factors are recomputed in the update")
-    cached = use_cache and cache_here
-    budget = min(BATCH_BYTES, avail - (cache_total if cached else 0))
-    per_batch, batch_bytes = {}, 0
-    for c, n in sizes.items():
-        wk = (kept[c] if cached else work[c]) + gather[c]
-        k = max(1, min(n, budget // max(1, wk)))
-        per_batch[c] = int(k)
-        batch_bytes = max(batch_bytes, k * wk)
-    peak = resident + max(chunk_bytes, batch_bytes + (cache_total if cached else 0)) + MARGIN
-    return MemoryPlan(N, layout.n_columns, grad_bytes, m, chunk_bytes, per_batch, batch_bytes, cache_total, use_cache,
-                      peak, host_bytes, limit, flops, routes, str(gdev), str(fdev), str(cdev), notes)
+    def choose_cache(self, cache: str) -> None:
+        """Step 4: keep the block factors between the passes (``use_cache``) or recompute them in the update."""
+        N, routes, work, gather, cache_total = self.N, self.routes, self.work, self.gather, self.cache_total
+        # a cached Sherman–Morrison factor IS its working inverse: with the cache it is counted once, under the cache
+        kept = self.kept = {c: work[c] - (factor_bytes(routes[c], N, c, _SM_BYTES)
+                                          if routes[c] == "sherman_morrison" else 0) for c in self.sizes}
+        one_cached = max((kept[c] + gather[c] for c in self.sizes), default=0)
+        if cache == "never":
+            use_cache = False
+        elif cache == "always":
+            use_cache = True
+        else:
+            room = self.avail - one_cached if self.cache_here else default_limit("cpu") - self.host_bytes
+            use_cache = cache_total <= room
+        if cache == "always" and self.cache_here and cache_total + one_cached > self.avail:
+            raise self.refuse(f"the factor cache needs {_fmt(cache_total)} plus {_fmt(one_cached)} per block",
+                              "set cache_factors: auto (recompute the factors in the update), or factor_device: cpu")
+        if use_cache and not self.cache_here:
+            self.host_bytes += cache_total
+        if not use_cache:
+            self.notes.append(f"factor cache of {_fmt(cache_total)} does not fit: factors are recomputed in the "
+                              "update")
+        self.use_cache = use_cache
+        self.cached = use_cache and self.cache_here
+
+    def batch_sizes(self) -> tuple[dict[int, int], int]:
+        """How many blocks of each size go in one batch (at most ``BATCH_BYTES`` of working memory, at least one
+        block), and the largest batch's bytes."""
+        budget = min(BATCH_BYTES, self.avail - (self.cache_total if self.cached else 0))
+        per_batch, batch_bytes = {}, 0
+        for c, n in self.sizes.items():
+            wk = (self.kept[c] if self.cached else self.work[c]) + self.gather[c]
+            k = max(1, min(n, budget // max(1, wk)))
+            per_batch[c] = int(k)
+            batch_bytes = max(batch_bytes, k * wk)
+        return per_batch, batch_bytes
 
 
 __all__ = ["MemoryPlan", "plan", "available_bytes", "default_limit", "block_work_bytes", "factor_bytes",
