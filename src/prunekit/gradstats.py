@@ -66,9 +66,9 @@ from .params import PrunableParam
 from .registry import default_loss
 
 try:  # torch >= 2.4
-    from torch.autograd.graph import get_gradient_edge as _gradient_edge
+    from torch.autograd.graph import get_gradient_edge as gradient_edge
 except ImportError:  # pragma: no cover - old torch: the hooks engine is not available
-    _gradient_edge = None
+    gradient_edge = None
 
 ENGINES = ("auto", "hooks", "vmap", "loop")
 MODES = ("eval", "train")
@@ -96,7 +96,13 @@ class GradStats:
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
-def _is_default_ce(loss) -> bool:
+def batch_coupled(model: nn.Module) -> bool:
+    """True when a BatchNorm without running statistics normalizes with batch statistics even in eval mode: the
+    examples of a batch then depend on each other, so per-example gradients cannot come from batched hooks."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
+
+
+def is_default_ce(loss) -> bool:
     return loss is None or loss is default_loss or loss is F.cross_entropy
 
 
@@ -107,7 +113,7 @@ def _ce_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return total / per_class if per_class != 1 else total
 
 
-def _hook_kind(module: nn.Module) -> str | None:
+def hook_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d', 'conv2d' for the stock modules (subclasses that keep the stock forward), else None."""
     t = type(module)
     if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
@@ -122,7 +128,7 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """Internal: the hooks engine cannot handle a module in this forward."""
 
 
@@ -136,7 +142,7 @@ def capture_io(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, 
     {module: detached input})`` for the modules that were called and reach the loss.
 
     The output gradient is captured at the output's creation, so a later in-place op (``ReLU(inplace=True)``) does
-    not corrupt it. Raises :class:`_Unsupported` naming the modules called more than once, whose first input is not
+    not corrupt it. Raises :class:`Unsupported` naming the modules called more than once, whose first input is not
     per-example, or whose input was modified in place.
     """
     records: dict[nn.Module, list] = {m: [] for m in modules}
@@ -147,7 +153,7 @@ def capture_io(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, 
                 or out.grad_fn is None:
             rec.append(None)
         else:
-            rec.append((args[0], args[0]._version, _gradient_edge(out)))
+            rec.append((args[0], args[0]._version, gradient_edge(out)))
 
     handles = [m.register_forward_hook(hook, prepend=True) for m in modules]
     try:
@@ -160,7 +166,7 @@ def capture_io(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, 
            if len(rec) > 1 or (rec and (rec[0] is None or rec[0][0].shape[0] != n
                                          or rec[0][0]._version != rec[0][1]))]
     if bad:
-        raise _Unsupported(bad)
+        raise Unsupported(bad)
     live = [m for m, rec in records.items() if rec]
     grads = torch.autograd.grad(total_loss(out), [records[m][0][2] for m in live], allow_unused=True) if live else []
     dout = {m: g for m, g in zip(live, grads) if g is not None}
@@ -172,7 +178,7 @@ class _Run:
         self.model, self.B, self.need_sq, self.acc, self.max_bytes = model, B, need_sq, acc, max_bytes
         self.params = params
         self.esize = torch.empty((), dtype=acc).element_size()
-        if _is_default_ce(loss):
+        if is_default_ce(loss):
             self.mean_loss: LossFn = F.cross_entropy
             self.sum_loss: LossFn | None = _ce_sum
         else:
@@ -300,7 +306,7 @@ class _Run:
             self._hooks_module(m, inputs[m], d.detach(), ps)
 
     def _hooks_module(self, m: nn.Module, x: torch.Tensor, d: torch.Tensor, ps: list[PrunableParam]) -> None:
-        kind = _hook_kind(m)
+        kind = hook_kind(m)
         n = x.shape[0]
         acc = self.acc
         if kind == "linear":
@@ -313,7 +319,7 @@ class _Run:
             gr = m.groups
             D = d.to(acc).reshape(n, gr, m.out_channels // gr, -1)  # [n, gr, og, P]
             xin = x.to(acc)
-            X = _unfolder(m, xin, kind, gr)
+            X = unfolder(m, xin, kind, gr)
             unfold_bytes = self.esize * m.in_channels * math.prod(m.kernel_size) * D.shape[-1]
         P = D.shape[-1]
         og, ig = D.shape[2], m.weight.shape[1] * (math.prod(m.weight.shape[2:]) if kind != "linear" else 1)
@@ -387,7 +393,7 @@ class _Run:
         return total
 
 
-def _unfolder(m: nn.Module, x: torch.Tensor, kind: str, gr: int):
+def unfolder(m: nn.Module, x: torch.Tensor, kind: str, gr: int):
     """Function (a, b) -> unfolded input of samples [a, b) as [b-a, gr, (C/gr)*prod(k), P] for a Conv1d/2d.
 
     Row order (channel, kernel offsets) matches the weight's flattening. Built as a strided window view of the
@@ -537,13 +543,10 @@ def _assign_engines(model: nn.Module, params: list[PrunableParam], engine: str, 
         return {p.name: "vmap" for p in params}
     assign: dict[str, str] = {}
     tied = {id(t) for t, names in _unique(params) if len(names) > 1}
-    # BatchNorm without running statistics normalizes with batch statistics even in eval mode
-    coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-                  for m in model.modules())
-    hookable = (_gradient_edge is not None and not coupled and (has_sum_loss or engine == "hooks"))
+    hookable = (gradient_edge is not None and not batch_coupled(model) and (has_sum_loss or engine == "hooks"))
     unsupported = []
     for p in params:
-        ok = hookable and _hook_kind(p.module) is not None and p.attr in ("weight", "bias") \
+        ok = hookable and hook_kind(p.module) is not None and p.attr in ("weight", "bias") \
             and id(p.tensor) not in tied
         if not ok:
             unsupported.append(p.name)
@@ -630,7 +633,7 @@ def _piece(run: _Run, x, y, params, assign: dict[str, str], engine: str) -> None
     if hooks:
         try:
             run.hooks(x, y, hooks)
-        except _Unsupported as e:
+        except Unsupported as e:
             mods = e.args[0]
             if engine == "hooks":
                 raise PrunekitError(f"the hooks engine cannot handle module {type(mods[0]).__name__} in this model "

@@ -12,7 +12,7 @@ from prunekit import PrunekitError
 from prunekit.params import prunable_params
 from prunekit.second_order import blocks as B
 from prunekit.second_order import planner
-from prunekit.second_order.engines import (DirectFactor, GramFactor, ShermanMorrisonFactor, _cholesky, block_apply,
+from prunekit.second_order.engines import (DirectFactor, GramFactor, ShermanMorrisonFactor, cholesky, block_apply,
                                            block_diag_inv, block_factor, choose_route, dense_fisher)
 from prunekit.second_order.gradients import gradient_matrix, sample_labels
 
@@ -134,11 +134,11 @@ def test_cholesky_jitter_retry_is_logged(caplog):
     A = (v[:, None] * v[None, :]).unsqueeze(0)  # PSD, singular: the plain Cholesky fails
     A[0].diagonal().sub_(1e-13)
     with caplog.at_level(logging.WARNING, logger="prunekit.second_order"):
-        L = _cholesky(A.clone(), 3, "a test matrix")
+        L = cholesky(A.clone(), 3, "a test matrix")
     assert "jitter" in caplog.text
     assert torch.allclose(L[0] @ L[0].T, A[0], atol=1e-8)
     with pytest.raises(PrunekitError, match="raise fisher_damp"):
-        _cholesky(-torch.eye(2, dtype=F64).unsqueeze(0), 2, "a negative matrix")
+        cholesky(-torch.eye(2, dtype=F64).unsqueeze(0), 2, "a negative matrix")
 
 
 # ------------------------------------------------------------------------------------------------------- layouts

@@ -18,9 +18,9 @@ from ...modes import model_device, scoring_mode
 from ...registry import PruningMethod, ScoreContext, register
 
 try:  # torch >= 2.4
-    from torch.autograd.graph import get_gradient_edge as _gradient_edge
+    from torch.autograd.graph import get_gradient_edge as gradient_edge
 except ImportError:  # pragma: no cover
-    _gradient_edge = None
+    gradient_edge = None
 
 from .common import MAX_BYTES, check_positive, first_examples, float_dtype
 
@@ -196,7 +196,7 @@ def _recorded_forward(model: nn.Module, modules: dict[nn.Module, str], x: torch.
     records: dict[nn.Module, list] = {m: [] for m in modules}
 
     def hook(mod, args, out):
-        records[mod].append((args[0], args[0]._version, _gradient_edge(out)) if out.grad_fn is not None else None)
+        records[mod].append((args[0], args[0]._version, gradient_edge(out)) if out.grad_fn is not None else None)
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
@@ -277,7 +277,7 @@ def kfac_factors(ctx: ScoreContext) -> dict[str, KFACFactors]:
     in/g·∏k patch features to its out/g outputs, so it gets its own A_g, Γ_g (the formulas above restricted to the
     group's patch rows and output channels), its own π_g (``kfac_pi``) and its own damping √(λπ_g)·I, √(λ/π_g)·I.
     """
-    if _gradient_edge is None:  # pragma: no cover
+    if gradient_edge is None:  # pragma: no cover
         raise PrunekitError("kfac needs torch >= 2.4 (torch.autograd.graph.get_gradient_edge)")
     _check_params(ctx)
     modules: dict[nn.Module, str] = {}
@@ -387,9 +387,10 @@ def kfac_update(ctx: ScoreContext, before: dict, after: dict, factors: dict[str,
 
 def kfac(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """ρ_ij = w_ij² / (2·[Γ_d⁻¹]_ii·[A_d⁻¹]_jj) per prunable Linear / Conv1d / Conv2d / Conv3d weight; the factors
-    are what :func:`kfac_update` needs (the :class:`KFAC` method object keeps them between the two). Factors and inverses are float64 (Cholesky); the Kronecker
-    product is never formed (memory O(in² + out²) per layer). The factors ignore the mask (Γ ⊗ A cannot express it),
-    so the update may move previously pruned coordinates, which the mask zeroes again.
+    are what :func:`kfac_update` needs (the :class:`KFAC` method object keeps them between the two). Factors and
+    inverses are float64 (Cholesky); the Kronecker product is never formed (memory O(in² + out²) per layer). The
+    factors ignore the mask (Γ ⊗ A cannot express it), so the update may move previously pruned coordinates, which
+    the mask zeroes again.
 
     Grouped and depthwise convolutions get one Kronecker block Γ_g ⊗ A_g per group (each group is an independent
     linear map; memory O(g·((in/g·∏k)² + (out/g)²))), with the same damping, π and update per group. Earlier

@@ -54,7 +54,7 @@ def _check(G: torch.Tensor, lam: float) -> torch.Tensor:
     return G
 
 
-def _cholesky(A: torch.Tensor, size_for_jitter: int, what: str) -> torch.Tensor:
+def cholesky(A: torch.Tensor, size_for_jitter: int, what: str) -> torch.Tensor:
     """Batched Cholesky in place of A's storage where possible; on failure add 1e-10·trace/size to the failing
     matrices and retry once."""
     L, info = torch.linalg.cholesky_ex(A)
@@ -149,7 +149,7 @@ class GramFactor(BlockFactor):
             K.baddbmm_(Gc, Gc.transpose(1, 2))
         self.fro2 = K.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖G_B‖_F², [nb]
         K.diagonal(dim1=-2, dim2=-1).add_(N * self.lam)
-        self.L = _cholesky(K, N, f"the {N}x{N} Gram matrix")
+        self.L = cholesky(K, N, f"the {N}x{N} Gram matrix")
         del K
 
     def _g64(self, G, a, b):
@@ -207,7 +207,7 @@ class DirectFactor(BlockFactor):
             Fm.baddbmm_(Gr.transpose(1, 2), Gr, alpha=1.0 / N)
         self.fro2 = Fm.diagonal(dim1=-2, dim2=-1).sum(-1) * N
         Fm.diagonal(dim1=-2, dim2=-1).add_(self.lam)
-        self.L = _cholesky(Fm, c, f"the {c}x{c} Fisher block")
+        self.L = cholesky(Fm, c, f"the {c}x{c} Fisher block")
 
     def diag(self, G: torch.Tensor | None = None) -> torch.Tensor:
         nb, c = self.L.shape[0], self.c

@@ -34,7 +34,7 @@ from torch import nn
 from ... import distributed
 from ...batches import BatchStream
 from ...errors import PrunekitError, is_count
-from ...gradstats import _Unsupported, _gradient_edge, _hook_kind, _is_default_ce, _unfolder, capture_io
+from ...gradstats import Unsupported, batch_coupled, capture_io, gradient_edge, hook_kind, is_default_ce, unfolder
 from ...modes import eval_mode, model_device, scoring_mode
 from ...params import PrunableParam
 
@@ -228,7 +228,7 @@ def _check_arguments(params: list[PrunableParam], n_grads, grad_batch, engine: s
     if len({id(p.tensor) for p in params}) != len(params):
         raise PrunekitError("the OBS gradient matrix does not support tied prunable tensors (the same tensor under two "
                             "names); name the modules explicitly with modules=[...] so that each tensor counts once")
-    default_loss = _is_default_ce(loss)
+    default_loss = is_default_ce(loss)
     if label_smoothing and not default_loss:
         raise PrunekitError("hess_label_smoothing applies to the built-in cross-entropy only; a custom loss must "
                             "smooth its labels itself")
@@ -239,11 +239,9 @@ def _choose_engine(model: nn.Module, params: list[PrunableParam], engine: str, d
     """'hooks' or 'vmap': for 'auto', hooks when the loss is the built-in cross-entropy, every tensor is a weight or
     bias of a stock Linear/Conv1d/Conv2d and no BatchNorm normalizes with batch statistics in eval mode."""
     if engine == "auto":
-        ok = default_loss and _gradient_edge is not None and all(
-            _hook_kind(p.module) is not None and p.attr in ("weight", "bias") for p in params)
-        coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-                      for m in model.modules())
-        return "hooks" if ok and not coupled else "vmap"
+        ok = default_loss and gradient_edge is not None and all(
+            hook_kind(p.module) is not None and p.attr in ("weight", "bias") for p in params)
+        return "hooks" if ok and not batch_coupled(model) else "vmap"
     if engine == "hooks" and not default_loss:
         raise PrunekitError("the hooks gradient engine needs the built-in cross-entropy loss; use engine='vmap'")
     return engine
@@ -300,7 +298,7 @@ def _fill_rows(G: torch.Tensor, run, fallback: Callable[[], _Vmap], stream: Batc
         if ours:
             try:
                 run.groups(G, rows, *args, **kw)
-            except _Unsupported:
+            except Unsupported:
                 run = fallback()
                 run.groups(G, rows, *args, **kw)
         got += used
@@ -350,7 +348,7 @@ class _Hooks:
             self._module(G, rows, mod, inputs[mod], d.detach(), ps, k, size, b, accumulate)
 
     def _module(self, G, rows, mod, xin, d, ps, k, size, b, accumulate):
-        kind = _hook_kind(mod)
+        kind = hook_kind(mod)
         n = xin.shape[0]
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
         if kind == "linear":
@@ -361,7 +359,7 @@ class _Hooks:
         else:
             gr = mod.groups
             D = d.to(acc).reshape(n, gr, mod.out_channels // gr, -1)  # [n, gr, og, P]
-            X = _unfolder(mod, xin.to(acc), kind, gr)(0, n)  # [n, gr, ig, P]
+            X = unfolder(mod, xin.to(acc), kind, gr)(0, n)  # [n, gr, ig, P]
         og, ig, P = D.shape[2], X.shape[2], D.shape[3]
         for p in ps:
             if p.attr == "bias":
@@ -384,7 +382,7 @@ class _Vmap:
 
     def __init__(self, model, params, cols: _Columns, loss, smoothing: float):
         self.model, self.params, self.cols = model, params, cols
-        if _is_default_ce(loss):
+        if is_default_ce(loss):
             self.mean_loss = lambda out, y: _per_example_loss(out, y, smoothing).mean()
         else:
             self.mean_loss = loss
@@ -427,7 +425,7 @@ def mean_gradient(model: nn.Module, params: Sequence[PrunableParam], data: Itera
     stream = BatchStream(data, mdev, fdtype, who="the OBS family")
     tensors = [p.tensor for p in params]
     total = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float64, device=mdev)
-    default = _is_default_ce(loss)
+    default = is_default_ce(loss)
     got = index = 0
     with scoring_mode(model, "eval", tensors):
         while got < n_examples and (piece := stream.take(min(chunk, n_examples - got))) is not None:

@@ -39,7 +39,7 @@ from ...modes import model_device, scoring_mode
 from ...registry import PruningMethod, ScoreContext, register
 from . import planner as _planner
 from .blocks import BlockBatch, BlockLayout, make_layout
-from .engines import _cholesky, block_factor
+from .engines import cholesky, block_factor
 from .gradients import gradient_matrix, mean_gradient, per_example_activation_bytes
 
 log = logging.getLogger("prunekit.obs")
@@ -560,7 +560,7 @@ def _joint(f, Gb, qb, num, joint_max: int):
         S = torch.where(vv, S, eye)
         S = 0.5 * (S + S.transpose(1, 2))
         rhs = torch.where(valid, nj.gather(1, pos), torch.zeros(k, qmax, dtype=F64, device=qb.device))
-        L = _cholesky(S, qmax, "[F⁻¹]_QQ")
+        L = cholesky(S, qmax, "[F⁻¹]_QQ")
         z = torch.cholesky_solve(rhs.unsqueeze(-1), L)
         out[j] = torch.bmm(X, z).squeeze(-1)
         pred += 0.5 * float((rhs.unsqueeze(-1) * z).sum())
