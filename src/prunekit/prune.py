@@ -292,7 +292,8 @@ class PruningStep:
         if action == "prune" and self.info.kind == "levels":
             raise PrunekitError(f"method {self.info.name!r} is iterative magnitude pruning: it trains between levels, "
                                 "so it runs as an experiment (`prunekit run` with a config, see configs/seed001/) or "
-                                "with prunekit.lottery.run_imp; for one-shot magnitude pruning use method 'magnitude'")
+                                "with prunekit.families.imp.lottery.run_imp; for one-shot magnitude pruning use "
+                                "method 'magnitude'")
         self.common, self.options = split_options(self.info, options)
         self.given = masks is not None
         self.masks = masks if masks is not None else starting_masks(model, self.common.param_spec(), action,

@@ -3,8 +3,8 @@
 Level 0 trains the dense network with the ``train`` recipe. Level L >= 1 starts from level L-1's weights, prunes
 to each keep ratio of its chunk in turn with the run's method (masks stay nested; weight updates such as SiPP's
 reweighting or the OBS update carry over), then retrains (``retrain_epochs`` or the whole recipe). It reuses the
-level engine of :func:`prunekit.lottery.run_imp` with ``rewind='none'``, so levels are checkpointed, an interrupted
-cascade resumes at the level it stopped, and each level is one row of the ``levels`` table.
+level engine of :func:`prunekit.families.imp.lottery.run_imp` with ``rewind='none'``, so levels are checkpointed,
+an interrupted cascade resumes at the level it stopped, and each level is one row of the ``levels`` table.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import sub_owner
-from ..lottery import run_imp
+from ..families.imp.lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
 from ..prune import prune

@@ -1,12 +1,12 @@
 """The IMP experiment: ``lth``, ``sap``, ``ciap``, ``giap`` run from a resolved config (methods/imp.md).
 
-:func:`run_levels` builds the level trainer for :func:`prunekit.lottery.run_imp`: every level is a
+:func:`run_levels` builds the level trainer for :func:`prunekit.families.imp.lottery.run_imp`: every level is a
 :class:`prunekit.train.Trainer` run in ``<run_dir>/imp/level_<L>/`` (resumable mid-level), with
 
 - the rewind capture at level 0 (``rewind: step:<k>ep``: the weights after epoch k, written to ``rewind.pt``);
 - the stop checks at levels >= 1: every ``chunk_epochs`` epochs the validation accuracy and BOTH flow distances
   (IF and GF, so a fixed-budget ``lth`` run logs what the InCoP rules would have decided) are computed and the
-  code's :class:`prunekit.incop.StopRule` decides;
+  code's :class:`prunekit.families.imp.incop.StopRule` decides;
 - the references of the flow rules: in ``fixed`` mode the trained dense network of level 0 on fixed validation
   batches (its best validation accuracy is acc*); in ``original`` mode the dense network at the rewind point, the
   IF statistic over the training set, the GF statistic from the stale gradient of the last mini-batch, and the
@@ -26,10 +26,11 @@ import torch
 from .. import distributed
 from ..checkpoint import (CheckpointError, CorruptCheckpointWarning, load_checked, on_corrupt_policy, quarantine,
                           save_checked, sub_owner)
-from ..criteria.iterative import DEFAULT_STOP, ImpOptions, rewind_step
+from ..families.imp.codes import DEFAULT_STOP, ImpOptions, rewind_step
 from ..data import TensorLoader
-from ..incop import StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow, pq_level_masks
-from ..lottery import run_imp
+from ..families.imp.incop import (StopRule, flow_distance, gradient_flow, gradient_flow_original, information_flow,
+                                  pq_level_masks)
+from ..families.imp.lottery import run_imp
 from ..masks import Masks
 from ..params import prunable_params
 from ..seeding import generator
@@ -159,7 +160,8 @@ def fit_level(trainer: Trainer) -> dict:
 
 
 def level_row(record: dict, branch: str = "main") -> dict:
-    """One stored row of a finished level (or control branch) record of :func:`prunekit.lottery.run_imp`."""
+    """One stored row of a finished level (or control branch) record of
+    :func:`prunekit.families.imp.lottery.run_imp`."""
     s = record["summary"] if branch == "main" else record["control"]
     row = {"level": record["level"], "branch": branch, "density": record["density"], "kept": record["kept"],
            "total": record["total"]}
@@ -174,7 +176,8 @@ def level_row(record: dict, branch: str = "main") -> dict:
 def run_levels(resolved: ResolvedRun, run_dir: Path, splits, loaders_: tuple, device: str,
                model_fn: Callable[..., torch.nn.Module], log: Callable[[str], None],
                on_level: Callable[[dict], None]) -> list[dict]:
-    """Run (or resume) the IMP search of a resolved run; returns :func:`prunekit.lottery.run_imp`'s records."""
+    """Run (or resume) the IMP search of a resolved run; returns the records of
+    :func:`prunekit.families.imp.lottery.run_imp`."""
     p = resolved.prune
     o: ImpOptions = p.method_options
     common = p.options
@@ -206,7 +209,7 @@ def run_levels(resolved: ResolvedRun, run_dir: Path, splits, loaders_: tuple, de
 
 
 def _pq_rule(o: ImpOptions, scope: str) -> Callable:
-    """The PQ-index pruning rule of sap, ciap and giap (:func:`prunekit.incop.pq_level_masks`)."""
+    """The PQ-index pruning rule of sap, ciap and giap (:func:`prunekit.families.imp.incop.pq_level_masks`)."""
 
     def pq_rule(masks, model, level):
         new, counts = pq_level_masks(masks, model, o.p, o.q, o.eta, o.gamma, o.beta, scope=scope)
@@ -216,9 +219,9 @@ def _pq_rule(o: ImpOptions, scope: str) -> Callable:
 
 
 class _LevelTrainer:
-    """``train_fn`` of :func:`prunekit.lottery.run_imp` for an IMP code: trains one level in its folder with the
-    rewind capture (level 0) or the stop checks (levels >= 1), and gives level 0 the references of the flow rules
-    (``ref``, filled again from level 0's record on resume)."""
+    """``train_fn`` of :func:`prunekit.families.imp.lottery.run_imp` for an IMP code: trains one level in its folder
+    with the rewind capture (level 0) or the stop checks (levels >= 1), and gives level 0 the references of the flow
+    rules (``ref``, filled again from level 0's record on resume)."""
 
     def __init__(self, resolved: ResolvedRun, run_dir: Path, splits, loaders_: tuple, device: str,
                  log: Callable[[str], None]):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from ..criteria.iterative import DEFAULT_SCOPE, check_imp_options
+from ..families.imp.codes import DEFAULT_SCOPE, check_imp_options
 from ..data.scoring import check_samples
 from ..errors import ConfigError, PrunekitError, closest
 from ..prune import PruneOptions, resolve_sparsity, split_options

@@ -2,9 +2,8 @@
 
 These methods are training loops, not one-shot criteria: each level trains, prunes by magnitude and rewinds
 (methods/imp.md). Run them with a config (``prunekit run``; :mod:`prunekit.experiments.imp_runner`) or in code with
-:func:`prunekit.lottery.run_imp`. The registered score is abs(θ), the ranking every level uses; ``pk.prune`` refuses
-them with a pointer to the loop. Their options are the fields of :class:`ImpOptions`.
-"""
+:func:`prunekit.families.imp.lottery.run_imp`. The registered score is abs(θ), the ranking every level uses;
+``pk.prune`` refuses them with a pointer to the loop. Their options are the fields of :class:`ImpOptions`."""
 from __future__ import annotations
 
 import math
@@ -149,4 +148,5 @@ def check_not_training(info) -> None:
     if info.kind == "levels":
         raise PrunekitError(f"method {info.name!r} is iterative magnitude pruning: it trains between levels, so it "
                             "runs as an experiment (`prunekit run` with a config, see configs/seed001/) or with "
-                            "prunekit.lottery.run_imp; for one-shot magnitude pruning use method 'magnitude'")
+                            "prunekit.families.imp.lottery.run_imp; for one-shot magnitude pruning use method "
+                            "'magnitude'")

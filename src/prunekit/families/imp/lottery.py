@@ -219,14 +219,13 @@ def run_imp(
     docstring for the ``train_fn`` protocol. Finished levels found in ``run_dir`` are loaded, not retrained.
 
     ``prune_rule(masks, model, level) -> (new masks, info)`` replaces the fixed-fraction rule (SAP's PQ index:
-    :func:`prunekit.incop.pq_level_masks`); the new masks must be nested in ``masks``; ``info`` is stored in the
-    NEXT level's record under ``prune``. ``rule_config`` (JSON data) identifies the rule in the resume check. The rule
-    may also change the weights of ``model`` in place (an OBS or SiPP update): with ``rewind='none'`` the next level
-    starts from the weights as the rule leaves them (the prune-retrain cascade).
-    ``control_levels``: the levels that get a control branch (default: every level >= 1). ``on_level(record)``
-    is called after each level is saved (and for levels loaded on resume). ``masks_fn(model)``: the level-0
-    masks, i.e. which tensors are pruned (default ``Masks(model)``: conv and linear weights).
-    """
+    :func:`prunekit.families.imp.incop.pq_level_masks`); the new masks must be nested in ``masks``; ``info`` is
+    stored in the NEXT level's record under ``prune``. ``rule_config`` (JSON data) identifies the rule in the resume
+    check. The rule may also change the weights of ``model`` in place (an OBS or SiPP update): with
+    ``rewind='none'`` the next level starts from the weights as the rule leaves them (the prune-retrain cascade).
+    ``control_levels``: the levels that get a control branch (default: every level >= 1). ``on_level(record)`` is
+    called after each level is saved (and for levels loaded on resume). ``masks_fn(model)``: the level-0 masks, i.e.
+    which tensors are pruned (default ``Masks(model)``: conv and linear weights)."""
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise PrunekitError(f"levels must be an integer >= 1 (the number of pruning levels), got {levels!r}")
     _check_fraction("prune_fraction", prune_fraction)

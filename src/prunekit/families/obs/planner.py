@@ -145,7 +145,7 @@ def plan(layout: BlockLayout, n_grads: int, *, widest_tensor: int, activation_by
     """Plan one OBS step over ``layout`` with N = ``n_grads`` gradients (module docs); raise if it cannot fit.
 
     ``widest_tensor``: the largest prunable tensor (numel); ``activation_bytes``: one example's activations
-    (:func:`prunekit.second_order.gradients.per_example_activation_bytes`); ``cache``: 'auto', 'always' or 'never'.
+    (:func:`prunekit.families.obs.gradients.per_example_activation_bytes`); ``cache``: 'auto', 'always' or 'never'.
     """
     if cache not in ("auto", "always", "never"):
         raise PrunekitError(f"cache_factors must be 'auto', 'always' or 'never', got {cache!r}")

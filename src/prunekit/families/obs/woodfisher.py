@@ -4,9 +4,9 @@
 One pruning step (``pk.prune`` calls the score, selects, then the update, then applies the masks):
 
 1. **Score** (pass 1): the gradient matrix G [N, d] of masked mini-batch gradients
-   (:func:`prunekit.second_order.gradients.gradient_matrix`), a block layout (:mod:`prunekit.second_order.blocks`),
+   (:func:`prunekit.families.obs.gradients.gradient_matrix`), a block layout (:mod:`prunekit.families.obs.blocks`),
    and per block diag(F⁻¹) of the damped empirical Fisher F = λI + GᵀG/N through the engines of
-   :mod:`prunekit.second_order.engines` (Gram–Woodbury when N < c, direct Cholesky otherwise; equal-size blocks
+   :mod:`prunekit.families.obs.engines` (Gram–Woodbury when N < c, direct Cholesky otherwise; equal-size blocks
    batched). Score ρ_q = w_q²/(2[F⁻¹]_qq), the predicted loss increase of removing q alone; WoodTaylor ranks by
    ½(w_q − h_q)²/[F⁻¹]_qq with h = F⁻¹∇L (§5). What the update needs (G, the layout, the diagonal, h and, when the
    memory planner allows, the block factors) stays on the method object (:class:`WoodFisher`, one per prune call).

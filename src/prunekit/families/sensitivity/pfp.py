@@ -5,7 +5,7 @@ that writes it, so the producer's filters shrink to match. The image channels en
 pruned and the outputs of the network are never removed.
 
 Score (§2–3): the per-weight empirical sensitivities of ``sipp`` with the MAX over conv positions
-(:func:`prunekit.criteria.sensitivity.sensitivities`), computed on the sample set S (§1: the first |S| examples of
+(:func:`prunekit.families.sensitivity.sipp.sensitivities`), computed on the sample set S (§1: the first |S| examples of
 the scoring data, |S| = ⌈C·ln(8·η*·η/δ_S)⌉ unless ``sample_size`` is given). The channel sensitivity of input
 channel c of layer ℓ is s_c = max over examples, output neurons i and kernel entries k of channel c of g_{i,(c,k)}:
 a max-reduction of the per-weight sensitivities over every dim but the input channel (for a linear layer after a
@@ -17,7 +17,7 @@ Allocation (§5), one ε for every layer ℓ that reads a prunable channel group
   linear layer), m_ℓ(ε) = ⌈3·(6 + 2ε)·K_ℓ/ε²⌉ draws, and u_ℓ(ε) = min(#alive channels, round(Σ_c [1 − (1 −
   p_c)^{m_ℓ}])) kept input channels (at least ``max(1, min_keep_per_layer)``).
 - ``det`` keeps the top-u_ℓ channels by s_c (ties: lower index). ``rand`` picks m′ draws with E[unique](m′) = u_ℓ
-  (:func:`prunekit.criteria.sensitivity.draws_for_unique`), draws counts ~ Multinomial(m′, p) and scales the
+  (:func:`prunekit.families.sensitivity.sipp.draws_for_unique`), draws counts ~ Multinomial(m′, p) and scales the
   layer's weights of each kept channel by count_c/(m′·p_c), which keeps the layer's pre-activation unbiased.
   ``top``: with m′ as for rand, the channels with p_c ≥ 1/m′ (expected count ≥ 1) are kept unscaled; if there are
   at least u_ℓ of them the top-u_ℓ by s_c are kept and nothing is sampled; otherwise the remaining u_ℓ − |T|
@@ -34,7 +34,7 @@ Allocation (§5), one ε for every layer ℓ that reads a prunable channel group
   :func:`prunekit.structured.channel_masks_to_masks` of the removed channels AND each layer's dropped input slices
   (counted with per-layer matrices of alive entries per row and input channel, checked against the final masks).
   The target is round((1 − s)·n) (the ``pk.sparsity`` convention). ε is searched in log ε inside [1e-300, 1e150]
-  with the size search of ``sipp`` (:func:`prunekit.criteria.sensitivity.search_keep_ratio`: start at the
+  with the size search of ``sipp`` (:func:`prunekit.families.sensitivity.sipp.search_keep_ratio`: start at the
   predicted ε, a second bracketing point, then Brent's method; at most ``search_iters`` evaluations; stop once
   within ``size_tol``). The prediction is the ``det`` size (no sampling, cheap; for ``det`` it is the size).
 - Fill: one channel can carry many weights (a conv channel before a flatten owns H·W columns of every row of the
