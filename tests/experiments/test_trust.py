@@ -442,3 +442,15 @@ def test_rank_store_reads_skips_writes_and_refuses_the_rest(tmp_path):
         assert s.status("r1") == "running"
         with pytest.raises(AttributeError, match="has no 'import_run'.*reads.*skips"):
             rank.import_run({})
+
+
+def test_every_test_named_in_docs_reliability_exists():
+    """docs/reliability.md is the table of cases and the tests that prove them: each named test must exist."""
+    import re
+
+    root = SRC.parent
+    text = (root / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"(tests/[\w/]+\.py)::(\w+)", text))
+    assert len(named) > 40
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name}"
