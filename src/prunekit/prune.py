@@ -37,8 +37,9 @@ class PruneOptions:
     - ``seed``: seeds the mask generator (random scores, sample choice), independent of training.
     - ``min_keep_per_layer``: reserve the q best entries of every tensor (global scope), a layer-collapse guard.
     - ``nan_policy``: ``error`` or ``lowest`` for NaN scores.
-    - ``exclude``, ``exclude_first``, ``exclude_output``, ``include_bias``, ``modules``: which tensors are
-      prunable (see :class:`prunekit.params.ParamSpec`).
+    - ``exclude``, ``exclude_first``, ``exclude_output``, ``include_bias``, ``modules``, ``targets``, ``ignore``:
+      which tensors are prunable (see :class:`prunekit.params.ParamSpec`; ``targets`` / ``ignore`` take module-name
+      patterns, ``"re:<regex>"`` or an exact module or class name).
     """
 
     scope: Literal["global", "layer"] = "global"
@@ -52,6 +53,8 @@ class PruneOptions:
     exclude_output: bool = False
     include_bias: bool = False
     modules: tuple[str, ...] | None = None
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] | None = None
 
     def validate(self, path: str, error) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -60,7 +63,9 @@ class PruneOptions:
             raise error(f"min_keep_per_layer must be >= 0, got {self.min_keep_per_layer}")
 
     def param_spec(self) -> ParamSpec:
-        return ParamSpec(self.exclude, self.exclude_first, self.exclude_output, self.include_bias, self.modules)
+        return ParamSpec(exclude=self.exclude, exclude_first=self.exclude_first, exclude_output=self.exclude_output,
+                         include_bias=self.include_bias, modules=self.modules, targets=self.targets,
+                         ignore=self.ignore)
 
 
 _COMMON = {f.name for f in dataclasses.fields(PruneOptions)}

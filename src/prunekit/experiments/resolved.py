@@ -37,7 +37,8 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
                 "train.tensorboard", "model.pretrained.config", "model.pretrained.file")
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
-ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads")
+ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads", "prune.options.targets",
+                    "prune.options.ignore")
 
 
 @dataclass(frozen=True)
