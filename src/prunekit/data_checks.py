@@ -13,13 +13,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import labelled_pair
+from .batches import DictInputs, call, labelled_pair
 from .errors import PrunekitError
 from .modes import model_device, scoring_mode
 from .registry import MethodInfo, default_loss
 
 
-def _batch_inputs(batch) -> torch.Tensor | None:
+#: Built-in methods that read dict batches (``model(**batch)``): the gradient criteria that go through
+#: :func:`prunekit.gradstats.grad_stats`. Every other built-in data-dependent method refuses them (see
+#: :func:`check_data`); a method registered outside prunekit receives them as they are.
+DICT_BATCH_METHODS = frozenset({"snip", "grad_norm", "fisher_diag", "fisher_pruner", "fts", "fbss"})
+
+
+def _refuse_dicts(who: str, name: str) -> None:
+    raise PrunekitError(
+        f"{who} cannot read dict batches (model(**batch), Hugging Face style) yet: it unpacks (inputs, targets) "
+        f"tensor pairs itself (its own batching, hooks or input-shape tracing); methods that take dict batches: "
+        f"{', '.join(sorted(DICT_BATCH_METHODS))} and the data-free ones (magnitude, random, magni, globalmagni)")
+
+
+def _describe(x) -> str:
+    if isinstance(x, DictInputs):
+        return "dict batch " + ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in x.tensors.items())
+    return f"inputs of shape {_shape(x)}, {x.dtype}"
+
+
+def _batch_inputs(batch) -> torch.Tensor | DictInputs | None:
+    if isinstance(batch, collections.abc.Mapping) and all(isinstance(v, torch.Tensor) for v in batch.values()):
+        return DictInputs(batch)
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
@@ -188,6 +209,9 @@ def check_data(model: nn.Module, data, info: MethodInfo, rounds: int = 1, loss: 
             and data[0].dim() > 1 and data[1].dim() > 0 and data[0].shape[0] == data[1].shape[0]):
         raise PrunekitError("data looks like one (inputs, targets) batch, not an iterable of batches: pass [(x, y)] "
                             "(a list with one batch) or a DataLoader")
+    if isinstance(data, collections.abc.Mapping):
+        raise PrunekitError("data is a dict: it looks like one dict batch, not an iterable of batches: pass [batch] "
+                            "(a list with one batch) or a DataLoader")
     if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         raise PrunekitError(f"data must be an iterable of (inputs, targets) batches (a DataLoader works), got "
                             f"{type(data).__name__}")
@@ -196,7 +220,15 @@ def check_data(model: nn.Module, data, info: MethodInfo, rounds: int = 1, loss: 
         raise PrunekitError(_one_shot_message(who, f"scores in {rounds} rounds, each of which reads the data"))
     _check_arity(model)
     labels = info.needs_data == "labels"
-    return CheckedData(data, one_shot, who, lambda batch: _check_batch(model, batch, labels, loss))
+    builtin = (info.score is not None and getattr(info.score, "__module__", "").startswith("prunekit.")
+               and info.name not in DICT_BATCH_METHODS)
+
+    def validate(batch) -> None:
+        if builtin and isinstance(batch, collections.abc.Mapping):
+            _refuse_dicts(who, info.name)
+        _check_batch(model, batch, labels, loss)
+
+    return CheckedData(data, one_shot, who, validate)
 
 
 def _check_batch(model: nn.Module, first, labels: bool, loss: Callable | None) -> None:
@@ -211,6 +243,13 @@ def _check_batch(model: nn.Module, first, labels: bool, loss: Callable | None) -
                                 f"{type(first).__name__}")
         if x.dim() == 0:
             raise PrunekitError(f"inputs must have a batch dimension, got a tensor of shape {_shape(x)}")
+    for t in (x.tensors.values() if isinstance(x, DictInputs) else [x]):
+        _check_finite(t)
+    if x.shape[0] > 0:
+        _check_forward(model, x, y if labels and _is_default_loss(loss) else None)
+
+
+def _check_finite(x: torch.Tensor) -> None:
     if x.is_floating_point() or x.is_complex():
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
@@ -219,8 +258,6 @@ def _check_batch(model: nn.Module, first, labels: bool, loss: Callable | None) -
                 f"the data batches contain non-finite inputs: the first batch (shape {_shape(x)}) has {n_nan} NaN "
                 f"and {int(bad.sum()) - n_nan} infinite values; clean the data (e.g. check the normalization: a zero "
                 "std gives NaN) before scoring")
-    if x.shape[0] > 0:
-        _check_forward(model, x, y if labels and _is_default_loss(loss) else None)
 
 
 def _is_default_loss(loss) -> bool:
@@ -229,14 +266,17 @@ def _is_default_loss(loss) -> bool:
 
 def _check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, samples: int = 4) -> None:
     """One forward of the first ``samples`` inputs in eval mode without gradients; the model is left unchanged."""
-    xs = x[:samples].to(model_device(model))
     fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
-    if fdtype is not None and xs.is_floating_point() and xs.dtype != fdtype:
-        xs = xs.to(fdtype)
+    if isinstance(x, DictInputs):
+        xs = x[:samples].to(model_device(model), fdtype)
+    else:
+        xs = x[:samples].to(model_device(model))
+        if fdtype is not None and xs.is_floating_point() and xs.dtype != fdtype:
+            xs = xs.to(fdtype)
     hooks = _first_layer_check(model, x)
     try:
         with scoring_mode(model, "eval"), torch.no_grad():
-            out = model(xs)
+            out = call(model, xs)
     except PrunekitError:
         raise
     except torch.cuda.OutOfMemoryError:
@@ -247,12 +287,10 @@ def _check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, sa
             raise PrunekitError(f"{type(model).__name__}.forward cannot be called with one input, as data batches "
                                 f"give it ({msg}): wrap the model in a module whose forward(x) takes a single "
                                 "input") from e
-        raise PrunekitError(f"the model's forward fails on the first data batch (inputs of shape {_shape(x)}, "
-                            f"{x.dtype}): {msg}") from e
+        raise PrunekitError(f"the model's forward fails on the first data batch ({_describe(x)}): {msg}") from e
     except Exception as e:  # noqa: BLE001 - reported as a user error naming the data, with the cause chained
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PrunekitError(f"the model's forward fails on the first data batch (inputs of shape {_shape(x)}, "
-                            f"{x.dtype}): {msg}") from e
+        raise PrunekitError(f"the model's forward fails on the first data batch ({_describe(x)}): {msg}") from e
     finally:
         for h in hooks:
             h.remove()

@@ -34,6 +34,10 @@ When B > ``max_chunk`` (eval mode) every mini-batch is processed as consecutive 
 ``max_chunk`` samples whose summed-loss gradients are added and divided by |b| (pai.md 4.2); ``engine`` is then
 ``'batched'``. In train mode a mini-batch is always one forward of its |b| samples, whatever ``max_chunk``.
 
+Dict batches (``{"input_ids": ..., "labels": ...}``, :mod:`prunekit.batches`) call the model as ``model(**batch)`` and
+always run on the 'loop' engine (one forward and backward per mini-batch); the default loss is then the output's own
+``.loss`` when it has one, else cross-entropy on its ``.logits`` (:func:`prunekit.registry.default_loss`).
+
 Losses: the default cross-entropy runs in per-sample form (sum reduction). A user ``loss`` is taken as a MEAN over
 the batch; 'vmap' and 'loop' call it on whole mini-batches, so any mean loss works there. The hooks engine needs the
 sum of per-sample losses: pass ``per_sample_loss`` (per-sample values whose mean is ``loss``); with an explicit
@@ -59,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .batches import BatchStream
+from .batches import BatchStream, DictInputs, call
 from .errors import PrunekitError, is_count
 from .modes import scoring_mode
 from .params import PrunableParam
@@ -179,7 +183,7 @@ class _Run:
         self.params = params
         self.esize = torch.empty((), dtype=acc).element_size()
         if is_default_ce(loss):
-            self.mean_loss: LossFn = F.cross_entropy
+            self.mean_loss: LossFn = default_loss  # cross-entropy; a transformers output's own .loss
             self.sum_loss: LossFn | None = _ce_sum
         else:
             self.mean_loss = loss
@@ -220,7 +224,7 @@ class _Run:
         n = x.shape[0]
         for a in range(0, n, self.B):
             b = min(n, a + self.B)
-            out = self.model(x[a:b])
+            out = call(self.model, x[a:b])
             grads = torch.autograd.grad(self.mean_loss(out, y[a:b]), tensors, allow_unused=True)
             self.passes += 1
             for (t, names), g in zip(uniq, grads):
@@ -231,8 +235,8 @@ class _Run:
     def summed(self, x, y) -> list[torch.Tensor]:
         """Σ_n ∇ℓ_n over the piece for every prunable tensor (a micro-batch of a mini-batch over max_chunk)."""
         uniq = _unique(self.params)
-        out = self.model(x)
-        if self.sum_loss is not None:
+        out = call(self.model, x)
+        if self.sum_loss is not None and not isinstance(x, DictInputs):
             total = self.sum_loss(out, y)
         else:
             total = self.mean_loss(out, y) * x.shape[0]
@@ -628,7 +632,11 @@ def _reduce_and_finish(run: _Run, n_samples: int, n_batches: int) -> GradStats:
 
 
 def _piece(run: _Run, x, y, params, assign: dict[str, str], engine: str) -> None:
-    """Processes one piece of whole mini-batches with the assigned engines, moving tensors to a fallback on need."""
+    """Processes one piece of whole mini-batches with the assigned engines, moving tensors to a fallback on need.
+    Dict batches (transformers models called as ``model(**batch)``) always take the loop engine."""
+    if isinstance(x, DictInputs):
+        run.loop(x, y, params)
+        return
     hooks = [p for p in params if assign[p.name] == "hooks"]
     if hooks:
         try:

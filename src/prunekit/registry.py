@@ -34,8 +34,19 @@ class NoOptions:
     """A method without options of its own."""
 
 
-def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The loss criteria use unless given one: cross-entropy, the mean over the batch."""
+def default_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
+    """The loss criteria use unless given one: cross-entropy, the mean over the batch. For a model output that is
+    not a tensor (a transformers ``ModelOutput``, from a dict batch with ``labels``): its own ``.loss`` when it has
+    one, else cross-entropy of its ``.logits`` against the targets."""
+    if not isinstance(outputs, torch.Tensor):
+        own = getattr(outputs, "loss", None)
+        if isinstance(own, torch.Tensor):
+            return own
+        logits = getattr(outputs, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise PrunekitError(f"the model returned a {type(outputs).__name__} with neither .loss nor .logits: "
+                                "pass loss=")
+        outputs = logits
     return torch.nn.functional.cross_entropy(outputs, targets)
 
 
@@ -45,7 +56,8 @@ class ScoreContext:
 
     - ``params``: the prunable tensors, in order; ``masks``: their current boolean masks (the model's weights are
       already masked, so ``p.tensor`` is the effective weight).
-    - ``data``: an iterable of ``(inputs, targets)`` batches, or None for data-free methods.
+    - ``data``: an iterable of ``(inputs, targets)`` batches (or dict batches with ``labels``, see
+      :mod:`prunekit.batches`), or None for data-free methods.
     - ``loss``: ``loss(outputs, targets) -> scalar`` (mean over the batch), cross-entropy by default.
     - ``options``: the method's typed options; ``generator``: a seeded generator reserved for the mask
       (independent of the training RNG); ``round``: 1-based pruning round; ``state``: scratch space that the

@@ -1,0 +1,238 @@
+"""Hugging Face transformers models (issue 16, section 1): prunable tensors of a tiny random-weight BERT and GPT-2
+(built from a config, no download), targets / ignore patterns, dict batches for the gradient criteria, and the clear
+refusal of the methods that cannot read dict batches yet."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import prunekit as pk  # noqa: E402
+from prunekit.errors import PrunekitError  # noqa: E402
+from prunekit.experiments.resolved import run_id  # noqa: E402
+from prunekit.params import prunable_params, require_transformers  # noqa: E402
+
+N_LABELS = 3
+
+
+def tiny_bert(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=N_LABELS)
+    return transformers.BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def bert_batches(n_batches=2, size=3, length=8):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n_batches):
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, length - 3:] = 0  # one padded example
+        out.append({"input_ids": torch.randint(0, 100, (size, length), generator=g), "attention_mask": mask,
+                    "labels": torch.randint(0, N_LABELS, (size,), generator=g)})
+    return out
+
+
+def gpt2_batches(n_batches=2, size=2, length=6):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, 100, (size, length), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+BERT_BLOCK = [f"bert.encoder.layer.{i}.{m}.weight" for i in range(2)
+              for m in ("attention.self.query", "attention.self.key", "attention.self.value",
+                        "attention.output.dense", "intermediate.dense", "output.dense")]
+GPT2_BLOCK = [f"transformer.h.{i}.{m}.weight" for i in range(2)
+              for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+# ------------------------------------------------------------------------------------------- prunable tensors
+
+
+def test_default_prunable_tensors_are_the_block_linear_and_conv1d_weights():
+    assert [p.name for p in prunable_params(tiny_bert())] == BERT_BLOCK
+    gpt = tiny_gpt2()
+    params = prunable_params(gpt)
+    assert [p.name for p in params] == GPT2_BLOCK
+    assert all(isinstance(p.module, transformers.pytorch_utils.Conv1D) for p in params)
+
+
+def test_targets_and_ignore_select_what_they_say():
+    bert = tiny_bert()
+    qkv = prunable_params(bert, targets=[r"re:.*attention\.self\."])
+    assert [p.name for p in qkv] == [n for n in BERT_BLOCK if ".attention.self." in n]
+    # a class name as target: every Linear, the pooler and the classifier included; ignore by regex and by name
+    lin = [p.name for p in prunable_params(bert, targets=["Linear"])]
+    assert lin == BERT_BLOCK + ["bert.pooler.dense.weight", "classifier.weight"]
+    assert [p.name for p in prunable_params(bert, targets=["Linear"], ignore=["re:.*classifier", "bert.pooler.dense"])
+            ] == BERT_BLOCK
+    # everything with a weight, then LayerNorm (class name) and the embeddings (regex) ignored
+    some = [p.name for p in prunable_params(bert, targets=["re:.*"], ignore=["LayerNorm", "re:.*embeddings"])]
+    assert some == lin
+    # ignore on the default rule
+    assert [p.name for p in prunable_params(bert, ignore=["re:.*intermediate", "re:.*output"])] == \
+        [n for n in BERT_BLOCK if ".self." in n]
+    assert [p.name for p in prunable_params(tiny_gpt2(), ignore=["re:.*mlp"])] == \
+        [n for n in GPT2_BLOCK if ".attn." in n]
+
+
+def test_targets_and_ignore_mistakes_are_clear_errors():
+    bert = tiny_bert()
+    with pytest.raises(PrunekitError, match="neither a module name nor a module class name"):
+        prunable_params(bert, ignore=["classifer"])
+    with pytest.raises(PrunekitError, match="not a valid regular expression"):
+        prunable_params(bert, targets=["re:("])
+    with pytest.raises(PrunekitError, match="match no module"):
+        prunable_params(bert, targets=["re:nothing_here"])
+
+
+def test_targets_and_ignore_as_prune_options_and_in_run_ids():
+    bert = tiny_bert()
+    masks = pk.prune(bert, "magnitude", 0.5, targets=["Linear"], ignore=["re:.*classifier"])
+    assert masks.names() == BERT_BLOCK + ["bert.pooler.dense.weight"]
+    base = {"prune": {"method": "magnitude", "options": {"scope": "global", "exclude": []}}}
+    unset = {"prune": {"method": "magnitude", "options": {"scope": "global", "exclude": [], "targets": None,
+                                                          "ignore": None}}}
+    assert run_id(base) == run_id(unset)  # new fields unset: stored run ids do not change
+    unset["prune"]["options"]["ignore"] = ["re:.*classifier"]
+    assert run_id(base) != run_id(unset)
+
+
+def test_missing_transformers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    with pytest.raises(PrunekitError, match=r"pip install 'prunekit\[hf\]'"):
+        require_transformers()
+
+
+# ------------------------------------------------------------------------------------------ data-free methods
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "random", "globalmagni", "magni"])
+def test_data_free_methods_exact_counts_and_only_prunable_tensors_change(build, method):
+    model = build()
+    before = _state(model)
+    masks = pk.prune(model, method, 0.7, seed=3)
+    names = set(masks.names())
+    if method == "magni":  # layer scope
+        for p in masks.params:
+            assert int(masks.as_dict()[p.name].sum()) == max(1, pk.keep_count(p.tensor.numel(), 0.7))
+    else:
+        assert masks.kept() == pk.keep_count(masks.total(), 0.7)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k in names:
+            m = masks.as_dict()[k]
+            assert torch.equal(after[k][m], v[m]) and bool((after[k][~m] == 0).all())
+        else:
+            assert torch.equal(after[k], v), k  # embeddings, LayerNorm, head untouched
+
+
+# --------------------------------------------------------------------------------------- dict-batch gradients
+
+
+def reference_stats(model, data):
+    """ḡ and F̂ over the examples by a plain loop: one example at a time, autograd of the model's own loss."""
+    params = prunable_params(model)
+    tensors = [p.tensor for p in params]
+    gsum = [torch.zeros_like(t) for t in tensors]
+    gsq = [torch.zeros_like(t) for t in tensors]
+    n = 0
+    for batch in data:
+        for i in range(batch["labels"].shape[0]):
+            out = model(**{k: v[i:i + 1] for k, v in batch.items()})
+            grads = torch.autograd.grad(out.loss, tensors)
+            for s, q, g in zip(gsum, gsq, grads):
+                s += g
+                q += g * g
+            n += 1
+    names = [p.name for p in params]
+    return ({k: s / n for k, s in zip(names, gsum)}, {k: q / n for k, q in zip(names, gsq)},
+            {p.name: p.tensor.detach() for p in params})
+
+
+@pytest.mark.parametrize("build,batches", [(tiny_bert, bert_batches), (tiny_gpt2, gpt2_batches)], ids=["bert", "gpt2"])
+def test_gradient_methods_on_dict_batches_equal_a_plain_per_example_loop(build, batches):
+    model = build(torch.float64)
+    data = batches()
+    mean, sq, theta = reference_stats(model, data)
+    model.zero_grad(set_to_none=True)
+    expected = {"snip": {k: (theta[k] * mean[k]).abs() for k in mean},
+                "grad_norm": {k: mean[k].abs() for k in mean},
+                "fisher_diag": sq}
+    for method, want in expected.items():
+        before, training = _state(model), model.training
+        got = pk.score(model, method, data)
+        assert list(got) == list(want)
+        for k in want:
+            torch.testing.assert_close(got[k].to(torch.float64), want[k], rtol=1e-9, atol=1e-14)
+        # purity: weights, buffers, .grad and the mode are as they were; the data is not changed
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert model.training == training and all(p.grad is None for p in model.parameters())
+    assert set(data[0]) >= {"input_ids", "labels"}
+
+
+@pytest.mark.parametrize("method", ["snip", "grad_norm", "fisher_diag", "fts", "fisher_pruner", "fbss"])
+def test_gradient_methods_on_dict_batches_keep_exact_counts(method):
+    model = tiny_bert()
+    masks = pk.prune(model, method, 0.8, bert_batches())
+    assert masks.kept() == pk.keep_count(masks.total(), 0.8)
+    assert masks.names() == BERT_BLOCK
+    for p in masks.params:
+        assert bool((p.tensor[~masks.as_dict()[p.name]] == 0).all())
+
+
+def test_the_loss_falls_back_to_cross_entropy_on_logits_without_labels_in_the_output():
+    model = tiny_bert(torch.float64)
+    data = bert_batches(1)
+
+    class NoLoss(torch.nn.Module):  # the same model, returning only the logits object (no .loss)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, labels=None, **kw):
+            return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.inner(**kw).logits)
+
+    wrapped = NoLoss(model)
+    got = pk.score(wrapped, "grad_norm", data)
+    mean, _, _ = reference_stats(model, data)
+    for k, v in mean.items():
+        torch.testing.assert_close(got["inner." + k], v.abs(), rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["grasp", "diagfisher", "kfac", "naivehess", "woodfisherblock", "woodfisher",
+                                    "sipp"])
+def test_methods_that_cannot_read_dict_batches_refuse_clearly(method):
+    model = tiny_bert()
+    before = _state(model)
+    with pytest.raises(PrunekitError, match="cannot read dict batches"):
+        pk.prune(model, method, 0.5, bert_batches())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_dict_batch_mistakes_are_clear_errors():
+    model = tiny_bert()
+    data = bert_batches(1)
+    with pytest.raises(PrunekitError, match="looks like one dict batch"):
+        pk.score(model, "snip", data[0])
+    nolabels = [{k: v for k, v in data[0].items() if k != "labels"}]
+    with pytest.raises(PrunekitError, match="'labels'"):
+        pk.score(model, "snip", nolabels)
