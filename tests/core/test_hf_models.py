@@ -189,6 +189,7 @@ def test_gradient_methods_on_dict_batches_equal_a_plain_per_example_loop(build, 
     assert set(data[0]) >= {"input_ids", "labels"}
 
 
+@pytest.mark.filterwarnings("ignore:layer collapse")  # at init query/key gradients are tiny: those layers go first
 @pytest.mark.parametrize("method", ["snip", "grad_norm", "fisher_diag", "fts", "fisher_pruner", "fbss"])
 def test_gradient_methods_on_dict_batches_keep_exact_counts(method):
     model = tiny_bert()
@@ -236,3 +237,31 @@ def test_dict_batch_mistakes_are_clear_errors():
     nolabels = [{k: v for k, v in data[0].items() if k != "labels"}]
     with pytest.raises(PrunekitError, match="'labels'"):
         pk.score(model, "snip", nolabels)
+
+
+@pytest.mark.parametrize("method", ["synflow", "filter_l1", "filter_l2", "filter_random", "bn_scale", "px"])
+def test_other_methods_refuse_a_transformer_with_dict_batches(method):
+    """Data-free codes that trace an input (synflow, the filter baselines) and px (ReLU networks only) refuse with a
+    PrunekitError before changing anything."""
+    model = tiny_bert()
+    before = _state(model)
+    with pytest.raises(PrunekitError):
+        pk.prune(model, method, 0.5, bert_batches())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_targets_and_ignore_flow_from_a_config_to_the_prunable_tensors():
+    from prunekit.experiments.config import resolve_run
+    from prunekit.models import get_model
+
+    base = {"name": "t", "model": "lenet_300_100", "data": {"name": "mnist"}, "train": {"epochs": 1},
+            "prune": {"method": "magnitude", "sparsity": 0.5}}
+    plain = resolve_run(base)
+    assert plain.prune.options.targets is None and plain.prune.options.ignore is None
+    cfg = {**base, "prune": {**base["prune"], "ignore": ["re:.*3$"]}}
+    resolved = resolve_run(cfg)
+    assert resolved.prune.options.ignore == ("re:.*3$",) and resolved.id != plain.id
+    model = get_model("lenet_300_100")
+    every = [p.name for p in prunable_params(model)]
+    kept = [p.name for p in prunable_params(model, resolved.prune.options.param_spec())]
+    assert kept == [n for n in every if not n.split(".weight")[0].endswith("3")] and len(kept) == len(every) - 1
