@@ -294,5 +294,7 @@ def _check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, sa
     finally:
         for h in hooks:
             h.remove()
+    if y is not None and not isinstance(out, torch.Tensor) and getattr(out, "loss", None) is None:
+        out = getattr(out, "logits", None)  # a transformers output: the default loss takes its logits
     if y is not None and isinstance(out, torch.Tensor):
         _check_labels(out, x, y)

@@ -112,6 +112,8 @@ def is_default_ce(loss) -> bool:
 
 def _ce_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Σ_n of the per-sample mean cross-entropy (outputs [n, C, d...] average over the d positions per sample)."""
+    if not isinstance(out, torch.Tensor):  # a transformers ModelOutput from tuple batches (no labels given to it)
+        out = out.logits
     per_class = out[0, 0].numel() if out.dim() > 2 else 1
     total = F.cross_entropy(out, y, reduction="sum")
     return total / per_class if per_class != 1 else total

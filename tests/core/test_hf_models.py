@@ -265,3 +265,23 @@ def test_targets_and_ignore_flow_from_a_config_to_the_prunable_tensors():
     every = [p.name for p in prunable_params(model)]
     kept = [p.name for p in prunable_params(model, resolved.prune.options.param_spec())]
     assert kept == [n for n in every if not n.split(".weight")[0].endswith("3")] and len(kept) == len(every) - 1
+
+
+def test_tuple_batches_on_a_transformer_use_the_logits_and_equal_the_plain_loop():
+    """(input_ids, labels) pairs: the model is called as model(input_ids) and returns a ModelOutput without a loss;
+    the default cross-entropy takes its logits (batched hooks engine) and gives the per-example loop's values."""
+    from prunekit.gradstats import grad_stats
+
+    model = tiny_bert(torch.float64)
+    dicts = [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in bert_batches()]
+    pairs = [(b["input_ids"], b["labels"]) for b in dicts]
+    mean, sq, _ = reference_stats(model, dicts)
+    st = grad_stats(model, prunable_params(model), pairs)
+    assert "hooks" in st.engine and st.n_samples == 6
+    assert grad_stats(model, prunable_params(model), dicts).engine == "loop"  # dict batches: one example at a time
+    for k in mean:
+        torch.testing.assert_close(st.mean[k], mean[k], rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(st.sq[k], sq[k], rtol=1e-9, atol=1e-14)
+    got = pk.score(model, "fisher_diag", pairs)
+    for k in sq:
+        torch.testing.assert_close(got[k], sq[k], rtol=1e-9, atol=1e-14)
