@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS levels (
 );
 """
 
+#: The tables of SCHEMA (a store that has them all is not written to when opened).
+TABLES = ("runs", "experiments", "epochs", "layers", "levels")
+
 LEVEL_FIELDS = ("density", "kept", "total", "epochs", "seconds", "check_seconds", "stop_reason", "stop_epoch",
                 "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "early_stop_epoch",
                 "early_stop_test_acc")
@@ -110,11 +113,16 @@ class Store:
                 raise self._error(e) from None
         try:
             self._conn.row_factory = sqlite3.Row
+            self._tables = self._table_names()
             if not readonly:
-                self._conn.execute("PRAGMA journal_mode=WAL")
+                # a store that is already set up is opened without taking a write lock (several processes open it at
+                # once: a torchrun's ranks, sweep workers), so opening never waits on a writer
+                if self._conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn.executescript(SCHEMA)
-            self._tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if not set(TABLES) <= self._tables:
+                    self._conn.executescript(SCHEMA)
+                    self._tables = self._table_names()
             self._check_schema()
         except sqlite3.Error as e:
             self._conn.close()
@@ -152,6 +160,9 @@ class Store:
                  if self.path.is_file() else "")
         return (f"{self.path} cannot be written ({why}): this command records runs there; make it writable or point "
                 f"--root at another folder{reads}")
+
+    def _table_names(self) -> set[str]:
+        return {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
     def _check_schema(self) -> None:
         if "runs" not in self._tables:
