@@ -28,6 +28,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` announces it in the environment (0 outside torchrun), known before the
+    process group is joined."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo for CPU training, nccl for CUDA (each rank on GPU

@@ -440,8 +440,9 @@ def test_rank_store_reads_skips_writes_and_refuses_the_rest(tmp_path):
         assert rank.status("r1") == "running" and rank.record("r1") is None
         rank.fail_run("r1", "boom")  # rank 0's job: nothing happens here
         assert s.status("r1") == "running"
-        with pytest.raises(AttributeError, match="has no 'import_run'.*reads.*skips"):
-            rank.import_run({})
+        rank.import_run({"tables": {}})  # a write too: skipped
+        with pytest.raises(AttributeError, match="has no 'transaction'.*reads.*skips"):
+            rank.transaction()
 
 
 def test_every_test_named_in_docs_reliability_exists():

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 from ..errors import ConfigError
 from . import config as C
 from .backends import InProcessBackend
+from .lifecycle import open_store
 from .store import INTERRUPTED, Store, StoreError
 from .sweep import RUN_OPTIONS, Cell, Grid, execute, plan, starting_points
 
@@ -151,7 +152,7 @@ def run_folder(folder: str | Path, root: str | Path = "runs", *, overrides: list
     files = config_files(folder)
     root = Path(root)
     result = BatchResult(Path(folder))
-    with Store(root / "results.sqlite") as store:
+    with open_store(root / "results.sqlite") as store:
         for n, path in enumerate(files, 1):
             fr = FileResult(path)
             result.files.append(fr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -26,11 +27,20 @@ class RankStore:
     """The store as ranks other than 0 see it under DDP: the reads a run makes pass through, and the writes a run
     makes are rank 0's job (here they do nothing). Any other use is an error, not a silent no-op."""
 
-    READS = ("record", "status", "runs", "levels", "epochs", "layers")
-    WRITES = ("begin_run", "link", "log_epoch", "log_levels", "finish_run", "fail_run")
+    READS = ("record", "status", "runs", "levels", "epochs", "layers", "export_run")
+    WRITES = ("begin_run", "link", "log_epoch", "log_levels", "finish_run", "fail_run", "import_run")
 
     def __init__(self, store: Store):
         self._store = store
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "RankStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __getattr__(self, name):
         if name in self.READS:
@@ -46,6 +56,19 @@ def _rank0_writes(*args, **kwargs) -> None:
     """A store write on a DDP rank other than 0: rank 0 writes it."""
 
 
+def open_store(path: str | Path) -> Store | RankStore:
+    """The results store at ``path`` for this process. Under ``torchrun`` the ranks other than 0 never open it for
+    writing: they wait for rank 0 to create it, read it through a read-only connection (which can take no lock that
+    rank 0's writes would wait on) and skip the writes (:class:`RankStore`)."""
+    path = Path(path)
+    if distributed.launched_rank() == 0:
+        return Store(path)
+    deadline = time.monotonic() + 300
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return RankStore(Store(path, readonly=True))
+
+
 class RunLifecycle:
     """One run's bookkeeping, as a context manager: on exit the thread count is restored, the lock released and a
     store opened here closed. The run folder is ``<root>/<run id>/``; the store defaults to
@@ -57,8 +80,9 @@ class RunLifecycle:
         self.root = Path(root)
         self.run_dir = self.root / self.rid
         self._own_store = store is None
-        self._real_store = store = store or Store(self.root / "results.sqlite")
-        if distributed.init_from_env(resolved.train.device) and not distributed.is_main():
+        self._real_store = store = store or open_store(self.root / "results.sqlite")
+        if distributed.init_from_env(resolved.train.device) and not distributed.is_main() \
+                and not isinstance(store, RankStore):
             store = RankStore(store)
             log = lambda msg: None  # noqa: E731 - rank 0 reports
         self.store = store

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from . import config as C
 from .backends import Backend, Job, Outcome, SweepContext, check_workers, make_backend, run_one, worker_init
 from .isolated import export_for_worker, own_journal, recover_journals
+from .lifecycle import open_store
 from .store import INTERRUPTED, Store
 
 __all__ = ["Cell", "Grid", "GridOptions", "RUN_OPTIONS", "SweepResult", "SweepProgress", "plan", "execute", "sweep",
@@ -302,7 +303,7 @@ def execute(grid: Grid, root: str | Path, backend: Backend, reporter: Any, *,
         data_dir = None if data_dir is None else Path(data_dir).resolve()
     result = SweepResult(total=len(grid.cells), backend=backend.name)
     own = store is None
-    store = Store(root / "results.sqlite") if own else store
+    store = open_store(root / "results.sqlite") if own else store
     try:
         recovered = recover_journals(store, grid.ids, root)
         pending = _pending(grid, store, options, result)
