@@ -19,17 +19,20 @@ from .modes import model_device, scoring_mode
 from .registry import MethodInfo, default_loss
 
 
-#: Built-in methods that read dict batches (``model(**batch)``): the gradient criteria that go through
-#: :func:`prunekit.gradstats.grad_stats`. Every other built-in data-dependent method refuses them (see
-#: :func:`check_data`); a method registered outside prunekit receives them as they are.
-DICT_BATCH_METHODS = frozenset({"snip", "grad_norm", "fisher_diag", "fisher_pruner", "fts", "fbss"})
+def dict_batch_methods() -> list[str]:
+    """The registered data-dependent methods that read dict batches (``model(**batch)``,
+    :attr:`~prunekit.registry.MethodInfo.dict_batches`). Every other built-in data-dependent method refuses them
+    (see :func:`check_data`); a method registered outside prunekit receives them as they are."""
+    from .registry import methods
+
+    return [m.name for m in methods() if m.dict_batches and m.needs_data != "none"]
 
 
 def _refuse_dicts(who: str, name: str) -> None:
     raise PrunekitError(
         f"{who} cannot read dict batches (model(**batch), Hugging Face style) yet: it unpacks (inputs, targets) "
         f"tensor pairs itself (its own batching, hooks or input-shape tracing); methods that take dict batches: "
-        f"{', '.join(sorted(DICT_BATCH_METHODS))} and the data-free ones (magnitude, random, magni, globalmagni)")
+        f"{', '.join(sorted(dict_batch_methods()))} and the data-free ones (magnitude, random, magni, globalmagni)")
 
 
 def _describe(x) -> str:
@@ -221,7 +224,7 @@ def check_data(model: nn.Module, data, info: MethodInfo, rounds: int = 1, loss: 
     _check_arity(model)
     labels = info.needs_data == "labels"
     builtin = (info.score is not None and getattr(info.score, "__module__", "").startswith("prunekit.")
-               and info.name not in DICT_BATCH_METHODS)
+               and not info.dict_batches)
 
     def validate(batch) -> None:
         if builtin and isinstance(batch, collections.abc.Mapping):

@@ -99,6 +99,7 @@ class MethodInfo:
 
     kind: Kind | None = None  # how an experiment runs it; None: "levels" for training methods, else "one-shot"
     factory: Callable[[], "PruningMethod"] | None = field(default=None, repr=False)  # a fresh method object
+    dict_batches: bool = False  # reads dict batches (``model(**batch)``, Hugging Face style)
 
     def new(self) -> "PruningMethod":
         """A fresh method object for one prune call: ``score(ctx)``, and ``select`` / ``update`` (None when the
@@ -173,6 +174,7 @@ def register(
     select: Callable[[ScoreContext, dict, float], dict] | None = None,
     seeds: tuple[str, ...] | None = None,
     kind: Kind | None = None,
+    dict_batches: bool = False,
 ):
     """Decorator registering method ``name``: a score function (with ``select`` / ``update`` functions given here),
     or a :class:`PruningMethod` subclass that defines them (one instance per :func:`prunekit.prune` call).
@@ -191,6 +193,10 @@ def register(
     method's own selection instead of :func:`prunekit.select.select` (SiPP's per-neuron budgets, PFP's channels,
     filter pruning); it must return masks nested in ``ctx.masks`` and meet the target size (``sparsity`` of the
     prunable weights, i.e. ``round((1 - s) * n)`` kept, within the method's documented tolerance).
+    ``dict_batches``: the method reads dict batches (``model(**batch)``, Hugging Face style, through
+    :func:`prunekit.batches.labelled_pair` / :func:`prunekit.batches.call`); a built-in method without it refuses
+    them before scoring (:func:`prunekit.data_checks.check_data`). Methods registered outside prunekit receive
+    whatever batches they are given.
     """
 
     if seeds is not None:
@@ -209,7 +215,8 @@ def register(
             factory, shared = fn, fn()
             score_, select_, update_ = shared.score, getattr(shared, "select", None), getattr(shared, "update", None)
         info = MethodInfo(name, family, needs_data, structured, summary, options, score_, default_rounds,
-                          tuple(sources), aliases, default_samples, rebatches, update_, scope, select_, kind, factory)
+                          tuple(sources), aliases, default_samples, rebatches, update_, scope, select_, kind, factory,
+                          dict_batches)
         _REGISTRY[name] = info
         for a in aliases:
             _ALIASES[a] = name

@@ -18,7 +18,8 @@ from .gradient import GradOptions, mean_gradient
 
 
 @register("fisher_diag", family="pruning at init (Fisher)", needs_data="labels", options=GradOptions,
-          sources=("000",), summary="FD: the empirical Fisher diagonal F̂")
+          sources=("000",), dict_batches=True,
+          summary="FD: the empirical Fisher diagonal F̂")
 def fisher_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = F̂. Entries whose gradient is 0 on every mini-batch (dead units) score exactly 0."""
     st = mean_gradient(ctx, need_sq=True)
@@ -26,7 +27,8 @@ def fisher_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 
 @register("fisher_pruner", family="pruning at init (Fisher, OBD-style)", needs_data="labels", options=GradOptions,
-          sources=("000",), summary="FP: OBD saliency ½·θ²·F̂ with the Fisher diagonal for the Hessian")
+          sources=("000",), dict_batches=True,
+          summary="FP: OBD saliency ½·θ²·F̂ with the Fisher diagonal for the Hessian")
 def fisher_pruner(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     st = mean_gradient(ctx, need_sq=True)
     return {p.name: 0.5 * p.tensor.detach() ** 2 * st.sq[p.name] for p in ctx.params}
@@ -46,6 +48,7 @@ def _c_b(o) -> float:
 
 
 @register("fts", family="pruning at init (Fisher–Taylor)", needs_data="labels", options=FTSOptions, sources=("000",),
+          dict_batches=True,
           summary="Fisher–Taylor sensitivity |θ·ḡ + ½·θ²·c_B·F̂| (seed 000)")
 def fts(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |θ⊙ḡ + ½·θ²⊙(c_B·F̂)|, the abs taken after adding both terms (first-order term with a plus sign, as in
@@ -77,7 +80,8 @@ class FBSSOptions(GradOptions):
 
 
 @register("fbss", family="pruning at init (Fisher brain surgeon)", needs_data="labels", options=FBSSOptions,
-          sources=("000",), summary="Fisher brain-surgeon sensitivity ½·H·(θ − ḡ/H)², H = c_B·F̂ + λ (seed 000)")
+          sources=("000",), dict_batches=True,
+          summary="Fisher brain-surgeon sensitivity ½·H·(θ − ḡ/H)², H = c_B·F̂ + λ (seed 000)")
 def fbss(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = ½·H⊙(θ − ḡ/H)² with H = c_B·F̂ + λ: under the diagonal quadratic model, the loss change of setting θ_j to
     0 minus the best change reachable on that coordinate. Non-negative, computed in the factored form.

@@ -37,14 +37,16 @@ def mean_gradient(ctx: ScoreContext, need_sq: bool = False):
 
 
 @register("grad_norm", family="pruning at init (first order)", needs_data="labels", options=GradOptions,
-          sources=("000",), summary="|mean gradient| (GN): abs of ḡ, not a norm")
+          sources=("000",), dict_batches=True,
+          summary="|mean gradient| (GN): abs of ḡ, not a norm")
 def grad_norm(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     st = mean_gradient(ctx)
     return {p.name: st.mean[p.name].abs() for p in ctx.params}
 
 
 @register("snip", family="pruning at init (first order)", needs_data="labels", options=GradOptions,
-          sources=("000", "004"), summary="connection sensitivity |θ·ḡ| (Lee et al. 2019)")
+          sources=("000", "004"), dict_batches=True,
+          summary="connection sensitivity |θ·ḡ| (Lee et al. 2019)")
 def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = |θ ⊙ ḡ|, SNIP's |∂L/∂c| at c = 1 up to a positive factor (its normalization does not change ranks)."""
     st = mean_gradient(ctx)
