@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from .groups import CONVT_TYPES, ChannelGroup, channel_groups
+from .groups import ChannelGroup, channel_groups, row_channels, transposed
+from .transformer_groups import is_transformer
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -61,16 +62,18 @@ def cached_channel_groups(model: nn.Module, ctx_or_data: Any = None) -> list[Cha
     hit = _GROUP_CACHE.get(model)
     if hit is not None and hit[0] == sig:
         return hit[1]
-    groups = channel_groups(model, example_input_for(model, ctx_or_data))
+    # a transformers model's groups come from its module structure: no example input needed
+    example = None if is_transformer(model) else example_input_for(model, ctx_or_data)
+    groups = channel_groups(model, example)
     _GROUP_CACHE[model] = (sig, groups)
     return groups
 
 
 # ------------------------------------------------------------------------------------------------- scores
 def _producer_rows(mod: nn.Module) -> torch.Tensor:
-    """The producer's weight as (output channels, rest)."""
+    """The producer's weight as (output units, rest)."""
     w = mod.weight.detach()
-    if isinstance(mod, CONVT_TYPES):
+    if transposed(mod):
         w = w.transpose(0, 1)
     return w.reshape(w.shape[0], -1)
 
@@ -79,10 +82,12 @@ def _producer_rows(mod: nn.Module) -> torch.Tensor:
 def filter_norm_scores(model: nn.Module, groups: Sequence[ChannelGroup], p: float = 1) -> dict[str, torch.Tensor]:
     """Per channel, the lp norm of the filters that write it (float64, CPU), for every group.
 
-    A filter is the producer's weight row of the channel (a transposed conv's ``weight[:, c]``); the current
-    (masked) weights are used. For a group with several producers (residual-tied) the norm is that of all its
-    filters together: ``p=1`` sums the l1 norms (Li et al.), ``p=2`` is the l2 norm of the concatenated filters
-    (sqrt of the summed squares; SoftNet, He et al.).
+    A filter is the producer's weight row of the channel (a transposed conv's or GPT-2 Conv1D's ``weight[:, c]``);
+    the current (masked) weights are used. For a group with several producers (residual-tied) the norm is that of
+    all its filters together: ``p=1`` sums the l1 norms (Li et al.), ``p=2`` is the l2 norm of the concatenated
+    filters (sqrt of the summed squares; SoftNet, He et al.). A channel that owns several rows (an attention head:
+    its ``head_dim`` rows of each of query, key and value) is aggregated the same way: the l1 norms of all its rows
+    summed, the l2 norm of all its rows together.
     """
     mods = dict(model.named_modules())
     out = {}
@@ -90,7 +95,10 @@ def filter_norm_scores(model: nn.Module, groups: Sequence[ChannelGroup], p: floa
         acc = torch.zeros(g.size, dtype=torch.float64)
         for name in g.producers:
             rows = _producer_rows(mods[name]).to(torch.float64)
-            acc += rows.abs().pow(p).sum(1).cpu() if p != 1 else rows.abs().sum(1).cpu()
+            per_row = (rows.abs().pow(p).sum(1) if p != 1 else rows.abs().sum(1)).cpu()
+            if per_row.numel() != g.size:  # several units per channel (heads)
+                per_row = torch.zeros(g.size, dtype=torch.float64).index_add_(0, row_channels(g), per_row)
+            acc += per_row
         out[g.name] = acc if p == 1 else acc.pow(1.0 / p)
     return out
 

@@ -49,10 +49,11 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import PrunekitError, closest
 from ..modes import eval_mode
+from ..params import hf_conv1d
 
 __all__ = [
     "ChannelGroup", "channel_groups", "channel_masks_to_masks", "make_exact", "channel_masks_from_masks",
-    "check_channel_masks", "trace",
+    "check_channel_masks", "trace", "row_channels", "transposed",
 ]
 
 
@@ -69,6 +70,13 @@ class ChannelGroup:
     - ``consumers``: ``(module name, features per channel)``: 1 for a conv input channel (or a linear layer on
       unflattened features), ``H*W`` for a linear layer after a flatten.
     - ``prunable`` / ``reason``: whether channels may be removed, and if not, why.
+    - ``rows`` and ``splits``: the producers' output units per channel. The output dim of every producer holds
+      ``splits`` equal segments of ``size * rows`` units, and channel ``c`` owns units ``c*rows ... c*rows+rows-1``
+      of each segment (:func:`row_channels`). 1 and 1 for a CNN channel; an attention head of a transformer has
+      ``rows = head_dim`` (its rows of each of query, key, value), and GPT-2's fused ``c_attn`` (q|k|v) has
+      ``splits = 3``.
+    - ``kind``: ``"channel"`` (found by tracing), ``"head"`` (attention heads) or ``"neuron"`` (FFN neurons of a
+      transformer block); ``attention``: for heads, the attention module whose head count :func:`shrink` updates.
     """
 
     name: str
@@ -78,6 +86,32 @@ class ChannelGroup:
     consumers: list[tuple[str, int]] = field(default_factory=list)
     prunable: bool = True
     reason: str | None = None
+    rows: int = 1
+    splits: int = 1
+    kind: str = "channel"
+    attention: str | None = None
+
+
+def row_channels(g: ChannelGroup) -> torch.Tensor:
+    """The channel of every output unit of ``g``'s producers (a LongTensor of ``size * rows * splits``)."""
+    ch = torch.arange(g.size)
+    if g.rows != 1:
+        ch = ch.repeat_interleave(g.rows)
+    return ch.repeat(g.splits) if g.splits != 1 else ch
+
+
+def expand_rows(keep: torch.Tensor, g: ChannelGroup) -> torch.Tensor:
+    """A per-channel vector of ``g`` repeated onto its producers' output units (identity for plain channels)."""
+    return keep if g.rows == 1 and g.splits == 1 else keep[row_channels(g).to(keep.device)]
+
+
+def transposed(mod: nn.Module) -> bool:
+    """True when ``mod.weight`` stores (in, out, ...): transposed convs and GPT-2's ``Conv1D``; its output units
+    are then ``weight[:, j]`` and its inputs ``weight[i]``."""
+    if isinstance(mod, CONVT_TYPES):
+        return True
+    conv1d = hf_conv1d()
+    return conv1d is not None and isinstance(mod, conv1d)
 
 
 # ----------------------------------------------------------------------------------------------- op tables
@@ -708,7 +742,15 @@ def channel_groups(model: nn.Module, example_input, exclude: Sequence[str] = ())
 
     ``exclude``: submodule names to treat as opaque blocks (use it for submodules that ``torch.fx`` cannot trace;
     their neighbouring groups become not prunable). Raises :class:`PrunekitError` if tracing fails.
+
+    A Hugging Face transformers model is not traced: its attention heads and FFN neurons are found from its module
+    structure (:func:`prunekit.structured.transformer_groups.transformer_groups`), ``example_input`` is then not
+    needed (it may be None).
     """
+    from .transformer_groups import is_transformer, transformer_groups
+
+    if is_transformer(model):
+        return transformer_groups(model)
     gm = trace(model, exclude)
     _propagate_shapes(model, gm, example_input)
     analysis = _Analysis(model, gm)
@@ -787,15 +829,15 @@ def channel_masks_to_masks(model: nn.Module, groups: Sequence[ChannelGroup],
         keep = cm[g.name]
         for p in g.producers:
             mask = get(p)
-            k = keep.to(mask.device)
-            if isinstance(mods[p], CONVT_TYPES):
+            k = expand_rows(keep, g).to(mask.device)
+            if transposed(mods[p]):
                 mask[:, ~k] = False
             else:
                 mask[~k] = False
         for cname, block in g.consumers:
             mask = get(cname)
             k = _expand(keep, block).to(mask.device)
-            if isinstance(mods[cname], CONVT_TYPES):
+            if transposed(mods[cname]):
                 mask[~k] = False
             else:
                 mask[:, ~k] = False
@@ -824,7 +866,7 @@ def make_exact(model: nn.Module, groups: Sequence[ChannelGroup], channel_masks: 
         for p in g.producers:
             b = getattr(mods[p], "bias", None)
             if b is not None:
-                b[~cm[g.name].to(b.device)] = 0
+                b[~expand_rows(cm[g.name], g).to(b.device)] = 0
         for n in g.norms:
             m = mods[n]
             for attr in ("weight", "bias", "running_mean"):
@@ -863,8 +905,12 @@ def channel_masks_from_masks(model: nn.Module, groups: Sequence[ChannelGroup],
                 dead_p[:] = False
                 continue
             m = m.detach().to("cpu", torch.bool)
-            m = m.transpose(0, 1) if isinstance(mods[p], CONVT_TYPES) else m
-            dead_p &= ~m.reshape(m.shape[0], -1).any(1)
+            m = m.transpose(0, 1) if transposed(mods[p]) else m
+            alive_rows = m.reshape(m.shape[0], -1).any(1)
+            if g.rows != 1 or g.splits != 1:  # a channel is alive while any of its units is
+                alive_rows = torch.zeros(g.size, dtype=torch.long).index_add_(
+                    0, row_channels(g), alive_rows.long()) > 0
+            dead_p &= ~alive_rows
         if not g.consumers:
             dead_c[:] = False
         for cname, block in g.consumers:
@@ -873,7 +919,7 @@ def channel_masks_from_masks(model: nn.Module, groups: Sequence[ChannelGroup],
                 dead_c[:] = False
                 continue
             m = m.detach().to("cpu", torch.bool)
-            m = m if isinstance(mods[cname], CONVT_TYPES) else m.transpose(0, 1)
+            m = m if transposed(mods[cname]) else m.transpose(0, 1)
             alive = m.reshape(m.shape[0], -1).any(1).reshape(g.size, block).any(1)
             dead_c &= ~alive
         dead = {"producers": dead_p, "consumers": dead_c, "either": dead_p | dead_c}[side]

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import PrunekitError, closest
 from .channel_scores import bn_scale_scores, cached_channel_groups, example_input_for, filter_norm_scores
-from .groups import CONVT_TYPES, ChannelGroup, channel_masks_from_masks
+from .groups import ChannelGroup, channel_masks_from_masks, row_channels, transposed
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class _Plan:
     in_dim: int
     block: int
     C: torch.Tensor | None = None  # float64 (n_out or 1, n_in or 1): alive entries per channel pair
+    out_rows: torch.Tensor | None = None  # the channel of each output unit when a channel owns several (heads)
 
     def count(self, keep: Mapping[str, torch.Tensor]) -> float:
         ko = keep[self.out_g] if self.out_g else None
@@ -88,16 +89,18 @@ def _sides(mods: Mapping[str, nn.Module], name: str, shape: tuple, by: Mapping[s
     plan = _Plan(name, None, 0, None, 0, 1)
     g = by["producer"].get(mname) if attr in ("weight", "bias") else None
     if g is not None:
-        d = 1 if (attr == "weight" and isinstance(mod, CONVT_TYPES)) else 0
-        if len(shape) > d and shape[d] == g.size:
+        d = 1 if (attr == "weight" and transposed(mod)) else 0
+        if len(shape) > d and shape[d] == g.size * g.rows * g.splits:
             plan.out_g, plan.out_dim = g.name, d
+            if g.rows != 1 or g.splits != 1:
+                plan.out_rows = row_channels(g)
     g = by["norm"].get(mname) if attr in ("weight", "bias") and plan.out_g is None else None
     if g is not None and len(shape) >= 1 and shape[0] == g.size:
         plan.out_g, plan.out_dim = g.name, 0
     hit = by["consumer"].get(mname) if attr == "weight" else None
     if hit is not None:
         g, block = hit
-        d = 0 if isinstance(mod, CONVT_TYPES) else 1
+        d = 0 if transposed(mod) else 1
         if len(shape) > d and shape[d] == g.size * block and not (plan.out_g and plan.out_dim == d):
             plan.in_g, plan.in_dim, plan.block = g.name, d, block
     return plan
@@ -129,7 +132,11 @@ def _plans(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str,
             x = x.permute(lead + [d for d in range(x.dim()) if d not in lead])
         n_out = sizes[plan.out_g] if plan.out_g else 1
         n_in = sizes[plan.in_g] if plan.in_g else 1
-        plan.C = x.reshape(n_out, n_in, -1).sum(-1).to(device="cpu", dtype=torch.float64)
+        units = x.shape[0] if plan.out_g else 1  # output units: channels x rows x splits
+        C = x.reshape(units, n_in, -1).sum(-1).to(device="cpu", dtype=torch.float64)
+        if plan.out_rows is not None:
+            C = torch.zeros((n_out, n_in), dtype=torch.float64).index_add_(0, plan.out_rows, C)
+        plan.C = C
         plans.append(plan)
     return plans
 
@@ -160,7 +167,8 @@ def masks_from_channels(model: nn.Module, groups: Sequence[ChannelGroup], channe
         plan = _sides(mods, name, tuple(a.shape), by)
         m = a.clone()
         if plan.out_g:
-            m &= _view(keep[plan.out_g].to(a.device), plan.out_dim, a.dim())
+            k = keep[plan.out_g] if plan.out_rows is None else keep[plan.out_g][plan.out_rows]
+            m &= _view(k.to(a.device), plan.out_dim, a.dim())
         if plan.in_g:
             k = keep[plan.in_g].repeat_interleave(plan.block) if plan.block != 1 else keep[plan.in_g]
             m &= _view(k.to(a.device), plan.in_dim, a.dim())
@@ -185,6 +193,7 @@ def broadcast_channel_scores(model: nn.Module, groups: Sequence[ChannelGroup], c
         s = torch.full(t.shape, math.inf, dtype=torch.float32, device=t.device)
         if plan.out_g:
             v = torch.as_tensor(channel_scores[plan.out_g]).to(device=t.device, dtype=torch.float32)
+            v = v if plan.out_rows is None else v[plan.out_rows.to(t.device)]
             s = torch.minimum(s, _view(v, plan.out_dim, t.dim()))
         if plan.in_g:
             v = torch.as_tensor(channel_scores[plan.in_g]).to(device=t.device, dtype=torch.float32)

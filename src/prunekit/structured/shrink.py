@@ -17,11 +17,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..batches import DictInputs
 from ..errors import PrunekitError
 from ..flops import layer_positions, macs
 from ..masks import Masks
+from ..params import hf_conv1d
 from .groups import (CONV_TYPES, CONVT_TYPES, ChannelGroup, inputs_tuple, channel_groups, channel_masks_from_masks,
-                     channel_masks_to_masks, check_channel_masks, make_exact)
+                     channel_masks_to_masks, check_channel_masks, expand_rows, make_exact)
+from .transformer_groups import is_transformer
 
 __all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE"]
 
@@ -29,10 +32,27 @@ __all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANC
 TOLERANCE = 1e-5
 
 
+def transformer_example(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+    """A fixed random dict batch for a transformers model: ``input_ids`` (``batch`` x ``length``, seed 0, below the
+    config's ``vocab_size``) and an ``attention_mask`` whose first example has its last 3 positions padded."""
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, max(1, length - 3):] = 0
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 def _example(model: nn.Module, example_input):
-    """``example_input``, or a fixed random batch of 2 built from ``model.input_shape``; None if neither exists."""
+    """``example_input``, or a fixed random batch of 2 built from ``model.input_shape`` (a transformers model: from
+    :func:`transformer_example`); None if neither exists."""
     if example_input is not None:
         return example_input
+    if is_transformer(model):
+        return transformer_example(model)
     shape = getattr(model, "input_shape", None)
     if shape is None:
         return None
@@ -53,9 +73,18 @@ def _slice(mod: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> None:
         setattr(mod, attr, new)
 
 
+def _is_conv1d(mod: nn.Module) -> bool:
+    conv1d = hf_conv1d()
+    return conv1d is not None and isinstance(mod, conv1d)
+
+
 def _shrink_producer(mod: nn.Module, idx: torch.Tensor) -> None:
     n = int(idx.numel())
-    if isinstance(mod, nn.Linear):
+    if _is_conv1d(mod):  # GPT-2's Conv1D: weight (in, out)
+        _slice(mod, "weight", 1, idx)
+        _slice(mod, "bias", 0, idx)
+        mod.nf = n
+    elif isinstance(mod, nn.Linear):
         _slice(mod, "weight", 0, idx)
         _slice(mod, "bias", 0, idx)
         mod.out_features = n
@@ -75,10 +104,14 @@ def _shrink_producer(mod: nn.Module, idx: torch.Tensor) -> None:
 
 
 def _shrink_consumer(mod: nn.Module, idx: torch.Tensor, block: int) -> None:
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) or _is_conv1d(mod):
         cols = (idx[:, None] * block + torch.arange(block)).reshape(-1) if block != 1 else idx
-        _slice(mod, "weight", 1, cols)
-        mod.in_features = int(cols.numel())
+        if _is_conv1d(mod):
+            _slice(mod, "weight", 0, cols)
+            mod.nx = int(cols.numel())
+        else:
+            _slice(mod, "weight", 1, cols)
+            mod.in_features = int(cols.numel())
     elif isinstance(mod, CONVT_TYPES):
         _slice(mod, "weight", 0, idx)
         mod.in_channels = int(idx.numel())
@@ -87,6 +120,18 @@ def _shrink_consumer(mod: nn.Module, idx: torch.Tensor, block: int) -> None:
         mod.in_channels = int(idx.numel())
     else:  # pragma: no cover
         raise PrunekitError(f"cannot shrink consumer of type {type(mod).__name__}")
+
+
+def _set_heads(mod: nn.Module, heads: int) -> None:
+    """Update an attention module's head count and width: BERT's ``num_attention_heads`` / ``all_head_size``,
+    GPT-2's ``num_heads`` / ``split_size`` (the head size stays; its shared ``config`` is not changed)."""
+    if isinstance(getattr(mod, "num_attention_heads", None), int):
+        mod.num_attention_heads = heads
+        mod.all_head_size = heads * mod.attention_head_size
+    if isinstance(getattr(mod, "num_heads", None), int):
+        mod.num_heads = heads
+        if isinstance(getattr(mod, "split_size", None), int):
+            mod.split_size = heads * mod.head_dim
 
 
 def _shrink_norm(mod: nn.Module, idx: torch.Tensor) -> None:
@@ -117,12 +162,22 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _call(model: nn.Module, example):
+    """``model`` on an example input: a tensor or tuple of tensors (positional), a dict of tensors or
+    :class:`prunekit.batches.DictInputs` (keyword arguments, Hugging Face style)."""
+    if isinstance(example, DictInputs):
+        return model(**example.tensors)
+    if isinstance(example, Mapping):
+        return model(**example)
+    return model(*inputs_tuple(example))
+
+
 @torch.no_grad()
-def _eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+def _eval_outputs(model: nn.Module, example) -> list[torch.Tensor]:
     was = model.training
     model.eval()
     try:
-        return _tensors(model(*inputs))
+        return _tensors(_call(model, example))
     finally:
         model.train(was)
 
@@ -190,17 +245,19 @@ def shrink(model: nn.Module, channel_masks: Mapping[str, torch.Tensor], example_
         if keep is None or bool(keep.all()):
             continue
         idx = keep.nonzero().reshape(-1)
+        rows = expand_rows(keep, g).nonzero().reshape(-1)
         for p in g.producers:
-            _shrink_producer(mods[p], idx)
+            _shrink_producer(mods[p], rows)
         for n in g.norms:
             _shrink_norm(mods[n], idx)
         for cname, block in g.consumers:
             _shrink_consumer(mods[cname], idx, block)
+        if g.attention is not None:
+            _set_heads(mods[g.attention], int(idx.numel()))
     if check:
-        inputs = inputs_tuple(example_input)
-        ref = _eval_outputs(masked_copy(model, groups, cm), inputs)
+        ref = _eval_outputs(masked_copy(model, groups, cm), example_input)
         try:
-            got = _eval_outputs(shrunk, inputs)
+            got = _eval_outputs(shrunk, example_input)
         except Exception as e:  # noqa: BLE001 - e.g. a hard-coded size in the model's forward
             first = (str(e).strip().splitlines() or [""])[0]
             raise PrunekitError(f"the shrunk {type(model).__name__} fails on the example input "
