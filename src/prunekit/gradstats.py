@@ -55,6 +55,7 @@ for such models.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -98,6 +99,25 @@ class GradStats:
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def twice_differentiable(model: nn.Module):
+    """Second-order scoring (Hessian-vector products: grasp, naivehess) on a transformers model: its attention runs
+    as ``"eager"`` (plain matmul + softmax, differentiable twice) while scoring, since PyTorch's fused
+    scaled-dot-product attention kernels have no double backward; the model's own setting is restored after. The
+    eager and fused kernels compute the same function (to float rounding). Other models are left as they are."""
+    cfg = getattr(model, "config", None)
+    before = getattr(cfg, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if cfg is None or setter is None or before in (None, "eager"):
+        yield
+        return
+    setter("eager")
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def batch_coupled(model: nn.Module) -> bool:

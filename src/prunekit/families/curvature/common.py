@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from ...batches import BatchStream
 from ...errors import PrunekitError
 from ...params import PrunableParam
 from ...registry import ScoreContext
@@ -22,45 +23,23 @@ MAX_BYTES = 256 * 2**20
 
 
 def first_examples(data: Iterable | None, n: int, what: str, option: str, chunk: int,
-                    device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` examples of ``data`` as consecutive (x, y) chunks of at most ``chunk`` examples, on
-    ``device`` (floating inputs cast to ``dtype``). Warns when the data holds fewer than ``n``; raises when none."""
+    ``device`` (floating inputs cast to ``dtype``). Dict batches give :class:`prunekit.batches.DictInputs` inputs
+    (call the model with :func:`prunekit.batches.call`). Warns when the data holds fewer than ``n``; raises when
+    none."""
     if data is None:
         raise PrunekitError(f"{what} needs data: pass data= an iterable of (inputs, targets) batches")
     try:
-        it = iter(data)
+        iter(data)
     except TypeError:
         raise PrunekitError(f"data must be an iterable of (inputs, targets) batches, got "
                             f"{type(data).__name__}") from None
+    stream = BatchStream(data, device, dtype, who=what)
     got = 0
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    held = 0
-    for batch in it:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise PrunekitError(f"each data batch must be a pair (inputs, targets), got {type(batch).__name__}")
-        x, y = batch
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0 \
-                or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise PrunekitError("data batches must be (inputs, targets) tensors with the samples along dimension 0")
-        k = min(x.shape[0], n - got)
-        if k <= 0:
-            break
-        x, y = x[:k].to(device), y[:k].to(device)
-        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
-            x = x.to(dtype)
-        xs.append(x)
-        ys.append(y)
-        held += k
-        got += k
-        while held >= chunk:
-            X, Y = torch.cat(xs), torch.cat(ys)
-            yield X[:chunk], Y[:chunk]
-            xs, ys, held = [X[chunk:]], [Y[chunk:]], held - chunk
-        if got >= n:
-            break
-    if held:
-        yield torch.cat(xs), torch.cat(ys)
+    while got < n and (piece := stream.take(min(chunk, n - got))) is not None:
+        got += piece[0].shape[0]
+        yield piece
     if got == 0:
         raise PrunekitError(f"{what} got no samples: data yielded no (inputs, targets) batch with samples")
     if got < n:

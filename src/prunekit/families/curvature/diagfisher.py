@@ -29,7 +29,7 @@ class DiagFisherOptions:
 
 
 @register("diagfisher", family="second-order baseline (diagonal Fisher)", needs_data="labels",
-          options=DiagFisherOptions, sources=("003",),
+          options=DiagFisherOptions, sources=("003",), dict_batches=True,
           summary="½·w²·F_qq, diagonal empirical Fisher from per-example gradients (no damping, no update)")
 def diagfisher(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = ½·w_q²·F_qq with F_qq = (1/N_d)·Σ_n (m ⊙ g_n)_q², g_n the gradient of example n's loss (true labels, eval

@@ -14,7 +14,9 @@ from torch import nn
 
 from ... import distributed
 from ...errors import PrunekitError
+from ...batches import DictInputs, call
 from ...modes import model_device, scoring_mode
+from ...params import hf_conv1d
 from ...registry import PruningMethod, ScoreContext, register
 
 try:  # torch >= 2.4
@@ -58,10 +60,15 @@ _KFAC_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _kfac_kind(m: nn.Module) -> str | None:
-    """"linear" or "conv" (Conv1d/2d/3d, any ``groups``) for a module with its class's standard forward, else None."""
+    """"linear" or "conv" (Conv1d/2d/3d, any ``groups``) for a module with its class's standard forward, "conv1d_hf"
+    for GPT-2's ``transformers.pytorch_utils.Conv1D`` (y = x·W + b with W stored (in, out): a Linear with the weight
+    transposed), else None."""
     t = type(m)
     if isinstance(m, nn.Linear) and t.forward is nn.Linear.forward:
         return "linear"
+    hf = hf_conv1d()
+    if hf is not None and isinstance(m, hf) and t.forward is hf.forward:
+        return "conv1d_hf"
     for base in _KFAC_CONVS:
         if isinstance(m, base) and t.forward is base.forward and t._conv_forward is base._conv_forward:
             return "conv"
@@ -69,8 +76,25 @@ def _kfac_kind(m: nn.Module) -> str | None:
 
 
 def _kfac_groups(m: nn.Module) -> int:
-    """Independent Kronecker blocks of a layer: ``groups`` of a convolution, 1 for Linear."""
-    return 1 if _kfac_kind(m) == "linear" else int(m.groups)
+    """Independent Kronecker blocks of a layer: ``groups`` of a convolution, 1 for Linear (and Conv1D)."""
+    return int(m.groups) if _kfac_kind(m) == "conv" else 1
+
+
+def _out_in(m: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs of one group) of a layer, whatever the weight's storage order."""
+    if _kfac_kind(m) == "conv1d_hf":
+        return m.weight.shape[1], m.weight.shape[0]
+    return m.weight.shape[0], m.weight[0].numel()
+
+
+def _as_out_in(p, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of ``p`` in the (out, in) orientation of the factors (Conv1D's (in, out) transposed)."""
+    return t.t() if p.attr == "weight" and _kfac_kind(p.module) == "conv1d_hf" else t
+
+
+def _from_out_in(p, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_as_out_in`."""
+    return _as_out_in(p, t)
 
 
 def _sample_labels(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -110,9 +134,9 @@ def _factor_sums(m: nn.Module, x: torch.Tensor, d: torch.Tensor | None) -> tuple
     own patch rows and Γ [g, out/g, out/g] from the group's own output channels (no cross-group terms: group g's
     outputs see only its inputs, so the Fisher has no coupling between groups' weights under K-FAC either)."""
     n = x.shape[0]
-    linear = _kfac_kind(m) == "linear"
+    linear = _kfac_kind(m) != "conv"
     gr = _kfac_groups(m)
-    dout, din = m.weight.shape[0], m.weight[0].numel()  # din: one group's inputs (in/groups·∏k for a conv)
+    dout, din = _out_in(m)  # din: one group's inputs (in/groups·∏k for a conv)
     dg = dout // gr
     P = x[0].numel() // din if linear else math.prod(d.shape[2:]) if d is not None else 1
     per = 2 * x.element_size() * din * gr * P + (0 if d is None else d[0].numel() * d.element_size())
@@ -179,8 +203,8 @@ def _check_params(ctx: ScoreContext) -> None:
             what = type(p.module).__name__
             if isinstance(p.module, (nn.Linear, *_KFAC_CONVS)):
                 what += " with an overridden forward (its input → output map is unknown to kfac)"
-            raise PrunekitError(f"kfac supports nn.Linear and nn.Conv1d/2d/3d (any groups) with their standard "
-                                f"forward only; {p.name!r} belongs to {what}: exclude that module "
+            raise PrunekitError(f"kfac supports nn.Linear, nn.Conv1d/2d/3d (any groups) and transformers' Conv1D "
+                                f"with their standard forward only; {p.name!r} belongs to {what}: exclude that module "
                                 f"(exclude=[{p.module_name!r}]) or use another method")
         if p.attr not in ("weight", "bias"):
             raise PrunekitError(f"kfac prunes layer weights and biases only, not {p.name!r}")
@@ -200,7 +224,7 @@ def _recorded_forward(model: nn.Module, modules: dict[nn.Module, str], x: torch.
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        out = model(x)
+        out = call(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -225,6 +249,9 @@ def _add_chunk_sums(ctx: ScoreContext, modules: dict[nn.Module, str], x: torch.T
     ``G_sum`` (None until a layer's first sum); the loss of each example is its own (true Fisher: on labels drawn
     from ``ctx.generator``)."""
     out, records = _recorded_forward(ctx.model, modules, x)
+    if ctx.options.true_fisher and isinstance(x, DictInputs):
+        raise PrunekitError("kfac: true_fisher is not supported with dict batches (model(**batch)): the labels drawn "
+                            "from the outputs would have to match the model's own loss; use true_fisher=False")
     if ctx.options.true_fisher:
         y = _sample_labels(out, ctx.generator).to(y.device)
     _check_records(records, modules)
@@ -256,7 +283,7 @@ def _summed_statistics(ctx: ScoreContext, modules: dict[nn.Module, str], dev: to
             if not distributed.owns(index):  # DDP: another rank's chunk (its sums are added below)
                 if o.true_fisher:  # draw its labels all the same: the generator stays in step on every rank
                     with torch.no_grad():
-                        _sample_labels(model(x), ctx.generator)
+                        _sample_labels(call(model, x), ctx.generator)
             else:
                 _add_chunk_sums(ctx, modules, x, y, A_sum, G_sum)
             n_total += x.shape[0]
@@ -297,9 +324,7 @@ def _dense_factors(ctx: ScoreContext, m: nn.Module, mname: str, A_sum: torch.Ten
     """The factors of a Linear or a convolution with groups = 1: A [din, din], Γ [dout, dout] and their damped
     inverses, for the layer's weight and (A = [[1]]) bias."""
     lam = ctx.options.fisher_damp
-    w = m.weight
-    din = w[0].numel()
-    dout = w.shape[0]
+    dout, din = _out_in(m)
     A = (A_sum / n_total) if A_sum is not None else torch.zeros(din, din, dtype=torch.float64, device=dev)
     G = (G_sum / n_total) if G_sum is not None else torch.zeros(dout, dout, dtype=torch.float64, device=dev)
     pi = 1.0
@@ -373,16 +398,17 @@ def kfac_update(ctx: ScoreContext, before: dict, after: dict, factors: dict[str,
         if f is None or id(t) in done:
             continue
         done.add(id(t))
-        new = (before[p.name].to(torch.bool) & ~after[p.name].to(torch.bool)).reshape(f.inv_diag.shape)
+        w = _as_out_in(p, t.detach().double()).reshape(f.inv_diag.shape)
+        new = _as_out_in(p, (before[p.name].to(torch.bool) & ~after[p.name].to(torch.bool))).reshape(
+            f.inv_diag.shape)
         if not bool(new.any()):
             continue
-        w = t.detach().double().reshape(f.inv_diag.shape)
         U = torch.where(new, w / f.inv_diag, torch.zeros_like(w))
         if f.groups > 1:  # [g, out/g, din] per group, batched
             dW = -sigma * (f.G_inv @ U.reshape(f.groups, -1, U.shape[-1]) @ f.A_inv)
         else:
             dW = -sigma * (f.G_inv @ U @ f.A_inv)
-        t.add_(dW.reshape(t.shape).to(t.dtype))
+        t.add_(_from_out_in(p, dW.reshape(_as_out_in(p, t).shape)).to(t.dtype))
 
 
 def kfac(ctx: ScoreContext) -> dict[str, torch.Tensor]:
@@ -406,12 +432,14 @@ def kfac_scores(ctx: ScoreContext, factors: dict[str, KFACFactors]) -> dict[str,
     out = {}
     for p in ctx.params:
         f = factors[p.name]
-        w = p.tensor.detach().double().reshape(f.inv_diag.shape)
-        out[p.name] = (w * w / (2.0 * f.inv_diag)).reshape(p.tensor.shape)
+        w = _as_out_in(p, p.tensor.detach().double())
+        rho = (w * w).reshape(f.inv_diag.shape) / (2.0 * f.inv_diag)
+        out[p.name] = _from_out_in(p, rho.reshape(w.shape))
     return out
 
 
 @register("kfac", family="second-order (OBS, K-FAC)", needs_data="labels", options=KFACOptions, sources=("003",),
+          dict_batches=True,
           summary="OBS statistic and summed OBS update with a per-layer Kronecker-factored Fisher Γ ⊗ A")
 class KFAC(PruningMethod):
     """``kfac`` as a method object: the score's factors stay on it for the update of the same round."""

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ... import distributed
+from ...batches import call
+from ...gradstats import twice_differentiable
 from ...modes import model_device, scoring_mode
 from ...registry import ScoreContext, register
 
@@ -102,12 +104,12 @@ def hessian_diagonal(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         per = o.hvp_chunk or 32
         n_pc = -(-K_probes // per)
         probe_seeds = [int(s) for s in torch.randint(0, 2**62, (n_pc,), generator=ctx.generator)]
-    with scoring_mode(model, "eval", tensors):
+    with scoring_mode(model, "eval", tensors), twice_differentiable(model):
         for x, y in distributed.mine(chunks):  # DDP: this rank's chunks; the diagonals are summed below
             counter = [0]
             handles = _leaf_numel_hooks(model, counter)
             try:
-                out = model(x)
+                out = call(model, x)
             finally:
                 for h in handles:
                     h.remove()
@@ -159,7 +161,7 @@ def hessian_diagonal(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 
 @register("naivehess", family="second-order baseline (OBD, Hessian diagonal)", needs_data="labels",
-          options=NaiveHessOptions, sources=("003",),
+          options=NaiveHessOptions, sources=("003",), dict_batches=True,
           summary="OBD saliency ½·w²·H_ii, exact Hessian diagonal by double backprop (or Hutchinson)")
 def naivehess(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """S = ½·w_i²·H_ii − min over active entries (≥ 0; pruned entries 0). The shift keeps the reference ordering:

@@ -18,6 +18,10 @@ Engines (all in eval mode, pure: prunekit.modes.scoring_mode restores modes, buf
   materialized) and divided by b. Never N separate backward passes.
 - ``vmap``: ``torch.func.vmap`` of ``grad`` of the mini-batch mean loss through ``functional_call``, in chunks;
   used for user losses, custom modules, tensors used more than once per forward, and as a fallback.
+- ``loop`` (dict batches, Hugging Face style ``model(**batch)``): one forward and one ``autograd.grad`` per
+  mini-batch of b examples; row n is the gradient of the loss of mini-batch n (the output's own ``.loss`` under the
+  default loss: for a causal LM the mean over its predicted tokens). Slower (no batching across mini-batches) but
+  any model works; ``true_fisher`` is refused there (the sampled labels would have to follow the model's own loss).
 
 A mini-batch larger than the micro-batch limit is computed in pieces: the sum-reduced gradients of its sub-batches
 are added and divided by b (the same result).
@@ -32,11 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed
-from ...batches import BatchStream
+from ...batches import BatchStream, DictInputs, call
 from ...errors import PrunekitError, is_count
 from ...gradstats import Unsupported, batch_coupled, capture_io, gradient_edge, hook_kind, is_default_ce, unfolder
 from ...modes import eval_mode, model_device, scoring_mode
 from ...params import PrunableParam
+from ...registry import default_loss as model_loss
 
 ENGINES = ("auto", "hooks", "vmap")
 #: Default budget for the per-chunk temporaries (per-example gradients of one layer plus activations).
@@ -65,7 +70,7 @@ def per_example_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with eval_mode(model), torch.no_grad():
-            model(x[:1])
+            call(model, x[:1])
     finally:
         for h in handles:
             h.remove()
@@ -202,11 +207,23 @@ def gradient_matrix(
     stream = BatchStream(data, mdev, fdtype, who="the OBS family")
     use = _choose_engine(model, params, engine, default_loss)
     m = _micro_batch_size(model, params, stream, b, max_micro_batch, chunk_bytes)
+    if isinstance(stream.peek(), DictInputs):  # dict batches: one forward and backward per mini-batch
+        if true_fisher:
+            raise PrunekitError("true_fisher is not supported with dict batches (model(**batch)): the labels drawn "
+                                "from the model's outputs would have to match its own loss; use the empirical "
+                                "Fisher (true_fisher=False) or tensor (inputs, targets) batches")
+        if label_smoothing:
+            raise PrunekitError("hess_label_smoothing is not supported with dict batches: the loss is the model's "
+                                "own .loss; set hess_label_smoothing=0")
+        use, m = "loop", b
 
     def vmap_engine() -> _Vmap:
         return _Vmap(model, params, cols, loss, label_smoothing)
 
-    run = _Hooks(model, params, cols, label_smoothing) if use == "hooks" else vmap_engine()
+    if use == "loop":
+        run = _Loop(model, params, cols, loss)
+    else:
+        run = _Hooks(model, params, cols, label_smoothing) if use == "hooks" else vmap_engine()
     with scoring_mode(model, "eval", [p.tensor for p in params]):
         got = _fill_rows(G, run, vmap_engine, stream, model, want=n_grads * b, b=b, m=m, true_fisher=true_fisher,
                          generator=generator)
@@ -377,6 +394,31 @@ class _Hooks:
             self.cols.put(G, rows, p.name, g, accumulate)
 
 
+class _Loop:
+    """One forward and one ``autograd.grad`` of the mean loss per group (dict batches: ``model(**batch)``)."""
+
+    def __init__(self, model, params, cols: _Columns, loss):
+        self.model, self.params, self.cols = model, params, cols
+        self.loss = model_loss if loss is None else loss
+        uniq: dict[int, torch.Tensor] = {}
+        for p in params:
+            uniq.setdefault(id(p.tensor), p.tensor)
+        self.tensors = list(uniq.values())
+
+    def groups(self, G, rows: slice, x, y, size: int, b: int, accumulate: bool = False) -> None:
+        k = x.shape[0] // size
+        for j in range(k):
+            xs, ys = x[j * size:(j + 1) * size], y[j * size:(j + 1) * size]
+            lsum = self.loss(call(self.model, xs), ys) * (size / b)  # the mini-batch mean (a share of it)
+            gs = torch.autograd.grad(lsum, self.tensors, allow_unused=True)
+            by_id = {id(t): g for t, g in zip(self.tensors, gs)}
+            row = slice(rows.start + j, rows.start + j + 1)
+            for p in self.params:
+                g = by_id[id(p.tensor)]
+                g = torch.zeros_like(p.tensor) if g is None else g.detach()
+                self.cols.put(G, row, p.name, g.reshape(1, -1), accumulate)
+
+
 class _Vmap:
     """vmap over groups of grad(group loss) through functional_call: any module, any mean loss."""
 
@@ -435,8 +477,11 @@ def mean_gradient(model: nn.Module, params: Sequence[PrunableParam], data: Itera
             if not distributed.owns(index - 1):  # DDP: this rank's chunks, summed over the ranks below
                 got += x.shape[0]
                 continue
-            out = model(x)
-            lsum = _per_example_loss(out, y, label_smoothing).sum() if default else loss(out, y) * x.shape[0]
+            out = call(model, x)
+            if isinstance(x, DictInputs):  # the model's own loss (or CE on .logits), a mean over the chunk
+                lsum = (loss or model_loss)(out, y) * x.shape[0]
+            else:
+                lsum = _per_example_loss(out, y, label_smoothing).sum() if default else loss(out, y) * x.shape[0]
             gs = torch.autograd.grad(lsum, tensors, allow_unused=True)
             total += torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).double()
                                 for t, g in zip(tensors, gs)])

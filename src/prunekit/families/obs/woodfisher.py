@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ... import distributed
+from ...batches import call, labelled_pair
 from ...errors import PrunekitError
 from ...flops import layer_positions
 from ...modes import model_device, scoring_mode
@@ -333,8 +334,12 @@ def _col_mean(G: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     return out
 
 
-def _flops_divisors(model, params, masks, o: OBSOptions) -> dict[str, float]:
-    layers = layer_positions(model, o.input_shape)
+def _flops_divisors(model, params, masks, o: OBSOptions, data=None) -> dict[str, float]:
+    example = None
+    if o.input_shape is None and getattr(model, "input_shape", None) is None and data is not None:
+        x, _ = labelled_pair(next(iter(data)))  # a transformer: trace one example of the data (its sequence length)
+        example = x[:1]
+    layers = layer_positions(model, o.input_shape, example)
     out = {}
     for p in params:
         lf = layers.get(p.module_name)
@@ -355,7 +360,7 @@ def _scores(ctx: ScoreContext, st: OBSState) -> dict[str, torch.Tensor]:
     else:
         full = st.rho
     o = ctx.options
-    div = _flops_divisors(ctx.model, params, ctx.masks, o) if o.flops_power > 0 else None
+    div = _flops_divisors(ctx.model, params, ctx.masks, o, ctx.data) if o.flops_power > 0 else None
     out, off = {}, 0
     for p in params:
         n = p.tensor.numel()
@@ -574,11 +579,12 @@ def _subset_loss(ctx: ScoreContext, st: OBSState) -> float:
     dev = model_device(ctx.model)
     total, got = 0.0, 0
     with scoring_mode(ctx.model, "eval"), torch.no_grad():
-        for x, y in ctx.data:
+        for batch in ctx.data:
             if got >= want:
                 break
+            x, y = labelled_pair(batch)
             x, y = x[: want - got].to(dev), y[: want - got].to(dev)
-            total += float(ctx.loss(ctx.model(x), y)) * x.shape[0]
+            total += float(ctx.loss(call(ctx.model, x), y)) * x.shape[0]
             got += x.shape[0]
     return total / max(1, got)
 
@@ -587,7 +593,7 @@ def _subset_loss(ctx: ScoreContext, st: OBSState) -> float:
 
 # Experiments feed the whole training split in a seeded order (``samples: all``); the step reads only its first
 # fisher_samples × fisher_batch examples, i.e. a seeded random subset without replacement (§1).
-_COMMON = dict(family=FAMILY, needs_data="labels", sources=("003",), default_samples="all")
+_COMMON = dict(family=FAMILY, needs_data="labels", sources=("003",), default_samples="all", dict_batches=True)
 
 register("woodfisher", options=FullOptions, **_COMMON,
          summary="WoodFisher: OBS statistic and update with one damped empirical-Fisher inverse over all weights "
