@@ -11,9 +11,11 @@
 - :mod:`.imp`: iterative magnitude pruning (LTH, SAP, InCoP): the codes, lottery levels and InCoP's statistics
   (the experiment protocol that trains the levels is :mod:`prunekit.experiments.imp_runner`);
 - :mod:`.sensitivity`: provable sensitivity pruning (SiPP weights, PFP filters);
-- :mod:`.filters`: the structured baselines (filter norms, random filters, BatchNorm scales).
+- :mod:`.filters`: the structured baselines (filter norms, random filters, BatchNorm scales);
+- :mod:`.layerwise`: layer-wise reconstruction from a calibration set (SparseGPT, Wanda).
 
 Adding a method is one module in its family and its :func:`prunekit.registry.register` call; shared engines
 (:mod:`prunekit.gradstats`, :mod:`prunekit.structured`) are public modules that families import.
 """
 from . import baselines, curvature, filters, imp, obs, pai, sensitivity  # noqa: F401  (registers every method)
+from . import layerwise  # noqa: F401

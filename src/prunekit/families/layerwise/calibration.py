@@ -1,0 +1,228 @@
+"""Calibration for the layer-wise methods: the layers as matrices, their inputs as matrices (im2col for
+convolutions), and forward passes that capture those inputs through forward pre-hooks (no gradients).
+
+- :class:`Layer`: one prunable weight as a (rows, cols) matrix per convolution group — Linear ``weight``, GPT-2's
+  ``Conv1D`` ``weight.T``, a Conv1d/2d/3d ``weight.reshape(out, -1)`` (groups > 1: G matrices of out/G rows, each
+  over its own in/G·∏k columns).
+- :meth:`Layer.inputs`: the layer input as X [tokens, G, cols], so that the layer computes W_g·X[:, g]ᵀ (+ bias):
+  Linear / Conv1D inputs flattened over every leading dimension; convolutions unfolded (padding mode, stride,
+  dilation and ``padding="same"`` as the module applies them).
+- :class:`Calibration`: the calibration inputs (read once from the data, kept on the model's device, ``labels``
+  dropped from dict batches), the forward order of the layers and their groups (one group per transformer block of
+  a Hugging Face model, else one per layer), and :meth:`Calibration.capture`, one pass over the calibration inputs
+  that feeds every call of the chosen layers to a callback and stops each forward as soon as the last of them has
+  run (its remaining layers are not computed).
+"""
+from __future__ import annotations
+
+import collections.abc
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...batches import DictInputs, LABELS, call
+from ...errors import PrunekitError
+from ...modes import eval_mode, model_device
+from ...params import PrunableParam, contains_hf_model, hf_conv1d
+
+
+@dataclass
+class Layer:
+    """One prunable weight seen as G matrices of shape (rows, cols)."""
+
+    param: PrunableParam
+    kind: str  # "linear", "conv1d_hf" (GPT-2 Conv1D, weight stored (in, out)) or "conv"
+    groups: int
+    rows: int  # per group
+    cols: int  # per group
+
+    @property
+    def name(self) -> str:
+        return self.param.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.param.module
+
+    def matrices(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as [G, rows, cols] (a copy in ``dtype``)."""
+        w = self.param.tensor.detach()
+        m = w.t() if self.kind == "conv1d_hf" else w.reshape(w.shape[0], -1)
+        return m.to(dtype).reshape(self.groups, self.rows, self.cols).clone()
+
+    def to_weight(self, mats: torch.Tensor) -> torch.Tensor:
+        """[G, rows, cols] back to the parameter's shape (not its dtype)."""
+        w = self.param.tensor
+        m = mats.reshape(self.groups * self.rows, self.cols)
+        return m.t().contiguous() if self.kind == "conv1d_hf" else m.reshape(w.shape)
+
+    def write(self, mats: torch.Tensor) -> None:
+        """Write [G, rows, cols] into the live parameter."""
+        with torch.no_grad():
+            self.param.tensor.copy_(self.to_weight(mats).to(self.param.tensor.dtype))
+
+    def inputs(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer input ``x`` (what its forward receives) as X [tokens, G, cols] in ``dtype``."""
+        m = self.module
+        if self.kind != "conv":
+            return x.detach().reshape(-1, 1, self.cols).to(dtype)
+        d = len(m.kernel_size)
+        x = x.detach()
+        if x.dim() == d + 1:  # an unbatched input
+            x = x.unsqueeze(0)
+        pad = m._reversed_padding_repeated_twice
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        for i in range(d):  # im2col for any number of spatial dims: windows of the dilated kernel, then its taps
+            k, s, dil = m.kernel_size[i], m.stride[i], m.dilation[i]
+            x = x.unfold(2 + i, (k - 1) * dil + 1, s)[..., ::dil]
+        # x: [N, C, L1..Ld, k1..kd] -> [N, L1..Ld, C, k1..kd] -> [tokens, C·∏k]
+        perm = [0] + list(range(2, 2 + d)) + [1] + list(range(2 + d, 2 + 2 * d))
+        x = x.permute(*perm).reshape(-1, self.groups, self.cols)
+        return x.to(dtype)
+
+
+def as_layer(p: PrunableParam) -> Layer:
+    """The :class:`Layer` of a prunable tensor; a PrunekitError for tensors the layer-wise methods cannot solve."""
+    m = p.module
+    if p.attr != "weight":
+        raise PrunekitError(f"{p.name!r}: the layer-wise methods prune layer weights only, not {p.attr!r} "
+                            "(leave include_bias off)")
+    conv1d = hf_conv1d()
+    if isinstance(m, nn.Linear):
+        return Layer(p, "linear", 1, m.out_features, m.in_features)
+    if conv1d is not None and isinstance(m, conv1d):
+        n_in, n_out = m.weight.shape
+        return Layer(p, "conv1d_hf", 1, n_out, n_in)
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.transposed:
+            raise PrunekitError(f"{p.name!r} belongs to a transposed convolution ({type(m).__name__}), which the "
+                                "layer-wise methods do not solve: leave it out with ignore=[...]")
+        g = m.groups
+        cols = (m.in_channels // g) * math.prod(m.kernel_size)
+        return Layer(p, "conv", g, m.out_channels // g, cols)
+    raise PrunekitError(f"{p.name!r} belongs to a {type(m).__name__}: the layer-wise methods solve Linear, GPT-2 "
+                        "Conv1D and Conv1d/2d/3d weights only; leave it out with ignore=[...]")
+
+
+class _Stop(Exception):
+    """Ends a calibration forward once the captured layers have all run."""
+
+
+def batch_inputs(batch):
+    """The model inputs of one batch: a tensor, the first entry of an (inputs, targets) pair, or the tensors of a
+    dict batch without ``labels`` (a :class:`~prunekit.batches.DictInputs`)."""
+    if isinstance(batch, collections.abc.Mapping):
+        return DictInputs({k: v for k, v in batch.items() if k != LABELS})
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, DictInputs)):
+        return batch[0]
+    raise PrunekitError(f"each calibration batch must be an (inputs, targets) pair, an inputs tensor or a dict "
+                        f"batch; got {type(batch).__name__}")
+
+
+def _group_key(name: str, blocks: Sequence[str]) -> str:
+    for b in blocks:  # the outermost ModuleList item that holds the layer
+        pre = f"{b}." if b else ""
+        if name.startswith(pre):
+            head = name[len(pre):].split(".")[0]
+            if head.isdigit():
+                return pre + head
+    return name
+
+
+class Calibration:
+    """The calibration inputs of one prune call and the forward order / groups of its layers."""
+
+    def __init__(self, model: nn.Module, layers: list[Layer], data: Iterable):
+        self.model, self.layers = model, layers
+        dev = model_device(model)
+        fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+        self.inputs = []
+        for batch in data:
+            x = batch_inputs(batch)
+            if x.shape[0] == 0:
+                continue
+            if isinstance(x, DictInputs):
+                x = x.to(dev, fdtype)
+            else:
+                x = x.to(dev)
+                if fdtype is not None and x.is_floating_point() and x.dtype != fdtype:
+                    x = x.to(fdtype)
+            self.inputs.append(x)
+        if not self.inputs:
+            raise PrunekitError("the calibration data holds no example: pass at least one batch")
+        self.samples = sum(int(x.shape[0]) for x in self.inputs)
+        self.order: list[int] = []  # layer indices in the order of their first call
+        self.calls: dict[int, int] = {}  # calls per forward
+
+    def record_order(self, first_calls: list[int]) -> None:
+        seen = []
+        for i in first_calls:
+            if i not in seen:
+                seen.append(i)
+        missing = [self.layers[i].name for i in range(len(self.layers)) if i not in seen]
+        if missing:
+            raise PrunekitError(f"{missing[0]!r} is never called by the model's forward on the calibration data, so "
+                                "it has no inputs to calibrate on: leave it out with ignore=[...]")
+        self.order = seen
+        self.calls = collections.Counter(first_calls)
+
+    def groups(self) -> list[list[int]]:
+        """Layer indices grouped for the sequential pass, in forward order: one group per transformer block of a
+        Hugging Face model (its layers are calibrated together, on the outputs of the blocks pruned before it, as
+        the SparseGPT and Wanda reference codes do), one group per layer otherwise."""
+        if contains_hf_model(self.model):
+            blocks = sorted((n for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList)), key=len)
+            keys = {i: _group_key(self.layers[i].param.module_name, blocks) for i in self.order}
+        else:
+            keys = {i: str(i) for i in self.order}
+        out: dict[str, list[int]] = {}
+        for i in self.order:
+            out.setdefault(keys[i], []).append(i)
+        return list(out.values())
+
+    def capture(self, which: Sequence[int], fn: Callable[[int, torch.Tensor], None], *, record: bool = False,
+                stop: bool = True) -> None:
+        """One pass over the calibration inputs (eval mode, no gradient) calling ``fn(layer index, input)`` for
+        every call of the layers ``which``. ``stop``: each forward ends (by an exception caught here) once every
+        one of them has run as often as in a whole forward. ``record``: also record the forward order (the first
+        forward runs to its end)."""
+        targets = set(which)
+        count: collections.Counter = collections.Counter()
+        first: list[int] = []
+        recording = [record]
+
+        def hook(i):
+            def pre(mod, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                if recording[0]:
+                    first.append(i)
+                if i in targets:
+                    fn(i, x)
+                    count[i] += 1
+                    if stop and not recording[0] and all(count[j] >= self.calls[j] for j in targets):
+                        raise _Stop
+            return pre
+
+        idx = range(len(self.layers)) if record else sorted(targets)
+        handles = [self.layers[i].module.register_forward_pre_hook(hook(i), with_kwargs=True) for i in idx]
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                for x in self.inputs:
+                    count.clear()
+                    try:
+                        call(self.model, x)
+                    except _Stop:
+                        pass
+                    if recording[0]:
+                        self.record_order(first)
+                        recording[0] = False
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,177 @@
+"""``sparsegpt``: layer-wise OBS reconstruction with lazy batched updates (Frantar & Alistarh 2023, "SparseGPT:
+Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+Problem, the paper's Eq. (1): for each layer, a mask M and weights Ŵ minimising ‖WX − (M ⊙ Ŵ)X‖₂², X the layer's
+inputs over the calibration set (im2col columns for a convolution, solved per convolution group). With the mask
+fixed, each row's optimum is the least-squares solution of Eq. (2); SparseGPT approximates it row-parallel by the
+OBS step of Eq. (3) — remove weight m, update the rest by δ = −(w_m/[H⁻¹]_mm)·H⁻¹_{:,m}, error
+ε_m = w_m²/[H⁻¹]_mm — applied column by column left to right, every row sharing the sequence of inverse Hessians
+(H_{F_j})⁻¹ of the columns F_j = {j, …, d−1} not yet processed (Eq. (4): each is the previous one with column j
+eliminated by one Gaussian-elimination step).
+
+Algorithm 1 of the paper, as implemented by :func:`sparsegpt_matrix`:
+
+1. H = 2XXᵀ/N (N tokens), dampened: H += λI with λ = ``damp``·mean(diag H) (default 1%).
+2. U = the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU): row j of U is (H_{F_j})⁻¹_{j,F_j}/√[(H_{F_j})⁻¹]_jj, so the
+   whole sequence of Eq. (4) is read off U with no further inversion.
+3. Columns in blocks of B = ``block_size`` (default 128). At the start of a block, the mask of its B columns is
+   chosen adaptively: the kept entries are those of largest w_c²/U_cc² (the OBS error of Eq. (3) with the current,
+   already-updated weights). Each column j of the block: the pruned rows' error e = w_j/U_jj, the block's remaining
+   columns updated at once (W[:, j:] −= e·U[j, j:]); after the block, one matrix product applies the block's
+   accumulated updates to every later column (the "lazy batch" update).
+4. Pruned weights are set to exactly 0.
+
+Budgets (exact counts, prunekit's layer scope): the layer keeps k = min(round((1 − s)·n), alive); k is split over
+the column blocks (of every convolution group) in proportion to their size and capped by what is alive in each
+(:func:`~.quotas.allocate`); inside a block the kept entries are the top ones over all its rows, as in the paper.
+Weights already pruned stay pruned (they never enter a block's kept set). ``pattern="N:M"`` is the paper's
+semi-structured variant: at every M-th column the N of the next M columns of largest w²/U² are kept in each row
+(B must be a multiple of M).
+
+``sequential`` (default true) feeds each group of layers (a transformer block of a Hugging Face model, else one
+layer) the outputs of the groups already pruned and reconstructed.
+
+Cost: per layer O(d³) for the factorisation plus O(r·d²) for the sweep (d input columns, r rows); calibration is one
+forward pass for the scores plus one pass per group (each stopped after the group's last layer): about
+(groups + 1)/2 + 1 forwards over the calibration set when sequential. Memory: one group's Hessians at a time
+(sequential), d² values per layer and convolution group, plus two d×d working matrices; the plan is checked before
+any forward (:meth:`~.base.LayerwiseMethod.plan`).
+
+``pk.score`` of ``sparsegpt`` gives Wanda's |W_ij|·‖X_j‖₂ of the current model (the OBS error with a diagonal H):
+informative only, the masks come from the solve.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import PrunekitError
+from ...registry import register
+from ...select import keep_among_alive
+from .base import FAMILY, LayerwiseMethod, LayerwiseOptions, nm_keep
+from .quotas import allocate
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions(LayerwiseOptions):
+    """``sparsegpt``: ``damp`` (fraction of the mean diagonal of H added to it) and ``block_size`` B (columns per
+    mask selection and lazy update)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+
+    def validate(self, path, error) -> None:
+        super().validate(path, error)
+        if not self.damp > 0:
+            raise error(f"damp must be > 0 (it makes H invertible), got {self.damp}")
+        if self.block_size < 1:
+            raise error(f"block_size must be >= 1, got {self.block_size}")
+        if self.pattern is not None:
+            m = int(str(self.pattern).split(":")[1])
+            if self.block_size % m:
+                raise error(f"block_size {self.block_size} must be a multiple of M={m} for pattern {self.pattern}")
+
+
+def inverse_factor(H: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H) (λ = damp when H is 0)."""
+    H = H.clone()
+    mean = float(H.diagonal().mean())
+    H.diagonal().add_(damp * mean if mean > 0 else damp)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info):
+        raise PrunekitError(f"sparsegpt: the dampened Hessian of {name!r} is not positive definite (Cholesky "
+                            f"failed at column {int(info)}): raise damp (now {damp:g}) or use float64: true")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def sparsegpt_matrix(W: torch.Tensor, U: torch.Tensor, alive: torch.Tensor, quotas: list[int] | None,
+                     block_size: int, pattern: tuple[int, int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 on one (rows, cols) matrix: returns (Ŵ with exact zeros where pruned, kept mask).
+
+    ``U``: :func:`inverse_factor` of the layer's H; ``alive``: entries still unpruned; ``quotas``: entries kept in
+    each column block (ignored with ``pattern``)."""
+    W = W.clone()
+    rows, d = W.shape
+    keep = torch.zeros_like(alive)
+    for b, i1 in enumerate(range(0, d, block_size)):
+        i2 = min(i1 + block_size, d)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        diag, a1 = U1.diagonal(), alive[:, i1:i2]
+        E = torch.zeros_like(W1)
+        if pattern is None:
+            err = W1.square() / diag.square()
+            k1 = keep_among_alive(err.reshape(-1), a1.reshape(-1), quotas[b]).reshape(a1.shape)
+        else:
+            k1 = torch.zeros_like(a1)
+        for j in range(i2 - i1):
+            if pattern is not None and j % pattern[1] == 0:
+                c = slice(j, j + pattern[1])
+                k1[:, c] = nm_keep(W1[:, c].square() / diag[c].square(), a1[:, c], *pattern)
+            e = (W1[:, j] / diag[j]) * (~k1[:, j])
+            W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
+            E[:, j] = e
+        W1[~k1] = 0
+        W[:, i1:i2] = W1
+        keep[:, i1:i2] = k1
+        if i2 < d:
+            W[:, i2:] -= E @ U[i1:i2, i2:]
+    return W, keep
+
+
+class SparseGPT(LayerwiseMethod):
+    """``sparsegpt`` (see the module docstring)."""
+
+    updates = True
+
+    def stat_bytes(self, layer, itemsize: int) -> int:
+        return layer.groups * layer.cols * layer.cols * itemsize
+
+    def hessians(self, group) -> dict[int, torch.Tensor]:
+        """H = 2XXᵀ/N per layer of ``group``, [G, cols, cols], from one capture pass."""
+        dt = self._dtype
+        H = {i: None for i in group}
+        n = {i: 0 for i in group}
+
+        def add(i, x):
+            X = self.layers[i].inputs(x, dt)  # [tokens, G, cols]
+            Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
+            h = Xg.transpose(1, 2) @ Xg
+            H[i] = h if H[i] is None else H[i].add_(h)
+            n[i] += X.shape[0]
+
+        self.calib.capture(group, add)
+        return {i: H[i] * (2.0 / max(n[i], 1)) for i in group}
+
+    def solve_group(self, ctx, group, alive, keep, pattern, scores, first) -> dict:
+        o = ctx.options
+        Hs = self.hessians(group)
+        out = {}
+        for i in group:
+            L = self.layers[i]
+            W = L.matrices(self._dtype)
+            a = alive[L.name].to(W.device)
+            quotas = None
+            if pattern is None:
+                blocks = [(g, i1, min(i1 + o.block_size, L.cols)) for g in range(L.groups)
+                          for i1 in range(0, L.cols, o.block_size)]
+                cap = [int(a[g, :, i1:i2].sum()) for g, i1, i2 in blocks]
+                size = [L.rows * (i2 - i1) for _, i1, i2 in blocks]
+                q = allocate(cap, size, keep[L.name])
+            Wn, Kn = torch.empty_like(W), torch.empty_like(a)
+            for g in range(L.groups):
+                U = inverse_factor(Hs[i][g].to(W.device), o.damp, L.name)
+                if pattern is None:
+                    nb = len(range(0, L.cols, o.block_size))
+                    quotas = q[g * nb:(g + 1) * nb]
+                Wn[g], Kn[g] = sparsegpt_matrix(W[g], U, a[g], quotas, o.block_size, pattern)
+            del Hs[i]
+            out[i] = (Kn, Wn)
+        return out
+
+
+register("sparsegpt", family=FAMILY, needs_data="inputs", options=SparseGPTOptions, scope="layer",
+         dict_batches=True, default_samples=128,
+         summary="SparseGPT: layer-wise OBS reconstruction (Cholesky of H⁻¹, adaptive block masks, lazy batched "
+                 "updates), sequential over layers")(SparseGPT)

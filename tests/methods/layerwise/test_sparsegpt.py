@@ -1,0 +1,222 @@
+"""``sparsegpt`` (issue 17 §1): the fast algorithm (Cholesky factor of H⁻¹, adaptive block masks, lazy batched
+updates) against a plain reference written here (the inverse Hessian of the remaining columns recomputed with
+torch.linalg.inv after every column, no batching), the least-squares optimum of its own mask as a lower bound, the
+comparison with wanda and magnitude on a trained layer, the sequential pass, exact counts, N:M and refusals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+from prunekit.families.layerwise.sparsegpt import inverse_factor, sparsegpt_matrix
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+
+
+def reference(W, H, sparsity, block, damp=0.01):
+    """SparseGPT written plainly: columns left to right; at each block start, the block keeps the entries of
+    largest w_c² / [(H_{c:,c:})⁻¹]_00 (the OBS error with the inverse Hessian of the columns not yet processed);
+    each pruned weight of column j moves the rest of its row by the OBS update with inv(H[j:, j:])."""
+    H = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    W = W.clone()
+    r, d = W.shape
+    keep = torch.zeros(r, d, dtype=torch.bool)
+    for j in range(d):
+        if j % block == 0:
+            cols = list(range(j, min(j + block, d)))
+            err = torch.stack([W[:, c] ** 2 / torch.linalg.inv(H[c:, c:])[0, 0] for c in cols], 1)
+            k = round((1 - sparsity) * err.numel())
+            flat = torch.zeros(err.numel(), dtype=torch.bool)
+            flat[torch.argsort(err.reshape(-1), descending=True)[:k]] = True
+            keep[:, cols] = flat.reshape(r, len(cols))
+        Hinv = torch.linalg.inv(H[j:, j:])
+        for i in range(r):
+            if not keep[i, j]:
+                W[i, j:] = W[i, j:] - W[i, j] / Hinv[0, 0] * Hinv[0, :]
+    W[~keep] = 0
+    return W, keep
+
+
+def correlated_inputs(n, d, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=dtype) / d ** 0.5 + torch.eye(d, dtype=dtype)
+    scale = torch.linspace(0.2, 3.0, d, dtype=dtype)
+    return (torch.randn(n, d, generator=g, dtype=dtype) @ A) * scale
+
+
+def test_the_fast_algorithm_matches_the_plain_reference_in_float64():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 40, generator=g, dtype=F64)
+    X = correlated_inputs(300, 40)
+    H = 2 * X.T @ X / X.shape[0]
+    for block in (8, 40, 64):
+        for s in (0.5, 0.75):
+            Wr, kr = reference(W, H, s, block)
+            nb = len(range(0, 40, block))
+            quotas = [round((1 - s) * 6 * min(block, 40 - b * block)) for b in range(nb)]
+            Wf, kf = sparsegpt_matrix(W, inverse_factor(H, 0.01), torch.ones_like(kr), quotas, block)
+            assert torch.equal(kf, kr), (block, s)
+            assert torch.allclose(Wf, Wr, atol=1e-8, rtol=0), (block, s, float((Wf - Wr).abs().max()))
+            assert bool((Wf[~kf] == 0).all())
+
+
+def linear_model(d_in=32, d_out=8, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out).double()
+
+
+def test_prune_writes_the_reference_solution_through_the_registry():
+    """pk.prune(…, "sparsegpt") on one Linear layer: the same weights as the reference on H = 2XᵀX/N of the
+    calibration batches, exact zeros, exactly round((1 − s)·n) kept."""
+    X = correlated_inputs(96, 32, seed=3)
+    data = [(X[i:i + 32], torch.zeros(32, dtype=torch.long)) for i in range(0, 96, 32)]
+    m = linear_model()
+    W0 = m.weight.detach().clone()
+    masks = pk.prune(m, "sparsegpt", sparsity=0.5, data=data, block_size=16)
+    Wr, kr = reference(W0, 2 * X.T @ X / 96, 0.5, 16)
+    assert torch.equal(masks["weight"], kr)
+    assert torch.allclose(m.weight.detach(), Wr, atol=1e-8, rtol=0)
+    assert int(masks["weight"].sum()) == pk.keep_count(W0.numel(), 0.5)
+
+
+def recon_error(W, What, X):
+    return float(((W - What) @ X.T).square().sum())
+
+
+def ls_optimum(W, keep, X):
+    """The exact least-squares weights for a fixed mask: each row solves min ‖w X − ŵ_M X_M‖² on its kept
+    columns (Eq. (2) of the paper), by lstsq."""
+    out = torch.zeros_like(W)
+    for i in range(W.shape[0]):
+        idx = torch.nonzero(keep[i]).flatten()
+        if idx.numel():
+            sol = torch.linalg.lstsq(X[:, idx], (X @ W[i])[:, None]).solution[:, 0]
+            out[i, idx] = sol
+    return out
+
+
+def train_tiny_mlp(seed=0):
+    """A 24 → 32 → 4 ReLU MLP trained briefly on a synthetic task with correlated, unevenly scaled inputs."""
+    torch.manual_seed(seed)
+    X = correlated_inputs(512, 24, seed=seed, dtype=torch.float32)
+    teacher = torch.randn(24, 4)
+    y = (X @ teacher).argmax(1)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model.double(), X.double(), y
+
+
+@pytest.mark.parametrize("s", [0.5, 0.7])
+def test_the_error_is_above_the_lstsq_optimum_of_its_mask_and_below_wanda_and_magnitude_on_a_trained_layer(s):
+    model, X, y = train_tiny_mlp()
+    data = [(X[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+    W = model[0].weight.detach().clone()
+    Xa = X  # the first layer's inputs
+    errs = {}
+    for code in ("sparsegpt", "wanda", "magnitude"):
+        m = copy.deepcopy(model)
+        kw = {"data": data} if code != "magnitude" else {"scope": "layer"}
+        masks = pk.prune(m, code, sparsity=s, **kw)
+        errs[code] = recon_error(W, m[0].weight.detach(), Xa)
+        if code == "sparsegpt":
+            keep = masks["0.weight"]
+            best = recon_error(W, ls_optimum(W, keep, Xa), Xa)
+            assert errs[code] >= best * (1 - 1e-9), (errs[code], best)
+    assert errs["sparsegpt"] < errs["wanda"] and errs["sparsegpt"] < errs["magnitude"], errs
+
+
+def test_sequential_feeds_each_layer_the_outputs_of_the_pruned_layers_before_it():
+    model, X, y = train_tiny_mlp(seed=1)
+    data = [(X[:256], y[:256])]
+    X1 = X[:256]
+    runs = {}
+    for seq in (True, False):
+        m = copy.deepcopy(model)
+        masks = pk.prune(m, "sparsegpt", sparsity=0.5, data=data, sequential=seq)
+        runs[seq] = (m, masks)
+    # the first layer sees the data either way
+    assert torch.equal(runs[True][0][0].weight, runs[False][0][0].weight)
+    for seq, (m, masks) in runs.items():
+        src = m if seq else model  # sequential: the pruned first layer's outputs; else the dense ones
+        with torch.no_grad():
+            H2 = src[1](src[0](X1))  # ReLU(first layer)
+        H = 2 * H2.T @ H2 / H2.shape[0]
+        W2 = model[2].weight.detach()
+        quotas = [pk.keep_count(W2.numel(), 0.5)]
+        Wq, kq = sparsegpt_matrix(W2, inverse_factor(H, 0.01), torch.ones_like(W2, dtype=torch.bool), quotas, 128)
+        assert torch.equal(masks["2.weight"], kq), seq
+        assert torch.allclose(m[2].weight.detach(), Wq, atol=1e-8, rtol=0), seq
+    assert not torch.allclose(runs[True][0][2].weight, runs[False][0][2].weight)
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+
+
+def conv_data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+
+
+def test_nested_rounds_keep_exact_counts_per_layer_and_pruned_weights_stay_zero():
+    m = conv_net()
+    data = conv_data()
+    m1 = pk.prune(m, "sparsegpt", sparsity=0.5, data=data, block_size=16)
+    first = {n: t.clone() for n, t in m1.items()}
+    m2 = pk.prune(m, "sparsegpt", sparsity=0.8, data=data, masks=m1, block_size=16)
+    for p in m2.params:
+        n = p.tensor.numel()
+        assert int(first[p.name].sum()) == pk.keep_count(n, 0.5)
+        assert int(m2[p.name].sum()) == pk.keep_count(n, 0.8), p.name
+        assert not bool((m2[p.name] & ~first[p.name]).any()), p.name  # nested
+        assert bool((p.tensor.detach()[~m2[p.name]] == 0).all()), p.name
+        assert bool(torch.isfinite(p.tensor).all())
+
+
+def test_two_four_keeps_two_of_every_four_columns_in_every_row():
+    m = conv_net()
+    masks = pk.prune(m, "sparsegpt", sparsity=0.5, data=conv_data(), pattern="2:4", block_size=16,
+                     ignore=["0"])  # the stem has 27 columns, not a multiple of 4
+    for p in masks.params:
+        k = masks[p.name].reshape(p.tensor.shape[0], -1)
+        assert bool((k.reshape(k.shape[0], -1, 4).sum(2) == 2).all()), p.name
+
+
+def test_refusals_are_clear():
+    m = conv_net()
+    with pytest.raises(pk.PrunekitError, match=r"pattern 2:4 prunes 0.5 of the weights: ask for sparsity=0.5"):
+        pk.prune(m, "sparsegpt", sparsity=0.6, data=conv_data(), pattern="2:4", block_size=16, ignore=["0"])
+    with pytest.raises(pk.PrunekitError, match=r"'0.weight' has 27 input columns per row, not a multiple of 4"):
+        pk.prune(m, "sparsegpt", sparsity=0.5, data=conv_data(), pattern="2:4", block_size=16)
+    with pytest.raises(pk.PrunekitError, match=r"block_size 10 must be a multiple of M=4"):
+        pk.prune(m, "sparsegpt", sparsity=0.5, data=conv_data(), pattern="2:4", block_size=10)
+    t = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 10 * 10, 2))
+    with pytest.raises(pk.PrunekitError, match=r"transposed convolution .*ignore="):
+        pk.prune(t, "sparsegpt", sparsity=0.5, data=conv_data(), targets=["0", "2"])
+
+
+def test_the_memory_plan_refuses_before_reading_any_data():
+    reads = []
+
+    class Data:
+        def __iter__(self):
+            reads.append(1)
+            return iter(conv_data())
+
+    m = conv_net()
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    with pytest.raises(pk.PrunekitError, match=r"statistics need .* MiB but 0\.0 MiB are allowed .*'5.weight'.*72 "
+                                               r"input columns.*memory_limit"):
+        pk.prune(m, "sparsegpt", sparsity=0.5, data=Data(), memory_limit=1000)
+    assert not reads
+    assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
