@@ -226,8 +226,17 @@ class FunctionalMLP(nn.Module):
         return x
 
 
-def px_by_hand(W, M, batches, variant="head"):
-    """PX scores of a bias-free 3-layer ReLU MLP, from the path formulas written out with matrices."""
+def _relu(a):
+    return a.clamp(min=0)
+
+
+def _relu_gate(a):
+    return (a > 0).double()
+
+
+def px_by_hand(W, M, batches, variant="head", act=_relu, gate=_relu_gate):
+    """PX scores of a bias-free 3-layer MLP with a piecewise-linear activation ``act`` of slope ``gate`` (ReLU by
+    default), from the path formulas written out with matrices."""
     W1, W2, W3 = (w.double() for w in W)  # effective (masked) weights
     M1, M2, M3 = (m.double() for m in M)
     if variant == "head":
@@ -238,9 +247,9 @@ def px_by_hand(W, M, batches, variant="head"):
         for x in batches:
             x = x.double()
             a1 = x @ W1.T
-            a2 = a1.clamp(min=0) @ W2.T
-            h = ((x * x) @ M1.T) * (a1 > 0)
-            h = (h @ M2.T) * (a2 > 0)
+            a2 = act(a1) @ W2.T
+            h = ((x * x) @ M1.T) * gate(a1)
+            h = (h @ M2.T) * gate(a2)
             s += (h @ W3.T).sum(0)  # Σ_i z1(x_i)
         g3 = torch.outer(s, v2)  # ∂R/∂W3
         g2 = torch.outer(W3.T @ s, v1)  # ∂R/∂U2
@@ -254,8 +263,8 @@ def px_by_hand(W, M, batches, variant="head"):
     for x in batches:
         x = x.double()
         a1 = x @ W1.T
-        a2 = a1.clamp(min=0) @ W2.T
-        z1 = (((x @ M1.T) * (a1 > 0)) @ M2.T * (a2 > 0)) @ M3.T
+        a2 = act(a1) @ W2.T
+        z1 = (((x @ M1.T) * gate(a1)) @ M2.T * gate(a2)) @ M3.T
         p1 = x @ U1.T
         p2 = p1 @ U2.T
         g3 += z1.T @ p2
@@ -374,7 +383,8 @@ def test_px_output_layer_is_last_in_forward_order_not_registration_order():
 def test_px_rejects_other_activations():
     x = [(torch.randn(3, 4), None)]
     gelu = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 2))
-    with pytest.raises(pk.PrunekitError, match=r"ReLU networks only: module '1' is GELU"):
+    with pytest.raises(pk.PrunekitError, match=r"ReLU networks only \(ReLU, ReLU6, Hardtanh, LeakyReLU\): module '1' "
+                                               r"is GELU"):
         pk.score(gelu, "px", data=x)
     tanh = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.Tanh()), nn.Linear(5, 2))
     with pytest.raises(pk.PrunekitError, match=r"module '1.0' is Tanh"):
@@ -388,8 +398,11 @@ def test_px_rejects_other_activations():
         def forward(self, x):
             return self.b(F.gelu(self.a(x)))
 
-    with pytest.raises(pk.PrunekitError, match="ReLU networks only: .*gelu"):
+    with pytest.raises(pk.PrunekitError, match="ReLU networks only .*gelu"):
         pk.score(Functional(), "px", data=x)
+    hswish = nn.Sequential(nn.Linear(4, 5), nn.Hardswish(), nn.Linear(5, 2))  # x·relu6(x+3)/6: piecewise quadratic
+    with pytest.raises(pk.PrunekitError, match=r"module '1' is Hardswish.*piecewise quadratic"):
+        pk.score(hswish, "px", data=x)
 
 
 def test_px_relu_count_mismatch_raises():
@@ -441,3 +454,90 @@ def test_px_needs_data_and_batches_of_two_with_batchnorm():
     s = pk.score(model, "px", data=[(torch.randn(3, 4), None)])
     assert all(torch.isfinite(v).all() for v in s.values())
     assert not math.isnan(float(sum(v.sum() for v in s.values())))
+
+
+# --------------------------------------------------------------------- piecewise-linear activations (ReLU6, ...)
+PIECEWISE = {
+    "relu6": (nn.ReLU6, lambda a: a.clamp(0, 6), lambda a: ((a > 0) & (a < 6)).double()),
+    "hardtanh": (lambda: nn.Hardtanh(-1.5, 2.0), lambda a: a.clamp(-1.5, 2.0),
+                 lambda a: ((a > -1.5) & (a < 2.0)).double()),
+    "leaky_relu": (lambda: nn.LeakyReLU(0.1), lambda a: torch.where(a > 0, a, 0.1 * a),
+                   lambda a: torch.where(a > 0, torch.ones_like(a), torch.full_like(a, 0.1))),
+}
+
+
+@pytest.mark.parametrize("variant", ["head", "release"])
+@pytest.mark.parametrize("name", sorted(PIECEWISE))
+def test_px_piecewise_linear_activations_match_the_gated_path_formula(name, variant):
+    """ReLU6 / Hardtanh gate 1 strictly inside their linear range and 0 where saturated, LeakyReLU gates by its
+    slope: PX equals the hand formula with those gates (inputs scaled so that units do saturate)."""
+    module, act, gate = PIECEWISE[name]
+    torch.manual_seed(4)
+    model = chain([5, 7, 6, 3], act=module)
+    masks = random_masks(model, keep=0.7, seed=1)
+    g = torch.Generator().manual_seed(5)
+    batches = [10 * torch.randn(4, 5, generator=g), 10 * torch.randn(3, 5, generator=g)]
+    W = [m.weight.detach() for m in linears(model)]
+    a1 = batches[0].double() @ (W[0].double() * masks["0.weight"].double()).T
+    assert bool((gate(a1) != _relu_gate(a1)).any())  # the gates differ from ReLU's on this data
+    scores = pk.score(model, "px", data=[(x, None) for x in batches], masks=masks, dtype="float64",
+                      px_variant=variant)
+    M = [masks[n] for n in masks.names()]
+    expected = px_by_hand(W, M, batches, variant, act=act, gate=gate)
+    for n, e, m in zip(masks.names(), expected, M):
+        torch.testing.assert_close(scores[n], e * m, rtol=1e-10, atol=1e-300)
+
+
+def test_synflow_runs_relu6_unsaturated():
+    """SynFlow's abs-valued network with all-ones input has positive activations; ReLU6 runs without its upper bound,
+    so the scores equal those of the same network with ReLU (the path sums), although the activations exceed 6."""
+    torch.manual_seed(3)
+    relu6 = chain([6, 8, 8, 3], act=nn.ReLU6)
+    relu = chain([6, 8, 8, 3])
+    relu.load_state_dict(relu6.state_dict())
+    with torch.no_grad():
+        for m in linears(relu6):
+            m.weight.mul_(4)
+        relu.load_state_dict(relu6.state_dict())
+        h = torch.ones(1, 6)
+        for m in linears(relu6)[:-1]:
+            h = h @ m.weight.abs().T
+    assert float(h.max()) > 6  # the all-ones activations would saturate a ReLU6
+    relu6.input_shape = relu.input_shape = (6,)
+    a, b = pk.score(relu6, "synflow"), pk.score(relu, "synflow")
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=0)
+        assert bool((a[n] > 0).all())
+
+
+class DepthwiseReLU6Net(nn.Module):
+    """A small EfficientNet-Lite-style net: conv-BN-ReLU6, a depthwise conv-BN-ReLU6, a pointwise conv, pooling, a
+    linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
+                                nn.ReLU6(inplace=True))
+        self.pw = nn.Sequential(nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12))
+        self.head = nn.Linear(12, 4)
+        self.input_shape = (3, 8, 8)
+
+    def forward(self, x):
+        return self.head(self.pw(self.dw(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["px", "synflow"])
+def test_px_and_synflow_on_a_relu6_depthwise_bn_net_keep_exact_counts(method):
+    torch.manual_seed(0)
+    model = DepthwiseReLU6Net()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=g) * 3, torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    before = snapshot(model)
+    s = pk.score(model, method, data=data if method == "px" else None)
+    assert_same(before, snapshot(model))
+    assert all(bool(torch.isfinite(v).all()) and float(v.sum()) > 0 for v in s.values())
+    masks = pk.prune(model, method, 0.6, data=data if method == "px" else None, rounds=3)
+    assert masks.kept() == pk.keep_count(masks.total(), 0.6)
+    for p in masks.params:
+        assert bool((p.tensor[~masks.as_dict()[p.name]] == 0).all())

@@ -6,6 +6,20 @@ and training mode are identical before and after scoring (pai.md section 4.3).
 Nonlinearities are found with a :class:`torch.overrides.TorchFunctionMode` (:class:`Activations`) that sees every
 ``torch`` call during a forward pass, so ReLUs applied as modules (``nn.ReLU``, in place or not) and functionally
 (``F.relu``, ``torch.relu``, ``Tensor.relu``, their in-place forms) are all handled, in execution order.
+
+Piecewise-linear activations other than ReLU are supported where the path decomposition holds: each is
+x ↦ gate(x)·x plus, for the saturating ones, a constant on the saturated side:
+
+- ``ReLU6`` / ``F.relu6``: gate 1 on (0, 6), 0 elsewhere (relu6(x) = x·1[0<x<6] + 6·1[x≥6]);
+- ``Hardtanh(a, b)`` / ``F.hardtanh``: gate 1 on (a, b), 0 elsewhere (the constants a, b on the saturated sides);
+- ``LeakyReLU(s)`` / ``F.leaky_relu``: gate 1 for x > 0, s otherwise (exact, no constant).
+
+The saturated constants of ReLU6 / Hardtanh carry no path from the input (their derivative is 0), so PX's gated
+copy drops them, as a ReLU's gate drops a negative unit. SynFlow's abs-valued network has positive activations
+that would saturate (every path through a saturated unit would score 0): it runs ReLU6 / Hardtanh without their
+upper bound (max(x, a)). ``Hardswish`` (x·relu6(x+3)/6), GELU, SiLU, tanh, sigmoid, softplus ... are not piecewise
+linear: PX refuses them. Transformers (token embeddings, LayerNorm, softmax attention, GELU) are refused by
+:func:`check_path_model` before anything runs.
 """
 from __future__ import annotations
 
@@ -27,6 +41,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # --------------------------------------------------------------------------------------------- nonlinearities
 _RELU = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _RELU_INPLACE = {torch.relu_, torch.Tensor.relu_}
+#: Piecewise-linear activations with exact gates besides ReLU (functional forms; their modules call these).
+_PIECEWISE = {F.relu6, F.hardtanh, F.leaky_relu} | ({F.leaky_relu_} if hasattr(F, "leaky_relu_") else set()) | (
+    {F.hardtanh_} if hasattr(F, "hardtanh_") else set())
+#: Activation modules PX and SynFlow accept.
+_PL_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.Tensor.softmax,
             torch.Tensor.log_softmax}
 
@@ -38,7 +57,7 @@ def _other_activations() -> set:
                "tanhshrink", "softshrink", "hardshrink", "softmin"]
     names_t = ["tanh", "tanh_", "sigmoid", "sigmoid_", "selu", "selu_", "celu", "celu_", "prelu", "rrelu",
                "rrelu_", "threshold", "threshold_", "hardshrink"]
-    out = {getattr(F, n) for n in names_f if hasattr(F, n)}
+    out = {getattr(F, n) for n in names_f if hasattr(F, n)} - _PIECEWISE
     out |= {getattr(torch, n) for n in names_t if hasattr(torch, n)}
     out |= {getattr(torch.Tensor, n) for n in names_t if hasattr(torch.Tensor, n)}
     return out
@@ -47,6 +66,31 @@ def _other_activations() -> set:
 _OTHER_ACT = _other_activations()
 #: Output modules handled by the final-(log_)softmax rule instead of the ReLU-only check.
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
+
+
+def _arg(args, kwargs, i: int, name: str, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def piecewise_gate(func, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, bool, float | None]:
+    """(input, gate, in place, lower bound) of a call of a piecewise-linear activation: the gate is the slope on the
+    input's side (bool for 0/1 gates, the input's dtype for LeakyReLU); the lower bound is where a saturating
+    activation clips from below (None when it does not)."""
+    x = args[0] if args else kwargs["input"]
+    if func in _RELU:
+        inplace = func in _RELU_INPLACE or bool(_arg(args, kwargs, 1, "inplace", False))
+        return x, x.detach() > 0, inplace, None
+    if func is F.relu6:
+        return x, (x.detach() > 0) & (x.detach() < 6), bool(_arg(args, kwargs, 1, "inplace", False)), 0.0
+    if func in (F.leaky_relu, getattr(F, "leaky_relu_", None)):
+        slope = float(_arg(args, kwargs, 1, "negative_slope", 0.01))
+        inplace = func is not F.leaky_relu or bool(_arg(args, kwargs, 2, "inplace", False))
+        d = x.detach()
+        return x, torch.where(d > 0, torch.ones_like(d), torch.full_like(d, slope)), inplace, None
+    lo = float(_arg(args, kwargs, 1, "min_val", -1.0))  # hardtanh
+    hi = float(_arg(args, kwargs, 2, "max_val", 1.0))
+    inplace = func is not F.hardtanh or bool(_arg(args, kwargs, 3, "inplace", False))
+    return x, (x.detach() > lo) & (x.detach() < hi), inplace, lo
 
 
 def _fname(func) -> str:
@@ -58,12 +102,14 @@ def _fname(func) -> str:
 
 
 class Activations(TorchFunctionMode):
-    """Intercepts ReLU and (log_)softmax calls during one forward pass.
+    """Intercepts ReLU-type (piecewise-linear: ReLU, ReLU6, Hardtanh, LeakyReLU) and (log_)softmax calls during one
+    forward pass.
 
-    ``role``: ``pass`` (ReLUs run unchanged), ``record`` (also store the gate 1[input > 0] of every ReLU, in
-    execution order), ``gate`` (replace the n-th ReLU by multiplication with the n-th stored gate) or ``identity``
-    (ReLUs do nothing). With ``strict``, any other activation function raises. Every (log_)softmax call is recorded
-    so that :meth:`logits` can undo a final one.
+    ``role``: ``pass`` (activations run unchanged), ``record`` (also store the gate of every activation call, in
+    execution order: 1[input > 0] for ReLU, see :func:`piecewise_gate`), ``gate`` (replace the n-th activation by
+    multiplication with the n-th stored gate), ``identity`` (activations do nothing) or ``unsaturated`` (ReLU and
+    LeakyReLU unchanged, ReLU6 / Hardtanh without their upper bound: SynFlow). With ``strict``, any other activation
+    function raises. Every (log_)softmax call is recorded so that :meth:`logits` can undo a final one.
     """
 
     def __init__(self, role: str = "pass", gates: list | None = None, strict: bool = False, method: str = "px"):
@@ -77,19 +123,22 @@ class Activations(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELU and self.role != "pass":
-            inp = args[0] if args else kwargs["input"]
-            inplace = func in _RELU_INPLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+        if (func in _RELU or func in _PIECEWISE) and self.role != "pass":
+            inp, gate_now, inplace, lower = piecewise_gate(func, args, kwargs)
             if self.role == "record":
-                self.gates.append(inp.detach() > 0)
+                self.gates.append(gate_now)
                 return func(*args, **kwargs)
             if self.role == "identity":
                 return inp
+            if self.role == "unsaturated":
+                if func in _RELU or lower is None:
+                    return func(*args, **kwargs)
+                return inp.clamp_(min=lower) if inplace else inp.clamp(min=lower)
             # gate
             if self.pos >= len(self.gates):
                 raise PrunekitError(
                     f"{self.method}: the gate copy recorded {len(self.gates)} ReLU calls but the path-activation "
-                    "copy makes more; the model's forward must apply the same ReLUs on every call"
+                    "copy makes more; the model's forward must apply the same activations on every call"
                 )
             gate = self.gates[self.pos]
             self.pos += 1
@@ -106,7 +155,8 @@ class Activations(TorchFunctionMode):
             return out
         if self.strict and func in _OTHER_ACT:
             raise PrunekitError(
-                f"{self.method} supports ReLU networks only: the forward calls {_fname(func)}{_RELU_ONLY_FIX}"
+                f"{self.method} supports ReLU networks only (ReLU, ReLU6, Hardtanh, LeakyReLU): the forward calls "
+                f"{_fname(func)}{_RELU_ONLY_FIX}"
             )
         return func(*args, **kwargs)
 
@@ -122,20 +172,72 @@ class Activations(TorchFunctionMode):
 
 
 #: Why PX refuses other activations, and what to do instead (appended to its refusals).
-_RELU_ONLY_FIX = (" (PX's path decomposition gates every unit by 1[a > 0], which needs ReLU activations; GELU, "
-                  "SiLU, tanh, ... have no such gates); use a ReLU model, or an unstructured data method that "
+_RELU_ONLY_FIX = (" (PX's path decomposition gates every unit by the slope of a piecewise-linear activation: "
+                  "ReLU, ReLU6, Hardtanh, LeakyReLU; GELU, SiLU, tanh, Hardswish (x·relu6(x+3)/6, piecewise "
+                  "quadratic) ... have no such gates); use such a model, or an unstructured data method that "
                   "accepts any activation (snip, grasp, fts, woodfisherblock, ...)")
 
 
 def check_relu_modules(model: nn.Module, method: str) -> None:
-    """Refuse activation modules other than ReLU and a (log_)softmax."""
+    """Refuse activation modules other than the piecewise-linear ones (ReLU, ReLU6, Hardtanh, LeakyReLU) and a
+    (log_)softmax."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.ReLU) or isinstance(m, _SOFTMAX_MODULES):
+        if isinstance(m, _PL_MODULES) or isinstance(m, _SOFTMAX_MODULES):
             continue
         if type(m).__module__ == "torch.nn.modules.activation":
             raise PrunekitError(
-                f"{method} supports ReLU networks only: module {name!r} is {type(m).__name__}{_RELU_ONLY_FIX}"
+                f"{method} supports ReLU networks only (ReLU, ReLU6, Hardtanh, LeakyReLU): module {name!r} is "
+                f"{type(m).__name__}{_RELU_ONLY_FIX}"
             )
+
+
+_BLOCKER_KINDS = ("token embeddings (token-id inputs: no all-ones or x⊙x input)",
+                  "LayerNorm (per-example normalization, not linear)",
+                  "softmax attention (products of activations)",
+                  "activations that are not piecewise linear")
+
+
+def _blocker_kind(m: nn.Module, model: nn.Module) -> int | None:
+    cls = type(m).__name__.lower()
+    if isinstance(m, nn.Embedding):
+        return 0
+    if m is not model and (isinstance(m, nn.LayerNorm) or cls.endswith("layernorm") or cls.endswith("rmsnorm")):
+        return 1
+    if isinstance(m, nn.MultiheadAttention) or (cls.endswith("attention") and not cls.endswith("selfattention")
+                                                and not cls.endswith("outputattention")):
+        return 2
+    if "gelu" in cls or cls in ("siluactivation", "tanh", "sigmoid", "silu", "mish", "hardswish"):
+        return 3
+    return None
+
+
+def path_blockers(model: nn.Module) -> dict[str, list[str]]:
+    """The modules that break a path decomposition, by kind (see :data:`_BLOCKER_KINDS`): ``{kind: ["name
+    (Class)", ...]}``; a kind is listed only when found."""
+    out: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        k = _blocker_kind(m, model)
+        if k is not None:
+            out.setdefault(_BLOCKER_KINDS[k], []).append(f"{name} ({type(m).__name__})")
+    return out
+
+
+def check_path_model(model: nn.Module, method: str) -> None:
+    """Refuse a transformer-style model (token embeddings, LayerNorm or softmax attention found), naming every kind
+    of module that breaks the path decomposition (GELU activations included). SynFlow's R and PX's path kernel are
+    sums over input-output paths of products of weights and piecewise-linear gates (pai.md 6.11, 6.12); a model
+    with only other activations (a GELU CNN) is left to each method's own activation rule."""
+    found = path_blockers(model)
+    if not any(k in found for k in _BLOCKER_KINDS[:3]):
+        return
+    parts = []
+    for kind, names in found.items():
+        more = f", and {len(names) - 2} more" if len(names) > 2 else ""
+        parts.append(f"{kind}: {', '.join(names[:2])}{more}")
+    raise PrunekitError(
+        f"{method} cannot score this model: its path decomposition (a sum over input-output paths of products of "
+        f"weights and piecewise-linear gates) does not hold; found {'; '.join(parts)}. Use a data method that "
+        "works on transformers (snip, grasp, fisher_diag, woodfisherblock, kfac, ...; see docs/transformers.md)")
 
 
 # -------------------------------------------------------------------------------------------------- copies

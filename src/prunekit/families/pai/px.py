@@ -13,10 +13,10 @@ from torch import nn
 
 from ... import distributed
 from ...errors import PrunekitError
-from ...params import PRUNABLE_TYPES
+from ...params import is_prunable_type
 from ...registry import ScoreContext, register
-from .path_copies import (DTYPES, Activations, alive_mask, batch_inputs, check_relu_modules, copy_tensor, net_device,
-                          scoring_copy)
+from .path_copies import (DTYPES, Activations, alive_mask, batch_inputs, check_path_model, check_relu_modules,
+                          copy_tensor, net_device, scoring_copy)
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -56,7 +56,7 @@ class PXOptions:
 
 
 def _path_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in net.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    return [(n, m) for n, m in net.named_modules() if is_prunable_type(m)]
 
 
 class _Masks:
@@ -292,14 +292,18 @@ def px(ctx: ScoreContext) -> dict[str, torch.Tensor]:
       ``release``: S = θ⁴·abs(∂R/∂u) on every Conv/Linear tensor. Pruned entries score 0.
 
     The output layer is the last Conv/Linear module called in the forward pass (found with forward hooks on the
-    first batch), also when it is excluded from pruning. Only ReLU is supported: any other activation module or
-    functional activation raises; a final softmax/log_softmax that produces the output is skipped (z is taken on
+    first batch), also when it is excluded from pruning. Activations: ReLU and the other piecewise-linear ones
+    with exact gates (ReLU6 and Hardtanh: gate 1 strictly inside the linear range, 0 where saturated; LeakyReLU:
+    gate 1 or its negative slope; see :mod:`.path_copies`); any other activation module or functional activation
+    (GELU, SiLU, Hardswish ...) raises; transformers (token embeddings, LayerNorm, softmax attention) are refused
+    naming the modules found; a final softmax/log_softmax that produces the output is skipped (z is taken on
     the logits), any other softmax raises. The scoring batches should be the same, in the same order, every round
     (J's batch statistics depend on batch composition).
     """
     opts = ctx.options
     dtype = DTYPES[opts.dtype]
     variant = opts.px_variant
+    check_path_model(ctx.model, "px")
     check_relu_modules(ctx.model, "px")
     if ctx.data is None:
         raise PrunekitError("px needs data: pass data= an iterable of (inputs, targets) batches (labels are unused)")

@@ -14,7 +14,8 @@ import torch
 
 from ...errors import PrunekitError
 from ...registry import ScoreContext, register
-from .path_copies import DTYPES, Activations, alive_mask, batch_inputs, copy_tensor, net_device, scoring_copy
+from .path_copies import (DTYPES, Activations, alive_mask, batch_inputs, check_path_model, copy_tensor, net_device,
+                          scoring_copy)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,15 @@ def synflow(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     disconnection: alive weights cut off from the input or output (common after many rounds) score 0 by definition
     and are not counted; if more than 1 % of the alive entries are connected yet score 0, it warns (underflow).
     Pruned entries score exactly 0.
+
+    Activations: ReLU and LeakyReLU run as they are; ReLU6 and Hardtanh run without their upper bound (the
+    abs-valued network's positive activations would saturate at 6 and cut every path through the unit), so R is the
+    path sum of the network with those units unsaturated. Other activations (GELU, SiLU, tanh, Hardswish) run as
+    they are: R is then no longer a sum over paths and the scores have no conservation property (no error: the
+    reference code behaves the same). Transformers (token embeddings, LayerNorm, softmax attention) are refused,
+    naming the modules found (:func:`.path_copies.check_path_model`).
     """
+    check_path_model(ctx.model, "synflow")
     dtype = DTYPES[ctx.options.dtype]
     shape = _input_shape(ctx, "synflow")
     masks = [alive_mask(ctx, p) for p in ctx.params]
@@ -123,7 +132,7 @@ def _synflow_scores(ctx: ScoreContext, shape, dtype, masks, ones: bool) -> list[
         t.requires_grad_(True)
         leaves.append(t)
     x = torch.ones((1, *shape), dtype=dtype, device=net_device(net))
-    mode = Activations("pass", strict=False, method="synflow")
+    mode = Activations("unsaturated", strict=False, method="synflow")
     with torch.enable_grad():
         with mode:
             out = net(x)
