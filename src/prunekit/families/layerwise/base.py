@@ -164,9 +164,6 @@ class LayerwiseMethod(PruningMethod):
             if abs(sparsity - (1 - N / M)) > 1e-9:
                 raise PrunekitError(f"pattern {N}:{M} prunes {1 - N / M:g} of the weights: ask for sparsity="
                                     f"{1 - N / M:g} (got {sparsity:g})")
-            if layer.cols % M:
-                raise PrunekitError(f"pattern {N}:{M}: {layer.name!r} has {layer.cols} input columns per row, not a "
-                                    f"multiple of {M}; leave it out with ignore=[...]")
             return -1  # the pattern decides
         return min(keep_count(n, sparsity), int(alive.sum()))
 
@@ -185,6 +182,11 @@ class LayerwiseMethod(PruningMethod):
     # ------------------------------------------------------------------------------------------ the protocol
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         self.layers = [as_layer(p) for p in ctx.params]
+        pattern = parse_pattern(ctx.options.pattern)
+        for L in self.layers:
+            if pattern is not None and L.cols % pattern[1]:
+                raise PrunekitError(f"pattern {ctx.options.pattern}: {L.name!r} has {L.cols} input columns per row, "
+                                    f"not a multiple of {pattern[1]}; leave it out with ignore=[...]")
         self._dtype = self.dtype(ctx)
         self.memory = self.plan(ctx)
         log.info(self.memory.summary())
