@@ -88,11 +88,11 @@ from ...params import PrunableParam, prunable_params
 from ...registry import PruningMethod, ScoreContext, register
 from ...seeding import derive_seed
 from ...select import check_sparsity, keep_count
-from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact
+from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact, row_channels
 from ..filters.baselines import why_fixed
 from .budget import draws_for_unique, log_factor
-from .scores import (DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, sample_inputs,
-                     sensitivities)
+from .scores import (DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, is_conv1d,
+                     out_first, sample_inputs, sensitivities)
 from .search import search_keep_ratio
 
 log = logging.getLogger("prunekit.pfp")
@@ -142,10 +142,10 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _check_layer(p: PrunableParam) -> None:
     m, w = p.module, p.tensor
-    if p.attr == "weight" and w is not None and w.dim() >= 2 and isinstance(m, _LAYERS):
+    if p.attr == "weight" and w is not None and w.dim() >= 2 and (isinstance(m, _LAYERS) or is_conv1d(m)):
         return
     raise PrunekitError(
-        f"pfp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d); {p.name!r} "
+        f"pfp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d, GPT-2's Conv1D); {p.name!r} "
         f"({type(m).__name__}.{p.attr}) is not one: leave it out with exclude=[...] (and do not pass include_bias)")
 
 
@@ -172,8 +172,10 @@ def _input_group(p: PrunableParam, readers: Mapping[str, list]) -> tuple[Channel
         return None
     g, block = got[0]
     m, w = p.module, p.tensor
-    if not g.prunable or not isinstance(m, _LAYERS):
+    if not g.prunable or not (isinstance(m, _LAYERS) or is_conv1d(m)):
         return None
+    if is_conv1d(m):  # weight (in, out)
+        return (g, block) if w.dim() == 2 and w.shape[0] == g.size * block else None
     if isinstance(m, nn.Linear):
         return (g, block) if w.dim() == 2 and w.shape[1] == g.size * block else None
     return (g, block) if m.groups == 1 and block == 1 and w.shape[1] == g.size else None
@@ -192,7 +194,7 @@ def channel_sensitivities(model: nn.Module, inputs: torch.Tensor, params: Sequen
     for p in params:
         ig = _input_group(p, readers)
         if ig is not None:
-            out[p.name] = channel_sensitivity(s[p.name], ig[0].size)
+            out[p.name] = channel_sensitivity(out_first(p.module, s[p.name]), ig[0].size)
     return out
 
 
@@ -369,6 +371,7 @@ class _Counter:
     A: torch.Tensor              # (out, C or 1) float64: alive entries per (row, input channel)
     row_group: str | None        # group whose removed channels mask the rows
     reader: int | None           # index of the _Reader compressing the input, or None
+    units: torch.Tensor | None = None  # the channel of each row when a channel owns several (attention heads)
 
 
 class _Plan:
@@ -389,9 +392,10 @@ class _Plan:
             if ig is None:
                 continue
             g, block = ig
-            out = p.tensor.shape[0]
-            alive = self.alive[p.name].reshape(out, g.size, -1).cpu()
-            s = (scores[p.name].detach().reshape(out, g.size, -1).cpu().double() * alive).amax(dim=(0, 2))
+            out = out_first(p.module, p.tensor).shape[0]
+            alive = out_first(p.module, self.alive[p.name]).reshape(out, g.size, -1).cpu()
+            sc = out_first(p.module, scores[p.name].detach())
+            s = (sc.reshape(out, g.size, -1).cpu().double() * alive).amax(dim=(0, 2))
             pos, k = positions[p.name]
             reader_of[p.module_name] = len(self.readers)
             self.readers.append(_Reader(p, g.name, block, s.clamp(0.0, 1.0), alive.any(2).any(0), pos, k,
@@ -401,16 +405,17 @@ class _Plan:
         for g in self.groups:
             if g.prunable and g.consumers and all(c in reader_of for c, _ in g.consumers):
                 self.removable[g.name] = [reader_of[c] for c, _ in g.consumers]
-        row_group = {pr: g.name for g in self.groups if g.name in self.removable for pr in g.producers}
+        row_group = {pr: g for g in self.groups if g.name in self.removable for pr in g.producers}
         self.counters: list[_Counter] = []
         for p in self.params:
-            a = self.alive[p.name]
+            a = out_first(p.module, self.alive[p.name])
             out = a.shape[0]
             r = reader_of.get(p.module_name) if p.attr == "weight" else None
             cols = self.readers[r].channels if r is not None else 1
             A = a.reshape(out, cols, -1).sum(2).cpu().double()
-            self.counters.append(_Counter(p.name, A, row_group.get(p.module_name) if p.attr == "weight" else None,
-                                          r))
+            g = row_group.get(p.module_name) if p.attr == "weight" else None
+            units = row_channels(g) if g is not None and (g.rows != 1 or g.splits != 1) else None
+            self.counters.append(_Counter(p.name, A, g.name if g is not None else None, r, units))
         active = [r for r in self.readers if r.nnz > 0]
         if active:
             t_hi = max(r.t_single() for r in active) + 1.0
@@ -445,7 +450,11 @@ class _Plan:
         kept = 0.0
         for c in self.counters:
             v = c.A @ sel[c.reader][0].double() if c.reader is not None else c.A[:, 0]
-            kept += float(v @ group_keep[c.row_group].double()) if c.row_group is not None else float(v.sum())
+            if c.row_group is not None:
+                gk = group_keep[c.row_group]
+                kept += float(v @ (gk if c.units is None else gk[c.units]).double())
+            else:
+                kept += float(v.sum())
         kept = int(round(kept))
         return kept, {"u": list(us), "select": sel, "groups": group_keep}
 
@@ -534,7 +543,8 @@ class _Plan:
                 m &= wm[c.name].to(m.device)
             if c.reader is not None:
                 keep = result["select"][c.reader][0].to(m.device)
-                view = m.view(m.shape[0], keep.numel(), -1)
+                mo = out_first(self.readers[c.reader].param.module, m)  # a view: writes reach m
+                view = mo.view(mo.shape[0], keep.numel(), -1)
                 view[:, ~keep, :] = False
             out[c.name] = m
         return out
@@ -626,7 +636,7 @@ def _update(ctx: ScoreContext, st: dict) -> None:
     for r, (keep, scale, _) in zip(plan.readers, result["select"]):
         if scale is None:
             continue
-        w = r.param.tensor
+        w = out_first(r.param.module, r.param.tensor)
         view = w.view(w.shape[0], r.channels, -1)
         view.mul_(scale.to(device=w.device, dtype=w.dtype)[None, :, None])
     removed = {g: k for g, k in result["groups"].items() if not bool(k.all())}
@@ -655,8 +665,8 @@ def pfp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
     run, layers = collect(ctx.model, ctx.params, x, "max")
     out = {}
     for p in ctx.params:
-        alive = ctx.masks[p.name].to(run[p.name].device).reshape(run[p.name].shape)
-        out[p.name] = (run[p.name] * alive).reshape(p.tensor.shape)
+        alive = out_first(p.module, ctx.masks[p.name].to(run[p.name].device)).reshape(run[p.name].shape)
+        out[p.name] = out_first(p.module, run[p.name] * alive).reshape(p.tensor.shape)
     state = {"groups": groups, "positions": {lay.param.name: (lay.positions, lay.k) for lay in layers},
              "n_samples": int(x.shape[0]), "sample_size": need}
     log.info("pfp: sensitivities from %d examples (|S| = %d)", x.shape[0], need)
@@ -664,7 +674,7 @@ def pfp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 @register("pfp", family="sensitivity (provable, filters)", needs_data="inputs", sources=("002",), structured=True,
-          options=PfpOptions,
+          options=PfpOptions, dict_batches=True,
           summary="PFP: channel sensitivities on |S| examples; shared-ε input-channel budgets, det top-u or "
                   "importance sampling with rescaling; removed channels propagate to the producing filters")
 class PFP(PruningMethod):

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed
-from ...batches import BatchStream
+from ...batches import BatchStream, DictInputs, call
 from ...errors import PrunekitError
 from ...modes import model_device, scoring_mode
-from ...params import PRUNABLE_TYPES, PrunableParam
+from ...params import PrunableParam, hf_conv1d, is_prunable_type
 from ...registry import ScoreContext
 
 
@@ -65,12 +65,15 @@ class SensitivityOptions:
 # ------------------------------------------------------------------------------------------------- sample size (§1)
 
 
-def activation_counts(model: nn.Module, input_shape: Sequence[int],
-                      modules: Iterable[nn.Module] | None = None) -> tuple[int, int]:
-    """(η, η*): the sum and the maximum over layers of the per-example output count (channels·H·W for a conv) of
-    ``modules`` (default: every Conv/Linear of ``model``), from one forward of a zero input of ``input_shape``
-    (without the batch dimension) in eval mode. A module called several times counts once per call."""
-    mods = list(modules) if modules is not None else [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+def activation_counts(model: nn.Module, input_shape: Sequence[int] | None,
+                      modules: Iterable[nn.Module] | None = None, example=None) -> tuple[int, int]:
+    """(η, η*): the sum and the maximum over layers of the per-example output count (channels·H·W for a conv,
+    positions·features for a linear layer over a sequence) of ``modules`` (default: every Conv/Linear/GPT-2
+    Conv1D of ``model``), from one forward in eval mode of a zero input of ``input_shape`` (without the batch
+    dimension), or of ``example`` (one example with its batch dimension: a tensor, or the
+    :class:`~prunekit.batches.DictInputs` of a dict batch, whose inputs cannot be zeros). A module called several
+    times counts once per call."""
+    mods = list(modules) if modules is not None else [m for m in model.modules() if is_prunable_type(m)]
     if not mods:
         raise PrunekitError(f"{type(model).__name__} has no Conv/Linear layer: SiPP has nothing to count")
     counts: list[int] = []
@@ -80,11 +83,14 @@ def activation_counts(model: nn.Module, input_shape: Sequence[int],
             counts.append(out.numel() // out.shape[0])
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.zeros((1, *tuple(int(s) for s in input_shape)), device=model_device(model), dtype=dtype)
+    if example is not None:
+        x = example[:1]
+    else:
+        x = torch.zeros((1, *tuple(int(s) for s in input_shape)), device=model_device(model), dtype=dtype)
     handles = [m.register_forward_hook(hook) for m in {id(m): m for m in mods}.values()]
     try:
         with scoring_mode(model, "eval"), torch.no_grad():
-            model(x)
+            call(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -93,12 +99,13 @@ def activation_counts(model: nn.Module, input_shape: Sequence[int],
     return sum(counts), max(counts)
 
 
-def sample_size(model: nn.Module, input_shape: Sequence[int], delta_s: float = 1e-16, C: float = 3.0,
-                modules: Iterable[nn.Module] | None = None) -> int:
+def sample_size(model: nn.Module, input_shape: Sequence[int] | None, delta_s: float = 1e-16, C: float = 3.0,
+                modules: Iterable[nn.Module] | None = None, example=None) -> int:
     """|S| = ⌈C·ln(8·η*/δ′)⌉ with δ′ = δ_S/η, i.e. ⌈C·ln(8·η*·η/δ_S)⌉ (methods/sensitivity.md §1).
 
-    η and η* come from :func:`activation_counts`. LeNet-300-100 (η = 410, η* = 300) gives 152."""
-    eta, eta_star = activation_counts(model, input_shape, modules)
+    η and η* come from :func:`activation_counts` (``example``: one example instead of a zero input of
+    ``input_shape``). LeNet-300-100 (η = 410, η* = 300) gives 152."""
+    eta, eta_star = activation_counts(model, input_shape, modules, example)
     return int(math.ceil(C * math.log(8.0 * eta_star * eta / delta_s)))
 
 
@@ -117,16 +124,30 @@ class Layer:
     positions: int = 0
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``: a linear layer whose weight is stored (in, out)."""
+    conv1d = hf_conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def out_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``module.weight`` seen with the output neurons first: the transpose (a view) for a
+    Conv1D, ``t`` itself otherwise. Its own inverse: ``out_first(m, out_first(m, t))`` is ``t``'s layout."""
+    return t.transpose(0, 1) if is_conv1d(module) else t
+
+
 def layer_view(p: PrunableParam) -> Layer:
     m, w = p.module, p.tensor
     if p.attr == "weight" and w is not None and w.dim() >= 2:
         if isinstance(m, nn.Linear):
             return Layer(p, "linear", w.shape[0], 1, 1)
+        if is_conv1d(m) and w.dim() == 2:  # GPT-2 Conv1D: weight (in, out)
+            return Layer(p, "linear", w.shape[1], 1, 1)
         for cls, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d"), (nn.Conv3d, "conv3d")):
             if isinstance(m, cls):
                 return Layer(p, kind, w.shape[0], m.groups, math.prod(m.kernel_size))
     raise PrunekitError(
-        f"sipp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d); {p.name!r} "
+        f"sipp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d, GPT-2's Conv1D); {p.name!r} "
         f"({type(m).__name__}.{p.attr}) is not one: leave it out with exclude=[...] (and do not pass include_bias)"
     )
 
@@ -209,9 +230,12 @@ def relative_contributions(w: torch.Tensor, a: torch.Tensor, aggregate: str) -> 
     return g.clamp_(max=1.0)
 
 
-def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Tensor, aggregate: str,
-             chunk: int = EXAMPLES_PER_FORWARD) -> tuple[dict[str, torch.Tensor], list[Layer]]:
-    """Sensitivities (I, J) of every param over the examples ``inputs``, a running maximum over forward chunks."""
+def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Tensor | DictInputs, aggregate: str,
+            chunk: int = EXAMPLES_PER_FORWARD) -> tuple[dict[str, torch.Tensor], list[Layer]]:
+    """Sensitivities (I, J) of every param over the examples ``inputs`` (a tensor, or the
+    :class:`~prunekit.batches.DictInputs` of dict batches: ``model(**inputs)``), a running maximum over forward
+    chunks. I is the output neurons (a Conv1D's weight is seen transposed, :func:`out_first`). A linear layer over
+    a sequence counts each position as a position (padded ones included: the attention mask is not read)."""
     if aggregate not in ("mean", "max"):
         raise PrunekitError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
     layers = [layer_view(p) for p in params]
@@ -221,7 +245,7 @@ def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Ten
     run = {}
     for lay in layers:
         w = lay.param.tensor
-        run[lay.param.name] = torch.zeros((lay.out, w[0].numel()), device=w.device,
+        run[lay.param.name] = torch.zeros((lay.out, w.numel() // lay.out), device=w.device,
                                           dtype=torch.promote_types(w.dtype, torch.float32))
 
     def hook(module, args, out):
@@ -230,7 +254,7 @@ def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Ten
         x = args[0].detach()
         for lay in by_module[id(module)]:
             acc = run[lay.param.name]
-            w = lay.param.tensor.detach().reshape(lay.out, -1).to(acc.dtype)
+            w = out_first(module, lay.param.tensor.detach()).reshape(lay.out, -1).to(acc.dtype)
             a = patches(lay, x.to(acc.dtype))
             if bool((a < 0).any()):  # every example becomes the two points max(a, 0) and max(-a, 0)
                 a = torch.cat([a.clamp(min=0), (-a).clamp(min=0)])
@@ -246,7 +270,7 @@ def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Ten
         with scoring_mode(model, "eval"), torch.no_grad():
             # DDP: each rank runs every world-size-th chunk; the maxima are taken over the ranks below (exact)
             for i in distributed.mine(range(0, inputs.shape[0], chunk)):
-                model(inputs[i:i + chunk])
+                call(model, inputs[i:i + chunk])
     finally:
         for h in handles:
             h.remove()
@@ -270,7 +294,7 @@ def sensitivities(model: nn.Module, params: Sequence[PrunableParam], inputs: tor
     """Empirical sensitivities s (shaped like each weight) over the examples ``inputs``: the maximum over examples
     of g, aggregated over conv positions by ``mean`` (SiPP det) or ``max`` (rand, hybrid). Pure; eval mode."""
     run, _ = collect(model, params, inputs, aggregate, chunk)
-    return {p.name: run[p.name].reshape(p.tensor.shape) for p in params}
+    return {p.name: out_first(p.module, run[p.name]).reshape(p.tensor.shape) for p in params}
 
 
 # ------------------------------------------------------------------------------------------------- the sample set
@@ -288,8 +312,10 @@ def sample_inputs(ctx: ScoreContext, o: SensitivityOptions, who: str = "sipp") -
     if first is None:
         raise PrunekitError(f"{who} needs data: the scoring data hold no example (pass batches of inputs)")
     modules = list({id(p.module): p.module for p in ctx.params}.values())
+    own = isinstance(first, DictInputs) or not first.is_floating_point()  # token ids: no zero input of a shape
     need = o.sample_size if o.sample_size is not None else sample_size(
-        ctx.model, tuple(first.shape[1:]), o.delta_s, o.C, modules=modules)
+        ctx.model, None if own else tuple(first.shape[1:]), o.delta_s, o.C, modules=modules,
+        example=first if own else None)
     x = stream.take(need)[0]
     if x.shape[0] < need:
         warnings.warn(f"{who}: the scoring data hold only {x.shape[0]} examples, fewer than |S| = {need} "

@@ -38,7 +38,11 @@ Choices where methods/sensitivity.md is silent:
   candidate closest to the target (the one below on a tie) and warns with the achieved ratio.
 - ``max(1, min_keep_per_layer)`` weights per tensor are reserved (§10's default is 1), except when the target is
   smaller than that many weights over all tensors.
-- Only Linear and Conv1d/2d/3d weights (groups included) are supported; the scope is always global.
+- Only Linear and Conv1d/2d/3d weights (groups included) and GPT-2's ``Conv1D`` (weight stored (in, out), seen
+  transposed) are supported; the scope is always global.
+- Dict batches (Hugging Face style, ``model(**batch)``) are read through :mod:`prunekit.batches`; |S| is then
+  counted on one forward of the first example, and the positions of a linear layer over a sequence are its tokens
+  (padded ones included).
 """
 from __future__ import annotations
 
@@ -59,7 +63,8 @@ log = logging.getLogger("prunekit.sipp")
 
 from .budget import (Allocation, allocate, draws_for_unique, eps_bound, inv_log_h, log_factor, log_h)
 from .scores import (DRAW_BLOCK, DRAW_CAP, EXAMPLES_PER_FORWARD, Layer, S_ZERO, SensitivityOptions, activation_counts,
-                     collect, layer_view, patches, relative_contributions, sample_inputs, sample_size, sensitivities)
+                     collect, layer_view, out_first, patches, relative_contributions, sample_inputs, sample_size,
+                     sensitivities)
 from .search import search_keep_ratio
 
 
@@ -86,9 +91,10 @@ class Sides:
     """The neuron sides of one layer as rows of a (2I, J) matrix: rows < I positive, rows ≥ I negative weights."""
 
     def __init__(self, layer: Layer, s: torch.Tensor, alive: torch.Tensor, o: SippOptions, index: int):
-        w = layer.param.tensor.detach().reshape(layer.out, -1).double()
-        s = s.reshape(layer.out, -1).double()
-        alive = alive.reshape(layer.out, -1).to(w.device, torch.bool)
+        mod = layer.param.module
+        w = out_first(mod, layer.param.tensor.detach()).reshape(layer.out, -1).double()
+        s = out_first(mod, s).reshape(layer.out, -1).double()
+        alive = out_first(mod, alive).reshape(layer.out, -1).to(w.device, torch.bool)
         self.layer, self.index, self.I = layer, index, layer.out
         self.w2 = torch.cat([w, w])
         self.s2d = s * alive
@@ -224,8 +230,8 @@ class _Problem:
         for sd, mm in zip(self.sides, torch.split(m, self.splits)):
             mask, wh = sd.realize(mm, self.o.variant, self.o.C, self.seed, self.min_keep)
             name = sd.layer.param.name
-            masks[name] = mask.reshape(self.alive[name].shape)
-            w_hat[name] = wh
+            masks[name] = out_first(sd.layer.param.module, mask).reshape(self.alive[name].shape)
+            w_hat[name] = out_first(sd.layer.param.module, wh)
             kept += int(mask.sum())
         return kept, (masks, w_hat)
 
@@ -302,16 +308,16 @@ def sipp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
     run, layers = collect(ctx.model, ctx.params, x, aggregate)
     out = {}
     for p in ctx.params:
-        alive = ctx.masks[p.name].to(run[p.name].device).reshape(run[p.name].shape)
+        alive = out_first(p.module, ctx.masks[p.name].to(run[p.name].device)).reshape(run[p.name].shape)
         run[p.name] = run[p.name] * alive
-        out[p.name] = run[p.name].reshape(p.tensor.shape)
+        out[p.name] = out_first(p.module, run[p.name]).reshape(p.tensor.shape)
     state = {"layers": layers, "n_samples": int(x.shape[0]), "sample_size": need, "aggregate": aggregate}
     log.info("sipp: sensitivities from %d examples (|S| = %d, %s over positions)", x.shape[0], need, aggregate)
     return out, state
 
 
 @register("sipp", family="sensitivity (provable)", needs_data="inputs", sources=("002",), options=SippOptions,
-          scope="global",
+          scope="global", dict_batches=True,
           summary="SiPP: empirical sensitivities on |S| examples; det top-k, or importance sampling with reweighting")
 class SiPP(PruningMethod):
     """``sipp`` as a method object: the score's statistics (:attr:`state`) feed the selection of the same round,
