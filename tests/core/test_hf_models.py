@@ -1,6 +1,7 @@
 """Hugging Face transformers models (issue 16, section 1): prunable tensors of a tiny random-weight BERT and GPT-2
-(built from a config, no download), targets / ignore patterns, dict batches for the gradient criteria, and the clear
-refusal of the methods that cannot read dict batches yet."""
+(built from a config, no download), targets / ignore patterns, dict batches for the gradient criteria, every one-shot
+code on both models (it works with an exact kept count and only prunable tensors changed, or it refuses naming the
+reason), and the dict-batch codes agreeing with the same model called on tensor batches."""
 from __future__ import annotations
 
 import sys
@@ -219,16 +220,6 @@ def test_the_loss_falls_back_to_cross_entropy_on_logits_without_labels_in_the_ou
         torch.testing.assert_close(got["inner." + k], v.abs(), rtol=1e-9, atol=1e-14)
 
 
-@pytest.mark.parametrize("method", ["grasp", "diagfisher", "kfac", "naivehess", "woodfisherblock", "woodfisher",
-                                    "sipp"])
-def test_methods_that_cannot_read_dict_batches_refuse_clearly(method):
-    model = tiny_bert()
-    before = _state(model)
-    with pytest.raises(PrunekitError, match="cannot read dict batches"):
-        pk.prune(model, method, 0.5, bert_batches())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-
-
 def test_dict_batch_mistakes_are_clear_errors():
     model = tiny_bert()
     data = bert_batches(1)
@@ -237,17 +228,6 @@ def test_dict_batch_mistakes_are_clear_errors():
     nolabels = [{k: v for k, v in data[0].items() if k != "labels"}]
     with pytest.raises(PrunekitError, match="'labels'"):
         pk.score(model, "snip", nolabels)
-
-
-@pytest.mark.parametrize("method", ["synflow", "filter_l1", "filter_l2", "filter_random", "bn_scale", "px"])
-def test_other_methods_refuse_a_transformer_with_dict_batches(method):
-    """Data-free codes that trace an input (synflow, the filter baselines) and px (ReLU networks only) refuse with a
-    PrunekitError before changing anything."""
-    model = tiny_bert()
-    before = _state(model)
-    with pytest.raises(PrunekitError):
-        pk.prune(model, method, 0.5, bert_batches())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_targets_and_ignore_flow_from_a_config_to_the_prunable_tensors():
@@ -285,3 +265,70 @@ def test_tuple_batches_on_a_transformer_use_the_logits_and_equal_the_plain_loop(
     got = pk.score(model, "fisher_diag", pairs)
     for k in sq:
         torch.testing.assert_close(got[k], sq[k], rtol=1e-9, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------ every one-shot code, both models
+
+#: Codes that refuse a transformer, and the reason their error must name.
+REFUSES = {"synflow": "path decomposition", "px": "path decomposition"}
+#: Codes another part of prunekit is making work on transformers (structured / sensitivity): either outcome here.
+EITHER = {"pfp", "sipp", "filter_l1", "filter_l2", "filter_random", "bn_scale"}
+#: Options that keep a code fast on the tiny models (the defaults are sized for real runs).
+FAST = {"naivehess": {"hessian_diag": "hutchinson", "hutchinson_probes": 4}}
+
+
+def moves_kept_weights(method: str) -> bool:
+    """A code with a weight update (OBS, K-FAC, SparseGPT ...) may move the kept prunable weights."""
+    return pk.get_method(method).new().update is not None
+
+
+def one_shot_codes() -> list[str]:
+    return [m.name for m in pk.methods() if m.kind == "one-shot"]
+
+
+def test_the_one_shot_codes_are_all_accounted_for():
+    codes = set(one_shot_codes())
+    assert {"magnitude", "grasp", "kfac", "woodfisherblock", "px", "synflow"} <= codes
+    assert set(REFUSES) | EITHER | set(FAST) <= codes  # no stale names in the tables above
+    assert moves_kept_weights("woodfisherblock") and moves_kept_weights("kfac") and not moves_kept_weights("grasp")
+    # every data code that works here reads dict batches and says so
+    for m in pk.methods():
+        if m.name in codes and m.needs_data != "none" and m.name not in set(REFUSES) | EITHER:
+            assert m.dict_batches, m.name
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # layer collapse at init, fewer examples than fisher_samples
+@pytest.mark.parametrize("build,batches", [(tiny_bert, bert_batches), (tiny_gpt2, gpt2_batches)], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("method", one_shot_codes())
+def test_every_one_shot_code_works_on_a_transformer_or_refuses_with_its_reason(method, build, batches):
+    model = build()
+    before = _state(model)
+    info = pk.get_method(method)
+    try:
+        masks = pk.prune(model, method, 0.7, batches(), seed=3, **FAST.get(method, {}))
+    except PrunekitError as e:
+        assert method in REFUSES or method in EITHER, f"{method} refused: {e}"
+        if method in REFUSES:
+            assert REFUSES[method] in str(e)
+            for what in ("Embedding", "LayerNorm", "attention", "GELU"):
+                assert what in str(e), what
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before changing it
+        return
+    assert method not in REFUSES, f"{method} should refuse a transformer"
+    names = set(masks.names())
+    if method not in EITHER:  # (structured codes mask what their groups cover: checked for purity below)
+        assert masks.names() == (BERT_BLOCK if build is tiny_bert else GPT2_BLOCK)
+        if info.scope == "layer":
+            for p in masks.params:
+                assert int(masks.as_dict()[p.name].sum()) == max(1, pk.keep_count(p.tensor.numel(), 0.7))
+        else:
+            assert masks.kept() == pk.keep_count(masks.total(), 0.7)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k in names:
+            m = masks.as_dict()[k]
+            assert bool((after[k][~m] == 0).all()), k  # pruned weights exactly zero
+            if not moves_kept_weights(method):
+                assert torch.equal(after[k][m], v[m]), k
+        else:
+            assert torch.equal(after[k], v), k  # embeddings, LayerNorm, head untouched
