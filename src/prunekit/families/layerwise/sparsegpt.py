@@ -133,13 +133,22 @@ class SparseGPT(LayerwiseMethod):
         dt = self._dtype
         H = {i: None for i in group}
         n = {i: 0 for i in group}
+        last: dict = {}  # the last Linear input's XᵀX: q, k and v of an attention block share one input
 
         def add(i, x):
-            X = self.layers[i].inputs(x, dt)  # [tokens, G, cols]
-            Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
-            h = Xg.transpose(1, 2) @ Xg
-            H[i] = h if H[i] is None else H[i].add_(h)
-            n[i] += X.shape[0]
+            L = self.layers[i]
+            key = (x.data_ptr(), tuple(x.shape), x._version) if L.kind != "conv" else None
+            if key is not None and key in last:
+                h, tokens = last[key]
+            else:
+                X = L.inputs(x, dt)  # [tokens, G, cols]
+                Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
+                h, tokens = Xg.transpose(1, 2) @ Xg, X.shape[0]
+                last.clear()
+                if key is not None:
+                    last[key] = (h, tokens)
+            H[i] = h.clone() if H[i] is None else H[i].add_(h)
+            n[i] += tokens
 
         self.calib.capture(group, add)
         return {i: H[i] * (2.0 / max(n[i], 1)) for i in group}

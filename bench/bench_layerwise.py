@@ -1,0 +1,100 @@
+"""Calibration cost of the layer-wise methods (issue 17 §1): ``wanda`` and ``sparsegpt`` against one forward pass
+over the same calibration set, on the CPU (``magnitude`` with layer scope: the cost of pk.prune itself).
+
+For each model, the calibration set (random inputs: the cost does not depend on the values) is fed once through
+the model in eval mode without gradients (the "forward" time, best of ``--repeat``), then ``pk.prune`` runs each
+method at ``--sparsity`` on a fresh copy of the model (best of ``--repeat``):
+
+- ``lenet_300_100``: 128 images 1×28×28 in batches of 32 (3 Linear layers, 266,200 weights);
+- ``minilm``: the fetched MiniLM encoder (``prunekit.models.fetch.minilm_path()``, skipped when absent), 128
+  sequences of 64 random token ids in batches of 16 (36 Linear layers in 6 blocks).
+
+    OMP_NUM_THREADS=1 python bench/bench_layerwise.py [--threads 1] [--models lenet,minilm] [--repeat 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+
+import torch
+
+import prunekit as pk
+
+CODES = [("magnitude", {"scope": "layer"}), ("wanda", {}), ("wanda", {"sequential": True}), ("sparsegpt", {"sequential": False}), ("sparsegpt", {})]
+
+
+def lenet():
+    torch.manual_seed(0)
+    from prunekit.models import get_model
+
+    model = get_model("lenet_300_100")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(4)]
+    return model, data
+
+
+def minilm():
+    from prunekit.hf import load_hf
+    from prunekit.models.fetch import minilm_path
+
+    model = load_hf(minilm_path(), "base").eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1000, vocab, (16, 64), generator=g),
+             "attention_mask": torch.ones(16, 64, dtype=torch.long)} for _ in range(8)]
+    return model, data
+
+
+MODELS = {"lenet": lenet, "minilm": minilm}
+
+
+def forward_time(model, data) -> float:
+    from prunekit.batches import DictInputs, call
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        for b in data:
+            call(model, DictInputs(b) if isinstance(b, dict) else b[0])
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="lenet,minilm")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    rows = []
+    for name in a.models.split(","):
+        try:
+            model, data = MODELS[name]()
+        except Exception as e:  # noqa: BLE001 - an asset that is not fetched here
+            print(f"{name}: skipped ({type(e).__name__}: {e})")
+            continue
+        model.eval()
+        fwd = min(forward_time(model, data) for _ in range(a.repeat))
+        n = sum(p.tensor.numel() for p in pk.Masks.from_zeros(model).params)
+        print(f"{name}: {n:,} prunable weights, one forward pass over {sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in data)} "
+              f"samples: {fwd:.3f} s ({a.threads} thread(s))")
+        for code, kw in CODES:
+            best = float("inf")
+            for _ in range(a.repeat):
+                m = copy.deepcopy(model)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t = time.perf_counter()
+                    masks = pk.prune(m, code, sparsity=a.sparsity, data=None if code == "magnitude" else data, **kw)
+                    best = min(best, time.perf_counter() - t)
+            label = code + "".join(f" {k}={v}" for k, v in kw.items())
+            print(f"  {label:32s} {best:8.3f} s = {best / fwd:6.1f} forwards  (sparsity {masks.sparsity():.4f})")
+            rows.append({"model": name, "method": label, "seconds": best, "forwards": best / fwd, "forward_s": fwd})
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
