@@ -332,3 +332,41 @@ def test_every_one_shot_code_works_on_a_transformer_or_refuses_with_its_reason(m
                 assert torch.equal(after[k][m], v[m]), k
         else:
             assert torch.equal(after[k], v), k  # embeddings, LayerNorm, head untouched
+
+
+# ---------------------------------------------------------------------- dict batches agree with tensor batches
+
+
+class TensorBert(torch.nn.Module):
+    """The same BERT called on one tensor x = stack(input_ids, attention_mask) [n, 2, L], returning the logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+
+AGREE = {"grasp": {}, "woodfisherblock": {"block_size": 16}, "woodfisher": {}, "kfac": {}, "diagfisher": {},
+         "naivehess": {"hessian_diag": "hutchinson", "hutchinson_probes": 3}}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # fewer examples than fisher_samples
+@pytest.mark.parametrize("method", sorted(AGREE))
+def test_dict_batches_give_the_scores_of_the_same_model_on_tensor_batches(method):
+    """BERT's own .loss (dict batches, model(**batch)) is the mean cross-entropy of its logits, so a second-order
+    code must give the scores of the wrapped model on (stack(ids, mask), labels) tensor batches (default
+    cross-entropy; hooks gradient engine for the OBS codes, and plain autograd for grasp/naivehess)."""
+    model = tiny_bert(torch.float64)
+    dicts = bert_batches()
+    pairs = [(torch.stack([b["input_ids"], b["attention_mask"]], 1), b["labels"]) for b in dicts]
+    got = pk.score(model, method, dicts, seed=5, **AGREE[method])
+    attn = model.config._attn_implementation
+    want = pk.score(TensorBert(model), method, pairs, seed=5, **AGREE[method])
+    assert model.config._attn_implementation == attn  # eager attention for the double backward only
+    assert list(got) == BERT_BLOCK
+    for k in got:
+        ref = want["inner." + k]
+        assert float(ref.abs().max()) > 0
+        torch.testing.assert_close(got[k], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
