@@ -30,7 +30,9 @@ defaults to 0.1 (:data:`BN_MOMENTUM`, PyTorch's default) rather than the 0.01 of
 (:data:`TF_BN_MOMENTUM`, TensorFlow's decay 0.99): after pruning, the running statistics must follow the changed
 activations within the few hundred steps of a fine-tuning run, and with momentum 0.01 they lag far behind
 (issue 16 measured on this model: 100 fine-tuning steps after pruning reached 0.49 accuracy with momentum 0.01
-against 0.84 with 0.1). Pass ``bn_momentum=TF_BN_MOMENTUM`` (or call :func:`set_bn_momentum`) to keep the
+against 0.84 with 0.1; again here on Fashion-MNIST at 64x64, every conv 50% magnitude-pruned, new head, 100 SGD
+steps of batch 32: eval-mode test accuracy 0.17 with 0.01 against 0.74 with 0.1, while with batch statistics both
+give 0.75 -- the trained weights are the same, only the running statistics lag). Pass ``bn_momentum=TF_BN_MOMENTUM`` (or call :func:`set_bn_momentum`) to keep the
 original behaviour; recomputing the statistics on training batches is the other remedy.
 
 Inputs. The ImageNet weights expect RGB images scaled to [0, 1] and normalized per channel as
