@@ -17,7 +17,13 @@ from prunekit.structured import (channel_groups, channel_masks_from_masks, chann
                                  check_channel_masks, filter_norm_scores, masked_copy, shrink)
 from tests.core.test_hf_models import bert_batches  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "_modeling_imported")
+
+
+@pytest.fixture(scope="module")
+def _modeling_imported():
+    """transformers imports its BERT / GPT-2 modeling code on first use (seconds): once, in setup."""
+    bert(), gpt2()
 
 HEADS, HEAD_DIM, HIDDEN, FFN, LAYERS, VOCAB = 4, 8, 32, 48, 2, 100
 
@@ -372,3 +378,26 @@ def test_sipp_reads_dict_batches_like_tuple_batches():
         torch.testing.assert_close(s_dict[k], s_pair[k], rtol=0, atol=0)
     masks = pk.prune(model, "sipp", 0.7, dicts)
     assert masks.kept() == pk.keep_count(masks.total(), 0.7)
+
+
+# ---------------------------------------------------------------------------------------------- save / reload
+@pytest.mark.parametrize("build,task", [(bert, "sequence-classification"), (gpt2, "causal-lm")], ids=["bert", "gpt2"])
+def test_a_shrunk_model_saves_and_reloads_with_its_per_layer_sizes(tmp_path, build, task):
+    from prunekit.structured.archive_hf import load_shrunk_hf, save_shrunk_hf
+
+    model = build()
+    groups = channel_groups(model, None)
+    keep = _random_keep(groups, seed=5)
+    batch = padded_batch()
+    small = shrink(model, keep, batch)
+    save_shrunk_hf(small, tmp_path / "small")
+    again = load_shrunk_hf(tmp_path / "small", task)
+    assert type(again) is type(small)
+    assert [(g.name, g.size) for g in channel_groups(again, None)] == [(g.name, int(keep[g.name].sum()))
+                                                                         for g in groups]
+    assert torch.equal(logits(again, batch), logits(small, batch))
+    other = "base" if build is bert else "sequence-classification"  # a head the folder has no weights for
+    with pytest.raises(PrunekitError, match="load it with the task it was saved with"):
+        load_shrunk_hf(tmp_path / "small", other)
+    with pytest.raises(PrunekitError, match="has no prunekit_shrunk.json"):
+        load_shrunk_hf(tmp_path, task)

@@ -6,6 +6,14 @@ it: producer rows and biases, BatchNorm entries (γ, β, running statistics), co
 (``in_channels``, ``out_channels``, ``in_features``, ``out_features``, ``num_features``, ``groups`` of depthwise
 convs). Channels are keyed by group (:func:`prunekit.structured.channel_groups`), so the members of a
 residual-tied group are removed together or not at all.
+
+Transformers (BERT family, GPT-2; groups from :mod:`prunekit.structured.transformer_groups`): a removed attention
+head loses its ``head_dim`` rows and bias entries of query, key and value (GPT-2: its columns in each third of the
+fused ``c_attn``, whose ``nf`` is updated) and its ``head_dim`` input columns of the output projection, and the
+attention module's head count is updated (BERT: ``num_attention_heads``, ``all_head_size``; GPT-2: ``num_heads``,
+``split_size``; transformers 5.x reshapes with ``-1`` heads, so nothing else changes); a removed FFN neuron loses
+its row of the first FFN layer and its input column of the second. The shared ``config`` is not changed (it keeps
+the dense sizes; :func:`prunekit.structured.save_shrunk_hf` stores the per-layer sizes).
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from .groups import (CONV_TYPES, CONVT_TYPES, ChannelGroup, inputs_tuple, channe
                      channel_masks_to_masks, check_channel_masks, expand_rows, make_exact)
 from .transformer_groups import is_transformer
 
-__all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE"]
+__all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE", "transformer_example"]
 
 #: relative tolerance of the shrunk-versus-masked check (max abs difference / max abs masked output)
 TOLERANCE = 1e-5
@@ -227,7 +235,9 @@ def shrink(model: nn.Module, channel_masks: Mapping[str, torch.Tensor], example_
       :data:`TOLERANCE` (1e-5), else :class:`PrunekitError` is raised.
 
     ``example_input`` may be left out when the model has an ``input_shape`` attribute (a fixed random batch of
-    2 is used); it is needed to find the groups or to check.
+    2 is used); it is needed to find the groups or to check. For a transformers model it may be a dict of tensors
+    (or :class:`prunekit.batches.DictInputs`), run as ``model(**example_input)``; left out, a fixed random batch
+    of token ids with a padded example is used (:func:`transformer_example`).
     """
     example_input = _example(model, example_input)
     if example_input is None and (groups is None or check):
