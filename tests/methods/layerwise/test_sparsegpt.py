@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -220,3 +221,35 @@ def test_the_memory_plan_refuses_before_reading_any_data():
         pk.prune(m, "sparsegpt", sparsity=0.5, data=Data(), memory_limit=1000)
     assert not reads
     assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
+
+
+class SharedInput(nn.Module):
+    """Three Linear layers read the same tensor (as q, k, v do). Every batch's tensor is a new tensor object over
+    the same memory (as a caching allocator may hand out), with a fresh version counter."""
+
+    def __init__(self, cols: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(cols, 6), nn.Linear(cols, 6), nn.Linear(cols, 6)
+        self.bufs: dict = {}  # one array per batch shape
+
+    def forward(self, x):
+        buf = self.bufs.setdefault(tuple(x.shape), np.zeros(tuple(x.shape)))
+        buf[:] = np.tanh(x.detach().numpy())
+        h = torch.from_numpy(buf)  # same address every batch, version 0
+        return self.q(h) + self.k(h) * self.v(h)
+
+
+def test_layers_sharing_an_input_get_the_hessian_of_every_batch():
+    """The XᵀX shared by q, k, v is reused only for the same tensor object: a new input at a reused address
+    still counts (each batch exactly once)."""
+    X = correlated_inputs(120, 12, seed=5)
+    data = [(X[i:i + 20].clone(), torch.zeros(20, dtype=torch.long)) for i in range(0, 120, 20)]
+    m = SharedInput(12).double()
+    W0 = {n: getattr(m, n).weight.detach().clone() for n in "qkv"}
+    pk.prune(m, "sparsegpt", sparsity=0.5, data=data, sequential=False)
+    h = torch.tanh(X)
+    U = inverse_factor(2 * h.T @ h / len(h), 0.01)
+    for n in "qkv":
+        want, _ = sparsegpt_matrix(W0[n], U, torch.ones(6, 12, dtype=torch.bool), [36], 128)
+        assert torch.allclose(getattr(m, n).weight.detach(), want, atol=1e-10), n

@@ -133,24 +133,23 @@ class SparseGPT(LayerwiseMethod):
         dt = self._dtype
         H = {i: None for i in group}
         n = {i: 0 for i in group}
-        last: dict = {}  # the last Linear input's XᵀX: q, k and v of an attention block share one input
+        last: list = []  # (input, version, XᵀX, tokens) of the last Linear call: q, k and v share one input
 
         def add(i, x):
             L = self.layers[i]
-            key = (x.data_ptr(), tuple(x.shape), x._version) if L.kind != "conv" else None
-            if key is not None and key in last:
-                h, tokens = last[key]
+            shared = L.kind != "conv" and last and last[0] is x and last[1] == x._version  # the same tensor object
+            if shared:
+                h, tokens = last[2], last[3]
             else:
                 X = L.inputs(x, dt)  # [tokens, G, cols]
                 Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
                 h, tokens = Xg.transpose(1, 2) @ Xg, X.shape[0]
-                last.clear()
-                if key is not None:
-                    last[key] = (h, tokens)
+                last[:] = [x, x._version, h, tokens] if L.kind != "conv" else []
             H[i] = h.clone() if H[i] is None else H[i].add_(h)
             n[i] += tokens
 
         self.calib.capture(group, add)
+        last.clear()
         return {i: H[i] * (2.0 / max(n[i], 1)) for i in group}
 
     def solve_group(self, ctx, group, alive, keep, pattern, scores, first) -> dict:
