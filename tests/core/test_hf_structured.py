@@ -192,6 +192,18 @@ def test_shrink_equals_the_masked_model_with_padding(build, seed):
         dict(small.named_modules())[again[1].producers[0]].weight.numel()
 
 
+def test_shrunk_gpt2_generates_like_the_masked_one_with_its_kv_cache():
+    model = gpt2()
+    groups = channel_groups(model, None)
+    keep = _random_keep(groups, seed=3)  # a different head count in each layer
+    small, ref = shrink(model, keep), masked_copy(model, groups, keep)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    out = [m.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+           for m in (small, ref)]
+    assert out[0].shape == (2, 11) and torch.equal(out[0], out[1])
+
+
 def test_shrunk_bert_keeps_the_dense_outputs_when_nothing_is_removed():
     model = bert()
     groups = channel_groups(model, None)

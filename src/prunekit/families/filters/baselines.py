@@ -27,6 +27,12 @@ common option ``scope`` does not apply: ``allocation`` is the knob.
 
 ``pk.score`` gives per-weight scores: an entry gets its channel's score (the smaller of the two for an entry that
 is both in a producer row and in a consumer slice), +inf for entries that channel pruning never removes.
+
+Transformers (BERT family, GPT-2): the channels are attention heads and FFN neurons
+(:mod:`prunekit.structured.transformer_groups`, docs/structured.md). A head's filters are its ``head_dim`` rows of
+each of query, key and value (GPT-2: its columns of the fused ``c_attn``): ``filter_l1`` sums their l1 norms,
+``filter_l2`` takes the l2 norm of them all; no data is read (dict batches are accepted and ignored). ``bn_scale``
+refuses (no BatchNorm).
 """
 from __future__ import annotations
 

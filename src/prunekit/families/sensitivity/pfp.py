@@ -69,6 +69,12 @@ Choices where methods/sensitivity.md is silent:
   layer is emptied. In a group read by several layers (residual stages) each layer keeps its own u_ℓ channels,
   drops its slices of the others, and the group keeps the union.
 - ``top`` with its fill steps in u only; ``rand`` draw counts are capped at 32·nnz (then the layer goes full).
+- Transformers (BERT family, GPT-2; docs/structured.md): the groups are attention heads and FFN neurons, read
+  off the module structure. The layers PFP compresses are those that read a group: the attention output projection
+  (a head owns ``head_dim`` input columns, its s_c the max over them) and the second FFN layer; query/key/value and
+  the first FFN layer read the hidden state (never pruned) and lose only the rows of removed heads / neurons. Dict
+  batches are read through :mod:`prunekit.batches` (``model(**batch)``), GPT-2's ``Conv1D`` weights (in, out) are
+  seen transposed, and every token position counts as a position (padded ones included).
 - ``PFP.state`` (the method object of the prune call) after a selection: ``search`` (ε, kept, target, hit, evaluations, history, fill, reachable
   range), ``kept_channels`` / ``channels`` per compressed weight, ``group_channels`` per group that may shrink.
 """
