@@ -253,3 +253,17 @@ def test_layers_sharing_an_input_get_the_hessian_of_every_batch():
     for n in "qkv":
         want, _ = sparsegpt_matrix(W0[n], U, torch.ones(6, 12, dtype=torch.bool), [36], 128)
         assert torch.allclose(getattr(m, n).weight.detach(), want, atol=1e-10), n
+
+
+def test_the_memory_plan_counts_one_layers_hessian_at_a_time_when_sequential():
+    from prunekit.families.layerwise.base import memory_plan
+
+    m = conv_net()  # Hessians: 27² (stem), 2 groups × 36² (grouped conv), 72² (Linear), float32
+    work = 2 * 72 * 72 * 4  # SparseGPT's two d×d working matrices of the widest layer
+    seq = memory_plan(m, "sparsegpt")
+    assert [c for _, c, _ in seq.layers] == [27, 36, 72]
+    assert seq.peak == 72 * 72 * 4 + work and seq.fits
+    assert memory_plan(m, "sparsegpt", sequential=False).peak == (27 ** 2 + 2 * 36 ** 2 + 72 ** 2) * 4 + work
+    assert memory_plan(m, "sparsegpt", float64=True).peak == 2 * seq.peak
+    assert memory_plan(m, "sparsegpt", ignore=["5"]).peak == 2 * 36 ** 2 * 4 + 2 * 36 * 36 * 4
+    assert memory_plan(m, "wanda").peak == (27 + 2 * 36 + 72) * 8  # ‖X_j‖² per column, float64, every layer

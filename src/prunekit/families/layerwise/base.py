@@ -24,14 +24,15 @@ count a multiple of M.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ... import distributed
 from ...errors import PrunekitError
 from ...registry import PruningMethod, ScoreContext
 from ...select import check_sparsity, keep_count
-from .calibration import Calibration, Layer, as_layer
+from .calibration import Calibration, Layer, as_layer, group_keys
 
 log = logging.getLogger("prunekit.layerwise")
 FAMILY = "layer-wise reconstruction"
@@ -105,7 +106,10 @@ class Plan:
     layers: list[tuple[str, int, int]]
     peak: int
     limit: int
-    report: dict = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.limit
 
     def summary(self) -> str:
         name, cols, b = max(self.layers, key=lambda t: t[2])
@@ -135,26 +139,36 @@ class LayerwiseMethod(PruningMethod):
     def stat_bytes(self, layer: Layer, itemsize: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def plan(self, ctx: ScoreContext) -> Plan:
-        """The memory of the statistics: one group's at a time (sequential), every layer's at once otherwise; a
-        PrunekitError with the numbers when the peak exceeds the limit."""
+    def make_plan(self, model, layers: list[Layer], options, device) -> Plan:
+        """The memory of the statistics of ``layers`` under ``options``: the largest group's (sequential: a
+        transformer block of a Hugging Face model, else one layer), every layer's at once otherwise; plus
+        SparseGPT's two d×d working matrices of the widest layer."""
         from ..obs.planner import available_bytes
+
+        self.layers = layers
+        item = torch.finfo(torch.float64 if options.float64 or any(
+            L.param.tensor.dtype == torch.float64 for L in layers) else torch.float32).bits // 8
+        per = [(L.name, L.cols, self.stat_bytes(L, item)) for L in layers]
+        work = max(2 * L.cols * L.cols * item for L in layers) if self.updates else 0
+        group: dict[str, int] = {}
+        for key, (_, _, b) in zip(group_keys(model, layers) if options.sequential else [""] * len(per), per):
+            group[key] = group.get(key, 0) + b
+        stats = max(group.values())
+        limit = options.memory_limit or int(0.7 * available_bytes(device))
+        return Plan(per, stats + work, limit)
+
+    def plan(self, ctx: ScoreContext) -> Plan:
+        """:meth:`make_plan` for this call; a PrunekitError with the numbers when the peak exceeds the limit."""
         from ...modes import model_device
 
-        item = torch.finfo(self.dtype(ctx)).bits // 8
-        per = [(L.name, L.cols, self.stat_bytes(L, item)) for L in self.layers]
-        work = max(2 * L.cols * L.cols * item for L in self.layers) if self.updates else 0
-        stats = max(b for _, _, b in per) if ctx.options.sequential else sum(b for _, _, b in per)
-        limit = ctx.options.memory_limit or int(0.7 * available_bytes(model_device(ctx.model)))
-        plan = Plan(per, stats + work, limit)
-        if plan.peak > limit:
-            name, cols, b = max(per, key=lambda t: t[2])
+        plan = self.make_plan(ctx.model, self.layers, ctx.options, model_device(ctx.model))
+        if plan.peak > plan.limit:
+            name, cols, b = max(plan.layers, key=lambda t: t[2])
             hint = "" if ctx.options.sequential else "sequential: true (one layer's statistics at a time), "
             raise PrunekitError(
-                f"{ctx.options.__class__.__name__.replace('Options', '').lower() or 'the method'}: the calibration "
-                f"statistics need {plan.peak / 2**20:.1f} MiB but {limit / 2**20:.1f} MiB are allowed (the largest, "
-                f"{name!r}, has {cols} input columns: {b / 2**20:.1f} MiB); use {hint}leave the largest layers out "
-                "with ignore=[...], or raise memory_limit")
+                f"the calibration statistics need {plan.peak / 2**20:.1f} MiB but {plan.limit / 2**20:.1f} MiB are "
+                f"allowed (the largest, {name!r}, has {cols} input columns: {b / 2**20:.1f} MiB); use {hint}leave "
+                "the largest layers out with ignore=[...], or raise memory_limit")
         return plan
 
     def keep_target(self, layer: Layer, alive: torch.Tensor, sparsity: float, pattern) -> int:
@@ -177,6 +191,7 @@ class LayerwiseMethod(PruningMethod):
             sq[i] += X.square().sum(0).double().cpu()
 
         self.calib.capture(which, add)
+        distributed.all_sum(*sq.values())  # DDP: the column norms of every rank's batches
         return sq
 
     # ------------------------------------------------------------------------------------------ the protocol
@@ -198,6 +213,7 @@ class LayerwiseMethod(PruningMethod):
             sq[i] += self.layers[i].inputs(x, dt).square().sum(0).double().cpu()
 
         self.calib.capture(range(len(self.layers)), add, record=True)
+        distributed.all_sum(*sq.values())  # DDP: the column norms of every rank's batches
         self.norms = sq
         return {L.name: self.wanda_scores(L, sq[i]) for i, L in enumerate(self.layers)}
 
@@ -241,3 +257,23 @@ class LayerwiseMethod(PruningMethod):
         for L in self.layers:
             if L.name in solved:
                 L.param.tensor.copy_(solved[L.name])
+
+
+def memory_plan(model, method: str = "sparsegpt", **options) -> Plan:
+    """The memory plan of a layer-wise ``method`` on ``model`` before running it: the statistics' bytes per layer
+    (name, input columns, bytes) and the peak against the limit (:attr:`Plan.fits`). ``options``: the method's
+    own (``sequential``, ``float64``, ``memory_limit``) and the prunable-tensor options of
+    :class:`prunekit.params.ParamSpec` (``targets``, ``ignore``, ...)."""
+    from ...modes import model_device
+    from ...params import ParamSpec, prunable_params
+    from ...registry import get_method
+
+    info = get_method(method)
+    spec_names = set(ParamSpec.__dataclass_fields__)
+    spec = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k in spec_names}
+    own = info.make_options(**{k: v for k, v in options.items() if k not in spec_names})
+    obj = info.new()
+    if not isinstance(obj, LayerwiseMethod):
+        raise PrunekitError(f"memory_plan is for the layer-wise methods; {info.name!r} is not one")
+    layers = [as_layer(p) for p in prunable_params(model, ParamSpec(**spec))]
+    return obj.make_plan(model, layers, own, model_device(model))

@@ -136,6 +136,15 @@ def _group_key(name: str, blocks: Sequence[str]) -> str:
     return name
 
 
+def group_keys(model: nn.Module, layers: list[Layer]) -> list[str]:
+    """The group of each layer in the sequential pass: its transformer block (the ModuleList item holding it) in a
+    Hugging Face model, else the layer itself."""
+    if not contains_hf_model(model):
+        return [L.name for L in layers]
+    blocks = sorted((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)), key=len)
+    return [_group_key(L.param.module_name, blocks) for L in layers]
+
+
 class Calibration:
     """The calibration inputs of one prune call and the forward order / groups of its layers."""
 
@@ -177,11 +186,7 @@ class Calibration:
         """Layer indices grouped for the sequential pass, in forward order: one group per transformer block of a
         Hugging Face model (its layers are calibrated together, on the outputs of the blocks pruned before it, as
         the SparseGPT and Wanda reference codes do), one group per layer otherwise."""
-        if contains_hf_model(self.model):
-            blocks = sorted((n for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList)), key=len)
-            keys = {i: _group_key(self.layers[i].param.module_name, blocks) for i in self.order}
-        else:
-            keys = {i: str(i) for i in self.order}
+        keys = group_keys(self.model, self.layers)
         out: dict[str, list[int]] = {}
         for i in self.order:
             out.setdefault(keys[i], []).append(i)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import distributed
 from ...errors import PrunekitError
 from ...registry import register
 from ...select import keep_among_alive
@@ -150,7 +151,9 @@ class SparseGPT(LayerwiseMethod):
 
         self.calib.capture(group, add)
         last.clear()
-        return {i: H[i] * (2.0 / max(n[i], 1)) for i in group}
+        # DDP: the statistics of every rank's calibration batches, summed, so that every rank solves the same H
+        summed = distributed.all_sum_optional([H[i] for i in group])
+        return {i: h * (2.0 / max(distributed.sum_int(n[i]), 1)) for i, h in zip(group, summed)}
 
     def solve_group(self, ctx, group, alive, keep, pattern, scores, first) -> dict:
         o = ctx.options
