@@ -6,6 +6,11 @@ A *channel group* is one space of channels: the output rows (weight and bias) of
 Residual additions tie the channels of all their inputs into one group with several producers; a depthwise conv
 ties its input and output channel (it is then a producer of its input's group).
 
+Hugging Face transformers models are not traced: their groups (attention heads, FFN neurons) are read off the
+module structure by :mod:`prunekit.structured.transformer_groups`; a channel there may own several output units of
+a producer (``ChannelGroup.rows`` / ``splits``), which every function below handles, as it handles GPT-2's Conv1D
+whose weight is stored (in, out) like a transposed conv's (:func:`transposed`).
+
 Groups are found by tracing the model with :func:`torch.fx.symbolic_trace` and recording every tensor's shape
 with :class:`torch.fx.passes.shape_prop.ShapeProp` on an example input. Every operation is handled by a rule that
 says how channel ``c`` of its output relates to channel ``c`` of its inputs. What has no rule (an unknown module,
