@@ -13,7 +13,14 @@ Before a pruning step it estimates, in bytes:
 5. a time estimate in flops: Σ_B (N²·c_B + N³) for Gram, Σ_B (N·c_B² + c_B³) for direct.
 
 It then picks the micro-batch, how many blocks go in one batch, and cache-or-recompute, or fails early with a
-:class:`~prunekit.errors.PrunekitError` that prints the numbers and what to change. The budget is ``memory_limit``
+:class:`~prunekit.errors.PrunekitError` that prints the numbers and what to change.
+
+Streamed Fisher (the oBERT recipe, Kurtic et al. 2022): when the gradient matrix does not fit but every block's
+c×c inverse does (small blocks: Σ_B c_B²·8 = d·c·8 bytes for d weights in blocks of c), and the caller allows it
+(``streamable``), G is never stored: the gradients are computed k rows at a time and each block inverse takes a
+rank-k Woodbury update (exactly the Sherman–Morrison inverse of λI + GᵀG/N). Memory: the inverses + k·d·4 for one
+chunk of rows + one batch of blocks' work; k is the largest count of rows whose chunk fits ``STREAM_ROW_BYTES`` and
+what is left. Time: N/k gradient passes, as with G stored. The budget is ``memory_limit``
 (bytes) on the compute device, default 70% of the available RAM (``MemAvailable``) for a CPU device and 90% of the
 free memory for a CUDA device. With ``grad_device: cpu`` and a CUDA compute device the gradients count against the
 host instead; with ``factor_device: cpu`` so does the factor cache.
@@ -39,6 +46,8 @@ CHUNK_BYTES = 256 * 2**20
 MARGIN = 64 * 2**20
 #: Bytes per value of a Sherman–Morrison inverse (prunekit keeps it in float64).
 _SM_BYTES = 8
+#: Largest chunk of gradient rows a streamed Fisher holds at once.
+STREAM_ROW_BYTES = 2 * 2**30
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
@@ -126,8 +135,15 @@ class MemoryPlan:
     factor_device: str
     compute_device: str
     notes: list[str] = field(default_factory=list)
+    streamed: bool = False  # G never stored: block inverses updated stream_rows gradients at a time
+    stream_rows: int = 0
 
     def summary(self) -> str:
+        if self.streamed:
+            return (f"OBS memory plan (streamed Fisher): block inverses {_fmt(self.cache_bytes)} on "
+                    f"{self.compute_device}, gradients {self.stream_rows} rows at a time ({_fmt(self.grad_bytes)}) of "
+                    f"N = {self.n_grads} × {self.columns}, block batches up to {_fmt(self.batch_bytes)}, estimated "
+                    f"peak {_fmt(self.peak_bytes)} of limit {_fmt(self.limit)}; ~{self.flops / 1e9:.1f} GFLOP")
         per = ", ".join(f"c={c}: {self.routes[c]} ×{n}/batch" for c, n in sorted(self.blocks_per_batch.items(),
                                                                                  reverse=True))
         return (f"OBS memory plan: gradients {_fmt(self.grad_bytes)} ({self.n_grads}×{self.columns} on "
@@ -141,12 +157,72 @@ def plan(layout: BlockLayout, n_grads: int, *, widest_tensor: int, activation_by
          engine: str = "auto", memory_limit: int | None = None, grad_device: str | torch.device = "cpu",
          factor_device: str | torch.device | None = None, compute_device: str | torch.device | None = None,
          cache: str = "auto", max_micro_batch: int | None = None, grad_batch: int = 1, sm_parts: int = 1,
-         grad_bytes_per_value: int = 4, col_chunk: int = DEFAULT_COL_CHUNK) -> MemoryPlan:
+         grad_bytes_per_value: int = 4, col_chunk: int = DEFAULT_COL_CHUNK, streamable: bool = False) -> MemoryPlan:
     """Plan one OBS step over ``layout`` with N = ``n_grads`` gradients (module docs); raise if it cannot fit.
 
     ``widest_tensor``: the largest prunable tensor (numel); ``activation_bytes``: one example's activations
-    (:func:`prunekit.families.obs.gradients.per_example_activation_bytes`); ``cache``: 'auto', 'always' or 'never'.
+    (:func:`prunekit.families.obs.gradients.per_example_activation_bytes`); ``cache``: 'auto', 'always' or 'never';
+    ``streamable``: the caller can run a streamed Fisher (module docs), used when storing G does not fit.
     """
+    try:
+        return _stored_plan(layout, n_grads, widest_tensor=widest_tensor, activation_bytes=activation_bytes,
+                            engine=engine, memory_limit=memory_limit, grad_device=grad_device,
+                            factor_device=factor_device, compute_device=compute_device, cache=cache,
+                            max_micro_batch=max_micro_batch, grad_batch=grad_batch, sm_parts=sm_parts,
+                            grad_bytes_per_value=grad_bytes_per_value, col_chunk=col_chunk)
+    except PrunekitError as stored:
+        if not streamable:
+            raise
+        cdev = torch.device(compute_device) if compute_device is not None else torch.device(grad_device)
+        limit = int(memory_limit) if memory_limit is not None else default_limit(cdev)
+        return streamed_plan(layout, int(n_grads), limit, cdev, widest_tensor, activation_bytes, max_micro_batch,
+                             grad_batch, str(stored))
+
+
+def streamed_plan(layout: BlockLayout, N: int, limit: int, cdev: torch.device, widest_tensor: int,
+                  activation_bytes: int, max_micro_batch: int | None, grad_batch: int, stored: str) -> MemoryPlan:
+    """The plan of a streamed Fisher (module docs), or a refusal with the numbers of both ways (``stored``: why
+    storing G does not fit)."""
+    sizes = layout.sizes()
+    d = layout.n_columns
+    inv_bytes = sum(n * c * c * _SM_BYTES for c, n in sizes.items())
+    avail = limit - inv_bytes - MARGIN
+    per_row = d * 4
+    per_ex = 3 * widest_tensor * 4 + int(activation_bytes)
+    k = int(min(N, STREAM_ROW_BYTES // max(1, per_row), max(0, avail // 2) // max(1, per_row)))
+    cmax = max(sizes, default=1)
+    per_block = lambda c: (2 * k * c + k * k + c * c) * 8 + k * c * 4  # noqa: E731 - V, S, Finv·update, gathered G
+    if k < 1 or per_block(cmax) + k * per_row > avail:
+        need = inv_bytes + per_row + per_block(cmax) + MARGIN
+        cbig = max(sizes, key=lambda c: sizes[c] * c * c, default=1)
+        c_fit = (limit - MARGIN - 2 * per_row) // max(1, d * _SM_BYTES)
+        fix = (f"use blocks of at most {c_fit} weights (block_size: {c_fit}, woodfisherblock)" if c_fit >= 1 else
+               "no block size fits: lower the number of prunable weights (targets / ignore)")
+        stored = stored.replace("OBS step does not fit in memory: ", "")
+        raise PrunekitError(
+            f"OBS step does not fit in memory, neither way: storing G: {stored}; streaming the gradients instead (the oBERT "
+            f"recipe: no stored G) needs the {sum(sizes.values())} block inverses, {_fmt(inv_bytes)} (d·c·8 for "
+            f"{d} weights in blocks of up to {cbig}), plus one gradient row {_fmt(per_row)}: at least {_fmt(need)} "
+            f"of limit {_fmt(limit)}. To stream, {fix}; or raise memory_limit")
+    budget = min(BATCH_BYTES, avail - k * per_row)
+    per_batch = {c: int(max(1, min(n, budget // max(1, per_block(c))))) for c, n in sizes.items()}
+    batch_bytes = max((per_batch[c] * per_block(c) for c in sizes), default=0)
+    m = int(max_micro_batch) if max_micro_batch is not None else max(1, min(256, CHUNK_BYTES // max(1, per_ex)))
+    if grad_batch <= m:
+        m = max(grad_batch, (m // grad_batch) * grad_batch)
+    peak = inv_bytes + k * per_row + max(batch_bytes, m * per_ex) + MARGIN
+    flops = sum(n * float(N) * (2.0 * c * c + k * c) for c, n in sizes.items())
+    routes = {c: "sherman_morrison" for c in sizes}
+    return MemoryPlan(N, d, k * per_row, m, m * per_ex, per_batch, batch_bytes, inv_bytes, True, peak, 0, limit,
+                      flops, routes, str(cdev), str(cdev), str(cdev),
+                      [f"streamed Fisher: storing G does not fit ({stored})"], streamed=True, stream_rows=k)
+
+
+def _stored_plan(layout: BlockLayout, n_grads: int, *, widest_tensor: int, activation_bytes: int,
+                 engine: str, memory_limit: int | None, grad_device, factor_device, compute_device, cache: str,
+                 max_micro_batch: int | None, grad_batch: int, sm_parts: int, grad_bytes_per_value: int,
+                 col_chunk: int) -> MemoryPlan:
+    """The plan with G stored (module docs, steps 1-5)."""
     if cache not in ("auto", "always", "never"):
         raise PrunekitError(f"cache_factors must be 'auto', 'always' or 'never', got {cache!r}")
     cdev = torch.device(compute_device) if compute_device is not None else torch.device(grad_device)
@@ -203,7 +279,7 @@ class _Planner:
             hint = "set grad_device: cpu to keep them on the host, or " if on_cuda else ""
             raise self.refuse(f"the gradient matrix alone needs {_fmt(grad_bytes)}",
                               f"{hint}lower fisher_samples (at most "
-                              f"{max(0, (limit - MARGIN) // max(1, layout.n_columns * 4))})")
+                              f"{max(0, (limit - MARGIN) // max(1, layout.n_columns * 4))}), or raise memory_limit")
 
     def chunk(self, widest_tensor: int, activation_bytes: int, max_micro_batch: int | None,
               grad_batch: int) -> tuple[int, int]:
@@ -293,5 +369,5 @@ class _Planner:
         return per_batch, batch_bytes
 
 
-__all__ = ["MemoryPlan", "plan", "available_bytes", "default_limit", "block_work_bytes", "factor_bytes",
+__all__ = ["MemoryPlan", "plan", "streamed_plan", "available_bytes", "default_limit", "block_work_bytes", "factor_bytes",
            "block_flops", "BATCH_BYTES"]

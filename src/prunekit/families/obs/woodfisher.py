@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 from ... import distributed
-from ...batches import call, labelled_pair
+from ...batches import BatchStream, call, labelled_pair
 from ...errors import PrunekitError
 from ...flops import layer_positions
 from ...modes import model_device, scoring_mode
 from ...registry import PruningMethod, ScoreContext, register
 from . import planner as _planner
 from .blocks import BlockBatch, BlockLayout, make_layout
-from .engines import cholesky, block_factor
+from .engines import ShermanMorrisonFactor, _rebuild, cholesky, block_factor
 from .gradients import gradient_matrix, mean_gradient, per_example_activation_bytes
 
 log = logging.getLogger("prunekit.obs")
@@ -206,7 +206,7 @@ class FlopsOptions(OBSOptions):
 class OBSState:
     """What the score leaves for the update (one pruning step)."""
 
-    G: torch.Tensor
+    G: torch.Tensor | None  # None for a streamed Fisher (the cached factors hold the block inverses)
     layout: BlockLayout
     batches: list[BlockBatch]
     factors: list[Any]  # cached factor per batch (None: recompute)
@@ -218,6 +218,7 @@ class OBSState:
     h: torch.Tensor | None = None  # F⁻¹∇L per column
     rho: torch.Tensor | None = None
     constant: float = 0.0
+    n_grads: int = 0  # N, the gradients behind the Fisher
     plan: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: dict = field(default_factory=dict)
@@ -262,8 +263,12 @@ def obs_statistics(ctx: ScoreContext, *, taylor: bool, dynamic: bool, G: torch.T
                    memory_limit=o.memory_limit, grad_device=gdev, factor_device=fdev, compute_device=cdev,
                    cache=o.cache_factors, max_micro_batch=o.max_micro_batch, grad_batch=o.fisher_batch,
                    sm_parts=o.sm_parts)
-    mplan = _planner.plan(layout, o.fisher_samples, **plan_kw)  # refuses before any gradient is computed
+    streamable = G is None and not o.centered and o.update == "sum"
+    mplan = _planner.plan(layout, o.fisher_samples, streamable=streamable, **plan_kw)  # refuses before any data
     log.info(mplan.summary())
+    if mplan.streamed:
+        return _streamed_statistics(ctx, layout, mplan, taylor=taylor, dynamic=dynamic, masks=masks, lam=lam,
+                                    devices=(gdev, cdev))
     if G is None:
         G = gradient_matrix(model, params, ctx.data, n_grads=o.fisher_samples, grad_batch=o.fisher_batch,
                             true_fisher=o.true_fisher, generator=ctx.generator, loss=ctx.loss, masks=ctx.masks,
@@ -310,17 +315,120 @@ def obs_statistics(ctx: ScoreContext, *, taylor: bool, dynamic: bool, G: torch.T
     distributed.all_sum(diag, covered, h)
     diag = torch.where(covered > 0, diag, torch.full_like(w, 1.0 / lam))
     st = OBSState(G, layout, batches, factors, diag, w, lam, taylor, gbar, h, plan=mplan, device=cdev)
+    return _finish_statistics(st, o, taylor, active, N, layout, mplan, lam)
+
+
+def _example_chunks(stream: BatchStream, n: int):
+    """The next ``n`` examples of ``stream`` (fewer at the end of the data), as (inputs, targets) pieces."""
+    got = 0
+    while got < n and (piece := stream.take(n - got)) is not None:
+        got += piece[0].shape[0]
+        yield piece
+
+
+def _streamed_statistics(ctx: ScoreContext, layout: BlockLayout, mplan, *, taylor: bool, dynamic: bool,
+                         masks: list[torch.Tensor], lam: float, devices) -> OBSState:
+    """Pass 1 without a stored G (planner: streamed Fisher, the oBERT recipe): the gradients ``stream_rows`` at a
+    time, each block's inverse F_B⁻¹ (from I/λ) updated by the rank-k Woodbury identity
+    F⁻¹ ← F⁻¹ − V(N·I + G_B V)⁻¹Vᵀ, V = F⁻¹G_Bᵀ, i.e. exactly the inverse of λI + G_BᵀG_B/N. The inverses are the
+    cached Sherman–Morrison factors of the update; WoodTaylor's ∇L is the mean of the streamed gradients
+    (``grad_samples`` reads the data again)."""
+    o = ctx.options
+    model, params = ctx.model, ctx.params
+    gdev, cdev = devices
+    N, k = o.fisher_samples, mplan.stream_rows
+    cols = None if layout.columns is None else layout.columns.to(cdev)
+    w = torch.cat([p.tensor.detach().reshape(-1) for p in params]).to(cdev, F64)
+    active = torch.cat([m.reshape(-1) for m in masks]).to(cdev)
+    if cols is not None:
+        w, active = w[cols], active[cols]
+    batches = layout.batches(mplan.blocks_per_batch, active=active.cpu())
+    finv = []
+    for batch in batches:
+        f = torch.zeros(batch.count, batch.size, batch.size, dtype=F64, device=cdev)
+        f.diagonal(dim1=-2, dim2=-1).fill_(1.0 / lam)
+        finv.append(f)
+    fro2 = [torch.zeros(batch.count, dtype=F64, device=cdev) for batch in batches]
+    gsum = torch.zeros(layout.n_columns, dtype=F64, device=cdev) if taylor else None
+    fdtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+    stream = BatchStream(ctx.data, model_device(model), fdtype, who="the OBS family")
+    rows = 0
+    while rows < N:
+        want = min(k, N - rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a short last chunk is reported once below
+            try:
+                Gk = gradient_matrix(model, params, _example_chunks(stream, want * o.fisher_batch), n_grads=want,
+                                     grad_batch=o.fisher_batch, loss=ctx.loss, masks=ctx.masks,
+                                     active_only=dynamic, device=gdev, label_smoothing=o.hess_label_smoothing,
+                                     max_micro_batch=mplan.chunk_examples)
+            except PrunekitError:
+                if rows == 0:
+                    raise
+                break  # the data ended on a chunk boundary
+        for i, batch in enumerate(batches):
+            if not distributed.owns(i):
+                continue
+            Gb = batch.gather(Gk, cdev).to(F64)  # [nb, k, c]
+            V = torch.bmm(finv[i], Gb.transpose(1, 2))  # [nb, c, k]
+            S = torch.bmm(Gb, V)
+            S.diagonal(dim1=-2, dim2=-1).add_(float(N))
+            L = cholesky(S, S.shape[-1], "N·I + G_B F_B⁻¹ G_Bᵀ")
+            finv[i] -= torch.bmm(V, torch.cholesky_solve(V.transpose(1, 2), L))
+            fro2[i] += Gb.square().sum((1, 2))
+        if taylor:
+            gsum += _col_mean(Gk).to(cdev) * Gk.shape[0]
+        rows += Gk.shape[0]
+        if Gk.shape[0] < want:
+            break
+        del Gk
+    if rows < N:
+        warnings.warn(f"data holds {rows * o.fisher_batch} examples, fewer than fisher_samples × fisher_batch = "
+                      f"{N} × {o.fisher_batch}: the streamed Fisher normalizes by N = {N}; pass fisher_samples="
+                      f"{rows} for the mean over the gradients read", stacklevel=4)
+    factors = [_rebuild(ShermanMorrisonFactor, lam=lam, n=N, c=b.size, Finv=f, fro2=r)
+               for b, f, r in zip(batches, finv, fro2)]
+    gbar = h = None
     if taylor:
-        st.constant = -0.5 * float((gbar * h).sum())
+        if o.grad_samples is not None:
+            gfull = mean_gradient(model, params, ctx.data, n_examples=o.grad_samples, loss=ctx.loss,
+                                  masks=ctx.masks, label_smoothing=o.hess_label_smoothing).to(cdev)
+            gbar = gfull if cols is None else gfull[cols]
+        else:
+            gbar = gsum / max(1, rows)
+        h = torch.zeros_like(w)
+    diag = torch.zeros_like(w)
+    covered = torch.zeros_like(w)
+    for i, (batch, f) in enumerate(zip(batches, factors)):
+        if not distributed.owns(i):
+            continue
+        dg = f.diag(None)
+        batch.scatter_vec(diag, dg)
+        batch.scatter_vec(covered, torch.ones_like(dg))
+        if taylor:
+            batch.scatter_vec(h, f.apply(None, batch.gather_vec(gbar).unsqueeze(-1)).squeeze(-1))
+    distributed.all_sum(diag, covered, h)
+    diag = torch.where(covered > 0, diag, torch.full_like(w, 1.0 / lam))
+    st = OBSState(None, layout, batches, factors, diag, w, lam, taylor, gbar, h, plan=mplan, device=cdev)
+    return _finish_statistics(st, o, taylor, active, N, layout, mplan, lam)
+
+
+def _finish_statistics(st: OBSState, o, taylor: bool, active: torch.Tensor, N: int, layout: BlockLayout, mplan,
+                       lam: float) -> OBSState:
+    """ρ (and WoodTaylor's constant) from the state's diag, w and h; the step's numbers in ``st.report``."""
+    w, h = st.w, st.h
+    if taylor:
+        st.constant = -0.5 * float((st.gbar * h).sum())
         if o.normalize_hgp:
             nrm = float(h.norm())
             if nrm > 0:
                 st.h = h / nrm
     num = w - st.h if taylor else w
-    rho = num.square() / (2.0 * diag)
+    rho = num.square() / (2.0 * st.diag)
     if taylor and o.woodtaylor_abs:
         rho = (rho + st.constant).abs()
     st.rho = torch.where(active, rho, torch.zeros_like(rho))
+    st.n_grads = N
     st.report.update(n_grads=N, layout=layout.describe(), plan=mplan.summary(), lam=lam)
     if taylor:
         log.info("WoodTaylor: constant term -½·∇ᵀF⁻¹∇ = %.6g (same for every weight, not ranked)", st.constant)
@@ -457,7 +565,7 @@ def _block_deltas(st: OBSState, o: OBSOptions, Q: torch.Tensor, predicted: float
             keep = torch.nonzero(has, as_tuple=True)[0]
             sub = BlockBatch(batch.size, [batch.starts[j] for j in keep.tolist()])
             qb = qb[keep]
-        Gb = sub.gather(st.G, st.device)
+        Gb = None if st.G is None else sub.gather(st.G, st.device)
         f = st.factors[i]
         if f is not None:  # cached in pass 1 (for every block of the batch)
             f = (f if keep is None else f.select(keep.cpu())).to(st.device)
@@ -551,7 +659,7 @@ def _joint(f, Gb, qb, num, joint_max: int):
     for a in range(0, idx.numel(), step):
         j = idx[a: a + step]
         fj = f.select(j) if j.numel() != nb else f
-        Gj = Gb[j] if j.numel() != nb else Gb
+        Gj = Gb if Gb is None or j.numel() == nb else Gb[j]
         qj, nj = qb[j], num[j]
         k = j.numel()
         pos = torch.argsort((~qj).to(torch.int8), dim=1, stable=True)[:, :qmax]  # Q positions first, in order
@@ -575,7 +683,7 @@ def _joint(f, Gb, qb, num, joint_max: int):
 def _subset_loss(ctx: ScoreContext, st: OBSState) -> float:
     """Mean loss over the Fisher subset (the first N·b examples), eval mode, no grad."""
     o = ctx.options
-    want = st.G.shape[0] * o.fisher_batch
+    want = st.n_grads * o.fisher_batch
     dev = model_device(ctx.model)
     total, got = 0.0, 0
     with scoring_mode(ctx.model, "eval"), torch.no_grad():
