@@ -413,3 +413,33 @@ def test_a_shrunk_model_saves_and_reloads_with_its_per_layer_sizes(tmp_path, bui
         load_shrunk_hf(tmp_path / "small", other)
     with pytest.raises(PrunekitError, match="has no prunekit_shrunk.json"):
         load_shrunk_hf(tmp_path, task)
+
+
+@pytest.mark.slow
+def test_minilm_half_of_its_heads_and_neurons_shrinks_and_reloads(tmp_path):
+    """The real MiniLM (skipped when not fetched): filter_l1 at 0.5 keeps 6 of 12 heads and 768 of 1,536 neurons in
+    every layer; the shrunk model equals the pruned one on a padded batch and reloads from its folder."""
+    from prunekit.hf import load_hf
+    from prunekit.models.fetch import minilm_path
+    from prunekit.structured import load_shrunk_hf, save_shrunk_hf
+
+    try:
+        folder = minilm_path()
+    except PrunekitError:
+        pytest.skip("MiniLM is not fetched (prunekit models fetch minilm)")
+    model = load_hf(folder, task="sequence-classification", num_labels=2).eval()
+    masks = pk.prune(model, "filter_l1", 0.5)
+    groups = channel_groups(model, None)
+    keep = channel_masks_from_masks(model, groups, masks)
+    assert {g.name: int(keep[g.name].sum()) for g in groups} == {
+        g.name: (6 if g.kind == "head" else 768) for g in groups} and len(groups) == 12
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 30522, (2, 16), generator=g), "attention_mask": torch.ones(2, 16,
+                                                                                                     dtype=torch.long)}
+    batch["attention_mask"][1, 10:] = 0
+    small = pk.shrink(model, masks, batch)
+    torch.testing.assert_close(logits(small, batch), logits(model, batch), rtol=1e-5, atol=1e-5)
+    save_shrunk_hf(small, tmp_path / "m")
+    again = load_shrunk_hf(tmp_path / "m", "sequence-classification")
+    assert torch.equal(logits(again, batch), logits(small, batch))
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in small.parameters())
