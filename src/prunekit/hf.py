@@ -28,6 +28,7 @@ from .masks import Masks
 
 MASKS_FILE = "prunekit_masks.safetensors"
 TASKS = ("base", "sequence-classification", "causal-lm")
+INITS = ("pretrained", "random")
 
 
 def _transformers():
@@ -53,6 +54,7 @@ def load_hf(path: str | os.PathLike, task: str = "base", **config_overrides) -> 
         why = f" (it has {', '.join(found)}: pickled weights, which prunekit never loads)" if found else ""
         raise PrunekitError(f"{path} has no model.safetensors{why}: convert the weights to safetensors first")
     tf = _transformers()
+    tf.utils.logging.disable_progress_bar()  # no per-tensor loading bar in every run's log
     cls = {"base": tf.AutoModel, "sequence-classification": tf.AutoModelForSequenceClassification,
            "causal-lm": tf.AutoModelForCausalLM}[task]
     try:
@@ -109,3 +111,52 @@ def load_hf_masks(out_dir: str | os.PathLike, model: nn.Module):
     except (SafetensorError, OSError) as e:
         raise PrunekitError(f"{path} is not a readable safetensors file ({e}): save the model again") from None
     return Masks.from_state_dict(model, {n: t.to(torch.bool) for n, t in stored.items()})
+
+
+class TextClassifier(nn.Module):
+    """A Hugging Face encoder with a mean-pooling classification head, driven by one tensor per batch.
+
+    ``x`` is ``[batch, 2, length]``: row 0 the token ids, row 1 the attention mask (any dtype; the harness's loaders
+    hold them as float32, which represents every id below 2^24 exactly). The encoder's last hidden states are averaged
+    over the unmasked tokens (the pooling of sentence-transformers, so a frozen MiniLM gives its sentence embeddings)
+    and ``head`` (a Linear) maps them to class logits. Because the whole batch is one tensor, every part of prunekit
+    that feeds ``(inputs, targets)`` pairs (training, scoring data, the data-dependent criteria, FLOP counts on a
+    zero input) works on it unchanged. ``encoder`` is the ``transformers`` model: its block Linear weights are the
+    default prunable tensors (:func:`prunekit.params.hf_block_layers`); the embeddings, LayerNorms and ``head`` are
+    not pruned by default.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), int(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != 2:
+            raise PrunekitError(f"TextClassifier takes [batch, 2, length] inputs (token ids, attention mask), got "
+                                f"{tuple(x.shape)}: tokenize with prunekit.data.tokenized")
+        ids, mask = x[:, 0].long(), x[:, 1].long()
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+
+def text_classifier(path: str | os.PathLike, num_classes: int, init: str = "pretrained") -> TextClassifier:
+    """A :class:`TextClassifier` on the encoder in the local folder ``path``: its pretrained weights
+    (``init="pretrained"``, read by :func:`load_hf` from safetensors) or the same architecture freshly initialised
+    from its ``config.json`` alone (``init="random"``: the from-scratch reference; seeded by torch's global RNG).
+    The head is always new (seeded the same way)."""
+    if init not in INITS:
+        raise PrunekitError(f"unknown init {init!r}: use 'pretrained' or 'random'")
+    if init == "pretrained":
+        encoder = load_hf(path, "base")
+    else:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise PrunekitError(f"{path} has no config.json: pass the folder of a Hugging Face model")
+        tf = _transformers()
+        encoder = tf.AutoModel.from_config(tf.AutoConfig.from_pretrained(str(path), local_files_only=True))
+    if hasattr(encoder, "pooler") and encoder.pooler is not None:
+        encoder.pooler = None  # mean pooling instead: the pooler's dense layer would be dead weight
+    return TextClassifier(encoder, num_classes)

@@ -1,8 +1,8 @@
 """Which tensors are prunable.
 
 By default the ``weight`` of every ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (and of GPT-2's
-``transformers.pytorch_utils.Conv1D``), in module registration order; for a ``transformers.PreTrainedModel`` only
-those inside its encoder/decoder blocks (see :func:`hf_block_layers`). The choice
+``transformers.pytorch_utils.Conv1D``), in module registration order; for a ``transformers.PreTrainedModel`` (or a model holding
+one) only those inside its encoder/decoder blocks (see :func:`hf_block_layers`). The choice
 is made by module type, never by a substring of the parameter name (seed 000 skips names containing "bias",
 "linear" or "bn" and so prunes ResNet shortcut-BN scales by accident; prunekit does not reproduce that).
 """
@@ -49,6 +49,12 @@ def is_hf_model(model: nn.Module) -> bool:
     mod = sys.modules.get("transformers")
     cls = getattr(mod, "PreTrainedModel", None) if mod is not None else None
     return cls is not None and isinstance(model, cls)
+
+
+def contains_hf_model(model: nn.Module) -> bool:
+    """True when ``model`` is or holds a ``transformers.PreTrainedModel`` (e.g. :class:`prunekit.hf.TextClassifier`
+    around an encoder): its default prunable tensors are then the block layers (:func:`hf_block_layers`)."""
+    return any(is_hf_model(m) for m in model.modules())
 
 
 def hf_block_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -152,7 +158,7 @@ def _layers(model: nn.Module, spec: ParamSpec) -> list[tuple[str, nn.Module]]:
         return layers
     if spec.targets is not None:
         layers = _targeted(model, spec)
-    elif is_hf_model(model):
+    elif contains_hf_model(model):
         layers = hf_block_layers(model)
     else:
         layers = [(n, m) for n, m in model.named_modules() if is_prunable_type(m)]

@@ -57,6 +57,9 @@ def convert(tp: Any, value: Any, path: str, error=ConfigError) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        shaped = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(shaped) == 1:  # a mapping can only be that dataclass: say what is wrong
+            return convert(shaped[0], value, path, error)
         errors = []
         for a in args:
             if a is type(None):

@@ -460,3 +460,38 @@ def resized(splits: DatasetSplits, size: int) -> DatasetSplits:
     c = splits.input_shape[0]
     return dataclasses.replace(splits, train=one(splits.train), val=one(splits.val), test=one(splits.test),
                                input_shape=(c, size, size))
+
+
+def with_channels(splits: DatasetSplits, channels: int) -> DatasetSplits:
+    """``splits`` of one-channel images repeated to ``channels`` channels (grayscale data for an RGB model such as
+    an ImageNet-pretrained CNN). The copies are views: no extra memory until a batch is formed."""
+    import dataclasses
+
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise PrunekitError(f"channels must be a positive whole number, got {channels!r}")
+    c = splits.input_shape[0] if len(splits.input_shape) == 3 else None
+    if c == channels:
+        return splits
+    if c != 1 or not isinstance(splits.train, TensorData) or splits.train.x.dim() != 4:
+        raise PrunekitError(f"channels={channels} repeats one-channel images; {splits.name} has input shape "
+                            f"{tuple(splits.input_shape)}: leave data.channels out")
+
+    def one(d: TensorData) -> TensorData:
+        return TensorData(d.x.expand(-1, channels, -1, -1), d.y, d.scale)
+
+    return dataclasses.replace(splits, train=one(splits.train), val=one(splits.val), test=one(splits.test),
+                               input_shape=(channels, *splits.input_shape[1:]), mean=splits.mean * channels
+                               if len(splits.mean) == 1 else splits.mean,
+                               std=splits.std * channels if len(splits.std) == 1 else splits.std)
+
+
+def subset_test(splits: DatasetSplits, size: int, seed: int = 42) -> DatasetSplits:
+    """``splits`` with a stratified, seeded subset of ``size`` test samples (quick evaluations of slow models; the
+    run records the test set size it used)."""
+    import dataclasses
+
+    n = _count(size, "test_size", 1)
+    if n >= len(splits.test):
+        return splits
+    _, keep = stratified_split(splits.test.y, n, seed + 3)
+    return dataclasses.replace(splits, test=splits.test.subset(keep))

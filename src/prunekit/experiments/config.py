@@ -41,28 +41,53 @@ from typing import Any, Literal
 import yaml
 
 from ..compat import fts_json, incop_flags
-from ..data import dataset_names
+from ..data import dataset_names, text_dataset_names
 from ..errors import ConfigError, PrunekitError, unknown
 from ..models import canonical_name
 from ..train.config import TrainConfig
 from ..typed import from_dict
-from .resolved import (ABSENT_WHEN_NONE, NOT_IDENTITY, PRUNE_KEYS, PretrainedFile, PretrainedRun, ResolvedModel,
+from .resolved import (ABSENT_WHEN_NONE, NOT_IDENTITY, PRUNE_KEYS, Pretrained, PretrainedFile, PretrainedHF,
+                       PretrainedRun, PretrainedZoo, ResolvedModel,
                        ResolvedRun, resolve_prune, run_id)
 
-__all__ = ["ExperimentConfig", "ModelSection", "DataSection", "ReportSection", "ResolvedRun", "PRUNE_KEYS",
+__all__ = ["ExperimentConfig", "ModelSection", "PretrainedSource", "DataSection", "ReportSection", "ResolvedRun",
+           "PRUNE_KEYS",
            "NOT_IDENTITY", "ABSENT_WHEN_NONE", "NAME_CHARS", "translate", "parse", "check_name", "file_stem", "load",
            "loads", "parse_value", "set_path", "apply_overrides", "expand", "check_grid", "merge_path", "resolve",
            "resolve_run", "run_id"]
 
 
 @dataclass(frozen=True)
+class PretrainedSource:
+    """``model.pretrained`` as a mapping: where the starting weights come from.
+
+    - ``source: hf``: a Hugging Face encoder, ``name`` a fetched model (``minilm``: ``prunekit models fetch
+      minilm``) or a local folder with ``config.json``, ``model.safetensors`` and ``tokenizer.json``; the model is a
+      :class:`prunekit.hf.TextClassifier` (the encoder, mean pooling, a new Linear head) and a text dataset is
+      tokenized with the folder's tokenizer. ``model.name`` is then not used (leave it out).
+    - ``source: zoo``: the published weights of a zoo model (``efficientnet_lite0``: ImageNet-1k), ``name``
+      defaulting to ``model.name``; a head of another size is new.
+    - ``source: file`` (``path``: a ``prunekit.save`` file) and ``source: run`` (``path``: the config of the run to
+      start from): the same as the plain-string forms.
+
+    ``init: random`` builds the same architecture with fresh weights: the from-scratch reference that shows what
+    pretraining is worth (hf and zoo sources)."""
+
+    source: Literal["hf", "zoo", "file", "run"]
+    name: str | None = None
+    path: str | None = None
+    init: Literal["pretrained", "random"] = "pretrained"
+
+
+@dataclass(frozen=True)
 class ModelSection:
     """``pretrained``: start from trained weights, either a config file of the dense (or pruned) run to start from,
-    which is run first when the store does not have it yet, or a model file written by ``prunekit.save``.
+    which is run first when the store does not have it yet, or a model file written by ``prunekit.save``, or a
+    :class:`PretrainedSource` mapping (a Hugging Face encoder, a zoo model's published weights).
     ``weights``: the ``final`` weights of that run or its ``best`` validation checkpoint. Masks come along."""
 
     name: str = "lenet_300_100"
-    pretrained: str | None = None
+    pretrained: str | PretrainedSource | None = None
     weights: Literal["final", "best"] = "final"
 
 
@@ -70,7 +95,10 @@ class ModelSection:
 class DataSection:
     """``val_size``: hold-out size (count, or fraction if < 1; None = the dataset's default split);
     ``subset``: a class-balanced subset of the training split (quick runs); ``augment``: None = dataset default;
-    ``resize``: resize every image to ``resize`` x ``resize`` once at load (bilinear; e.g. MNIST at 32 for VGG)."""
+    ``resize``: resize every image to ``resize`` x ``resize`` once at load (bilinear; e.g. MNIST at 32 for VGG);
+    ``channels``: repeat one-channel images to that many channels (grayscale data for an RGB model);
+    ``test_size``: evaluate on a stratified, seeded subset of that many test samples (slow models on CPU);
+    ``max_length``: tokens per text of a text dataset (default :data:`prunekit.data.DEFAULT_MAX_LENGTH`)."""
 
     name: str = "mnist"
     val_size: float | None = None
@@ -78,6 +106,9 @@ class DataSection:
     augment: bool | None = None
     split_seed: int = 42
     resize: int | None = None
+    channels: int | None = None
+    test_size: int | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -409,14 +440,89 @@ def resolve_run(data: dict | ExperimentConfig) -> ResolvedRun:
     cfg = data if isinstance(data, ExperimentConfig) else parse(data)
     if cfg.grid:
         raise ConfigError("resolve() takes one run; expand the grid first (prunekit.experiments.expand)")
-    try:
-        name = canonical_name(cfg.model.name)
-    except PrunekitError as e:
-        raise ConfigError(f"field 'model.name': {e}") from None
-    model = ResolvedModel(name, _resolve_pretrained(cfg.model, name))
-    if cfg.data.name not in dataset_names():
-        raise ConfigError(f"field 'data.name': {unknown('dataset', cfg.data.name, dataset_names())}")
+    pre_src = cfg.model.pretrained
+    if isinstance(pre_src, PretrainedSource) and pre_src.source == "hf":
+        model = _resolve_hf(cfg.model, pre_src)
+    else:
+        try:
+            name = canonical_name(cfg.model.name)
+        except PrunekitError as e:
+            raise ConfigError(f"field 'model.name': {e}") from None
+        model = ResolvedModel(name, _resolve_pretrained(cfg.model, name))
+    _check_data(cfg.data, model)
     return ResolvedRun(cfg.name, model, cfg.data, cfg.train, resolve_prune(cfg), cfg.seed)
+
+
+def _check_data(d: DataSection, model: ResolvedModel) -> None:
+    """The data section fits the dataset and the model: text data needs a Hugging Face encoder (its tokenizer),
+    ``max_length`` is for text only, ``channels``/``resize`` are for images only."""
+    text = d.name in text_dataset_names()
+    if not text and d.name not in dataset_names():
+        raise ConfigError(f"field 'data.name': {unknown('dataset', d.name, dataset_names() + text_dataset_names())}")
+    hf = isinstance(model.pretrained, PretrainedHF)
+    if text and not hf:
+        raise ConfigError(f"data.name {d.name!r} is text: it needs a Hugging Face encoder to tokenize and read it; "
+                          "set model.pretrained: {source: hf, name: minilm}")
+    if hf and not text:
+        raise ConfigError(f"model.pretrained.source 'hf' reads text; data.name {d.name!r} is not a text dataset "
+                          f"(text datasets: {', '.join(text_dataset_names())})")
+    if d.max_length is not None and not text:
+        raise ConfigError(f"field 'data.max_length' applies to text datasets only, not {d.name!r}: remove it")
+    if text:
+        for key in ("resize", "channels", "augment"):
+            if getattr(d, key) not in (None, False):
+                raise ConfigError(f"field 'data.{key}' applies to images only, not the text dataset {d.name!r}: "
+                                  "remove it")
+
+
+#: sha256 of files already hashed in this process, by (path, size, mtime): a grid resolves the same folder often.
+_HASHED: dict = {}
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
+
+
+def _resolve_hf(model: ModelSection, src: PretrainedSource) -> ResolvedModel:
+    """``model.pretrained: {source: hf, name: ...}``: a fetched model is identified by its pinned hashes (nothing
+    is read: the data directory is the runner's), a folder by the hashes of its files."""
+    from ..models.fetch import ASSETS
+
+    if src.path is not None:
+        raise ConfigError("field 'model.pretrained.path' is for source file/run; an hf source takes name (a "
+                          "fetched model such as minilm, or a folder)")
+    if not src.name:
+        raise ConfigError("field 'model.pretrained.name': an hf source needs a name: a fetched model (minilm) or "
+                          "a folder with config.json, model.safetensors and tokenizer.json")
+    if model.name != ModelSection.name:
+        raise ConfigError(f"field 'model.name' ({model.name!r}) is not used with model.pretrained.source 'hf' (the "
+                          "folder's config.json gives the architecture): remove it")
+    asset = ASSETS.get(src.name)
+    if asset is not None:
+        if "tokenizer.json" not in asset.files:
+            raise ConfigError(f"field 'model.pretrained.name': {src.name!r} is not a Hugging Face text model; "
+                              f"use source zoo for it")
+        weights = asset.files["config.json" if src.init == "random" else "model.safetensors"]
+        pre = PretrainedHF(src.name, "", weights, asset.files["tokenizer.json"], src.init)
+        return ResolvedModel(f"hf:{src.name}", pre)
+    folder = Path(src.name).expanduser()
+    need = ("config.json", "tokenizer.json") + (("model.safetensors",) if src.init == "pretrained" else ())
+    missing = [f for f in need if not (folder / f).is_file()]
+    if missing:
+        raise ConfigError(f"field 'model.pretrained.name': {src.name!r} is neither a fetched model "
+                          f"({', '.join(a for a in ASSETS if 'tokenizer.json' in ASSETS[a].files)}) nor a folder "
+                          f"with {', '.join(need)} ({missing[0]} missing)")
+    weights = _sha256(folder / ("config.json" if src.init == "random" else "model.safetensors"))
+    pre = PretrainedHF(folder.name, str(folder.resolve()), weights, _sha256(folder / "tokenizer.json"), src.init)
+    return ResolvedModel(f"hf:{folder.name}", pre)
 
 
 def resolve(data: dict | ExperimentConfig) -> dict:
@@ -425,11 +531,21 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     return resolve_run(data).to_dict()
 
 
-def _resolve_pretrained(model: ModelSection, name: str) -> PretrainedFile | PretrainedRun | None:
-    """What identifies ``model.pretrained``: the sha256 of a model file, or the run of a config (resolved)."""
+def _resolve_pretrained(model: ModelSection, name: str) -> Pretrained | None:
+    """What identifies ``model.pretrained``: the sha256 of a model file, the run of a config (resolved), the pinned
+    sha256 of a zoo model's published weights."""
     src = model.pretrained
     if src is None:
         return None
+    if isinstance(src, PretrainedSource):
+        if src.source == "zoo":
+            return _resolve_zoo(src, name)
+        if src.path is None:
+            raise ConfigError(f"field 'model.pretrained.path': source {src.source!r} needs the path of "
+                              + ("a prunekit.save model file" if src.source == "file" else "a run's config file"))
+        if src.init != "pretrained":
+            raise ConfigError("field 'model.pretrained.init': 'random' applies to hf and zoo sources")
+        src = src.path
     path = Path(src)
     if path.suffix in (".pt", ".pth"):
         if not path.is_file():
@@ -444,3 +560,25 @@ def _resolve_pretrained(model: ModelSection, name: str) -> PretrainedFile | Pret
     if pre.model.name != name:
         raise ConfigError(f"field 'model.pretrained': {src} trains {pre.model.name}, not {name}")
     return PretrainedRun(pre.id, model.weights, runs[0], pre)
+
+
+def _resolve_zoo(src: PretrainedSource, name: str) -> PretrainedZoo:
+    """``{source: zoo, name: ...}``: the published weights of a zoo model (``name`` defaults to model.name)."""
+    from ..models.fetch import ASSETS
+
+    if src.path is not None:
+        raise ConfigError("field 'model.pretrained.path' is for source file/run; a zoo source takes name")
+    if src.name is not None:
+        try:
+            zoo = canonical_name(src.name)
+        except PrunekitError as e:
+            raise ConfigError(f"field 'model.pretrained.name': {e}") from None
+        if zoo != name:
+            raise ConfigError(f"field 'model.pretrained.name': {src.name!r} is not model.name {name!r}: set both "
+                              "to the same zoo model (or leave pretrained.name out)")
+    asset = ASSETS.get(name)
+    if asset is None or "tokenizer.json" in asset.files:
+        have = [a for a in ASSETS if "tokenizer.json" not in ASSETS[a].files]
+        raise ConfigError(f"model {name!r} has no published weights in prunekit (zoo models with weights: "
+                          f"{', '.join(have)})")
+    return PretrainedZoo(name, next(iter(asset.files.values())), src.init)

@@ -34,11 +34,11 @@ PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples
 
 #: Resolved fields that do not change a run's result and so are left out of its identity.
 NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size",
-                "train.tensorboard", "model.pretrained.config", "model.pretrained.file")
+                "train.tensorboard", "model.pretrained.config", "model.pretrained.file", "model.pretrained.folder")
 
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
 ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads", "prune.options.targets",
-                    "prune.options.ignore")
+                    "prune.options.ignore", "data.channels", "data.test_size", "data.max_length", "train.freeze")
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,41 @@ class PretrainedRun:
 
 
 @dataclass(frozen=True)
+class PretrainedHF:
+    """A Hugging Face encoder in a local folder (``folder``, not part of the identity), identified by the sha256 of
+    its weights (of its ``config.json`` for ``init="random"``) and of its tokenizer."""
+
+    name: str
+    folder: str
+    sha256: str
+    tokenizer_sha256: str
+    init: str = "pretrained"
+
+    def to_dict(self) -> dict:
+        return {"source": "hf", "name": self.name, "folder": self.folder, "sha256": self.sha256,
+                "tokenizer_sha256": self.tokenizer_sha256, "init": self.init}
+
+
+@dataclass(frozen=True)
+class PretrainedZoo:
+    """The published weights of a zoo model, identified by their pinned sha256 (``init="random"``: the same
+    architecture freshly initialised, the from-scratch reference)."""
+
+    name: str
+    sha256: str
+    init: str = "pretrained"
+
+    def to_dict(self) -> dict:
+        return {"source": "zoo", "name": self.name, "sha256": self.sha256, "init": self.init}
+
+
+Pretrained = PretrainedFile | PretrainedRun | PretrainedHF | PretrainedZoo
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     name: str
-    pretrained: PretrainedFile | PretrainedRun | None = None
+    pretrained: Pretrained | None = None
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"name": self.name}
@@ -186,6 +218,11 @@ def run_id(resolved: ResolvedRun | dict) -> str:
             continue
         if dotted in NOT_IDENTITY or node.get(leaf, 0) is None:
             node.pop(leaf, None)
+    model = ident.get("model")
+    pre = model.get("pretrained") if isinstance(model, dict) else None
+    if isinstance(pre, dict) and pre.get("source") == "hf":  # a folder's name is a label: its hashes identify it
+        model.pop("name", None)
+        pre.pop("name", None)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -14,6 +14,7 @@ training share the work, and rank 0 alone takes the run's lock and writes its fo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -21,16 +22,17 @@ from typing import Callable
 
 from .. import data as datasets
 from ..checkpoint import load_checked, verify_digest
-from ..data import loaders, resized
+from ..data import loaders, resized, subset_test, with_channels
+from ..models import input_stats
 from ..masks import Masks, load
-from ..models import get_model
 from ..seeding import seed_everything
 from ..train.config import resolve_device
-from .config import DataSection, resolve_run
+from .config import resolve_run
 from .lifecycle import RankStore, RunLifecycle
+from .pretrained import build_model, hf_folder
 from .protocols import PROTOCOLS, RunContext
 from .record import RunRecord, hardware, versions
-from .resolved import PretrainedFile, PretrainedRun, ResolvedRun
+from .resolved import Pretrained, PretrainedFile, PretrainedHF, PretrainedRun, PretrainedZoo, ResolvedRun
 from .store import Store
 
 __all__ = ["run", "RunRecord", "RankStore", "hardware", "versions"]
@@ -54,15 +56,14 @@ def run(
         tcfg = resolved.train
         device = str(resolve_device(tcfg.device))
         life.use_threads(tcfg.threads)
-        splits = _dataset(resolved.data, data_dir)
+        splits = _dataset(resolved, data_dir)
         done = life.begin(device)
         if done is not None:
             return done
         t_start = time.perf_counter()
         with life.recording_failure():
             seed_everything(resolved.seed)
-            model = get_model(resolved.model.name, num_classes=splits.num_classes,
-                              input_shape=tuple(splits.input_shape))
+            model = build_model(resolved, splits, data_dir)
             start_masks = _load_pretrained(model, resolved.model.pretrained, life, data_dir)
             dls = loaders(splits, tcfg.batch_size, eval_batch_size=tcfg.eval_batch_size, device=device,
                           seed=resolved.seed, augment=resolved.data.augment)
@@ -74,24 +75,41 @@ def run(
 _LAST_DATASET: dict = {}
 
 
-def _dataset(d: DataSection, data_dir):
-    """The splits of a resolved data section; the last one is kept, so the runs of a grid load it once."""
+def _dataset(resolved: ResolvedRun, data_dir):
+    """The splits of a resolved run's data section (a text dataset tokenized by its encoder's tokenizer, images
+    normalized as a zoo model's published weights expect); the last one is kept, so the runs of a grid load it
+    once."""
+    d, pre = resolved.data, resolved.model.pretrained
     where = str(data_dir) if data_dir is not None else os.environ.get("PRUNEKIT_DATA", "")
-    key = (d.name, where, d.val_size, d.split_seed, d.subset, d.resize)
+    tokenizer = pre.tokenizer_sha256 if isinstance(pre, PretrainedHF) else None
+    norm = input_stats(resolved.model.name) if isinstance(pre, PretrainedZoo) else None
+    key = (d.name, where, d.val_size, d.split_seed, d.subset, d.resize, d.channels, d.test_size, d.max_length,
+           tokenizer, norm)
     if key not in _LAST_DATASET:
-        splits = datasets.load_dataset(d.name, root=data_dir, val_size=d.val_size, split_seed=d.split_seed,
-                                       subset=d.subset)
-        if d.resize is not None:
-            splits = resized(splits, d.resize)
-        _LAST_DATASET.clear()
+        _LAST_DATASET.clear()  # the old splits go before the new ones load
+        if isinstance(pre, PretrainedHF):
+            splits = datasets.load_tokenized(d.name, hf_folder(pre, data_dir),
+                                             d.max_length or datasets.DEFAULT_MAX_LENGTH, root=data_dir,
+                                             val_size=d.val_size, split_seed=d.split_seed, subset=d.subset)
+        else:
+            splits = datasets.load_dataset(d.name, root=data_dir, val_size=d.val_size, split_seed=d.split_seed,
+                                           subset=d.subset)
+            if d.resize is not None:
+                splits = resized(splits, d.resize)
+            if d.channels is not None:
+                splits = with_channels(splits, d.channels)
+            if norm is not None:  # the published weights were trained on inputs normalized this way
+                splits = dataclasses.replace(splits, mean=norm[0], std=norm[1])
+        if d.test_size is not None:
+            splits = subset_test(splits, d.test_size, d.split_seed)
         _LAST_DATASET[key] = splits
     return _LAST_DATASET[key]
 
 
-def _load_pretrained(model, pre: PretrainedFile | PretrainedRun | None, life: RunLifecycle, data_dir) -> Masks | None:
+def _load_pretrained(model, pre: Pretrained | None, life: RunLifecycle, data_dir) -> Masks | None:
     """Load the starting weights (and masks) named by a resolved ``model.pretrained``; returns the masks or None.
     A starting run is run first when the store lacks it (a no-op once it is done)."""
-    if pre is None:
+    if pre is None or isinstance(pre, (PretrainedHF, PretrainedZoo)):  # loaded by _build_model
         return None
     if isinstance(pre, PretrainedFile):
         return load(pre.file, model)

@@ -37,7 +37,8 @@ class TrainConfig:
     folder (:mod:`prunekit.train.tensorboard`; needs the ``tensorboard`` extra). ``threads``: the intra-op torch
     threads an experiment run computes with (None = 1); the harness fixes it per run, whatever the number of sweep
     workers, because CPU results differ bit for bit with the thread count (the library's Trainer leaves the
-    process's setting alone).
+    process's setting alone). ``freeze='backbone'``: a linear probe, only the head trains
+    (:mod:`prunekit.train.freeze`).
     """
 
     epochs: int = 10
@@ -61,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     tensorboard: bool = False
     threads: int | None = None
+    freeze: Literal["backbone"] | None = None
 
     def validate(self, path: str = "", error: type[Exception] = ConfigError) -> None:
         """Raise ``error(message)`` for a bad value or a bad combination of values."""

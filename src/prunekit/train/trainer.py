@@ -53,6 +53,7 @@ from ..masks import Masks, save
 from ..seeding import rng_state, seed_everything, set_rng_state
 from ..typed import to_dict
 from .callbacks import Callback
+from .freeze import backbone_eval, freeze_backbone
 from .config import TrainConfig, build_optimizer, build_scheduler, resolve_device
 
 CHECKPOINT_FORMAT = "prunekit.train.checkpoint/1"
@@ -143,6 +144,7 @@ class Trainer:
             seed_everything(self.seed)
 
         self.model = model.to(self.device)
+        self._head = freeze_backbone(self.model) if cfg.freeze == "backbone" else None  # a linear probe
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.masks: Masks | None = None
@@ -362,6 +364,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         model, opt, dev = self._net, self.optimizer, self.device
         model.train()
+        if self._head is not None:
+            backbone_eval(self.model, self._head)
         world, rank = distributed.world_size(), distributed.rank()
         clip = self.cfg.grad_clip
         params = [p for g in opt.param_groups for p in g["params"]] if clip is not None else []
