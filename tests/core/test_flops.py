@@ -35,3 +35,26 @@ def test_excluded_layers_count_densely():
 def test_missing_input_shape_is_clear():
     with pytest.raises(pk.PrunekitError, match="input shape"):
         layer_positions(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_gpt2_conv1d_counts_like_a_linear_on_an_example_input():
+    """GPT-2's Conv1D (weight (in, out)) counts MACs = nnz × positions, positions = the example's tokens; the
+    model is traced on an example (token ids or a dict batch), not on zeros of an input shape."""
+    transformers = pytest.importorskip("transformers")
+    from tests.core.test_hf_models import tiny_gpt2
+
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (1, 7))
+    layers = layer_positions(model, example={"input_ids": ids})
+    conv = [n for n, m in model.named_modules() if isinstance(m, transformers.pytorch_utils.Conv1D)]
+    assert conv and all(layers[n].positions == 7 for n in conv)
+    assert all(layers[n].weights == model.get_submodule(n).weight.numel() for n in conv)
+    assert layer_positions(model, example=ids) == layers  # a tensor example: the same
+    masks = pk.Masks(model)
+    w = masks.names()[0]
+    keep = torch.rand(masks[w].shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    masks.set({w: keep})
+    dense = sum(l.positions * l.weights for l in layers.values())
+    assert masked_macs(model, masks, example=ids) == dense - 7 * int((~keep).sum())
+    with pytest.raises(pk.PrunekitError, match="example="):
+        layer_positions(model)
