@@ -282,3 +282,34 @@ def test_published_efficientnet_weights_load_in_a_run(tmp_path):
     assert left == ["fc.weight", "fc.bias"]
     for (k, a), (_, b) in zip(built.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_downstream_report_compares_with_dense_and_scratch(tmp_path, hf_folder, data_root):
+    from prunekit.experiments.downstream import downstream_data, downstream_report
+
+    root = tmp_path / "runs"
+    recs = {}
+    for seed in (0, 1):
+        recs[("none", seed)] = run({**text_config(hf_folder), "seed": seed}, root, data_dir=data_root)
+        recs[("magnitude", seed)] = run({**text_config(hf_folder, "magnitude", 0.9), "seed": seed}, root,
+                                        data_dir=data_root)
+    scratch = text_config(hf_folder)
+    scratch["model"]["pretrained"]["init"] = "random"
+    recs[("scratch", 0)] = run(scratch, root, data_dir=data_root)
+    with Store(root / "results.sqlite", readonly=True) as st:
+        runs = st.runs()
+        (d,) = downstream_data(st, runs)  # the scratch run joins the pretrained ones' comparison
+        epochs = {r.run_id: st.epochs(r.run_id) for r in recs.values()}
+        text = downstream_report(st, runs)
+    dense = [100 * recs[("none", s)].final_test_acc for s in (0, 1)]
+    assert d["dense"]["mean"] == pytest.approx(sum(dense) / 2)
+    assert d["scratch"]["mean"] == pytest.approx(100 * recs[("scratch", 0)].final_test_acc)
+    assert d["methods"] == ["magnitude"] and d["sparsities"] == [0.9]
+    target = sum(dense) / 2 - 1.0
+    firsts = []
+    for s in (0, 1):  # the first epoch (1-based) whose test accuracy reaches dense - 1 point, by a plain loop
+        hit = [e["epoch"] + 1 for e in epochs[recs[("magnitude", s)].run_id] if 100 * e["test_acc"] >= target]
+        firsts.append(min(hit) if hit else None)
+    ok = [f for f in firsts if f is not None]
+    assert d["epochs"][("magnitude", 0.9)] == ((sum(ok) / len(ok)) if ok else None, len(ok), 2)
+    assert "pretraining is worth" in text and "dense from scratch" in text

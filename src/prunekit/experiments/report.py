@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import PrunekitError, unknown
 from . import figures
 from .figures import Panel
+from .downstream import downstream_report
 from .imp_report import imp_report
 from .store import Store
 from .summary import METRICS, aggregate, metric_column, recipe, split_level_runs, value, with_levels
@@ -191,7 +192,8 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
     parts, plots = [], []
     if other or not imp:
         parts.append(table(other, metric))
-        parts += [t for t in (within_delta_table(other, metric), structured_table(other), fairness_notes(other)) if t]
+        parts += [t for t in (within_delta_table(other, metric), structured_table(other),
+                              downstream_report(store, other, metric), fairness_notes(other)) if t]
         if plot_path is not None and other:
             plots += plot_runs(other, plot_path, metric, title=title)
     if imp:
