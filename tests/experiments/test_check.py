@@ -10,6 +10,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MNIST = data_dir() / "mnist" / "mnist.pkl.gz"
 
 
+def test_a_claim_whose_assets_are_missing_is_skipped_with_the_fetch_command(tmp_path):
+    lines = []
+    assert check(tmp_path / "runs", only=["px_pretrained"], data_dir=tmp_path / "empty", log=lines.append) == {}
+    assert lines[0].startswith("SKIP  [004]") and "prunekit models fetch efficientnet_lite0" in lines[0]
+    assert "prunekit data fetch fashion_mnist" in lines[0] and lines[-1].endswith("1 skipped")
+
+
 def test_claims_cover_every_seed_and_unknown_names_fail():
     assert {c.seed for c in claims()} == {"000", "001", "002", "003", "004"}
     with pytest.raises(pk.PrunekitError, match="unknown claim 'wodfisher'.*woodfisher"):
