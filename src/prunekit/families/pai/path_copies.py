@@ -155,8 +155,7 @@ class Activations(TorchFunctionMode):
             return out
         if self.strict and func in _OTHER_ACT:
             raise PrunekitError(
-                f"{self.method} supports ReLU networks only (ReLU, ReLU6, Hardtanh, LeakyReLU): the forward calls "
-                f"{_fname(func)}{_RELU_ONLY_FIX}"
+                f"{self.method} supports ReLU networks only: the forward calls {_fname(func)}{_RELU_ONLY_FIX}"
             )
         return func(*args, **kwargs)
 
@@ -174,7 +173,8 @@ class Activations(TorchFunctionMode):
 #: Why PX refuses other activations, and what to do instead (appended to its refusals).
 _RELU_ONLY_FIX = (" (PX's path decomposition gates every unit by the slope of a piecewise-linear activation: "
                   "ReLU, ReLU6, Hardtanh, LeakyReLU; GELU, SiLU, tanh, Hardswish (x·relu6(x+3)/6, piecewise "
-                  "quadratic) ... have no such gates); use such a model, or an unstructured data method that "
+                  "quadratic) ... have no such gates); use a ReLU model (or ReLU6, Hardtanh, LeakyReLU), or an "
+                  "unstructured data method that "
                   "accepts any activation (snip, grasp, fts, woodfisherblock, ...)")
 
 
@@ -186,8 +186,7 @@ def check_relu_modules(model: nn.Module, method: str) -> None:
             continue
         if type(m).__module__ == "torch.nn.modules.activation":
             raise PrunekitError(
-                f"{method} supports ReLU networks only (ReLU, ReLU6, Hardtanh, LeakyReLU): module {name!r} is "
-                f"{type(m).__name__}{_RELU_ONLY_FIX}"
+                f"{method} supports ReLU networks only: module {name!r} is {type(m).__name__}{_RELU_ONLY_FIX}"
             )
 
 
@@ -223,12 +222,12 @@ def path_blockers(model: nn.Module) -> dict[str, list[str]]:
 
 
 def check_path_model(model: nn.Module, method: str) -> None:
-    """Refuse a transformer-style model (token embeddings, LayerNorm or softmax attention found), naming every kind
-    of module that breaks the path decomposition (GELU activations included). SynFlow's R and PX's path kernel are
-    sums over input-output paths of products of weights and piecewise-linear gates (pai.md 6.11, 6.12); a model
-    with only other activations (a GELU CNN) is left to each method's own activation rule."""
+    """Refuse a transformer-style model (token embeddings or softmax attention found), naming every kind of module
+    that breaks the path decomposition (LayerNorm and GELU included). SynFlow's R and PX's path kernel are sums over
+    input-output paths of products of weights and piecewise-linear gates (pai.md 6.11, 6.12); a CNN with a
+    LayerNorm or a GELU is left to each method's own rules (PX refuses GELU; SynFlow runs it, see its docs)."""
     found = path_blockers(model)
-    if not any(k in found for k in _BLOCKER_KINDS[:3]):
+    if not any(k in found for k in (_BLOCKER_KINDS[0], _BLOCKER_KINDS[2])):
         return
     parts = []
     for kind, names in found.items():
