@@ -9,7 +9,11 @@ method at ``--sparsity`` on a fresh copy of the model (best of ``--repeat``):
 - ``minilm``: the fetched MiniLM encoder (``prunekit.models.fetch.minilm_path()``, skipped when absent), 128
   sequences of 64 random token ids in batches of 16 (36 Linear layers in 6 blocks).
 
-    OMP_NUM_THREADS=1 python bench/bench_layerwise.py [--threads 1] [--models lenet,minilm] [--repeat 2]
+With ``--quality``, each pruned model is also compared with the dense one on held-out inputs (32 more samples
+drawn like the calibration set): the relative output error ‖f(x) − f̂(x)‖/‖f(x)‖ (MiniLM: the last hidden state;
+LeNet: the logits).
+
+    OMP_NUM_THREADS=1 python bench/bench_layerwise.py [--threads 1] [--models lenet,minilm] [--repeat 2] [--quality]
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ def lenet():
 
     model = get_model("lenet_300_100")
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(4)]
-    return model, data
+    data = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(5)]
+    return model, data[:4], data[4:]
 
 
 def minilm():
@@ -44,11 +48,19 @@ def minilm():
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(1000, vocab, (16, 64), generator=g),
-             "attention_mask": torch.ones(16, 64, dtype=torch.long)} for _ in range(8)]
-    return model, data
+             "attention_mask": torch.ones(16, 64, dtype=torch.long)} for _ in range(10)]
+    return model, data[:8], data[8:]
 
 
 MODELS = {"lenet": lenet, "minilm": minilm}
+
+
+def outputs(model, data) -> torch.Tensor:
+    from prunekit.batches import DictInputs, call
+
+    with torch.no_grad():
+        outs = [call(model, DictInputs(b) if isinstance(b, dict) else b[0]) for b in data]
+    return torch.cat([o if isinstance(o, torch.Tensor) else o.last_hidden_state for o in outs])
 
 
 def forward_time(model, data) -> float:
@@ -67,16 +79,18 @@ def main() -> None:
     ap.add_argument("--models", default="lenet,minilm")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--quality", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = []
     for name in a.models.split(","):
         try:
-            model, data = MODELS[name]()
+            model, data, held_out = MODELS[name]()
         except Exception as e:  # noqa: BLE001 - an asset that is not fetched here
             print(f"{name}: skipped ({type(e).__name__}: {e})")
             continue
         model.eval()
+        dense_out = outputs(model, held_out) if a.quality else None
         fwd = min(forward_time(model, data) for _ in range(a.repeat))
         n = sum(p.tensor.numel() for p in pk.Masks.from_zeros(model).params)
         print(f"{name}: {n:,} prunable weights, one forward pass over {sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in data)} "
@@ -91,8 +105,13 @@ def main() -> None:
                     masks = pk.prune(m, code, sparsity=a.sparsity, data=None if code == "magnitude" else data, **kw)
                     best = min(best, time.perf_counter() - t)
             label = code + "".join(f" {k}={v}" for k, v in kw.items())
-            print(f"  {label:32s} {best:8.3f} s = {best / fwd:6.1f} forwards  (sparsity {masks.sparsity():.4f})")
-            rows.append({"model": name, "method": label, "seconds": best, "forwards": best / fwd, "forward_s": fwd})
+            row = {"model": name, "method": label, "seconds": best, "forwards": best / fwd, "forward_s": fwd}
+            extra = ""
+            if a.quality:
+                row["rel_error"] = float((outputs(m, held_out) - dense_out).norm() / dense_out.norm())
+                extra = f"  output error {row['rel_error']:.4f}"
+            print(f"  {label:32s} {best:8.3f} s = {best / fwd:6.1f} forwards  (sparsity {masks.sparsity():.4f}){extra}")
+            rows.append(row)
     print(json.dumps(rows))
 
 

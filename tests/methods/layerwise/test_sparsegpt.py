@@ -267,3 +267,12 @@ def test_the_memory_plan_counts_one_layers_hessian_at_a_time_when_sequential():
     assert memory_plan(m, "sparsegpt", float64=True).peak == 2 * seq.peak
     assert memory_plan(m, "sparsegpt", ignore=["5"]).peak == 2 * 36 ** 2 * 4 + 2 * 36 * 36 * 4
     assert memory_plan(m, "wanda").peak == (27 + 2 * 36 + 72) * 8  # ‖X_j‖² per column, float64, every layer
+
+
+def test_fewer_calibration_rows_than_input_columns_warn():
+    from prunekit.families.layerwise.sparsegpt import CalibrationWarning
+
+    X = correlated_inputs(20, 32)
+    with pytest.warns(CalibrationWarning, match=r"'weight' saw 20 calibration rows .* for 32 input columns.*at "
+                                                r"least as many calibration samples as input columns"):
+        pk.prune(linear_model(), "sparsegpt", sparsity=0.5, data=[(X, torch.zeros(20, dtype=torch.long))])

@@ -42,6 +42,7 @@ informative only, the masks come from the solve.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,10 @@ from ...registry import register
 from ...select import keep_among_alive
 from .base import FAMILY, LayerwiseMethod, LayerwiseOptions, nm_keep
 from .quotas import allocate
+
+
+class CalibrationWarning(UserWarning):
+    """Fewer calibration rows than a layer's input columns: a rank-deficient Hessian."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,18 @@ class SparseGPT(LayerwiseMethod):
         last.clear()
         # DDP: the statistics of every rank's calibration batches, summed, so that every rank solves the same H
         summed = distributed.all_sum_optional([H[i] for i in group])
-        return {i: h * (2.0 / max(distributed.sum_int(n[i]), 1)) for i, h in zip(group, summed)}
+        tokens = {i: distributed.sum_int(n[i]) for i in group}
+        few = [i for i in group if tokens[i] < self.layers[i].cols]
+        if few:
+            i = few[0]
+            warnings.warn(
+                f"{self.layers[i].name!r} saw {tokens[i]} calibration rows (examples × positions) for "
+                f"{self.layers[i].cols} input columns" + (f" (and {len(few) - 1} more layer(s) like it)" if len(few) > 1
+                                                          else "") +
+                ": its Hessian has rank below its size, so the reconstruction fits the calibration set and may not "
+                "generalise (on an MLP it can then be worse than magnitude pruning); give at least as many "
+                "calibration samples as input columns", CalibrationWarning, stacklevel=2)
+        return {i: h * (2.0 / max(tokens[i], 1)) for i, h in zip(group, summed)}
 
     def solve_group(self, ctx, group, alive, keep, pattern, scores, first) -> dict:
         o = ctx.options
