@@ -108,3 +108,21 @@ def test_tiny_gpt2_prunes_conv1d_weights():
     for p in masks.params:
         assert int(masks[p.name].sum()) == pk.keep_count(p.tensor.numel(), 0.6), p.name
         assert bool((p.tensor.detach()[~masks[p.name]] == 0).all())
+
+
+@pytest.mark.slow  # one training epoch: about 2 s
+def test_an_experiment_prunes_with_its_default_calibration_budget(tmp_path):
+    """`prunekit run` with method sparsegpt: prune.samples defaults to 128 random examples; exact counts per layer."""
+    import warnings
+
+    from tiny import tiny
+    from prunekit.experiments import Store, run
+
+    assert pk.get_method("sparsegpt").default_samples == {"random": 128}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 128 calibration rows < 784 input columns of the first layer: a warning
+        rec = run(tiny("lw", prune={"method": "sparsegpt", "sparsity": 0.8}), tmp_path, log=lambda m: None)
+    assert rec.method == "sparsegpt"
+    with Store(tmp_path / "results.sqlite") as s:
+        for layer in s.layers(rec.run_id):
+            assert layer["kept"] == pk.keep_count(layer["total"], 0.8), layer

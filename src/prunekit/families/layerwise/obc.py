@@ -114,6 +114,6 @@ class OBC(SparseGPT):
 
 
 register("obc", family=FAMILY, needs_data="inputs", options=OBCOptions, scope="layer", dict_batches=True,
-         default_samples=128,
+         default_samples={"random": 128},
          summary="OBC: exact greedy OBS per row with the layer's inverse Hessian (small layers; the reference of "
                  "sparsegpt)")(OBC)

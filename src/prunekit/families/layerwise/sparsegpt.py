@@ -199,6 +199,6 @@ class SparseGPT(LayerwiseMethod):
 
 
 register("sparsegpt", family=FAMILY, needs_data="inputs", options=SparseGPTOptions, scope="layer",
-         dict_batches=True, default_samples=128,
+         dict_batches=True, default_samples={"random": 128},
          summary="SparseGPT: layer-wise OBS reconstruction (Cholesky of H⁻¹, adaptive block masks, lazy batched "
                  "updates), sequential over layers")(SparseGPT)

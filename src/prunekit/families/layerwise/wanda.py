@@ -91,6 +91,6 @@ class Wanda(LayerwiseMethod):
 
 
 register("wanda", family=FAMILY, needs_data="inputs", options=WandaOptions, scope="layer", dict_batches=True,
-         default_samples=128,
+         default_samples={"random": 128},
          summary="Wanda: |W_ij|·‖X_j‖₂ from one calibration pass, compared within each output row (no weight "
                  "update)")(Wanda)
