@@ -541,3 +541,25 @@ def test_px_and_synflow_on_a_relu6_depthwise_bn_net_keep_exact_counts(method):
     assert masks.kept() == pk.keep_count(masks.total(), 0.6)
     for p in masks.params:
         assert bool((p.tensor[~masks.as_dict()[p.name]] == 0).all())
+
+
+@pytest.mark.slow  # 3.4M weights: several seconds per code on a shared CPU
+@pytest.mark.parametrize("method", ["px", "synflow"])
+def test_px_and_synflow_on_efficientnet_lite0_keep_exact_counts(method):
+    """prunekit's EfficientNet-Lite0 (ReLU6, depthwise convs, BatchNorm, TF SAME pads; 64×64 inputs, 10 classes):
+    exact kept count, pruned weights exactly 0, every layer scored with finite, not all zero values.
+
+    (At 32×32 the last feature map is 1×1: PX's path-kernel copy, fed all ones with batch-statistics BatchNorm, then
+    holds the same value for every example there, so head_bn outputs its β = 0 and head / fc score 0. That is PX's
+    head variant, not the ReLU6 gates.)"""
+    model = get_model("efficientnet_lite0", num_classes=10, input_shape=(3, 64, 64))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(2)]
+    scores = pk.score(model, method, data if method == "px" else None)
+    assert all(bool(torch.isfinite(s).all()) and float(s.max()) > 0 for s in scores.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layer collapse warnings at 80 %
+        masks = pk.prune(model, method, 0.8, data if method == "px" else None, rounds=1)
+    assert masks.kept() == pk.keep_count(masks.total(), 0.8)
+    for p in masks.params:
+        assert bool((p.tensor[~masks.as_dict()[p.name]] == 0).all())
