@@ -142,6 +142,16 @@ class TextClassifier(nn.Module):
         return self.head(pooled)
 
 
+    def example_input(self, batch: int, input_shape: tuple = (2, 64)) -> torch.Tensor:
+        """``batch`` texts of ``input_shape[-1]`` tokens (fixed random ids, every token attended) for timing and
+        shrinking; a fixed generator, so every call gives the same batch."""
+        length = int(input_shape[-1])
+        g = torch.Generator().manual_seed(0)
+        vocab = int(self.encoder.config.vocab_size)
+        ids = torch.randint(min(1000, vocab - 1), vocab, (batch, length), generator=g)
+        return torch.stack([ids, torch.ones_like(ids)], 1).float()
+
+
 def text_classifier(path: str | os.PathLike, num_classes: int, init: str = "pretrained") -> TextClassifier:
     """A :class:`TextClassifier` on the encoder in the local folder ``path``: its pretrained weights
     (``init="pretrained"``, read by :func:`load_hf` from safetensors) or the same architecture freshly initialised
@@ -157,6 +167,7 @@ def text_classifier(path: str | os.PathLike, num_classes: int, init: str = "pret
             raise PrunekitError(f"{path} has no config.json: pass the folder of a Hugging Face model")
         tf = _transformers()
         encoder = tf.AutoModel.from_config(tf.AutoConfig.from_pretrained(str(path), local_files_only=True))
-    if hasattr(encoder, "pooler") and encoder.pooler is not None:
-        encoder.pooler = None  # mean pooling instead: the pooler's dense layer would be dead weight
+    pooler = getattr(encoder, "pooler", None)
+    if isinstance(pooler, nn.Module):  # mean pooling instead; kept (frozen) so the encoder stays the model it was
+        pooler.requires_grad_(False)  # (transformers reloads it) and DDP sees no trainable parameter without a gradient
     return TextClassifier(encoder, num_classes)

@@ -46,6 +46,15 @@ def _one_call(model, x, device) -> float:
     return time.perf_counter() - t0
 
 
+def example_input(model: nn.Module, input_shape: Sequence[int], batch: int, device=None) -> torch.Tensor:
+    """A batch of ``batch`` inputs for timing or tracing ``model``: the model's own ``example_input(batch,
+    input_shape)`` when it has one (token ids are not Gaussian noise: :class:`prunekit.hf.TextClassifier`), else
+    standard normal noise of ``input_shape``."""
+    own = getattr(model, "example_input", None)
+    x = own(int(batch), tuple(input_shape)) if callable(own) else torch.randn(int(batch), *map(int, input_shape))
+    return x.to(device) if device is not None else x
+
+
 def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int],
                     batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 20, warmup: int = 3) -> list[dict]:
     """Rows ``{model, batch_size, ms, ms_min, ms_max, speedup}``: median milliseconds per call of each model at each
@@ -60,7 +69,7 @@ def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int],
         inputs = {}
         for n in names:
             dev = _device(models[n])
-            inputs[n] = (torch.randn(int(bs), *map(int, input_shape), device=dev), dev)
+            inputs[n] = (example_input(models[n], input_shape, bs, dev), dev)
         states = {n: models[n].training for n in names}
         try:
             with torch.inference_mode():

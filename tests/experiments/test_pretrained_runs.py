@@ -189,7 +189,7 @@ def test_older_run_ids_do_not_change_with_the_new_fields():
 def test_text_classifier_pools_over_the_mask_only(hf_folder):
     torch.manual_seed(0)
     m = text_classifier(hf_folder, 2).eval()
-    assert isinstance(m, TextClassifier) and m.encoder.pooler is None
+    assert isinstance(m, TextClassifier) and not any(p.requires_grad for p in m.encoder.pooler.parameters())
     ids = torch.tensor([[2, 5, 6, 3, 0, 0]])
     x = torch.stack([ids, (ids != 0).long()], 1).float()
     hidden = m.encoder(input_ids=ids[:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long)).last_hidden_state
@@ -313,3 +313,14 @@ def test_downstream_report_compares_with_dense_and_scratch(tmp_path, hf_folder, 
     ok = [f for f in firsts if f is not None]
     assert d["epochs"][("magnitude", 0.9)] == ((sum(ok) / len(ok)) if ok else None, len(ok), 2)
     assert "pretraining is worth" in text and "dense from scratch" in text
+
+
+def test_heads_and_neurons_pruned_in_a_text_run_shrink_and_save(tmp_path, hf_folder, data_root):
+    from prunekit.structured.archive_hf import load_shrunk_hf
+
+    rec = run(text_config(hf_folder, "filter_l1", 0.5, epochs=1), tmp_path / "runs", data_dir=data_root)
+    s = rec.structured
+    assert s is not None and s["params_shrunk"] < s["params_dense"] and s["macs_ratio"] < 1.0
+    enc = load_shrunk_hf(rec.run_dir + "/shrunk_encoder")  # per-layer head / neuron counts, no code loaded
+    assert sum(p.numel() for p in enc.parameters()) < sum(
+        p.numel() for p in text_classifier(hf_folder, 2).encoder.parameters())

@@ -14,9 +14,11 @@ import torch
 from ..data import loaders, random_subset
 from ..diagnostics import collapse_report
 from ..flops import theoretical_speedup
-from ..latency import compare_latency
+from ..hf import TextClassifier
+from ..latency import compare_latency, example_input
 from ..seeding import derive_seed
 from ..structured import save_shrunk, shrink
+from ..structured.archive_hf import save_shrunk_hf
 from ..structured.shrink import shrink_report
 
 #: The post-prune diagnostics (accuracy before fine-tuning) evaluate at most this many samples of each of the
@@ -97,16 +99,31 @@ def structured_result(model, masks, input_shape, run_dir: Path, device: str, rep
     interleaved on ``device``). The shrunk model is saved to ``run_dir/shrunk.pt`` (reload it with
     :func:`prunekit.structured.load_shrunk`, no model code needed)."""
     model = model.eval()
-    x = torch.randn(2, *input_shape, device=next(model.parameters()).device)
+    x = example_input(model, input_shape, 2, next(model.parameters()).device)
     small = shrink(model, masks, x)
     rep = shrink_report(model, small, x)
-    save_shrunk(run_dir / "shrunk.pt", small)
+    save_archive(small, run_dir)
     dense = copy.deepcopy(model)  # the same architecture and weights, without the mask's zeros mattering
     rows = compare_latency({"dense": dense, "masked": model, "shrunk": small}, tuple(input_shape), repeats=repeats)
     return {"params_dense": rep["params_dense"], "params_shrunk": rep["params_shrunk"],
             "params_ratio": rep["params_ratio"], "macs_dense": rep["macs_dense"], "macs_shrunk": rep["macs_shrunk"],
             "macs_ratio": rep["macs_ratio"], "theoretical_speedup": 1.0 / max(rep["macs_ratio"], 1e-12),
             "device": device, "latency": rows}
+
+
+def save_archive(small, run_dir: Path) -> None:
+    """Save a shrunk model beside its run: ``shrunk.pt`` (:func:`prunekit.structured.save_shrunk`, reloaded without
+    model code); a text classifier's shrunk encoder as a Hugging Face folder ``shrunk_encoder/``
+    (:func:`prunekit.structured.save_shrunk_hf`, per-layer head and neuron counts) and its head as
+    ``shrunk_head.safetensors``."""
+    if isinstance(small, TextClassifier):
+        from safetensors.torch import save_file
+
+        save_shrunk_hf(small.encoder, run_dir / "shrunk_encoder")
+        save_file({k: v.contiguous().cpu() for k, v in small.head.state_dict().items()},
+                  str(run_dir / "shrunk_head.safetensors"))
+        return
+    save_shrunk(run_dir / "shrunk.pt", small)
 
 
 def shrunk_line(structured: dict) -> str:
