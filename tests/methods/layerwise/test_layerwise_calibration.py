@@ -126,3 +126,38 @@ def test_an_experiment_prunes_with_its_default_calibration_budget(tmp_path):
     with Store(tmp_path / "results.sqlite") as s:
         for layer in s.layers(rec.run_id):
             assert layer["kept"] == pk.keep_count(layer["total"], 0.8), layer
+
+
+@pytest.mark.parametrize("which", ["bert", "gpt2"])
+@pytest.mark.parametrize("code", ["sparsegpt", "wanda"])
+def test_cached_block_inputs_give_the_same_result_with_fewer_forwards(which, code, monkeypatch):
+    """Sequential on a Hugging Face model: running each block alone on its cached inputs (the previous block's
+    outputs) gives exactly the weights and masks of re-running the model up to each block; the model itself (its
+    embeddings) then runs a fixed number of times whatever the depth; the model's use_cache flag is restored."""
+    pytest.importorskip("transformers")
+    from tests.core import test_hf_models as hf
+    from prunekit.families.layerwise.calibration import Calibration
+
+    make, batches = (hf.tiny_bert, hf.bert_batches) if which == "bert" else (hf.tiny_gpt2, hf.gpt2_batches)
+    runs = {}
+    for cache in (True, False):
+        monkeypatch.setattr(Calibration, "block_cache", cache)
+        m = make()
+        emb = m.get_input_embeddings()
+        calls = []
+        emb.register_forward_hook(lambda *a: calls.append(1))
+        step = PruningStep(m, code, batches(), None, None, {"scope": None, "sequential": True})
+        step.check_data()
+        ctx, scores = step.score(1)
+        step.apply(ctx, step.choose(ctx, scores, 0.5))
+        assert step.method.report["block_cache"] is cache
+        runs[cache] = ({n: p.detach().clone() for n, p in m.named_parameters()}, step.masks.as_dict(), len(calls))
+        assert m.config.use_cache is True
+    n = len(batches())
+    passes = 2 if code == "sparsegpt" else 1  # wanda's first block reuses the score pass's norms
+    assert runs[False][2] == 1 + n * (1 + passes)  # check_data's forward, the score pass, one pass per block
+    assert runs[True][2] == 1 + n + 1 + n  # check_data, score pass, the check on one batch, caching block 0's inputs
+    for name, t in runs[True][0].items():
+        assert torch.equal(t, runs[False][0][name]), name
+    for name, k in runs[True][1].items():
+        assert torch.equal(k, runs[False][1][name]), name

@@ -231,6 +231,7 @@ class LayerwiseMethod(PruningMethod):
         out: dict[str, torch.Tensor] = {}
         try:
             groups = self.calib.groups() if ctx.options.sequential else [list(self.calib.order)]
+            cached = ctx.options.sequential and self.calib.prepare_blocks(groups)
             for gi, group in enumerate(groups):
                 solved = self.solve_group(ctx, group, alive, keep, pattern, scores, first=gi == 0)
                 for i, (mask, W) in solved.items():
@@ -240,11 +241,15 @@ class LayerwiseMethod(PruningMethod):
                     out[L.name] = L.to_weight(mask).to(ctx.masks[L.name].device)
                     if self.updates:
                         self.solved[L.name] = L.param.tensor.detach().clone()
+                if cached and gi + 1 < len(groups):
+                    self.calib.advance()
         finally:
+            self.calib.blocks = None
             with torch.no_grad():
                 for L in self.layers:
                     L.param.tensor.copy_(backup[L.name])
-        self.report = {"samples": self.calib.samples, "groups": len(groups), "plan": self.memory.summary()}
+        self.report = {"samples": self.calib.samples, "groups": len(groups), "block_cache": bool(cached),
+                       "plan": self.memory.summary()}
         return out
 
     def solve_group(self, ctx, group, alive, keep, pattern, scores, first) -> dict:  # pragma: no cover - abstract

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import collections.abc
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,68 @@ def as_layer(p: PrunableParam) -> Layer:
                         "Conv1D and Conv1d/2d/3d weights only; leave it out with ignore=[...]")
 
 
+def _first(out):
+    """A block's hidden-state output: the output itself or the first entry of a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _hidden(args, kwargs):
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states")
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable equality: not the same
+        return False
+
+
+def _plain(v) -> bool:
+    """Tensors, numbers, strings, None and tuples of them: arguments a block can be called with again. (A
+    key/value cache object is not: a block appends to it, so calling the block twice would change it.)"""
+    if v is None or isinstance(v, (torch.Tensor, bool, int, float, str)):
+        return True
+    return isinstance(v, (tuple, list)) and all(_plain(x) for x in v)
+
+
+def _same_args(a, b) -> bool:
+    """Two blocks' calls (tag, index, args, kwargs) agree on everything but the hidden states."""
+    (_, _, a_args, a_kw), (_, _, b_args, b_kw) = a, b
+    if len(a_args) != len(b_args) or set(a_kw) != set(b_kw):
+        return False
+    if not all(_plain(v) for v in list(a_args) + list(a_kw.values()) + list(b_args) + list(b_kw.values())):
+        return False
+    rest_a = list(a_args[1:]) + [v for k, v in sorted(a_kw.items()) if not (not a_args and k == "hidden_states")]
+    rest_b = list(b_args[1:]) + [v for k, v in sorted(b_kw.items()) if not (not b_args and k == "hidden_states")]
+    return all(_same(x, y) for x, y in zip(rest_a, rest_b))
+
+
+@contextmanager
+def calibrating(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradient, and no key/value cache (``config.use_cache = False`` on every Hugging Face config
+    inside the model: calibration never generates, and a cache would make blocks stateful); all restored on
+    exit."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and isinstance(getattr(c, "use_cache", None), bool)}
+    saved = [(c, c.use_cache) for c in configs.values()]
+    try:
+        for c, _ in saved:
+            c.use_cache = False
+        with eval_mode(model), torch.no_grad():
+            yield
+    finally:
+        for c, flag in saved:
+            c.use_cache = flag
+
+
 class _Stop(Exception):
     """Ends a calibration forward once the captured layers have all run."""
 
@@ -167,6 +230,7 @@ class Calibration:
         if not self.inputs:
             raise PrunekitError("the calibration data holds no example: pass at least one batch")
         self.samples = sum(int(x.shape[0]) for x in self.inputs)
+        self.blocks = None  # the transformer blocks while the sequential pass runs them on cached inputs
         self.order: list[int] = []  # layer indices in the order of their first call
         self.calls: dict[int, int] = {}  # calls per forward
 
@@ -191,6 +255,96 @@ class Calibration:
         for i in self.order:
             out.setdefault(keys[i], []).append(i)
         return list(out.values())
+
+    # ------------------------------------------------------------------------------------- block-input cache
+    #: Hugging Face models: the sequential pass runs each transformer block alone on its cached inputs (one block
+    #: per group instead of the model up to it), when :meth:`prepare_blocks` verifies that this is the same
+    #: computation. False: always re-run the model (tests compare the two).
+    block_cache = True
+
+    def prepare_blocks(self, groups: list[list[int]]) -> bool:
+        """Switch the sequential pass to cached block inputs when every group is one transformer block, the blocks
+        run once each in group order, each block's output is the next one's input, and they all get the same other
+        arguments (checked on the first calibration batch). Then one pass stopped at the first block caches its
+        inputs for every batch. Returns whether the cache is in use."""
+        self.blocks = None
+        if not self.block_cache or not contains_hf_model(self.model) or len(groups) < 2:
+            return False
+        keys = group_keys(self.model, self.layers)
+        names = [keys[g[0]] for g in groups]
+        if any(keys[i] != names[k] for k, g in enumerate(groups) for i in g) or any(
+                n == self.layers[g[0]].name for n, g in zip(names, groups)):
+            return False  # a layer outside the blocks
+        try:
+            blocks = [self.model.get_submodule(n) for n in names]
+        except AttributeError:
+            return False
+        seen: list = []
+
+        def pre(k):
+            def hook(mod, args, kwargs):
+                seen.append(("in", k, args, kwargs))
+            return hook
+
+        def post(k):
+            def hook(mod, args, kwargs, out):
+                seen.append(("out", k, out))
+            return hook
+
+        handles = [b.register_forward_pre_hook(pre(k), with_kwargs=True) for k, b in enumerate(blocks)]
+        handles += [b.register_forward_hook(post(k), with_kwargs=True) for k, b in enumerate(blocks)]
+        try:
+            with calibrating(self.model):
+                call(self.model, self.inputs[0])
+        finally:
+            for h in handles:
+                h.remove()
+        expect = [(t, k) for k in range(len(blocks)) for t in ("in", "out")]
+        if [(e[0], e[1]) for e in seen] != expect:
+            return False
+        ins = [e for e in seen if e[0] == "in"]
+        outs = [e[2] for e in seen if e[0] == "out"]
+        for k in range(len(blocks) - 1):
+            hidden = _hidden(ins[k + 1][2], ins[k + 1][3])
+            if hidden is None or not _same(_first(outs[k]), hidden) or not _same_args(ins[k], ins[k + 1]):
+                return False
+        cache = []
+
+        def grab(mod, args, kwargs):
+            cache.append((args, kwargs))
+            raise _Stop
+
+        h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with calibrating(self.model):
+                for x in self.inputs:
+                    try:
+                        call(self.model, x)
+                    except _Stop:
+                        pass
+        finally:
+            h.remove()
+        self.blocks, self.block_inputs, self.block_index = blocks, cache, 0
+        return True
+
+    def _run_block(self):
+        block = self.blocks[self.block_index]
+        with calibrating(self.model):
+            return [block(*a, **kw) for a, kw in self.block_inputs]
+
+    def advance(self) -> None:
+        """After the current block's layers are pruned: its outputs become the next block's cached inputs."""
+        if self.blocks is None:
+            return
+        outs = self._run_block()
+        nxt = []
+        for (a, kw), out in zip(self.block_inputs, outs):
+            h = _first(out)
+            if a:
+                nxt.append(((h,) + tuple(a[1:]), kw))
+            else:
+                nxt.append((a, {**kw, "hidden_states": h}))
+        self.block_inputs, self.block_index = nxt, self.block_index + 1
 
     def capture(self, which: Sequence[int], fn: Callable[[int, torch.Tensor], None], *, record: bool = False,
                 stop: bool = True) -> None:
@@ -217,12 +371,17 @@ class Calibration:
 
         idx = range(len(self.layers)) if record else sorted(targets)
         handles = [self.layers[i].module.register_forward_pre_hook(hook(i), with_kwargs=True) for i in idx]
+        if self.blocks is not None and not record:  # the current block alone, on its cached inputs
+            block = self.blocks[self.block_index]
+            runs = [lambda a=a, kw=kw: block(*a, **kw) for a, kw in self.block_inputs]
+        else:
+            runs = [lambda x=x: call(self.model, x) for x in self.inputs]
         try:
-            with eval_mode(self.model), torch.no_grad():
-                for x in self.inputs:
+            with calibrating(self.model):
+                for run in runs:
                     count.clear()
                     try:
-                        call(self.model, x)
+                        run()
                     except _Stop:
                         pass
                     if recording[0]:
