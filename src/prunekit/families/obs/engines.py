@@ -263,6 +263,12 @@ class ShermanMorrisonFactor(BlockFactor):
                 Finv[:, a:b].baddbmm_(vs[:, a:b], vt, alpha=-1.0)
         self.Finv, self.fro2 = Finv, fro2
 
+    @classmethod
+    def from_inverse(cls, Finv: torch.Tensor, fro2: torch.Tensor, lam: float, n: int) -> "ShermanMorrisonFactor":
+        """The factor of inverses computed elsewhere (the streamed Fisher): ``Finv`` [nb, c, c] = (λI + GᵀG/n)⁻¹
+        per block and ``fro2`` [nb] = ‖G_B‖_F² (for the lower bound of the diagonal)."""
+        return _rebuild(cls, lam=float(lam), n=int(n), c=Finv.shape[-1], Finv=Finv, fro2=fro2)
+
     def diag(self, G: torch.Tensor | None = None) -> torch.Tensor:
         out = self.Finv.diagonal(dim1=-2, dim2=-1).to(F64)
         return torch.maximum(out, self._floor()[:, None]).clamp_(max=1.0 / self.lam)

@@ -40,7 +40,7 @@ from ...modes import model_device, scoring_mode
 from ...registry import PruningMethod, ScoreContext, register
 from . import planner as _planner
 from .blocks import BlockBatch, BlockLayout, make_layout
-from .engines import ShermanMorrisonFactor, _rebuild, cholesky, block_factor
+from .engines import ShermanMorrisonFactor, cholesky, block_factor
 from .gradients import gradient_matrix, mean_gradient, per_example_activation_bytes
 
 log = logging.getLogger("prunekit.obs")
@@ -72,7 +72,9 @@ class OBSOptions:
     FLOPs (§6): ``flops_power`` p divides ρ by φ_ℓ^p (φ_ℓ = nnz_ℓ·P_ℓ MACs, or P_ℓ with ``flops_per_param``);
     ``input_shape`` for the FLOPs count (default: ``model.input_shape``).
     Memory (§9): ``memory_limit`` bytes (default 70% of available RAM, 90% of free CUDA memory); ``grad_device``,
-    ``factor_device``, ``compute_device`` (e.g. ``cpu`` to offload); ``cache_factors`` auto | always | never.
+    ``factor_device``, ``compute_device`` (e.g. ``cpu`` to offload); ``cache_factors`` auto | always | never. When
+    the gradient matrix does not fit but the block inverses do, the step streams the gradients into the inverses
+    (G never stored; not with ``centered`` or ``update: joint``; see :mod:`.planner`).
     """
 
     fisher_samples: int = 1000
@@ -386,8 +388,7 @@ def _streamed_statistics(ctx: ScoreContext, layout: BlockLayout, mplan, *, taylo
         warnings.warn(f"data holds {rows * o.fisher_batch} examples, fewer than fisher_samples × fisher_batch = "
                       f"{N} × {o.fisher_batch}: the streamed Fisher normalizes by N = {N}; pass fisher_samples="
                       f"{rows} for the mean over the gradients read", stacklevel=4)
-    factors = [_rebuild(ShermanMorrisonFactor, lam=lam, n=N, c=b.size, Finv=f, fro2=r)
-               for b, f, r in zip(batches, finv, fro2)]
+    factors = [ShermanMorrisonFactor.from_inverse(f, r, lam, N) for f, r in zip(finv, fro2)]
     gbar = h = None
     if taylor:
         if o.grad_samples is not None:
