@@ -13,7 +13,11 @@ With ``--quality``, each pruned model is also compared with the dense one on hel
 drawn like the calibration set): the relative output error ‖f(x) − f̂(x)‖/‖f(x)‖ (MiniLM: the last hidden state;
 LeNet: the logits).
 
+``--sweep 128,1024,4096``: instead, LeNet-300-100 pruned to 50% by sparsegpt, wanda and magnitude with that many
+calibration images, and the output error on 256 held-out images (the rank-deficient-Hessian check).
+
     OMP_NUM_THREADS=1 python bench/bench_layerwise.py [--threads 1] [--models lenet,minilm] [--repeat 2] [--quality]
+    OMP_NUM_THREADS=1 python bench/bench_layerwise.py --sweep 128,1024,4096
 """
 from __future__ import annotations
 
@@ -73,6 +77,33 @@ def forward_time(model, data) -> float:
         return time.perf_counter() - t
 
 
+def sweep(sizes: list[int]) -> None:
+    from prunekit.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("lenet_300_100").eval()
+    g = torch.Generator().manual_seed(0)
+    held = torch.randn(256, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        dense = model(held)
+    for n in sizes:
+        data = [(torch.randn(128, 1, 28, 28, generator=g), torch.zeros(128, dtype=torch.long))
+                for _ in range(max(1, n // 128))]
+        errs = []
+        for code in ("sparsegpt", "wanda", "magnitude"):
+            m = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if code == "magnitude":
+                    pk.prune(m, code, sparsity=0.5, scope="layer")
+                else:
+                    pk.prune(m, code, sparsity=0.5, data=data)
+            with torch.no_grad():
+                errs.append(float((m(held) - dense).norm() / dense.norm()))
+        print(f"{n} calibration images: output error sparsegpt / wanda / magnitude = "
+              + " / ".join(f"{e:.3f}" for e in errs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -80,8 +111,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--sweep", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.sweep:
+        sweep([int(v) for v in a.sweep.split(",")])
+        return
     rows = []
     for name in a.models.split(","):
         try:

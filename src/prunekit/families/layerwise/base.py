@@ -10,7 +10,9 @@ One :func:`prunekit.prune` round of a layer-wise method:
 2. **select**: the method's own layer-wise solve, at the round's sparsity. ``sequential: true`` goes through the
    groups in forward order (one per transformer block of a Hugging Face model, else one per layer): each group's
    inputs are captured with every earlier group already pruned (and, for SparseGPT, reconstructed) in the model,
-   then its layers are solved. ``sequential: false`` solves every layer on the inputs of the unpruned model. The
+   then its layers are solved (for a Hugging Face model whose blocks allow it, each block runs alone on its
+   cached inputs, the previous pruned block's outputs: :meth:`~.calibration.Calibration.prepare_blocks`).
+   ``sequential: false`` solves every layer on the inputs of the unpruned model. The
    model's weights are restored before select returns (``try/finally``); the solved weights are kept on the method
    object.
 3. **update**: SparseGPT writes its reconstructed weights; ``prune`` then applies the masks.
@@ -244,7 +246,7 @@ class LayerwiseMethod(PruningMethod):
                 if cached and gi + 1 < len(groups):
                     self.calib.advance()
         finally:
-            self.calib.blocks = None
+            self.calib.blocks, self.calib.block_inputs = None, []  # the cached hidden states go
             with torch.no_grad():
                 for L in self.layers:
                     L.param.tensor.copy_(backup[L.name])

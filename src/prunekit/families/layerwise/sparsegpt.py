@@ -32,8 +32,10 @@ semi-structured variant: at every M-th column the N of the next M columns of lar
 layer) the outputs of the groups already pruned and reconstructed.
 
 Cost: per layer O(d³) for the factorisation plus O(r·d²) for the sweep (d input columns, r rows); calibration is one
-forward pass for the scores plus one pass per group (each stopped after the group's last layer): about
-(groups + 1)/2 + 1 forwards over the calibration set when sequential. Memory: one group's Hessians at a time
+forward pass for the scores plus, when sequential, one pass per group stopped after the group's last layer (about
+(groups + 1)/2 forwards), or for a Hugging Face model whose blocks pass the check of
+:meth:`~.calibration.Calibration.prepare_blocks` each block run twice on its cached inputs (about 2 forwards,
+whatever the depth; the cache holds one hidden state per calibration token). Memory: one group's Hessians at a time
 (sequential), d² values per layer and convolution group, plus two d×d working matrices; the plan is checked before
 any forward (:meth:`~.base.LayerwiseMethod.plan`).
 

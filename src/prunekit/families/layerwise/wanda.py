@@ -20,8 +20,9 @@ Comparison group (``compare``), the paper's §3 ("per output"):
 Wanda reference code does for LLaMA). ``pattern="N:M"``: N of every M consecutive input columns per row (the
 paper's semi-structured 2:4 / 4:8 setting).
 
-Cost: one forward pass over the calibration set (non-sequential); sequential runs one more pass per group, each
-stopped after the group's last layer.
+Cost: one forward pass over the calibration set (non-sequential); sequential runs one more pass per group after the
+first, each stopped after the group's last layer (a Hugging Face model: its blocks alone on cached inputs, as for
+sparsegpt).
 """
 from __future__ import annotations
 
