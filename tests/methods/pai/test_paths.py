@@ -563,3 +563,26 @@ def test_px_and_synflow_on_efficientnet_lite0_keep_exact_counts(method):
     assert masks.kept() == pk.keep_count(masks.total(), 0.8)
     for p in masks.params:
         assert bool((p.tensor[~masks.as_dict()[p.name]] == 0).all())
+
+
+def test_px_and_synflow_on_gpt2_conv1d_equal_the_transposed_linear():
+    """GPT-2's Conv1D (y = x·W + b, W stored (in, out)) is a path layer like a Linear with weight Wᵀ: PX and
+    SynFlow give the Linear's scores, transposed."""
+    transformers = pytest.importorskip("transformers")
+    Conv1D = transformers.pytorch_utils.Conv1D
+    torch.manual_seed(2)
+    lin = chain([5, 7, 3], bias=True)
+    conv = nn.Sequential(Conv1D(7, 5), nn.ReLU(), Conv1D(3, 7))
+    with torch.no_grad():
+        for c, l in zip([conv[0], conv[2]], linears(lin)):
+            c.weight.copy_(l.weight.t())
+            c.bias.copy_(l.bias)
+    lin.input_shape = conv.input_shape = (5,)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    for method, data in (("px", [(x, None)]), ("synflow", None)):
+        a = pk.score(lin, method, data=data, dtype="float64")
+        b = pk.score(conv, method, data=data, dtype="float64")
+        assert list(b) == ["0.weight", "2.weight"]
+        for n in a:
+            assert float(a[n].max()) > 0
+            torch.testing.assert_close(b[n], a[n].t(), rtol=1e-12, atol=0)
