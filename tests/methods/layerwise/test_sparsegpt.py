@@ -18,16 +18,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 
 
-def reference(W, H, sparsity, block, damp=0.01):
+def reference(W, H, sparsity, block, damp=0.01, nm=None):
     """SparseGPT written plainly: columns left to right; at each block start, the block keeps the entries of
     largest w_c² / [(H_{c:,c:})⁻¹]_00 (the OBS error with the inverse Hessian of the columns not yet processed);
-    each pruned weight of column j moves the rest of its row by the OBS update with inv(H[j:, j:])."""
+    each pruned weight of column j moves the rest of its row by the OBS update with inv(H[j:, j:]). ``nm=(N, M)``:
+    at every M-th column, each row keeps the N of the next M columns of largest error instead."""
     H = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
     W = W.clone()
     r, d = W.shape
     keep = torch.zeros(r, d, dtype=torch.bool)
     for j in range(d):
-        if j % block == 0:
+        if nm is not None and j % nm[1] == 0:
+            cols = list(range(j, j + nm[1]))
+            err = torch.stack([W[:, c] ** 2 / torch.linalg.inv(H[c:, c:])[0, 0] for c in cols], 1)
+            for i in range(r):
+                keep[i, [cols[t] for t in torch.argsort(err[i], descending=True)[:nm[0]].tolist()]] = True
+        if nm is None and j % block == 0:
             cols = list(range(j, min(j + block, d)))
             err = torch.stack([W[:, c] ** 2 / torch.linalg.inv(H[c:, c:])[0, 0] for c in cols], 1)
             k = round((1 - sparsity) * err.numel())
@@ -63,6 +69,19 @@ def test_the_fast_algorithm_matches_the_plain_reference_in_float64():
             assert torch.equal(kf, kr), (block, s)
             assert torch.allclose(Wf, Wr, atol=1e-8, rtol=0), (block, s, float((Wf - Wr).abs().max()))
             assert bool((Wf[~kf] == 0).all())
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_the_n_m_variant_matches_the_plain_reference_in_float64(nm):
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(5, 32, generator=g, dtype=F64)
+    X = correlated_inputs(200, 32, seed=7)
+    H = 2 * X.T @ X / X.shape[0]
+    Wr, kr = reference(W, H, 1 - nm[0] / nm[1], 16, nm=nm)
+    Wf, kf = sparsegpt_matrix(W, inverse_factor(H, 0.01), torch.ones_like(kr), None, 16, pattern=nm)
+    assert torch.equal(kf, kr)
+    assert torch.allclose(Wf, Wr, atol=1e-8, rtol=0), float((Wf - Wr).abs().max())
+    assert bool((kf.reshape(5, -1, nm[1]).sum(2) == nm[0]).all())
 
 
 def linear_model(d_in=32, d_out=8, seed=0):

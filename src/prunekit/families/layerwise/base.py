@@ -183,16 +183,16 @@ class LayerwiseMethod(PruningMethod):
             return -1  # the pattern decides
         return min(keep_count(n, sparsity), int(alive.sum()))
 
-    def column_norms(self, which) -> dict[int, torch.Tensor]:
-        """‖X_j‖₂² per layer in ``which`` as [G, cols] (float64), from one capture pass."""
+    def column_norms(self, which, record: bool = False) -> dict[int, torch.Tensor]:
+        """‖X_j‖₂² per layer in ``which`` as [G, cols] (float64, on the CPU), from one capture pass (``record``:
+        the pass also records the forward order)."""
         dt = self._dtype
         sq = {i: torch.zeros(self.layers[i].groups, self.layers[i].cols, dtype=torch.float64) for i in which}
 
         def add(i, x):
-            X = self.layers[i].inputs(x, dt)
-            sq[i] += X.square().sum(0).double().cpu()
+            sq[i] += self.layers[i].inputs(x, dt).square().sum(0).double().cpu()
 
-        self.calib.capture(which, add)
+        self.calib.capture(list(sq), add, record=record)
         distributed.all_sum(*sq.values())  # DDP: the column norms of every rank's batches
         return sq
 
@@ -208,15 +208,7 @@ class LayerwiseMethod(PruningMethod):
         self.memory = self.plan(ctx)
         log.info(self.memory.summary())
         self.calib = Calibration(ctx.model, self.layers, ctx.data)
-        dt = self._dtype
-        sq = {i: torch.zeros(L.groups, L.cols, dtype=torch.float64) for i, L in enumerate(self.layers)}
-
-        def add(i, x):
-            sq[i] += self.layers[i].inputs(x, dt).square().sum(0).double().cpu()
-
-        self.calib.capture(range(len(self.layers)), add, record=True)
-        distributed.all_sum(*sq.values())  # DDP: the column norms of every rank's batches
-        self.norms = sq
+        self.norms = sq = self.column_norms(range(len(self.layers)), record=True)
         return {L.name: self.wanda_scores(L, sq[i]) for i, L in enumerate(self.layers)}
 
     def wanda_scores(self, layer: Layer, sq: torch.Tensor) -> torch.Tensor:
