@@ -27,6 +27,7 @@ OPTIONS = {
     "diagfisher": {"diag_fisher_samples": 600},
     "naivehess": {"hess_samples": 300, "hess_batch": 50},
     "kfac": {"kfac_samples": 400, "kfac_batch": 50},
+    "sparsegpt": {}, "wanda": {}, "obc": {},
 }
 OBS = {"fisher_samples": 64, "max_micro_batch": 16, "block_size": 40}
 OBS_OVERRIDES = {"woodfisher": {"block_size": None}, "woodtaylor": {"block_size": None},

@@ -193,7 +193,7 @@ class LayerwiseMethod(PruningMethod):
             sq[i] += self.layers[i].inputs(x, dt).square().sum(0).double().cpu()
 
         self.calib.capture(list(sq), add, record=record)
-        distributed.all_sum(*sq.values())  # DDP: the column norms of every rank's batches
+        distributed.all_sum(*sq.values())  # DDP: each rank's share of the batches, summed
         return sq
 
     # ------------------------------------------------------------------------------------------ the protocol

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import distributed
 from ...batches import DictInputs, LABELS, call
 from ...errors import PrunekitError
 from ...modes import eval_mode, model_device
@@ -317,7 +318,7 @@ class Calibration:
         h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with calibrating(self.model):
-                for x in self.inputs:
+                for x in distributed.mine(self.inputs):  # DDP: the blocks run on this rank's batches only
                     try:
                         call(self.model, x)
                     except _Stop:
@@ -356,6 +357,7 @@ class Calibration:
         count: collections.Counter = collections.Counter()
         first: list[int] = []
         recording = [record]
+        mine = [True]  # DDP: this rank's share of the batches (the statistics are summed over the ranks after)
 
         def hook(i):
             def pre(mod, args, kwargs):
@@ -363,7 +365,8 @@ class Calibration:
                 if recording[0]:
                     first.append(i)
                 if i in targets:
-                    fn(i, x)
+                    if mine[0]:
+                        fn(i, x)
                     count[i] += 1
                     if stop and not recording[0] and all(count[j] >= self.calls[j] for j in targets):
                         raise _Stop
@@ -371,14 +374,17 @@ class Calibration:
 
         idx = range(len(self.layers)) if record else sorted(targets)
         handles = [self.layers[i].module.register_forward_pre_hook(hook(i), with_kwargs=True) for i in idx]
-        if self.blocks is not None and not record:  # the current block alone, on its cached inputs
+        if self.blocks is not None and not record:  # the current block alone, on its cached inputs (this rank's)
             block = self.blocks[self.block_index]
-            runs = [lambda a=a, kw=kw: block(*a, **kw) for a, kw in self.block_inputs]
+            runs = [(True, lambda a=a, kw=kw: block(*a, **kw)) for a, kw in self.block_inputs]
         else:
-            runs = [lambda x=x: call(self.model, x) for x in self.inputs]
+            runs = [(distributed.owns(b), lambda x=x: call(self.model, x)) for b, x in enumerate(self.inputs)]
         try:
             with calibrating(self.model):
-                for run in runs:
+                for own, run in runs:
+                    if not own and not recording[0]:
+                        continue
+                    mine[0] = own
                     count.clear()
                     try:
                         run()

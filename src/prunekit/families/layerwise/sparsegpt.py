@@ -158,7 +158,7 @@ class SparseGPT(LayerwiseMethod):
 
         self.calib.capture(group, add)
         last.clear()
-        # DDP: the statistics of every rank's calibration batches, summed, so that every rank solves the same H
+        # DDP: each rank saw its share of the batches (Calibration.capture); the sums make every rank's H the same
         summed = distributed.all_sum_optional([H[i] for i in group])
         tokens = {i: distributed.sum_int(n[i]) for i in group}
         few = [i for i in group if tokens[i] < self.layers[i].cols]
