@@ -181,7 +181,10 @@ class GramFactor(BlockFactor):
         GV = torch.zeros(nb, N, V.shape[-1], dtype=F64, device=G.device)
         for a, b in _col_chunks(c, self.col_chunk):
             GV.baddbmm_(self._g64(G, a, b), V[:, a:b])
-        T = torch.cholesky_solve(GV, self.L)  # K⁻¹ G V
+        if GV.shape[-1] >= N:
+            T = torch.cholesky_solve(GV, self.L)  # K⁻¹ G V
+        else:  # few right-hand sides on many small blocks: the explicit K⁻¹ and a batched product are faster
+            T = torch.bmm(torch.cholesky_inverse(self.L), GV)
         out = V.clone()
         for a, b in _col_chunks(c, self.col_chunk):
             out[:, a:b].baddbmm_(self._g64(G, a, b).transpose(1, 2), T, alpha=-1.0)
