@@ -106,3 +106,23 @@ def test_global_comparison_needs_the_one_pass_score():
     with pytest.raises(pk.PrunekitError, match="compare: global ranks every layer at once, so it needs "
                                                "sequential: false"):
         pk.prune(mlp(), "wanda", sparsity=0.5, data=data(), compare="global", sequential=True)
+
+
+def test_budgets_add_up_exactly_within_capacities():
+    from prunekit.families.layerwise.quotas import allocate
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        size = torch.randint(1, 20, (n,), generator=g).tolist()
+        cap = [int(torch.randint(0, s + 1, (1,), generator=g)) for s in size]
+        k = int(torch.randint(0, sum(cap) + 1, (1,), generator=g))
+        q = allocate(cap, size, k)
+        assert sum(q) == k and all(0 <= a <= c for a, c in zip(q, cap)), (cap, size, k, q)
+        free = [i for i in range(n) if q[i] < cap[i]]  # parts below their cap got within 1 of a common share
+        if len(free) > 1:
+            shares = [q[i] / size[i] for i in free]
+            assert max(shares) - min(shares) < 2 * max(1 / size[i] for i in free), (cap, size, k, q)
+    assert allocate([5, 5, 5], [10, 10, 10], 7) == [3, 2, 2]  # remainder to the lower index
+    with pytest.raises(ValueError, match="only 3 are alive"):
+        allocate([1, 2], [4, 4], 4)
