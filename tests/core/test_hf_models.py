@@ -370,3 +370,33 @@ def test_dict_batches_give_the_scores_of_the_same_model_on_tensor_batches(method
         ref = want["inner." + k]
         assert float(ref.abs().max()) > 0
         torch.testing.assert_close(got[k], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_woodfisherblock_on_the_real_minilm():
+    """The fetched MiniLM (skipped when absent): woodfisherblock (blocks of 50, the oBERT block size) with 8
+    gradients of dict batches keeps exactly half of its 10,616,832 block weights; pruned weights are 0 and the
+    embeddings, LayerNorm and head are unchanged (about 30 s on 2 CPU threads, docs/transformers.md)."""
+    from prunekit.hf import load_hf
+    from prunekit.models.fetch import minilm_path
+
+    try:
+        folder = minilm_path()
+    except PrunekitError:
+        pytest.skip("MiniLM is not fetched (prunekit models fetch minilm)")
+    model = load_hf(folder, task="sequence-classification", num_labels=2).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1000, 30000, (4, 64), generator=g),
+             "attention_mask": torch.ones(4, 64, dtype=torch.long), "labels": torch.randint(0, 2, (4,), generator=g)}
+            for _ in range(2)]
+    before = _state(model)
+    masks = pk.prune(model, "woodfisherblock", 0.5, data, fisher_samples=8, block_size=50)
+    assert masks.total() == 10_616_832 and len(masks.names()) == 36
+    assert masks.kept() == pk.keep_count(masks.total(), 0.5)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k in masks.as_dict():
+            assert bool((after[k][~masks.as_dict()[k]] == 0).all()), k
+        else:
+            assert torch.equal(after[k], v), k
