@@ -52,7 +52,22 @@ class DictInputs:
 
     @staticmethod
     def cat(parts: list["DictInputs"]) -> "DictInputs":
-        return DictInputs({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+        """The parts' examples in one DictInputs; a PrunekitError when their keys or per-example shapes differ
+        (dict batches padded to different sequence lengths cannot be regrouped)."""
+        keys = list(parts[0].tensors)
+        for p in parts[1:]:
+            if list(p.tensors) != keys:
+                raise PrunekitError(f"dict batches with different keys cannot be regrouped: {keys} and "
+                                    f"{list(p.tensors)}")
+            for k in keys:
+                a, b = parts[0].tensors[k], p.tensors[k]
+                if a.shape[1:] != b.shape[1:]:
+                    raise PrunekitError(
+                        f"dict batches of different shapes cannot be regrouped into one batch: {k!r} is "
+                        f"{tuple(a.shape)} in one batch and {tuple(b.shape)} in another; pad every batch to one "
+                        "sequence length (e.g. the tokenizer's padding='max_length'), or set the method's batch size "
+                        "to the size of your batches")
+        return DictInputs({k: torch.cat([p.tensors[k] for p in parts]) for k in keys})
 
 
 def call(model, x):

@@ -400,3 +400,11 @@ def test_woodfisherblock_on_the_real_minilm():
             assert bool((after[k][~masks.as_dict()[k]] == 0).all()), k
         else:
             assert torch.equal(after[k], v), k
+
+
+def test_dict_batches_of_different_lengths_cannot_be_regrouped_clearly():
+    """grasp regroups examples into batches of batch_size: batches padded to different lengths are refused by name."""
+    data = bert_batches(1, length=8) + bert_batches(1, length=6)
+    with pytest.raises(PrunekitError, match=r"'input_ids' is \(3, 8\) in one batch and \(3, 6\) in another; pad"):
+        pk.score(tiny_bert(), "grasp", data)
+    pk.score(tiny_bert(), "grasp", data, batch_size=3)  # batches kept as given: fine
