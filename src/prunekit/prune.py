@@ -20,6 +20,7 @@ from . import distributed
 from .errors import PrunekitError, closest
 from .masks import ExistingZerosWarning, Masks
 from .params import ParamSpec, prunable_params
+from .patterns import Pattern, check_layers, parse_pattern, select_nm
 from .registry import MethodInfo, ScoreContext, default_loss, get_method
 from .registry import methods as _methods
 from .select import check_sparsity, keep_count, select
@@ -40,6 +41,13 @@ class PruneOptions:
     - ``exclude``, ``exclude_first``, ``exclude_output``, ``include_bias``, ``modules``, ``targets``, ``ignore``:
       which tensors are prunable (see :class:`prunekit.params.ParamSpec`; ``targets`` / ``ignore`` take module-name
       patterns, ``"re:<regex>"`` or an exact module or class name).
+    - ``pattern``: None (unstructured) or ``"N:M"`` (``"2:4"``, ``"4:8"``): N kept in every group of M consecutive
+      weights along each layer's input dimension (:mod:`prunekit.patterns`). The sparsity is then 1 − N/M (leave
+      it out, or give exactly that); ``scope`` does not apply (the choice is within each group) and
+      ``min_keep_per_layer`` is refused. Rounds and gradual schedules step through n:M, n from M down to N, so
+      every step's mask is a valid pattern and the masks are nested. Methods that choose their masks with their
+      own rule (structured, ``sipp``, ``obc``, the IMP codes) refuse it; ``sparsegpt`` and ``wanda`` apply it in
+      their own solve.
     """
 
     scope: Literal["global", "layer"] = "global"
@@ -55,12 +63,21 @@ class PruneOptions:
     modules: tuple[str, ...] | None = None
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] | None = None
+    pattern: str | int | None = None  # int only to explain an unquoted YAML 2:4 (read as the number 124)
 
     def validate(self, path: str, error) -> None:
         if self.rounds is not None and self.rounds < 1:
             raise error(f"rounds must be at least 1, got {self.rounds}")
         if self.min_keep_per_layer < 0:
             raise error(f"min_keep_per_layer must be >= 0, got {self.min_keep_per_layer}")
+        if parse_pattern(self.pattern, error) is not None and self.min_keep_per_layer:
+            raise error(f"min_keep_per_layer does not apply with pattern {self.pattern} (every group of M keeps N "
+                        "weights, so no layer can collapse): remove it")
+
+    @property
+    def nm(self) -> Pattern | None:
+        """The parsed ``pattern`` (None: unstructured)."""
+        return parse_pattern(self.pattern)
 
     def param_spec(self) -> ParamSpec:
         return ParamSpec(exclude=self.exclude, exclude_first=self.exclude_first, exclude_output=self.exclude_output,
@@ -87,6 +104,33 @@ def resolve_sparsity(sparsity=None, density=None, compression=None, default: flo
             raise PrunekitError(f"compression {compression!r} must be >= 0 (density = 10^-compression)")
         return check_sparsity(1.0 - 10.0 ** (-c))
     return check_sparsity(default if sparsity is None else sparsity)
+
+
+def pattern_sparsity(pattern, sparsity=None, density=None, compression=None) -> float:
+    """The sparsity of a call with ``pattern`` (``"N:M"``): 1 − N/M when none of sparsity / density / compression
+    is given; a given one must be a level of the pattern, 1 − n/M with N <= n <= M (the final N:M, or an
+    intermediate n:M step of a schedule), else a PrunekitError saying which to ask for."""
+    pat = parse_pattern(pattern)
+    if sparsity is None and density is None and compression is None:
+        return pat.sparsity
+    s = resolve_sparsity(sparsity, density, compression)
+    return pat.level_sparsity(pat.level(s))
+
+
+def check_pattern_method(info: MethodInfo) -> None:
+    """A PrunekitError when ``info``'s method cannot follow an N:M pattern: the IMP codes, structured methods and
+    methods with their own selection that do not declare ``supports_pattern`` (a class attribute of the method
+    class, set by the layer-wise methods that apply the pattern in their solve)."""
+    use = "use a method that scores single weights (magnitude, snip, fts, woodfisher…, sparsegpt, wanda)"
+    if info.kind == "levels":
+        raise PrunekitError(f"method {info.name!r} is an IMP code: it prunes between training levels with its own "
+                            f"rule, which does not follow N:M patterns; {use}")
+    if info.structured:
+        raise PrunekitError(f"method {info.name!r} is structured: it removes whole filters/channels, so an N:M "
+                            f"pattern (N of every M single weights) does not apply; {use}")
+    if info.select is not None and not getattr(info.factory, "supports_pattern", False):
+        raise PrunekitError(f"method {info.name!r} ({info.family}) chooses its masks with its own rule, which does "
+                            f"not follow N:M groups (pattern is not implemented for it); {use}")
 
 
 def round_sparsities(sparsity: float, rounds: int, schedule: str = "exponential", start: float = 0.0) -> list[float]:
@@ -127,6 +171,8 @@ def split_options(info: MethodInfo, options: dict) -> tuple[PruneOptions, object
     elif common_kw.get("scope") is None:
         common_kw.pop("scope", None)
     common = from_dict(PruneOptions, common_kw, error=PrunekitError)
+    if common.pattern is not None and info.kind != "dense":  # the dense baseline prunes nothing: any pattern holds
+        check_pattern_method(info)
     method_opts = info.make_options(**{k: v for k, v in options.items() if k in own})
     return common, method_opts
 
@@ -251,21 +297,31 @@ def prune(
     every layer's existing zeros, so such a layer ends sparser than asked). Pass ``masks=`` to choose the starting
     masks yourself.
 
+    ``pattern="N:M"`` (a :class:`PruneOptions` field): N kept in every group of M along each layer's input
+    dimension; the sparsity is then 1 − N/M and may be left out (:func:`pattern_sparsity`; ``rounds`` go through
+    the patterns n:M in between, see :mod:`prunekit.patterns`).
+
     Data-dependent methods check ``data`` before any scoring (first batch only, one small forward): batches of
     (inputs, targets) tensors, finite inputs, a model whose forward takes one input that fits them, class-index
     labels in range for the default loss, and a re-iterable when the method reads the data more than once
     (see :func:`check_data`).
     """
     check_model(model, "prune")
-    s = resolve_sparsity(sparsity, density, compression)
+    if options.get("pattern") is not None:
+        s = pattern_sparsity(options["pattern"], sparsity, density, compression)
+    else:
+        s = resolve_sparsity(sparsity, density, compression)
     step = PruningStep(model, method, data, masks, loss, {"scope": scope, **options})
     t0 = time.perf_counter()
+    nm = step.common.nm
     if step.prunes and s > 0:
-        if step.common.scope == "global" and step.method.select is None:
+        if step.common.scope == "global" and step.method.select is None and nm is None:
             _check_reachable(step.masks, s, step.given)
         step.check_data(step.rounds)
-        start = step.masks.sparsity() if step.common.scope == "global" else 0.0
+        start = step.masks.sparsity() if step.common.scope == "global" or nm is not None else 0.0
         for rnd, s_r in enumerate(round_sparsities(s, step.rounds, step.common.schedule, start=min(start, s)), start=1):
+            if nm is not None:  # the round's pattern n:M, n from M down to N (nested, each a valid pattern)
+                s_r = nm.level_sparsity(nm.nearest_level(s_r))
             ctx, scores = step.score(rnd)
             step.apply(ctx, step.choose(ctx, scores, s_r))
     masks, info = step.masks, step.info
@@ -303,6 +359,8 @@ class PruningStep:
         self.given = masks is not None
         self.masks = masks if masks is not None else starting_masks(model, self.common.param_spec(), action,
                                                                     stacklevel=4)
+        if self.common.nm is not None and action == "prune" and self.info.kind != "dense":
+            check_layers(self.masks.params, self.common.nm)  # every layer cut into groups of M, before any scoring
         self.data, self.loss = data, loss
         self.rounds = self.common.rounds or self.info.default_rounds
         self.prunes = self.info.kind != "dense"
@@ -319,9 +377,14 @@ class PruningStep:
         return ctx, scores
 
     def choose(self, ctx: ScoreContext, scores: dict, sparsity: float) -> dict:
+        c = self.common
+        if c.nm is not None:
+            n = c.nm.level(sparsity)  # a sparsity that is no level of the pattern is an error (e.g. a FLOPs search)
+            if self.method.select is not None:
+                return self.method.select(ctx, scores, sparsity)
+            return select_nm(scores, self.masks.as_dict(), self.masks.params, n, c.nm, nan_policy=c.nan_policy)
         if self.method.select is not None:
             return self.method.select(ctx, scores, sparsity)
-        c = self.common
         return select(scores, self.masks.as_dict(), sparsity, c.scope, min_keep_per_layer=c.min_keep_per_layer,
                       nan_policy=c.nan_policy)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
 
+from .errors import PrunekitError
+from .patterns import parse_pattern
 from .prune import prune
 from .registry import get_method
 from .train.callbacks import Callback
@@ -184,6 +186,12 @@ class PruningCallback(Callback):
     ``data(step)`` returns the scoring batches of pruning step ``step`` (0, 1, ...; built lazily, only when a
     method needs them; later steps draw fresh samples). Every pruning event is appended to ``self.events`` (epoch, method, sparsity reached, seconds, collapsed
     tensors), and restored on resume.
+
+    With ``pattern="N:M"`` in ``options`` the schedule's final sparsity must be 1 − N/M (a PrunekitError here
+    otherwise), and every step's sparsity s is moved to the nearest pattern level 1 − n/M, n = round((1 − s)·M)
+    clamped to [N, M] (:meth:`prunekit.patterns.Pattern.nearest_level`): the steps go through the patterns n:M
+    with n decreasing to N, each mask a valid pattern nested in the one before (a step at a level already reached
+    changes nothing).
     """
 
     def __init__(self, when, method: str, data: Callable[[int], Iterable] | None = None, loss=None,
@@ -191,6 +199,12 @@ class PruningCallback(Callback):
         self.when, self.method, self.data, self.loss, self.options = when, method, data, loss, options
         self.on_prune = on_prune
         self.events: list[dict] = []
+        self.nm = parse_pattern(options.get("pattern"))
+        if self.nm is not None:
+            final = max(when.events())[1]
+            if abs(final - self.nm.sparsity) > 1e-9:
+                raise PrunekitError(f"pattern {self.nm} prunes {self.nm.sparsity:g} of the weights, but the schedule "
+                                    f"ends at sparsity {final:g}: set the target sparsity to {self.nm.sparsity:g}")
 
     def on_epoch_begin(self, trainer, epoch: int) -> None:
         target = self.when.target(epoch)
@@ -200,6 +214,8 @@ class PruningCallback(Callback):
         current = trainer.masks.sparsity() if trainer.masks is not None else 0.0
         steps = self.when.substeps(current, target) if hasattr(self.when, "substeps") else [target]
         final = epoch == max(e for e, _ in self.when.events())
+        if self.nm is not None:  # each step at its pattern level n:M (n from M down to N)
+            steps = [self.nm.level_sparsity(self.nm.nearest_level(s)) for s in steps]
         for i, s in enumerate(steps):
             step = len(self.events)  # a fresh scoring draw for every pruning (sub-)step
             data = self.data(step) if (needs and self.data is not None) else None

@@ -65,7 +65,9 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return greater | (equal & (torch.cumsum(equal, 0) <= need))
 
 
-def _clean(name: str, s: torch.Tensor, nan_policy: str) -> torch.Tensor:
+def clean_scores(name: str, s: torch.Tensor, nan_policy: str) -> torch.Tensor:
+    """Scores as a floating tensor with NaN handled by ``nan_policy`` (``error`` raises naming ``name``,
+    ``lowest`` maps NaN to -inf)."""
     s = s.detach()
     if not torch.is_floating_point(s):
         s = s.double()
@@ -116,7 +118,7 @@ def select(
     if s == 0.0:
         return {n: alive[n].clone() for n in names}
 
-    clean = {n: _clean(n, scores[n], nan_policy) for n in names}
+    clean = {n: clean_scores(n, scores[n], nan_policy) for n in names}
     if scope == "layer":
         out = {}
         for n in names:

@@ -203,23 +203,52 @@ def test_nested_rounds_keep_exact_counts_per_layer_and_pruned_weights_stay_zero(
         assert bool(torch.isfinite(p.tensor).all())
 
 
-def test_two_four_keeps_two_of_every_four_columns_in_every_row():
+def test_two_four_keeps_two_of_every_four_input_channels_at_every_kernel_position():
     m = conv_net()
     masks = pk.prune(m, "sparsegpt", sparsity=0.5, data=conv_data(), pattern="2:4", block_size=16,
-                     ignore=["0"])  # the stem has 27 columns, not a multiple of 4
+                     ignore=["0"])  # the stem has 3 input channels, not a multiple of 4
     for p in masks.params:
-        k = masks[p.name].reshape(p.tensor.shape[0], -1)
-        assert bool((k.reshape(k.shape[0], -1, 4).sum(2) == 2).all()), p.name
+        k = masks[p.name]
+        if k.dim() == 4:  # conv: groups of 4 input channels at each (output channel, kernel position)
+            for o in range(k.shape[0]):
+                for c0 in range(0, k.shape[1], 4):
+                    for i in range(k.shape[2]):
+                        for j in range(k.shape[3]):
+                            assert int(k[o, c0:c0 + 4, i, j].sum()) == 2, (p.name, o, c0, i, j)
+        else:
+            assert bool((k.reshape(k.shape[0], -1, 4).sum(2) == 2).all()), p.name
+        assert bool((p.tensor.detach()[~k] == 0).all()), p.name
+
+
+def test_two_four_on_a_conv_is_the_plain_reference_on_channel_fastest_columns():
+    """One conv layer (8 input channels, 2×2 kernel): pk.prune with pattern 2:4 equals the plain reference run on
+    the im2col matrix with its columns in (kernel position, channel) order, mapped back to the weight."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(8, 3, 2)).double()
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(6, 8, 5, 5, generator=g, dtype=F64) for _ in range(2)]
+    data = [(x, torch.zeros(6, dtype=torch.long)) for x in xs]
+    W0 = m[0].weight.detach().clone()  # (3, 8, 2, 2)
+    # im2col by hand: column (t, c) = x[n, c, i + di, j + dj] with t = 2·di + dj
+    cols = [torch.stack([x[:, c, di:di + 4, dj:dj + 4].reshape(-1) for di in range(2) for dj in range(2)
+                         for c in range(8)], 1) for x in xs]
+    X = torch.cat(cols)  # [tokens, 32], order (t, c)
+    Wp = W0.permute(0, 2, 3, 1).reshape(3, 32)  # the same (t, c) order
+    Wr, kr = reference(Wp, 2 * X.T @ X / X.shape[0], 0.5, 16, nm=(2, 4))
+    masks = pk.prune(m, "sparsegpt", sparsity=0.5, data=data, pattern="2:4", block_size=16)
+    back = lambda t: t.reshape(3, 2, 2, 8).permute(0, 3, 1, 2)  # noqa: E731
+    assert torch.equal(masks["0.weight"], back(kr))
+    assert torch.allclose(m[0].weight.detach(), back(Wr), atol=1e-8, rtol=0)
 
 
 def test_refusals_are_clear():
     m = conv_net()
     with pytest.raises(pk.PrunekitError, match=r"pattern 2:4 prunes 0.5 of the weights: ask for sparsity=0.5"):
         pk.prune(m, "sparsegpt", sparsity=0.6, data=conv_data(), pattern="2:4", block_size=16, ignore=["0"])
-    with pytest.raises(pk.PrunekitError, match=r"'0.weight' has 27 input columns per row, not a multiple of 4"):
+    with pytest.raises(pk.PrunekitError, match=r"'0.weight' has 3 input channels, not a multiple of 4.*ignore="):
         pk.prune(m, "sparsegpt", sparsity=0.5, data=conv_data(), pattern="2:4", block_size=16)
     with pytest.raises(pk.PrunekitError, match=r"block_size 10 must be a multiple of M=4"):
-        pk.prune(m, "sparsegpt", sparsity=0.5, data=conv_data(), pattern="2:4", block_size=10)
+        pk.prune(m, "sparsegpt", data=conv_data(), pattern="2:4", block_size=10, ignore=["0"])
     t = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 10 * 10, 2))
     with pytest.raises(pk.PrunekitError, match=r"transposed convolution .*ignore="):
         pk.prune(t, "sparsegpt", sparsity=0.5, data=conv_data(), targets=["0", "2"])

@@ -19,9 +19,15 @@ One :func:`prunekit.prune` round of a layer-wise method:
 
 Budgets: a layer keeps k = min(round((1 − s)·n), alive) weights, exactly (prunekit's layer scope; registered with
 ``scope="layer"``). Weights pruned earlier (the masks given, or the model's exact zeros) stay pruned and count
-toward the target. ``pattern="N:M"``: in every row, each run of M consecutive columns (of the (rows, cols) matrix
-of :class:`~.calibration.Layer`) keeps min(N, alive) weights; the sparsity must then be 1 − N/M and the column
-count a multiple of M.
+toward the target.
+
+N:M patterns: the shared ``pattern`` option of :class:`prunekit.prune.PruneOptions` (one knob for every method;
+``supports_pattern`` lets it through to these methods' own selection). The groups are those of
+:mod:`prunekit.patterns`: M consecutive input columns of a row for Linear / GPT-2 Conv1D, M consecutive input
+channels at one kernel position for a convolution; for a convolution the layer's columns are put in (kernel
+position, channel) order for the whole solve (:meth:`~.calibration.Layer.channels_fastest`), so the groups are runs
+of M consecutive columns there too. In each group the min(n, alive) best weights are kept, n the round's level
+(N for a single round; :func:`prunekit.prune.prune` checks the layers and the sparsity before any forward).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import torch
 
 from ... import distributed
 from ...errors import PrunekitError
+from ...patterns import Pattern, keep_top_n
 from ...registry import PruningMethod, ScoreContext
 from ...select import check_sparsity, keep_count
 from .calibration import Calibration, Layer, as_layer, group_keys
@@ -40,56 +47,36 @@ log = logging.getLogger("prunekit.layerwise")
 FAMILY = "layer-wise reconstruction"
 
 
-def parse_pattern(pattern: str | None, error=PrunekitError) -> tuple[int, int] | None:
-    """``"N:M"`` → (N, M) with 0 < N < M; None stays None."""
-    if pattern is None:
-        return None
-    try:
-        n, m = (int(v) for v in str(pattern).split(":"))
-    except ValueError:
-        raise error(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}") from None
-    if not 0 < n < m:
-        raise error(f"pattern {pattern!r}: need 0 < N < M")
-    return n, m
-
-
 @dataclass(frozen=True)
 class LayerwiseOptions:
     """Options every layer-wise method has.
 
     - ``sequential``: calibrate each group of layers on the outputs of the groups already pruned (forward order).
-    - ``pattern``: ``"N:M"`` semi-structured sparsity (N kept in every M consecutive input columns of a row);
-      null = unstructured.
     - ``float64``: compute the statistics and the solve in float64 (always for float64 layers).
     - ``memory_limit``: bytes the calibration statistics may take (default: 70% of the available memory of the
       model's device).
     """
 
     sequential: bool = True
-    pattern: str | None = None
     float64: bool = False
     memory_limit: int | None = None
 
     def validate(self, path, error) -> None:
-        parse_pattern(self.pattern, error)
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise error(f"memory_limit must be a positive number of bytes, got {self.memory_limit}")
 
 
 def alive_matrices(layer: Layer, mask: torch.Tensor) -> torch.Tensor:
-    """A mask in the parameter's shape as [G, rows, cols] (bool)."""
+    """A mask in the parameter's shape as [G, rows, cols] (bool), in the layer's column order."""
     m = mask.t() if layer.kind == "conv1d_hf" else mask.reshape(mask.shape[0], -1)
-    return m.to(torch.bool).reshape(layer.groups, layer.rows, layer.cols)
+    return layer._cols(m.to(torch.bool).reshape(layer.groups, layer.rows, layer.cols))
 
 
 def nm_keep(scores: torch.Tensor, alive: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """[rows, cols] with cols % m == 0: in each row and each run of m columns, the min(n, alive) alive entries of
-    highest score (ties: the lower column)."""
+    highest score (ties: the lower column; :func:`prunekit.patterns.keep_top_n`)."""
     r, c = scores.shape
-    s = torch.where(alive, scores, torch.full_like(scores, -torch.inf)).reshape(r, c // m, m)
-    idx = torch.sort(s, dim=2, descending=True, stable=True).indices
-    top = torch.zeros_like(s, dtype=torch.bool).scatter_(2, idx[..., :n], True)
-    return top.reshape(r, c) & alive
+    return keep_top_n(scores.reshape(-1, m), alive.reshape(-1, m), n).reshape(r, c)
 
 
 def row_keep(scores: torch.Tensor, alive: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
@@ -124,6 +111,7 @@ class LayerwiseMethod(PruningMethod):
     one layer's statistic), :meth:`solve_group` and may set ``updates``."""
 
     updates = False  # the method writes reconstructed weights (SparseGPT)
+    supports_pattern = True  # applies the shared N:M pattern in its own selection (prunekit.prune.check_pattern_method)
 
     def __init__(self):
         self.layers: list[Layer] = []
@@ -174,14 +162,12 @@ class LayerwiseMethod(PruningMethod):
         return plan
 
     def keep_target(self, layer: Layer, alive: torch.Tensor, sparsity: float, pattern) -> int:
-        n = alive.numel()
         if pattern is not None:
-            N, M = pattern
-            if abs(sparsity - (1 - N / M)) > 1e-9:
-                raise PrunekitError(f"pattern {N}:{M} prunes {1 - N / M:g} of the weights: ask for sparsity="
-                                    f"{1 - N / M:g} (got {sparsity:g})")
             return -1  # the pattern decides
-        return min(keep_count(n, sparsity), int(alive.sum()))
+        return min(keep_count(alive.numel(), sparsity), int(alive.sum()))
+
+    def check_pattern(self, ctx: ScoreContext, pattern: Pattern) -> None:
+        """Refuse the method's options that do not combine with ``pattern`` (before any forward)."""
 
     def column_norms(self, which, record: bool = False) -> dict[int, torch.Tensor]:
         """‖X_j‖₂² per layer in ``which`` as [G, cols] (float64, on the CPU), from one capture pass (``record``:
@@ -199,11 +185,10 @@ class LayerwiseMethod(PruningMethod):
     # ------------------------------------------------------------------------------------------ the protocol
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         self.layers = [as_layer(p) for p in ctx.params]
-        pattern = parse_pattern(ctx.options.pattern)
-        for L in self.layers:
-            if pattern is not None and L.cols % pattern[1]:
-                raise PrunekitError(f"pattern {ctx.options.pattern}: {L.name!r} has {L.cols} input columns per row, "
-                                    f"not a multiple of {pattern[1]}; leave it out with ignore=[...]")
+        pattern = self.pattern(ctx)
+        if pattern is not None:
+            self.check_pattern(ctx, pattern)
+            self.layers = [L.channels_fastest() for L in self.layers]  # N:M groups = runs of M columns
         self._dtype = self.dtype(ctx)
         self.memory = self.plan(ctx)
         log.info(self.memory.summary())
@@ -216,9 +201,15 @@ class LayerwiseMethod(PruningMethod):
         W = layer.matrices(torch.float64).abs().cpu()
         return layer.to_weight(W * sq.sqrt()[:, None, :]).to(layer.param.tensor.device)
 
+    @staticmethod
+    def pattern(ctx: ScoreContext) -> Pattern | None:
+        """The call's N:M pattern (``prune_options.pattern``), or None."""
+        return getattr(ctx.prune_options, "nm", None)
+
     def select(self, ctx: ScoreContext, scores: dict, sparsity: float) -> dict:
         s = check_sparsity(sparsity)
-        pattern = parse_pattern(ctx.options.pattern)
+        nm = self.pattern(ctx)
+        pattern = None if nm is None else (nm.level(s), nm.m)  # this round's n:M (N on the last round)
         alive = {L.name: alive_matrices(L, ctx.masks[L.name]).cpu() for L in self.layers}
         keep = {L.name: self.keep_target(L, alive[L.name], s, pattern) for L in self.layers}
         backup = {L.name: L.param.tensor.detach().clone() for L in self.layers}

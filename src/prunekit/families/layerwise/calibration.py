@@ -3,7 +3,9 @@ convolutions), and forward passes that capture those inputs through forward pre-
 
 - :class:`Layer`: one prunable weight as a (rows, cols) matrix per convolution group — Linear ``weight``, GPT-2's
   ``Conv1D`` ``weight.T``, a Conv1d/2d/3d ``weight.reshape(out, -1)`` (groups > 1: G matrices of out/G rows, each
-  over its own in/G·∏k columns).
+  over its own in/G·∏k columns, ordered (channel, kernel position); :meth:`Layer.channels_fastest` reorders them
+  (kernel position, channel), so that runs of M columns are M input channels at one kernel position, the N:M
+  groups of :mod:`prunekit.patterns`).
 - :meth:`Layer.inputs`: the layer input as X [tokens, G, cols], so that the layer computes W_g·X[:, g]ᵀ (+ bias):
   Linear / Conv1D inputs flattened over every leading dimension; convolutions unfolded (padding mode, stride,
   dilation and ``padding="same"`` as the module applies them).
@@ -41,6 +43,24 @@ class Layer:
     groups: int
     rows: int  # per group
     cols: int  # per group
+    perm: torch.Tensor | None = None  # column order of the matrices (None: the weight's own); see channels_fastest
+
+    def channels_fastest(self) -> "Layer":
+        """This layer with its columns in (kernel position, input channel) order, for a convolution (column
+        j' = t·C + c is the weight's column c·K + t, K kernel positions, C input channels per group); other layers
+        unchanged. :meth:`matrices`, :meth:`to_weight`, :meth:`write` and :meth:`inputs` all use the order, so a
+        solve needs nothing else."""
+        if self.kind != "conv":
+            return self
+        k = math.prod(self.module.kernel_size)
+        perm = torch.arange(self.cols).reshape(self.cols // k, k).t().reshape(-1)
+        return Layer(self.param, self.kind, self.groups, self.rows, self.cols, perm)
+
+    def _cols(self, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        if self.perm is None:
+            return t
+        order = torch.argsort(self.perm) if inverse else self.perm
+        return t.index_select(-1, order.to(t.device))
 
     @property
     def name(self) -> str:
@@ -54,12 +74,12 @@ class Layer:
         """The weight as [G, rows, cols] (a copy in ``dtype``)."""
         w = self.param.tensor.detach()
         m = w.t() if self.kind == "conv1d_hf" else w.reshape(w.shape[0], -1)
-        return m.to(dtype).reshape(self.groups, self.rows, self.cols).clone()
+        return self._cols(m.to(dtype).reshape(self.groups, self.rows, self.cols)).clone()
 
     def to_weight(self, mats: torch.Tensor) -> torch.Tensor:
         """[G, rows, cols] back to the parameter's shape (not its dtype)."""
         w = self.param.tensor
-        m = mats.reshape(self.groups * self.rows, self.cols)
+        m = self._cols(mats, inverse=True).reshape(self.groups * self.rows, self.cols)
         return m.t().contiguous() if self.kind == "conv1d_hf" else m.reshape(w.shape)
 
     def write(self, mats: torch.Tensor) -> None:
@@ -85,7 +105,7 @@ class Layer:
         # x: [N, C, L1..Ld, k1..kd] -> [N, L1..Ld, C, k1..kd] -> [tokens, C·∏k]
         perm = [0] + list(range(2, 2 + d)) + [1] + list(range(2 + d, 2 + 2 * d))
         x = x.permute(*perm).reshape(-1, self.groups, self.cols)
-        return x.to(dtype)
+        return self._cols(x).to(dtype)
 
 
 def as_layer(p: PrunableParam) -> Layer:

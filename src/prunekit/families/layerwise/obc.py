@@ -39,8 +39,6 @@ class OBCOptions(SparseGPTOptions):
 
     def validate(self, path, error) -> None:
         super().validate(path, error)
-        if self.pattern is not None:
-            raise error("obc: pattern N:M is not implemented; use sparsegpt or wanda for N:M")
         if self.max_cols < 1 or self.chunk_rows < 1:
             raise error("obc: max_cols and chunk_rows must be >= 1")
 
@@ -81,7 +79,9 @@ def obc_rows(W: torch.Tensor, Hinv: torch.Tensor, alive: torch.Tensor, quota: to
 
 
 class OBC(SparseGPT):
-    """``obc`` (see the module docstring)."""
+    """``obc`` (see the module docstring). N:M patterns are not implemented (``pk.prune`` refuses them)."""
+
+    supports_pattern = False
 
     def solve_group(self, ctx, group, alive, keep, pattern, scores, first) -> dict:
         o = ctx.options

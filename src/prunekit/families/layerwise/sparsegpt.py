@@ -24,9 +24,10 @@ Algorithm 1 of the paper, as implemented by :func:`sparsegpt_matrix`:
 Budgets (exact counts, prunekit's layer scope): the layer keeps k = min(round((1 − s)·n), alive); k is split over
 the column blocks (of every convolution group) in proportion to their size and capped by what is alive in each
 (:func:`~.quotas.allocate`); inside a block the kept entries are the top ones over all its rows, as in the paper.
-Weights already pruned stay pruned (they never enter a block's kept set). ``pattern="N:M"`` is the paper's
-semi-structured variant: at every M-th column the N of the next M columns of largest w²/U² are kept in each row
-(B must be a multiple of M).
+Weights already pruned stay pruned (they never enter a block's kept set). ``pattern="N:M"`` (the shared option of
+:class:`prunekit.prune.PruneOptions`) is the paper's semi-structured variant: at every M-th column the N of the next
+M columns of largest w²/U² are kept in each row (B must be a multiple of M); a convolution's columns are then swept
+in (kernel position, channel) order, so the M columns are M input channels at one kernel position.
 
 ``sequential`` (default true) feeds each group of layers (a transformer block of a Hugging Face model, else one
 layer) the outputs of the groups already pruned and reconstructed.
@@ -75,10 +76,6 @@ class SparseGPTOptions(LayerwiseOptions):
             raise error(f"damp must be > 0 (it makes H invertible), got {self.damp}")
         if self.block_size < 1:
             raise error(f"block_size must be >= 1, got {self.block_size}")
-        if self.pattern is not None:
-            m = int(str(self.pattern).split(":")[1])
-            if self.block_size % m:
-                raise error(f"block_size {self.block_size} must be a multiple of M={m} for pattern {self.pattern}")
 
 
 def inverse_factor(H: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
@@ -132,6 +129,11 @@ class SparseGPT(LayerwiseMethod):
     """``sparsegpt`` (see the module docstring)."""
 
     updates = True
+
+    def check_pattern(self, ctx, pattern) -> None:
+        if ctx.options.block_size % pattern.m:
+            raise PrunekitError(f"block_size {ctx.options.block_size} must be a multiple of M={pattern.m} for pattern "
+                                f"{pattern} (a block's mask is chosen group by group)")
 
     def stat_bytes(self, layer, itemsize: int) -> int:
         return layer.groups * layer.cols * layer.cols * itemsize

@@ -17,8 +17,9 @@ Comparison group (``compare``), the paper's §3 ("per output"):
 
 ``sequential`` (default false here: the paper's score is one pass over the calibration set): true recomputes
 ‖X_j‖₂ of each group of layers on the outputs of the groups already pruned (one transformer block at a time, as the
-Wanda reference code does for LLaMA). ``pattern="N:M"``: N of every M consecutive input columns per row (the
-paper's semi-structured 2:4 / 4:8 setting).
+Wanda reference code does for LLaMA). ``pattern="N:M"`` (the shared option of
+:class:`prunekit.prune.PruneOptions`): N of every M consecutive inputs per row, M input channels at one kernel
+position for a convolution (the paper's semi-structured 2:4 / 4:8 setting; groups of :mod:`prunekit.patterns`).
 
 Cost: one forward pass over the calibration set (non-sequential); sequential runs one more pass per group after the
 first, each stopped after the group's last layer (a Hugging Face model: its blocks alone on cached inputs, as for
@@ -31,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from ...errors import PrunekitError
 from ...registry import register
 from ...select import keep_among_alive
 from ...select import select as select_top
@@ -49,8 +51,6 @@ class WandaOptions(LayerwiseOptions):
         super().validate(path, error)
         if self.compare == "global" and self.sequential:
             raise error("wanda compare: global ranks every layer at once, so it needs sequential: false")
-        if self.compare == "global" and self.pattern is not None:
-            raise error("wanda: pattern N:M compares within rows; it cannot be combined with compare: global")
 
 
 def wanda_keep(scores: torch.Tensor, alive: torch.Tensor, k: int, compare: str, pattern) -> torch.Tensor:
@@ -73,6 +73,11 @@ class Wanda(LayerwiseMethod):
 
     def stat_bytes(self, layer, itemsize: int) -> int:
         return layer.groups * layer.cols * 8
+
+    def check_pattern(self, ctx, pattern) -> None:
+        if ctx.options.compare == "global":
+            raise PrunekitError(f"wanda: pattern {pattern} compares within groups of each row; it cannot be combined "
+                                "with compare: global (use compare: row, the default)")
 
     def select(self, ctx, scores, sparsity):
         if ctx.options.compare == "global":
