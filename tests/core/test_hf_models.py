@@ -412,3 +412,19 @@ def test_dict_batches_of_different_lengths_cannot_be_regrouped_clearly():
     with pytest.raises(PrunekitError, match=r"'input_ids' is \(3, 8\) in one batch and \(3, 6\) in another; pad"):
         pk.score(tiny_bert(), "grasp", data)
     pk.score(tiny_bert(), "grasp", data, batch_size=3)  # batches kept as given: fine
+
+
+def test_vit_prunes_its_encoder_blocks_from_image_tensor_batches():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=3)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    names = [p.name for p in prunable_params(model)]
+    blocks = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    assert len(blocks) == 1 and len(names) == 12  # q, k, v, out, fc1, fc2 in each of the 2 blocks
+    assert all(n.startswith(f"{blocks[0]}.0.") or n.startswith(f"{blocks[0]}.1.") for n in names)
+    head = model.classifier.weight.detach().clone()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 3, (6,))
+    masks = pk.prune(model, "snip", 0.6, [(x, y)])  # (pixel_values, labels) pairs: loss on the output's .logits
+    assert masks.kept() == pk.keep_count(masks.total(), 0.6)
+    assert torch.equal(model.classifier.weight, head)
