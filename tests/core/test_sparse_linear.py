@@ -300,8 +300,7 @@ def test_semi_structured_refusals_name_the_reason():
     assert "float16 or bfloat16" in semi_structured_problem(w24)
     assert "not 2:4 sparse" in semi_structured_problem(w.half())
     assert "multiple of" in semi_structured_problem(torch.zeros(40, 72, dtype=torch.float16))
-    if not torch.cuda.is_available():
-        assert "CUDA" in semi_structured_problem(w24.half())
+    assert "run on CUDA" in semi_structured_problem(w24.half())  # a CPU tensor, with or without a GPU around
     model = nn.Sequential(nn.Linear(64, 64)).half()
     with pytest.raises(pk.PrunekitError, match=r"'0' \(64x64\).*not 2:4"):
         to_semi_structured(model, {"0.weight": torch.ones(64, 64, dtype=torch.bool)})
@@ -348,3 +347,29 @@ def test_semi_structured_bert_matches_the_masked_dense_model_on_cuda():
     with torch.inference_mode():
         y, expect = model(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state
     torch.testing.assert_close(y.float(), expect.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_semi_structured_wiring_with_a_stand_in_tensor_class(monkeypatch):
+    """The conversion's bookkeeping without a GPU: torch's semi-structured class replaced by one whose from_dense
+    keeps the (masked) dense tensor, so the converted model must compute exactly the masked model."""
+    from prunekit.speedup import semi
+
+    class StandIn:
+        made = []
+
+        @classmethod
+        def from_dense(cls, w):
+            cls.made.append(tuple(w.shape))
+            return w.clone()
+
+    monkeypatch.setattr(semi, "semi_structured_problem", lambda w, which=None: None)
+    monkeypatch.setattr(semi, "_tensor_class", lambda which: StandIn)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    masks = {"0.weight": two_four_mask(model[0].weight.detach()), "2.weight": two_four_mask(model[2].weight.detach())}
+    ref = masked_copy(model, masks)
+    assert to_semi_structured(model, masks) == ["0", "2"] and StandIn.made == [(32, 16), (8, 32)]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.randn(8, 4, 16).transpose(0, 1)  # non-contiguous input
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), **TOL)

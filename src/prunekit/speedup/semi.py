@@ -93,6 +93,10 @@ def semi_structured_problem(weight: torch.Tensor, which: str | None = None) -> s
     return None
 
 
+def _contiguous_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
 def to_semi_structured(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """Replace, in place, the weight of each masked ``nn.Linear`` (masks=None: the default prunable ones, pattern
     from their exact zeros) by the 2:4 semi-structured form of the masked weight; returns the converted module names.
@@ -123,6 +127,8 @@ def to_semi_structured(model: nn.Module, masks: Masks | Mapping[str, torch.Tenso
         module.weight = nn.Parameter(sparse_w, requires_grad=False)
         if b is not None:
             module.bias = nn.Parameter(b.contiguous(), requires_grad=False)
+        # torch's semi-structured linear flattens the input with .view, which a non-contiguous input would fail
+        module.register_forward_pre_hook(_contiguous_inputs)
         done.append(name)
     model.eval()
     model.requires_grad_(False)
