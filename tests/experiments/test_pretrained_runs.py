@@ -324,3 +324,24 @@ def test_heads_and_neurons_pruned_in_a_text_run_shrink_and_save(tmp_path, hf_fol
     enc = load_shrunk_hf(rec.run_dir + "/shrunk_encoder")  # per-layer head / neuron counts, no code loaded
     assert sum(p.numel() for p in enc.parameters()) < sum(
         p.numel() for p in text_classifier(hf_folder, 2).encoder.parameters())
+
+
+def test_prune_a_fine_tuned_encoder_without_fine_tuning(tmp_path, hf_folder, data_root):
+    """A run of a fine-tuned text model as the starting point (model.pretrained: its config): the same encoder and
+    tokenizer, its weights, pruned and evaluated with no further training."""
+    import yaml
+
+    root = tmp_path / "runs"
+    dense_cfg = tmp_path / "dense.yaml"
+    dense_cfg.write_text(yaml.safe_dump(text_config(hf_folder)))
+    cfg = text_config(hf_folder, "magnitude", 0.3, epochs=0)
+    cfg["model"] = {"pretrained": str(dense_cfg)}
+    r = resolve_run(cfg)
+    assert r.model.name == "hf:" + hf_folder.name
+    rec = run(cfg, root, data_dir=data_root)
+    dense = run(text_config(hf_folder), root, data_dir=data_root)  # already there: run first as the start
+    assert dense.cached and rec.achieved_sparsity == pytest.approx(0.3, abs=1e-3)
+    assert rec.final_test_acc > 0.8  # a 30%-pruned fine-tuned encoder still separates the topics, untrained
+    bad = dict(cfg, model={"name": "resnet20", "pretrained": str(dense_cfg)})
+    with pytest.raises(ConfigError, match="model.name"):
+        resolve_run(bad)

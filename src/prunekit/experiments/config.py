@@ -47,7 +47,7 @@ from ..models import canonical_name
 from ..train.config import TrainConfig
 from ..typed import from_dict
 from .resolved import (ABSENT_WHEN_NONE, NOT_IDENTITY, PRUNE_KEYS, Pretrained, PretrainedFile, PretrainedHF,
-                       PretrainedRun, PretrainedZoo, ResolvedModel,
+                       PretrainedRun, PretrainedZoo, ResolvedModel, hf_source,
                        ResolvedRun, resolve_prune, run_id)
 
 __all__ = ["ExperimentConfig", "ModelSection", "PretrainedSource", "DataSection", "ReportSection", "ResolvedRun",
@@ -443,6 +443,8 @@ def resolve_run(data: dict | ExperimentConfig) -> ResolvedRun:
     pre_src = cfg.model.pretrained
     if isinstance(pre_src, PretrainedSource) and pre_src.source == "hf":
         model = _resolve_hf(cfg.model, pre_src)
+    elif (hf_run := _hf_run(cfg.model)) is not None:  # a run that fine-tuned a Hugging Face encoder
+        model = hf_run
     else:
         try:
             name = canonical_name(cfg.model.name)
@@ -453,13 +455,32 @@ def resolve_run(data: dict | ExperimentConfig) -> ResolvedRun:
     return ResolvedRun(cfg.name, model, cfg.data, cfg.train, resolve_prune(cfg), cfg.seed)
 
 
+def _hf_run(model: ModelSection) -> ResolvedModel | None:
+    """``model.pretrained`` naming the config of a run whose model is a Hugging Face encoder: this run starts from
+    that run's weights and uses the same encoder and tokenizer (``model.name`` is not used); None otherwise."""
+    src = model.pretrained
+    if isinstance(src, PretrainedSource):
+        if src.source != "run" or src.path is None:
+            return None
+        src = src.path
+    if src is None or Path(src).suffix in (".pt", ".pth"):
+        return None
+    pre = _resolve_pretrained(model, None)
+    if not isinstance(pre, PretrainedRun) or hf_source(pre.resolved.model) is None:
+        return None
+    if model.name != ModelSection.name:
+        raise ConfigError(f"field 'model.name' ({model.name!r}) is not used when starting from a run of a Hugging "
+                          "Face encoder (that run's model is used): remove it")
+    return ResolvedModel(pre.resolved.model.name, pre)
+
+
 def _check_data(d: DataSection, model: ResolvedModel) -> None:
     """The data section fits the dataset and the model: text data needs a Hugging Face encoder (its tokenizer),
     ``max_length`` is for text only, ``channels``/``resize`` are for images only."""
     text = d.name in text_dataset_names()
     if not text and d.name not in dataset_names():
         raise ConfigError(f"field 'data.name': {unknown('dataset', d.name, dataset_names() + text_dataset_names())}")
-    hf = isinstance(model.pretrained, PretrainedHF)
+    hf = hf_source(model) is not None
     if text and not hf:
         raise ConfigError(f"data.name {d.name!r} is text: it needs a Hugging Face encoder to tokenize and read it; "
                           "set model.pretrained: {source: hf, name: minilm}")
@@ -531,7 +552,7 @@ def resolve(data: dict | ExperimentConfig) -> dict:
     return resolve_run(data).to_dict()
 
 
-def _resolve_pretrained(model: ModelSection, name: str) -> Pretrained | None:
+def _resolve_pretrained(model: ModelSection, name: str | None) -> Pretrained | None:
     """What identifies ``model.pretrained``: the sha256 of a model file, the run of a config (resolved), the pinned
     sha256 of a zoo model's published weights."""
     src = model.pretrained
@@ -557,7 +578,7 @@ def _resolve_pretrained(model: ModelSection, name: str) -> Pretrained | None:
         raise ConfigError(f"field 'model.pretrained': {src} expands to {len(runs)} runs; point it at a config of "
                           "exactly one run (no grid)")
     pre = resolve_run(runs[0])
-    if pre.model.name != name:
+    if name is not None and pre.model.name != name:
         raise ConfigError(f"field 'model.pretrained': {src} trains {pre.model.name}, not {name}")
     return PretrainedRun(pre.id, model.weights, runs[0], pre)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..hf import text_classifier
 from ..models import get_model, load_published
-from .resolved import PretrainedHF, PretrainedZoo, ResolvedRun
+from .resolved import PretrainedHF, PretrainedRun, PretrainedZoo, ResolvedRun
 
 
 def hf_folder(pre: PretrainedHF, data_dir) -> Path:
@@ -26,6 +26,8 @@ def build_model(resolved: ResolvedRun, splits, data_dir):
     a fresh initialisation); a zoo model's published weights are loaded here too (all but a head of another
     size)."""
     pre = resolved.model.pretrained
+    if isinstance(pre, PretrainedRun):  # the architecture of the run it starts from (its weights come after)
+        return build_model(pre.resolved, splits, data_dir)
     if isinstance(pre, PretrainedHF):
         return text_classifier(hf_folder(pre, data_dir), splits.num_classes, init=pre.init)
     model = get_model(resolved.model.name, num_classes=splits.num_classes, input_shape=tuple(splits.input_shape))

@@ -110,6 +110,22 @@ class ResolvedModel:
         return out
 
 
+def hf_source(model: ResolvedModel) -> PretrainedHF | None:
+    """The Hugging Face encoder a model comes from, directly or through the runs it starts from."""
+    pre = model.pretrained
+    while isinstance(pre, PretrainedRun):
+        pre = pre.resolved.model.pretrained
+    return pre if isinstance(pre, PretrainedHF) else None
+
+
+def zoo_source(model: ResolvedModel) -> PretrainedZoo | None:
+    """The zoo model's published weights a model comes from, directly or through the runs it starts from."""
+    pre = model.pretrained
+    while isinstance(pre, PretrainedRun):
+        pre = pre.resolved.model.pretrained
+    return pre if isinstance(pre, PretrainedZoo) else None
+
+
 @dataclass(frozen=True)
 class ResolvedCascade:
     """``prune.cascade`` with its keep ratios written out (so equal cascades hash equal)."""

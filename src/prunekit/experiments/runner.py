@@ -32,7 +32,8 @@ from .lifecycle import RankStore, RunLifecycle
 from .pretrained import build_model, hf_folder
 from .protocols import PROTOCOLS, RunContext
 from .record import RunRecord, hardware, versions
-from .resolved import Pretrained, PretrainedFile, PretrainedHF, PretrainedRun, PretrainedZoo, ResolvedRun
+from .resolved import (Pretrained, PretrainedFile, PretrainedHF, PretrainedRun, PretrainedZoo, ResolvedRun, hf_source,
+                       zoo_source)
 from .store import Store
 
 __all__ = ["run", "RunRecord", "RankStore", "hardware", "versions"]
@@ -79,16 +80,16 @@ def _dataset(resolved: ResolvedRun, data_dir):
     """The splits of a resolved run's data section (a text dataset tokenized by its encoder's tokenizer, images
     normalized as a zoo model's published weights expect); the last one is kept, so the runs of a grid load it
     once."""
-    d, pre = resolved.data, resolved.model.pretrained
+    d, hf, zoo = resolved.data, hf_source(resolved.model), zoo_source(resolved.model)
     where = str(data_dir) if data_dir is not None else os.environ.get("PRUNEKIT_DATA", "")
-    tokenizer = pre.tokenizer_sha256 if isinstance(pre, PretrainedHF) else None
-    norm = input_stats(resolved.model.name) if isinstance(pre, PretrainedZoo) else None
+    tokenizer = hf.tokenizer_sha256 if hf is not None else None
+    norm = input_stats(zoo.name) if zoo is not None else None
     key = (d.name, where, d.val_size, d.split_seed, d.subset, d.resize, d.channels, d.test_size, d.max_length,
            tokenizer, norm)
     if key not in _LAST_DATASET:
         _LAST_DATASET.clear()  # the old splits go before the new ones load
-        if isinstance(pre, PretrainedHF):
-            splits = datasets.load_tokenized(d.name, hf_folder(pre, data_dir),
+        if hf is not None:
+            splits = datasets.load_tokenized(d.name, hf_folder(hf, data_dir),
                                              d.max_length or datasets.DEFAULT_MAX_LENGTH, root=data_dir,
                                              val_size=d.val_size, split_seed=d.split_seed, subset=d.subset)
         else:
