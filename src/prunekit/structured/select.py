@@ -249,7 +249,7 @@ def _largest_sparsity(c_min: float, total: int, tol: float) -> tuple[float, int]
 class _Selector:
     """Channel order, prefix sizes and the walks of :func:`select_channels`."""
 
-    def __init__(self, groups, scores, alive_ch, plans, mode, min_keep, normalize):
+    def __init__(self, groups, scores, alive_ch, plans, mode, min_keep, normalize, round_to: int = 1):
         self.groups, self.plans = groups, plans
         self.by_group: dict[str, list[int]] = {g.name: [] for g in groups}
         for i, p in enumerate(plans):
@@ -258,43 +258,38 @@ class _Selector:
         self.active = [i for i, p in enumerate(plans) if p.out_g or p.in_g]
         self.fixed_count = sum(float(p.C.sum()) for p in plans if not (p.out_g or p.in_g))
         self.pos: dict[str, torch.Tensor] = {}   # per channel: -1 forced, >= 0 position in the order, inf dead
-        items_g, items_c, items_k, items_r, items_a = [], [], [], [], []
+        items: list[tuple[float, int, torch.Tensor, int, int, int]] = []  # (key, group, channels, r_s, r_e, a)
         for gi, g in enumerate(groups):
             s, live = scores[g.name], alive_ch[g.name]
             a = int(live.sum())
             key = torch.where(live, s, torch.full_like(s, -math.inf))
             ranked = torch.sort(key, descending=True, stable=True).indices[:a]
-            m = min(min_keep, a)
+            m = min(_round_up(min(min_keep, a), round_to), a)
             pos = torch.full((g.size,), math.inf, dtype=torch.float64)
             pos[ranked[:m]] = -1.0
             self.pos[g.name] = pos
-            rest = ranked[m:]
-            if rest.numel() == 0:
+            if m >= a:
                 continue
-            ranks = torch.arange(m + 1, a + 1, dtype=torch.float64)
-            if mode == "uniform":
-                k = (ranks - 0.5) / a
-            else:
-                scale = 1.0
-                if normalize == "max":
-                    top = float(s[ranked].abs().max())
-                    scale = top if math.isfinite(top) and top > 0 else 1.0
-                k = -(s[rest] / scale)
-            items_g.append(torch.full((rest.numel(),), gi, dtype=torch.long))
-            items_c.append(rest)
-            items_k.append(k)
-            items_r.append(ranks)
-            items_a.append(torch.full((rest.numel(),), float(a), dtype=torch.float64))
-        if items_k:
-            keys = torch.cat(items_k)
-            order = torch.sort(keys, stable=True).indices  # ties: forward order of groups, then rank
-            self.item_g = torch.cat(items_g)[order].tolist()
-            self.item_c = torch.cat(items_c)[order].tolist()
-            self.item_key = keys[order].tolist()
-            self.item_rank = torch.cat(items_r)[order].tolist()
-            self.item_a = torch.cat(items_a)[order].tolist()
-        else:
-            self.item_g, self.item_c, self.item_key, self.item_rank, self.item_a = [], [], [], [], []
+            scale = 1.0
+            if mode == "global" and normalize == "max":
+                top = float(s[ranked].abs().max())
+                scale = top if math.isfinite(top) and top > 0 else 1.0
+            # blocks of round_to channels by rank: ranks m+1..m+k, m+k+1..m+2k, ..., the last one ends at a
+            for r_s in range(m + 1, a + 1, round_to):
+                r_e = min(r_s + round_to - 1, a)
+                chans = ranked[r_s - 1:r_e]
+                if mode == "uniform":
+                    k = (r_s + r_e - 1) / (2.0 * a)   # (r - 0.5) / a for single channels
+                else:
+                    k = float(-(s[chans] / scale).mean())
+                items.append((k, gi, chans, r_s, r_e, a))
+        order = sorted(range(len(items)), key=lambda i: items[i][0])  # stable: forward order of groups, then rank
+        self.item_key = [items[i][0] for i in order]
+        self.item_g = [items[i][1] for i in order]
+        self.item_c = [items[i][2] for i in order]
+        self.item_rs = [items[i][3] for i in order]
+        self.item_re = [items[i][4] for i in order]
+        self.item_a = [float(items[i][5]) for i in order]
         for j, (gi, c) in enumerate(zip(self.item_g, self.item_c)):
             self.pos[groups[gi].name][c] = float(j)
         self.n_items = len(self.item_g)
@@ -330,7 +325,7 @@ class _Selector:
         else:
             last = k - 1
             blocked.add(self.item_g[last])
-            bound, steps = (self.item_rank[last] - 1) / self.item_a[last], range(k - 2, -1, -1)
+            bound, steps = (self.item_rs[last] - 1) / self.item_a[last], range(k - 2, -1, -1)
         for j in steps:
             if (lo_ok <= total <= target) if not add else (lo_ok <= total):
                 break
@@ -351,14 +346,21 @@ class _Selector:
             else:
                 keep[name][c] = 0.0 if add else 1.0
                 blocked.add(gi)
-                r, a = self.item_rank[j], self.item_a[j]
-                bound = min(bound, r / a) if add else max(bound, (r - 1) / a)
+                a = self.item_a[j]
+                bound = min(bound, self.item_re[j] / a) if add else max(bound, (self.item_rs[j] - 1) / a)
                 if len(blocked) == len(self.groups):
                     break
         return total, keep
 
 
-def _check_arguments(mode: str, normalize: str, min_keep: int, size_tol: float) -> None:
+def _round_up(n: int, k: int) -> int:
+    return k * math.ceil(n / k) if k > 1 else n
+
+
+def _check_arguments(mode: str, normalize: str, min_keep: int, size_tol: float, round_to: int = 1) -> None:
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise PrunekitError(f"round_channels must be an int >= 1 (kept channel counts are multiples of it), got "
+                            f"{round_to!r}")
     if mode not in MODES:
         raise PrunekitError(f"allocation mode must be one of {', '.join(MODES)}, got {mode!r}")
     if normalize not in NORMALIZATIONS:
@@ -457,7 +459,8 @@ def _best_selection(sel: _Selector, c_min: float, target: int, tol: float
 
 def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_scores: Mapping[str, torch.Tensor],
                     target_kept: int, alive: Mapping[str, torch.Tensor], mode: str = "uniform", min_keep: int = 1,
-                    size_tol: float = 0.005, *, normalize: str = "max") -> tuple[dict[str, torch.Tensor], int]:
+                    size_tol: float = 0.005, *, normalize: str = "max", round_to: int = 1
+                    ) -> tuple[dict[str, torch.Tensor], int]:
     """Which channels of the prunable groups to keep so that ``target_kept`` entries of ``alive`` remain.
 
     - ``groups``: from :func:`prunekit.structured.channel_groups`. A group takes part when it is prunable, has
@@ -470,6 +473,8 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     - ``mode``: ``uniform`` (the same keep fraction in every group, +-1 channel) or ``global`` (one ranking of
       the scores, normalized per group by their maximum with ``normalize="max"``, raw with ``"none"``).
     - ``min_keep``: channels always kept per group (its best alive ones), at least 1.
+    - ``round_to``: every group keeps a multiple of ``round_to`` channels or all its alive channels (a group
+      moves in blocks of ``round_to`` channels; ``min_keep`` is rounded up to a block).
 
     Returns ``({group name: bool keep mask}, achieved kept entries)`` for the groups that take part. The achieved
     size is the closest reachable one, within ``size_tol`` relative whenever a selection reaches that (a
@@ -477,7 +482,7 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     channels in each group, plus every entry outside the selectable groups) keeps more than ``target_kept`` by
     more than ``size_tol``: the message gives the largest reachable sparsity and how to prune further.
     """
-    _check_arguments(mode, normalize, min_keep, size_tol)
+    _check_arguments(mode, normalize, min_keep, size_tol, round_to)
     target = int(target_kept)
     alive = {n: torch.as_tensor(m).to(torch.bool) for n, m in alive.items()}
     total = sum(m.numel() for m in alive.values())
@@ -490,7 +495,7 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     scores = _group_scores(chosen, channel_scores)
     alive_ch = channel_masks_from_masks(model, chosen, alive, side="either") if chosen else {}
     plans = _plans(model, chosen, alive)
-    sel = _Selector(chosen, scores, alive_ch, plans, mode, min_keep, normalize)
+    sel = _Selector(chosen, scores, alive_ch, plans, mode, min_keep, normalize, round_to)
     c_min = sel.count(0)
     if c_min > target and not _within(c_min, target, size_tol):
         raise _unreachable(sel, plans, c_min, target, total, min_keep, len(chosen), size_tol)

@@ -118,9 +118,12 @@ class PfpOptions(SensitivityOptions):
     - ``delta_s`` δ_S and ``C``: failure probability and constant of the bound; they fix |S| and m_ℓ(ε).
     - ``sample_size``: |S|; None = ⌈C·ln(8·η*·η/δ_S)⌉.
     - ``size_tol``: relative tolerance on the kept count; ``search_iters``: most size evaluations of the ε search.
-    - ``round_channels``: round each layer's kept input channels up to a multiple of this (capped at the layer's
-      channels), so shrunk layers get SIMD-friendly widths (16 measured fastest for VGG-16 on a 2-core CPU:
-      bench/bench_shrink.py); the size search then works on rounded sizes and skips the channel-by-channel fill.
+    - ``round_channels``: every channel group that may shrink (a residual-tied group as a whole, an attention
+      layer's heads) keeps a multiple of this many channels, or all its alive channels: after the union of its
+      readers' kept channels, the best missing ones (largest sensitivity over the readers) are added back, read
+      unscaled by every reader. Applied inside every size evaluation, so the ε search and the fill work on rounded
+      sizes. 8 or 16 give SIMD-friendly shrunk widths (16 measured fastest for VGG-16 on a 2-core CPU:
+      bench/bench_shrink.py).
     """
 
     variant: Literal["det", "rand", "top"] = "det"
@@ -221,7 +224,6 @@ class _Reader:
     delta_s: float
     C_const: float
     min_keep: int
-    round_to: int = 1        # kept counts rounded up to a multiple (SIMD-friendly shapes), capped at #alive
     S: float = 0.0
     p: torch.Tensor = field(default=None)
     K: float = 0.0
@@ -260,10 +262,7 @@ class _Reader:
             return 0
         m = self.draws(t)
         e = self.expected_unique(m) if math.isfinite(m) else float(self.nnz)
-        u = int(math.floor(e + 0.5))
-        if self.round_to > 1 and u > 0:
-            u = self.round_to * math.ceil(u / self.round_to)
-        return min(self.n_alive, u)
+        return min(self.n_alive, int(math.floor(e + 0.5)))
 
     def t_single(self) -> float:
         """log ε above which m_ℓ = 1: ε² − 6Kε − 18K ≥ 0."""
@@ -405,12 +404,19 @@ class _Plan:
             pos, k = positions[p.name]
             reader_of[p.module_name] = len(self.readers)
             self.readers.append(_Reader(p, g.name, block, s.clamp(0.0, 1.0), alive.any(2).any(0), pos, k,
-                                        o.delta_s, o.C, min_keep, o.round_channels))
+                                        o.delta_s, o.C, min_keep))
         # groups that lose the channels all their readers drop
         self.removable: dict[str, list[int]] = {}
         for g in self.groups:
             if g.prunable and g.consumers and all(c in reader_of for c, _ in g.consumers):
                 self.removable[g.name] = [reader_of[c] for c, _ in g.consumers]
+        self.round_to = o.round_channels
+        self.group_order: dict[str, tuple[torch.Tensor, int]] = {}  # rank of a group's channels, alive count
+        for gname, idx in self.removable.items():
+            best = torch.stack([self.readers[i].s for i in idx]).amax(0)
+            alive = torch.stack([self.readers[i].alive for i in idx]).any(0)
+            order = torch.sort(best + alive.double(), descending=True, stable=True).indices
+            self.group_order[gname] = (order, int(alive.sum()))
         row_group = {pr: g for g in self.groups if g.name in self.removable for pr in g.producers}
         self.counters: list[_Counter] = []
         for p in self.params:
@@ -452,6 +458,12 @@ class _Plan:
                 keep |= sel[i][0]
             if not bool(keep.any()):
                 keep[0] = True
+            if self.round_to > 1:
+                added = self._round_up(gname, keep)
+                if added is not None:
+                    keep = keep | added
+                    for i in idx:  # every reader reads the channels the rounding brings back (unscaled)
+                        sel[i] = (sel[i][0] | added, sel[i][1], sel[i][2])
             group_keep[gname] = keep
         kept = 0.0
         for c in self.counters:
@@ -463,6 +475,20 @@ class _Plan:
                 kept += float(v.sum())
         kept = int(round(kept))
         return kept, {"u": list(us), "select": sel, "groups": group_keep}
+
+    def _round_up(self, gname: str, keep: torch.Tensor) -> torch.Tensor | None:
+        """The channels that bring group ``gname``'s kept count up to a multiple of ``round_channels`` (or to all its
+        alive channels): the best ones not yet kept, by the largest sensitivity any reader gives them; None when
+        the count is already one."""
+        order, n_alive = self.group_order[gname]
+        n = int(keep.sum())
+        want = min(self.round_to * math.ceil(n / self.round_to), max(n_alive, n))
+        if want <= n:
+            return None
+        free = order[~keep[order]][:want - n]
+        added = torch.zeros_like(keep)
+        added[free] = True
+        return added
 
     def evaluate_t(self, t: float, variant: str | None = None) -> tuple[int, dict]:
         kept, res = self.evaluate_u(self.units(t), variant)
@@ -599,7 +625,7 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float, st: dict) -> dict[
     chosen, history, hit = search_keep_ratio(plan.evaluate, plan.predict, target, o.search_iters, tol)
     kept, result = chosen.kept, chosen.result
     fill = None
-    if not hit and o.round_channels == 1:  # one channel can carry many weights: continue the ε path channel by channel
+    if not hit:  # one channel can carry many weights: continue the ε path channel by channel
         under = [(k, x) for x, k in history if k <= target]
         x_under = max(under)[1] if under else KAPPA_MIN
         k_f, res_f, taken, frozen = plan.fill(plan.t_of(x_under), target, tol)
