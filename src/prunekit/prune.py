@@ -332,6 +332,7 @@ def prune(
     masks.report = {
         "method": info.name, "sparsity": s, "scope": step.common.scope, "rounds": step.rounds if step.prunes else 0,
         "seconds": time.perf_counter() - t0, "collapsed": collapsed, "achieved_sparsity": masks.sparsity(),
+        "pattern": None if nm is None else str(nm),
     }
     return masks
 

@@ -301,7 +301,8 @@ def test_gpt2_conv1d_groups_run_along_dim_0():
 
 def test_the_sparsity_is_implied_and_a_conflicting_one_is_refused():
     masks = pk.prune(mlp(), "magnitude", pattern="4:8")
-    assert masks.report["sparsity"] == 0.5
+    assert masks.report["sparsity"] == 0.5 and masks.report["pattern"] == "4:8"
+    assert pk.prune(mlp(), "magnitude", sparsity=0.5).report["pattern"] is None
     assert pk.prune(mlp(), "magnitude", sparsity=0.5, pattern="4:8").report["sparsity"] == 0.5
     assert pk.prune(mlp(), "magnitude", density=0.75, pattern="2:4").sparsity() == 0.25  # level 3:4
     with pytest.raises(pk.PrunekitError, match=r"pattern 2:4 prunes 0.5 of the weights: ask for sparsity=0.5"):
@@ -383,3 +384,23 @@ def test_experiment_configs_take_the_pattern_and_keep_the_old_run_ids():
         resolve_run({**base, "prune": {"method": "filter_l1", "sparsity": 0.5, "pattern": "2:4"}})
     with pytest.raises(pk.PrunekitError, match="base-60"):
         resolve_run({**base, "prune": {"method": "magnitude", "sparsity": 0.5, "pattern": 124}})
+
+
+def test_an_experiment_runs_a_gradual_two_four_schedule(tmp_path):
+    """prune.pattern through the harness: LeNet-300-100 (64, 300, 100 inputs on the synthetic 8×8 images: multiples
+    of 4), a cubic schedule over epochs 1..3 (3:4, then 2:4), trained between steps; the saved model keeps 2:4."""
+    from prunekit.data import load_dataset
+    from prunekit.experiments import run
+    from prunekit.models import get_model
+
+    cfg = {"name": "nm", "model": "lenet_300_100", "data": {"name": "synthetic"}, "seed": 0,
+           "train": {"epochs": 4, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
+           "prune": {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4", "gradual": {"start": 0, "end": 3}}}
+    rec = run(cfg, tmp_path, log=lambda m: None)
+    assert [(e["epoch"], e["sparsity"], e["pattern"]) for e in rec.prune_events] == [
+        (1, 0.25, "2:4"), (2, 0.5, "2:4"), (3, 0.5, "2:4")]
+    assert rec.achieved_sparsity == 0.5
+    splits = load_dataset("synthetic")
+    model = get_model("lenet_300_100", num_classes=splits.num_classes, input_shape=tuple(splits.input_shape))
+    masks = pk.load(tmp_path / rec.run_id / "best.pt", model)  # the best model under the final mask
+    assert_pattern(masks, model, 2, 4)
