@@ -219,6 +219,13 @@ def test_non_linear_layers_are_reported_not_converted():
     report = to_sparse(model, table=SpeedTable(measure=Stub(lambda *k: 2.0)))
     assert report.converted == ["2"] and report.kept_dense == ["0"]
     assert "not a Linear" in report.layers[0].reason
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    masks = random_masks(model, {"0.weight": 0.5, "2.weight": 0.5})
+    ref = masked_copy(model, masks)
+    to_sparse(model, masks, table=SpeedTable(measure=Stub(lambda *k: 2.0)))
+    x = torch.randn(2, 1, 4, 4)
+    with torch.inference_mode():  # the Conv2d left dense still computes its masked self
+        torch.testing.assert_close(model(x), ref(x), **TOL)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -200,6 +200,7 @@ def to_sparse(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor] | None
         if not (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))):
             decisions.append(LayerDecision(name, kind, tuple(module.weight.shape[:2]), 0.0, False,
                                            f"a {kind}, not a Linear: CSR conversion covers Linear and GPT-2 Conv1D"))
+            todo.append((name, module, None, None, False))  # left dense, masked
             continue
         if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
             raise PrunekitError(f"{name!r} is {module.weight.dtype} on {module.weight.device}: to_sparse converts "
