@@ -443,35 +443,39 @@ def resolve_run(data: dict | ExperimentConfig) -> ResolvedRun:
     pre_src = cfg.model.pretrained
     if isinstance(pre_src, PretrainedSource) and pre_src.source == "hf":
         model = _resolve_hf(cfg.model, pre_src)
-    elif (hf_run := _hf_run(cfg.model)) is not None:  # a run that fine-tuned a Hugging Face encoder
-        model = hf_run
     else:
-        try:
-            name = canonical_name(cfg.model.name)
-        except PrunekitError as e:
-            raise ConfigError(f"field 'model.name': {e}") from None
-        model = ResolvedModel(name, _resolve_pretrained(cfg.model, name))
+        start = _start_run(cfg.model)  # resolved once, here
+        if start is not None and hf_source(start.resolved.model) is not None:  # a run that fine-tuned an encoder
+            if cfg.model.name != ModelSection.name:
+                raise ConfigError(f"field 'model.name' ({cfg.model.name!r}) is not used when starting from a run of "
+                                  "a Hugging Face encoder (that run's model is used): remove it")
+            model = ResolvedModel(start.resolved.model.name, start)
+        else:
+            try:
+                name = canonical_name(cfg.model.name)
+            except PrunekitError as e:
+                raise ConfigError(f"field 'model.name': {e}") from None
+            if start is not None and start.resolved.model.name != name:
+                raise ConfigError(f"field 'model.pretrained': {cfg.model.pretrained} trains "
+                                  f"{start.resolved.model.name}, not {name}")
+            model = ResolvedModel(name, start if start is not None else _resolve_pretrained(cfg.model, name))
     _check_data(cfg.data, model)
     return ResolvedRun(cfg.name, model, cfg.data, cfg.train, resolve_prune(cfg), cfg.seed)
 
 
-def _hf_run(model: ModelSection) -> ResolvedModel | None:
-    """``model.pretrained`` naming the config of a run whose model is a Hugging Face encoder: this run starts from
-    that run's weights and uses the same encoder and tokenizer (``model.name`` is not used); None otherwise."""
+def _start_run(model: ModelSection) -> PretrainedRun | None:
+    """``model.pretrained`` naming the config of a run to start from (a path or ``{source: run, path}``), resolved;
+    None for any other source."""
     src = model.pretrained
     if isinstance(src, PretrainedSource):
         if src.source != "run" or src.path is None:
             return None
+        if src.init != "pretrained":
+            raise ConfigError("field 'model.pretrained.init': 'random' applies to hf and zoo sources")
         src = src.path
     if src is None or Path(src).suffix in (".pt", ".pth"):
         return None
-    pre = _resolve_pretrained(model, None)
-    if not isinstance(pre, PretrainedRun) or hf_source(pre.resolved.model) is None:
-        return None
-    if model.name != ModelSection.name:
-        raise ConfigError(f"field 'model.name' ({model.name!r}) is not used when starting from a run of a Hugging "
-                          "Face encoder (that run's model is used): remove it")
-    return ResolvedModel(pre.resolved.model.name, pre)
+    return _resolve_pretrained(model, None)
 
 
 def _check_data(d: DataSection, model: ResolvedModel) -> None:

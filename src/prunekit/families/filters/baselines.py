@@ -69,14 +69,14 @@ class FilterOptions:
     normalize: Literal["max", "none"] = "max"
     size_tol: float = 0.005
     min_channels: int = 1
-    round_channels: int = 1
+    round_channels: int | None = None  # None = 1 (no rounding; None keeps the ids of runs made before the option)
 
     def validate(self, path: str, error) -> None:
         if not 0.0 <= self.size_tol < 1.0:
             raise error(f"size_tol must be in [0, 1), got {self.size_tol}")
         if self.min_channels < 1:
             raise error(f"min_channels must be at least 1 (a layer cannot lose every channel), got {self.min_channels}")
-        if self.round_channels < 1:
+        if self.round_channels is not None and self.round_channels < 1:
             raise error(f"round_channels must be >= 1 (kept channel counts are multiples of it), got "
                         f"{self.round_channels}")
 
@@ -169,7 +169,7 @@ class FilterMethod(PruningMethod):
         total = sum(m.numel() for m in alive.values())
         target = keep_count(total, s)
         keep, kept = select_channels(ctx.model, st["groups"], st["scores"], target, alive, o.allocation,
-                                     o.min_channels, o.size_tol, normalize=o.normalize, round_to=o.round_channels)
+                                     o.min_channels, o.size_tol, normalize=o.normalize, round_to=o.round_channels or 1)
         st.update(channel_masks=keep, kept=kept, target=target)
         return masks_from_channels(ctx.model, st["groups"], keep, alive)
 
