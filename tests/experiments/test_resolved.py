@@ -8,6 +8,7 @@ import yaml
 
 import prunekit as pk
 from prunekit.experiments import config as C, run
+from prunekit.errors import ConfigError
 from prunekit.experiments.resolved import PretrainedFile, PretrainedRun, ResolvedRun
 from prunekit.prune import PruneOptions
 from prunekit.schedules import Gradual, OneShot
@@ -80,3 +81,12 @@ def test_a_run_resolves_its_starting_points_once(tmp_path, monkeypatch):
     rec = run(oneshot, tmp_path / "runs", log=lambda m: None)
     assert len(hashed) == 1  # the model file under the starting run, hashed when the run was resolved, not again
     assert rec.run_id == resolved.id and rec.achieved_sparsity == pytest.approx(0.5, abs=1e-4)
+
+
+def test_a_pattern_implies_the_sparsity_of_a_config():
+    r = C.resolve_run({**BASE, "prune": {"method": "magnitude", "pattern": "2:4"}})
+    assert r.prune.sparsity == 0.5
+    assert C.resolve_run({**BASE, "prune": {"method": "magnitude", "pattern": "4:8", "sparsity": 0.25}}).prune.sparsity \
+        == 0.25  # an intermediate level 6:8
+    with pytest.raises(ConfigError, match="2:4"):
+        C.resolve_run({**BASE, "prune": {"method": "magnitude", "pattern": "2:4", "sparsity": 0.9}})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..families.imp.codes import DEFAULT_SCOPE, check_imp_options
 from ..data.scoring import check_samples
 from ..errors import ConfigError, PrunekitError, closest
-from ..prune import PruneOptions, resolve_sparsity, split_options
+from ..prune import PruneOptions, pattern_sparsity, resolve_sparsity, split_options
 from ..registry import MethodInfo, get_method, methods
 from ..schedules import Cascade, Gradual, OneShot
 from ..train.config import TrainConfig
@@ -268,6 +268,8 @@ def resolve_prune(cfg: ExperimentConfig) -> ResolvedPrune:
     try:
         if cascade is not None:
             s = 1.0 - cascade.ratios[-1]
+        elif rest.get("pattern") is not None:  # N:M: the pattern implies the sparsity, a given one must fit it
+            s = pattern_sparsity(rest["pattern"], p.get("sparsity"), p.get("density"), p.get("compression"))
         else:
             s = resolve_sparsity(p.get("sparsity"), p.get("density"), p.get("compression"))
         common, method_opts = split_options(info, rest)
