@@ -1,12 +1,25 @@
-"""Prune to a FLOPs target (seed 003, second_order.md §6): one OBS step whose global sparsity is bisected until the
-masked model's MACs come within ``flops_epsilon`` of the target, built on the one pruning step
-(:class:`prunekit.prune.PruningStep`), so it gets every check :func:`prunekit.prune` makes."""
+"""Prune to a compute target: the sparsity of one pruning step is bisected until the model's MACs
+(:mod:`prunekit.flops`) meet the target, built on the one pruning step (:class:`prunekit.prune.PruningStep`), so
+it gets every check :func:`prunekit.prune` makes. The scores are computed once; only the method's own selection
+runs per bisection step, and the method's own allocation decides which weights or channels go.
+
+- :func:`prune_to_flops` (seed 003, second_order.md §6): one OBS step to an absolute MFLOPs target within
+  ``flops_epsilon`` (the FLOPs options of ``woodfisherblock_flops``).
+- :func:`prune_to_macs`: any method (the channel methods ``filter_l1``, ``filter_l2``, ``filter_random``,
+  ``bn_scale``, ``pfp`` above all) to a fraction of the dense MACs (``macs=0.5``) or a MACs speedup
+  (``speedup=2``) within a relative tolerance. A structured method's MACs are those of the shrunk model
+  (``pk.shrink``): every Conv/Linear weight counted with the channels its groups keep, so a zero input slice inside
+  a kept channel (pfp drops slices per reader) still counts, as it does after shrinking.
+"""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
 from torch import nn
+
+import torch
 
 from .errors import PrunekitError
 from .families.obs.woodfisher import FlopsOptions
@@ -14,6 +27,9 @@ from .flops import layer_positions, macs
 from .masks import Masks
 from .prune import PruningStep
 from .registry import get_method
+from .structured.channel_scores import cached_channel_groups
+from .structured.groups import channel_masks_from_masks
+from .structured.select import masks_from_channels
 
 
 def prune_to_flops(model: nn.Module, target_mflops: float | None = None, data=None, *, masks: Masks | None = None,
@@ -75,18 +91,140 @@ def _bisect_flops(at: Callable[[float], dict], mflops: Callable[[dict], float], 
         warnings.warn(f"FLOPs target {target:g} MFLOPs is unreachable: at max_sparsity={hi:g} the model still has "
                       f"{f_hi:.3f} MFLOPs (non-prunable layers); stopping there", stacklevel=3)
         return hi, m_hi, f_hi, 0
-    lo = s_cur
-    best = min(((abs(f_cur - target), lo, current, f_cur), (abs(f_hi - target), hi, m_hi, f_hi)), key=lambda t: t[0])
-    iters = 0
-    while iters < 50 and best[0] >= o.flops_epsilon:
-        iters += 1
-        mid = 0.5 * (lo + hi)
-        m_mid = at(mid)
-        f_mid = mflops(m_mid)
-        if abs(f_mid - target) < best[0]:
-            best = (abs(f_mid - target), mid, m_mid, f_mid)
-        if f_mid > target:
-            lo = mid
+    return bisect_sparsity(at, mflops, target, (s_cur, current, f_cur), (hi, m_hi, f_hi), o.flops_epsilon)
+
+
+def bisect_sparsity(at: Callable[[float], dict], cost: Callable[[dict], float], target: float,
+                    lo: tuple[float, dict, float], hi: tuple[float, dict, float], tol: float, iters: int = 50,
+                    ) -> tuple[float, dict, float, int]:
+    """(sparsity, masks, cost, iterations): bisection on the sparsity between ``lo`` and ``hi`` (each ``(sparsity,
+    masks, cost)``; the cost does not increase with the sparsity) for masks whose ``cost`` is within ``tol``
+    (absolute) of ``target``; at most ``iters`` calls of ``at(sparsity) -> masks``. Returns the first point within
+    ``tol`` (or the closest one seen; on a tie the one with the smaller cost). ``at`` may raise
+    :class:`PrunekitError` for a sparsity its method cannot reach: that point counts as below the target."""
+    s_lo, s_hi = lo[0], hi[0]
+    cands = [lo, hi]
+
+    def key(c):
+        return abs(c[2] - target), c[2] > target
+
+    best = min(cands, key=key)
+    n = 0
+    while n < iters and key(best)[0] >= tol and s_hi - s_lo > 1e-12:
+        n += 1
+        mid = 0.5 * (s_lo + s_hi)
+        try:
+            m = at(mid)
+        except PrunekitError:
+            s_hi = mid
+            continue
+        c = cost(m)
+        if key((mid, m, c)) < key(best):
+            best = (mid, m, c)
+        if c > target:
+            s_lo = mid
         else:
-            hi = mid
-    return best[1], best[2], best[3], iters
+            s_hi = mid
+    return best[0], best[1], best[2], n
+
+
+def _fraction(macs_kept: float | None, speedup: float | None) -> float:
+    if (macs_kept is None) == (speedup is None):
+        raise PrunekitError("prune_to_macs needs exactly one target: macs= (the fraction of the dense MACs to keep, "
+                            "e.g. 0.5) or speedup= (dense MACs / pruned MACs, e.g. 2)")
+    if macs_kept is not None:
+        f = float(macs_kept)
+        if not 0.0 < f <= 1.0:
+            raise PrunekitError(f"macs= is the fraction of the dense MACs kept, in (0, 1]; got {macs_kept!r} (for "
+                                "a speedup use speedup=)")
+        return f
+    if not float(speedup) >= 1.0:
+        raise PrunekitError(f"speedup= must be >= 1 (dense MACs / pruned MACs), got {speedup!r}")
+    return 1.0 / float(speedup)
+
+
+def prune_to_macs(model: nn.Module, method: str, data=None, *, macs: float | None = None,
+                  speedup: float | None = None, tol: float = 0.01, masks: Masks | None = None, loss=None,
+                  input_shape=None, example=None, max_sparsity: float = 0.999, **options) -> Masks:
+    """Prune ``model`` in place with ``method`` so that its MACs per example are ``macs`` times the dense MACs (or
+    ``1 / speedup`` times), within ``tol`` relative to that target, and return the :class:`Masks`.
+
+    The method scores once; its own selection (its allocation, channel rounding, size search) runs for each
+    sparsity of a bisection in [current sparsity, ``max_sparsity``] (at most 50 steps), and its weight update runs
+    once, for the chosen masks. The MACs are counted by :mod:`prunekit.flops` on ``input_shape`` (default
+    ``model.input_shape``) or ``example`` (a transformer: a dict batch of one example); the dense MACs count
+    every Conv/Linear weight. For a structured method (``pk.methods()`` ``structured``) the MACs are those of the
+    shrunk model (see the module docstring), so ``pk.shrink`` gives a model with exactly the reported MACs.
+
+    ``masks.report``: ``target_macs``, ``macs``, ``dense_macs``, ``macs_fraction``, ``speedup``, ``sparsity``
+    (the one bisected), ``achieved_sparsity``, ``bisection_iterations``, ``hit``. When no sparsity gets within
+    ``tol`` (channel granularity, or layers that cannot shrink), the closest is used with a warning. A model
+    already at or below the target is left unchanged. ``options``: the method's options and the common prune
+    options (``seed``, ``exclude``, ``round_channels``, ...); sampled methods (``filter_random``, pfp ``rand``)
+    see the same random draws at every bisection step.
+    """
+    frac = _fraction(macs, speedup)
+    if not 0.0 < tol < 1.0:
+        raise PrunekitError(f"tol is relative to the MACs target and must be in (0, 1), got {tol!r}")
+    info = get_method(method)
+    step = PruningStep(model, method, data, masks, loss, options)
+    masks = step.masks
+    layers = layer_positions(model, input_shape, example)
+    dense = _macs_of(layers, {})
+    target = frac * dense
+    names = {p.name: p.module_name for p in masks.params if p.attr == "weight"}
+    structured = bool(info.structured)
+    groups = cached_channel_groups(model, data) if structured else None
+    shape = {p.name: p.tensor.shape for p in masks.params}
+
+    def cost(m: dict) -> float:
+        if structured:  # the shrunk model: the channels each group keeps, whole
+            cm = channel_masks_from_masks(model, groups, m)
+            ones = {n: torch.ones(shape[n], dtype=torch.bool) for n in m}
+            m = masks_from_channels(model, groups, cm, ones)
+        return _macs_of(layers, {names[n]: int(v.sum()) for n, v in m.items() if n in names})
+
+    current = masks.as_dict()
+    c_cur, s_cur = cost(current), masks.sparsity()
+    report = {"method": info.name, "target_macs": target, "dense_macs": dense, "macs_before": c_cur}
+    if c_cur <= target * (1.0 + tol):
+        masks.report = {**report, "macs": c_cur, "macs_fraction": c_cur / dense, "speedup": dense / c_cur,
+                        "sparsity": s_cur, "achieved_sparsity": s_cur, "bisection_iterations": 0, "hit": True,
+                        "skipped": True}
+        return masks
+    step.check_data(1)
+    ctx, scores = step.score(1)
+    state = ctx.generator.get_state()
+
+    def at(s: float) -> dict:
+        ctx.generator.set_state(state)  # the same draws at every step, and for the final selection
+        return step.choose(ctx, scores, s)
+
+    hi = _highest(at, cost, max(max_sparsity, s_cur))
+    s_best, _, c_best, iters = bisect_sparsity(at, cost, target, (s_cur, current, c_cur), hi, tol * target)
+    chosen = at(s_best)  # again, so the method's state (its channels, its rescaling) is that of the chosen masks
+    step.apply(ctx, chosen)
+    hit = abs(c_best - target) <= tol * target
+    if not hit:
+        warnings.warn(f"prune_to_macs ({info.name}): no sparsity keeps {frac:.4g} of the dense MACs within "
+                      f"tol={tol:g}; the closest keeps {c_best / dense:.4f} (sparsity {s_best:.4f})", stacklevel=2)
+    masks.report = {**report, "macs": c_best, "macs_fraction": c_best / dense, "speedup": dense / max(c_best, 1),
+                    "sparsity": s_best, "achieved_sparsity": masks.sparsity(), "bisection_iterations": iters,
+                    "hit": hit}
+    return masks
+
+
+def _macs_of(layers, nnz) -> float:
+    return float(macs(layers, nnz))
+
+
+def _highest(at: Callable[[float], dict], cost: Callable[[dict], float], s_max: float
+             ) -> tuple[float, dict | None, float]:
+    """(sparsity, masks, cost) at ``s_max``; when the method refuses it (a channel method cannot remove more than
+    whole channels allow), ``(s_max, None, -inf)``: the bisection then treats refused sparsities as below the
+    target and closes in on the largest one the method reaches."""
+    try:
+        m = at(s_max)
+        return s_max, m, cost(m)
+    except PrunekitError:
+        return s_max, None, -math.inf
