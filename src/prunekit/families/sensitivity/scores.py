@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -230,23 +230,148 @@ def relative_contributions(w: torch.Tensor, a: torch.Tensor, aggregate: str) -> 
     return g.clamp_(max=1.0)
 
 
+def _scatter_max(best: torch.Tensor, channel: torch.Tensor, values: torch.Tensor) -> None:
+    """best[c] = max(best[c], values of the entries of channel c), in place."""
+    if values.numel():
+        best.scatter_reduce_(0, channel, values.to(best.dtype), "amax")
+
+
+#: Rows per block of the block bounds of :func:`channel_contributions`.
+ROW_BLOCK = 64
+
+
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """(X, R) -> (X, nb, ROW_BLOCK), zero padded at the end of R when needed."""
+    X, R = t.shape
+    nb = -(-R // ROW_BLOCK)
+    if nb * ROW_BLOCK != R:
+        t = F.pad(t, (0, nb * ROW_BLOCK - R))
+    return t.reshape(X, nb, ROW_BLOCK)
+
+
+class _Rows:
+    """r (I, R) and a (J, R), cut into blocks of ROW_BLOCK rows, with each block's maximum."""
+
+    def __init__(self, r: torch.Tensor, a: torch.Tensor, ab: torch.Tensor):
+        self.r, self.a, self.ab = r, a, ab          # (I, nb, B), (J, nb, B), (J, nb)
+        self.nb = r.shape[1]
+        self.rb = r.amax(2)                         # (I, nb)
+
+    def exact(self, fi: torch.Tensor, fj: torch.Tensor, wf: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        """min(1, wf·max_R r[R, i]·a[R, j]) for the entries (fi, fj), over the blocks whose bound
+        min(1, wf·max r·max a) exceeds ``floor`` (the entry's channel maximum so far); entries whose every block
+        is below it get 0 (they cannot raise the maximum)."""
+        out = torch.zeros(fi.numel(), dtype=self.r.dtype, device=self.r.device)
+        step = max(1, BLOCK_ELEMS // (4 * self.nb))
+        for f0 in range(0, fi.numel(), step):
+            i, j, w = fi[f0:f0 + step], fj[f0:f0 + step], wf[f0:f0 + step]
+            bound = (w[:, None] * (self.rb[i] * self.ab[j])).clamp_(max=1.0)
+            e, b = torch.nonzero(bound > floor[f0:f0 + step, None], as_tuple=True)
+            for e0 in range(0, e.numel(), BLOCK_ELEMS // ROW_BLOCK):
+                ee, bb = e[e0:e0 + BLOCK_ELEMS // ROW_BLOCK], b[e0:e0 + BLOCK_ELEMS // ROW_BLOCK]
+                vals = (w[ee] * (self.r[i[ee], bb] * self.a[j[ee], bb]).amax(1)).clamp_(max=1.0)
+                out[f0:f0 + step].scatter_reduce_(0, ee, vals, "amax")
+        return out
+
+
+#: Entries per channel computed exactly in the first refinement round of :func:`channel_contributions` (doubling
+#: each round), and the rounds before every remaining entry is computed.
+FIRST_PICKS, PICK_ROUNDS = 4, 6
+
+
+def channel_contributions(w: torch.Tensor, a: torch.Tensor, k: int, best: torch.Tensor,
+                          alive: torch.Tensor | None = None) -> None:
+    """``best[c] = max(best[c], max over i and the k entries j of input channel c of g_ij)``, in place, for the
+    MAX aggregation: exactly ``(relative_contributions(w, a, "max") * alive).view(I, C, k).amax((0, 2))`` (the same
+    float products; dead entries (``alive`` 0) give 0), without forming every g_ij.
+
+    ``w``: (I, C·k); ``a``: (n, C·k, P) nonnegative patches; ``best`` (C,) holds a running maximum (e.g. of
+    earlier chunks). Per sign of the weights, with r = 1/|z±| and the rows R = (example, position), an entry's
+    g = min(1, |w_ij|·max_R r[R, i]·a[R, j]) is at most U_ij = min(1, |w_ij|·max_R r[R, i]·max_R a[R, j]). An entry
+    whose U does not exceed its channel's running maximum cannot raise it and is skipped. Rounds: the live entries
+    of largest U in each channel (4, then 8, 16, ...) are computed exactly over every row, the maxima rise, the
+    live set shrinks; after a few rounds (or once the rest is cheap) every live entry is computed exactly. Max and
+    rounding are monotone, so the result is bitwise that of the dense computation."""
+    n, J, P = a.shape
+    I = w.shape[0]
+    R = n * P
+    C = J // k
+    channel_of = torch.arange(J, device=w.device) // k
+    at = a.permute(1, 0, 2).reshape(J, R)   # rows per input
+    amax = at.amax(1)
+    a_blocks = ab = None
+    for sign in (1, -1):
+        ws = w.clamp(min=0) if sign > 0 else w.clamp(max=0)
+        z = torch.einsum("ij,njp->nip", ws, a)   # the same call as relative_contributions: the same r, bit for bit
+        rt = _reciprocal(z).permute(1, 0, 2).reshape(I, R)
+        W = w.abs() * ((w > 0) if sign > 0 else (w < 0))
+        if alive is not None:
+            W = W * alive
+        if R * I * J <= BLOCK_ELEMS:
+            g = (W * _max_product(rt.t(), at.t())).clamp_(max=1.0)
+            torch.maximum(best, g.view(I, C, k).amax(dim=(0, 2)), out=best)
+            continue
+        U = (W * (rt.amax(1)[:, None] * amax[None, :])).clamp_(max=1.0)
+        if a_blocks is None:  # the a side is the same for both signs
+            a_blocks = _blocks(at)
+            ab = a_blocks.amax(2)
+        rows = _Rows(_blocks(rt), a_blocks, ab)
+        live = (U > best[channel_of][None, :]) & (W > 0)
+        picks = FIRST_PICKS
+        for _ in range(PICK_ROUNDS):
+            n_live = int(live.sum())
+            if n_live * rows.nb <= BLOCK_ELEMS // 8 or picks >= I * k:
+                break
+            Uc = torch.where(live, U, torch.full_like(U, -1.0)).view(I, C, k).permute(1, 0, 2).reshape(C, I * k)
+            val, t = torch.topk(Uc, min(picks, I * k), dim=1)
+            c_idx = torch.arange(C, device=w.device)[:, None].expand_as(t)
+            keep = val > 0  # live entries only (dead ones carry -1; U > 0 for a live entry)
+            fi, fj = (t // k)[keep], (c_idx * k + t % k)[keep]
+            _scatter_max(best, channel_of[fj], rows.exact(fi, fj, W[fi, fj], best[channel_of[fj]]))
+            live[fi, fj] = False
+            live &= U > best[channel_of][None, :]
+            picks *= 2
+        fi, fj = torch.nonzero(live, as_tuple=True)
+        if fi.numel():
+            _scatter_max(best, channel_of[fj], rows.exact(fi, fj, W[fi, fj], best[channel_of[fj]]))
+
+
 def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Tensor | DictInputs, aggregate: str,
-            chunk: int = EXAMPLES_PER_FORWARD) -> tuple[dict[str, torch.Tensor], list[Layer]]:
+            chunk: int = EXAMPLES_PER_FORWARD, channels: Mapping[str, tuple[int, torch.Tensor | None]] | None = None,
+            ) -> tuple[dict[str, torch.Tensor], list[Layer]]:
     """Sensitivities (I, J) of every param over the examples ``inputs`` (a tensor, or the
     :class:`~prunekit.batches.DictInputs` of dict batches: ``model(**inputs)``), a running maximum over forward
     chunks. I is the output neurons (a Conv1D's weight is seen transposed, :func:`out_first`). A linear layer over
-    a sequence counts each position as a position (padded ones included: the attention mask is not read)."""
+    a sequence counts each position as a position (padded ones included: the attention mask is not read).
+
+    ``channels``: ``{param name: (k, alive or None)}`` for params (``groups == 1``, MAX aggregation) of which only
+    the input-channel maxima are wanted: their entry is then the (C,) vector of max over neurons and the k entries
+    of each channel of the sensitivities of the alive entries (:func:`channel_contributions`; bitwise the same
+    values as reducing the full (I, J) matrix, at a fraction of the work)."""
     if aggregate not in ("mean", "max"):
         raise PrunekitError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
     layers = [layer_view(p) for p in params]
     by_module: dict[int, list[Layer]] = {}
     for lay in layers:
         by_module.setdefault(id(lay.param.module), []).append(lay)
+    channels = dict(channels or {})
+    if channels and aggregate != "max":
+        raise PrunekitError("channel maxima are computed for the MAX aggregation only")
     run = {}
     for lay in layers:
         w = lay.param.tensor
-        run[lay.param.name] = torch.zeros((lay.out, w.numel() // lay.out), device=w.device,
-                                          dtype=torch.promote_types(w.dtype, torch.float32))
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        if lay.param.name in channels:
+            if lay.groups != 1:
+                raise PrunekitError(f"channel maxima need groups == 1 ({lay.param.name!r} has {lay.groups})")
+            k, alive = channels[lay.param.name]
+            cols = w.numel() // lay.out
+            run[lay.param.name] = torch.zeros(cols // k, device=w.device, dtype=dtype)
+            if alive is not None:
+                channels[lay.param.name] = (k, out_first(lay.param.module, alive).reshape(lay.out, -1)
+                                            .to(device=w.device, dtype=dtype))
+        else:
+            run[lay.param.name] = torch.zeros((lay.out, w.numel() // lay.out), device=w.device, dtype=dtype)
 
     def hook(module, args, out):
         if not args or not isinstance(args[0], torch.Tensor):
@@ -259,6 +384,10 @@ def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Ten
             if bool((a < 0).any()):  # every example becomes the two points max(a, 0) and max(-a, 0)
                 a = torch.cat([a.clamp(min=0), (-a).clamp(min=0)])
             lay.positions = max(lay.positions, a.shape[2])
+            if lay.param.name in channels:
+                k, alive = channels[lay.param.name]
+                channel_contributions(w, a, k, acc, alive)
+                continue
             og, jg = lay.out // lay.groups, w.shape[1]
             for g in range(lay.groups):
                 rows = slice(g * og, (g + 1) * og)
