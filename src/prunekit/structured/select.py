@@ -126,14 +126,17 @@ def _plans(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str,
     plans = []
     for name, a in alive.items():
         plan = _sides(mods, name, tuple(a.shape), by)
-        x = a.detach().to(torch.float32)
-        lead = [d for d, g in ((plan.out_dim, plan.out_g), (plan.in_dim, plan.in_g)) if g]
-        if lead:
-            x = x.permute(lead + [d for d in range(x.dim()) if d not in lead])
         n_out = sizes[plan.out_g] if plan.out_g else 1
         n_in = sizes[plan.in_g] if plan.in_g else 1
-        units = x.shape[0] if plan.out_g else 1  # output units: channels x rows x splits
-        C = x.reshape(units, n_in, -1).sum(-1).to(device="cpu", dtype=torch.float64)
+        units = a.shape[plan.out_dim] if plan.out_g else 1  # output units: channels x rows x splits
+        if bool(a.all()):  # every entry alive (a first round): the same count in every cell
+            C = torch.full((units, n_in), a.numel() / (units * n_in), dtype=torch.float64)
+        else:
+            x = a.detach().to(torch.float32)
+            lead = [d for d, g in ((plan.out_dim, plan.out_g), (plan.in_dim, plan.in_g)) if g]
+            if lead:
+                x = x.permute(lead + [d for d in range(x.dim()) if d not in lead])
+            C = x.reshape(units, n_in, -1).sum(-1).to(device="cpu", dtype=torch.float64)
         if plan.out_rows is not None:
             C = torch.zeros((n_out, n_in), dtype=torch.float64).index_add_(0, plan.out_rows, C)
         plan.C = C
@@ -190,16 +193,21 @@ def broadcast_channel_scores(model: nn.Module, groups: Sequence[ChannelGroup], c
     out = {}
     for name, t in tensors.items():
         plan = _sides(mods, name, tuple(t.shape), by)
-        s = torch.full(t.shape, math.inf, dtype=torch.float32, device=t.device)
+        views = []
         if plan.out_g:
             v = torch.as_tensor(channel_scores[plan.out_g]).to(device=t.device, dtype=torch.float32)
             v = v if plan.out_rows is None else v[plan.out_rows.to(t.device)]
-            s = torch.minimum(s, _view(v, plan.out_dim, t.dim()))
+            views.append(_view(v, plan.out_dim, t.dim()))
         if plan.in_g:
             v = torch.as_tensor(channel_scores[plan.in_g]).to(device=t.device, dtype=torch.float32)
             v = v.repeat_interleave(plan.block) if plan.block != 1 else v
-            s = torch.minimum(s, _view(v, plan.in_dim, t.dim()))
-        out[name] = s
+            views.append(_view(v, plan.in_dim, t.dim()))
+        if not views:
+            out[name] = torch.full(t.shape, math.inf, dtype=torch.float32, device=t.device)
+        elif len(views) == 1:
+            out[name] = views[0].expand(t.shape).contiguous()
+        else:  # one pass: the broadcast minimum has the tensor's shape
+            out[name] = torch.minimum(views[0], views[1]).expand(t.shape).contiguous()
     return out
 
 
@@ -493,7 +501,10 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     chosen = _selectable_groups(groups, channel_scores, alive)
     _warn_fixed(model, groups, alive, n_alive)
     scores = _group_scores(chosen, channel_scores)
-    alive_ch = channel_masks_from_masks(model, chosen, alive, side="either") if chosen else {}
+    if all(bool(m.all()) for m in alive.values()):  # nothing pruned yet: every channel is alive
+        alive_ch = {g.name: torch.ones(g.size, dtype=torch.bool) for g in chosen}
+    else:
+        alive_ch = channel_masks_from_masks(model, chosen, alive, side="either") if chosen else {}
     plans = _plans(model, chosen, alive)
     sel = _Selector(chosen, scores, alive_ch, plans, mode, min_keep, normalize, round_to)
     c_min = sel.count(0)
