@@ -110,7 +110,7 @@ def bisect_sparsity(at: Callable[[float], dict], cost: Callable[[dict], float], 
 
     best = min(cands, key=key)
     n = 0
-    while n < iters and key(best)[0] >= tol and s_hi - s_lo > 1e-12:
+    while n < iters and key(best)[0] >= tol and s_hi - s_lo > 1e-7:
         n += 1
         mid = 0.5 * (s_lo + s_hi)
         try:

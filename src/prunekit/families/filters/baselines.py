@@ -46,8 +46,9 @@ from ...errors import PrunekitError
 from ...registry import PruningMethod, ScoreContext, register
 from ...select import check_sparsity, keep_count
 from ...structured.groups import ChannelGroup, make_exact
-from ...structured.select import (bn_scale_scores, broadcast_channel_scores, cached_channel_groups, filter_norm_scores,
-                                 masks_from_channels, select_channels)
+from ...structured.latency_table import check_round_channels, resolve_round_channels
+from ...structured.select import (bn_scale_scores, broadcast_channel_scores, cached_channel_groups,
+                                 example_input_for, filter_norm_scores, masks_from_channels, select_channels)
 
 
 @dataclass(frozen=True)
@@ -62,23 +63,24 @@ class FilterOptions:
     - ``min_channels``: channels every group keeps at least (its best ones).
     - ``round_channels``: every channel group (a residual-tied group as a whole, an attention layer's heads, an
       FFN's neurons) keeps a multiple of this many channels, or all of them; the size search moves in blocks of
-      it (:func:`prunekit.structured.select_channels` ``round_to``). 8 or 16 give SIMD-friendly shrunk widths.
+      it (:func:`prunekit.structured.select_channels` ``round_to``). 8 or 16 give SIMD-friendly shrunk widths;
+      ``"auto"`` picks the multiple from a per-layer latency table measured once per device and layer shape and
+      cached on disk (:func:`prunekit.structured.latency_table.auto_round_channels`).
     """
 
     allocation: Literal["uniform", "global"] = "uniform"
     normalize: Literal["max", "none"] = "max"
     size_tol: float = 0.005
     min_channels: int = 1
-    round_channels: int | None = None  # None = 1 (no rounding; None keeps the ids of runs made before the option)
+    round_channels: int | Literal["auto"] | None = None  # None = 1 (no rounding; None keeps the ids of runs made before the option)
 
     def validate(self, path: str, error) -> None:
         if not 0.0 <= self.size_tol < 1.0:
             raise error(f"size_tol must be in [0, 1), got {self.size_tol}")
         if self.min_channels < 1:
             raise error(f"min_channels must be at least 1 (a layer cannot lose every channel), got {self.min_channels}")
-        if self.round_channels is not None and self.round_channels < 1:
-            raise error(f"round_channels must be >= 1 (kept channel counts are multiples of it), got "
-                        f"{self.round_channels}")
+        if self.round_channels is not None:
+            check_round_channels(self.round_channels, error)
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,12 @@ class FilterMethod(PruningMethod):
         alive = {p.name: ctx.masks[p.name].to(torch.bool) for p in ctx.params}
         total = sum(m.numel() for m in alive.values())
         target = keep_count(total, s)
+        if "round_to" not in st:
+            st["round_to"] = resolve_round_channels(o.round_channels or 1, ctx.model,
+                                                    example_input_for(ctx.model, ctx) if o.round_channels == "auto"
+                                                    else None)
         keep, kept = select_channels(ctx.model, st["groups"], st["scores"], target, alive, o.allocation,
-                                     o.min_channels, o.size_tol, normalize=o.normalize, round_to=o.round_channels or 1)
+                                     o.min_channels, o.size_tol, normalize=o.normalize, round_to=st["round_to"])
         st.update(channel_masks=keep, kept=kept, target=target)
         return masks_from_channels(ctx.model, st["groups"], keep, alive)
 

@@ -95,6 +95,7 @@ from ...registry import PruningMethod, ScoreContext, register
 from ...seeding import derive_seed
 from ...select import check_sparsity, keep_count
 from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact, row_channels
+from ...structured.latency_table import check_round_channels, resolve_round_channels
 from ..filters.baselines import why_fixed
 from .budget import draws_for_unique, log_factor
 from .scores import (DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, is_conv1d,
@@ -123,7 +124,8 @@ class PfpOptions(SensitivityOptions):
       readers' kept channels, the best missing ones (largest sensitivity over the readers) are added back, read
       unscaled by every reader. Applied inside every size evaluation, so the ε search and the fill work on rounded
       sizes. 8 or 16 give SIMD-friendly shrunk widths (16 measured fastest for VGG-16 on a 2-core CPU:
-      bench/bench_shrink.py).
+      bench/bench_shrink.py). ``"auto"``: the multiple picked from the cached per-layer latency table
+      (:func:`prunekit.structured.latency_table.auto_round_channels`).
     - ``per_weight_scores``: by default the score of a layer whose input channels PFP prunes (a reader) is its
       channel sensitivity s_c on every alive entry of channel c (computed directly, with bounds that skip most
       products: :func:`prunekit.families.sensitivity.scores.channel_contributions`), and the other layers, which
@@ -133,13 +135,12 @@ class PfpOptions(SensitivityOptions):
     """
 
     variant: Literal["det", "rand", "top"] = "det"
-    round_channels: int = 1
+    round_channels: int | Literal["auto"] = 1
     per_weight_scores: bool = False
 
     def validate(self, path, error) -> None:
         super().validate(path, error)
-        if self.round_channels < 1:
-            raise error(f"round_channels must be >= 1, got {self.round_channels}")
+        check_round_channels(self.round_channels, error)
 
 
 # ------------------------------------------------------------------------------------ channel sensitivities (§3)
@@ -417,7 +418,7 @@ class _Plan:
         for g in self.groups:
             if g.prunable and g.consumers and all(c in reader_of for c, _ in g.consumers):
                 self.removable[g.name] = [reader_of[c] for c, _ in g.consumers]
-        self.round_to = o.round_channels
+        self.round_to = resolve_round_channels(o.round_channels, ctx.model, st.get("example"))
         self.group_order: dict[str, tuple[torch.Tensor, int]] = {}  # rank of a group's channels, alive count
         for gname, idx in self.removable.items():
             best = torch.stack([self.readers[i].s for i in idx]).amax(0)
@@ -725,6 +726,7 @@ def pfp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
         alive = out_first(p.module, ctx.masks[p.name].to(run[p.name].device)).reshape(run[p.name].shape)
         out[p.name] = out_first(p.module, run[p.name] * alive).reshape(p.tensor.shape)
     state = {"groups": groups, "positions": {lay.param.name: (lay.positions, lay.k) for lay in layers},
+             "example": x[:1] if isinstance(x, torch.Tensor) else None,
              "n_samples": int(x.shape[0]), "sample_size": need}
     log.info("pfp: sensitivities from %d examples (|S| = %d)", x.shape[0], need)
     return out, state
