@@ -96,13 +96,16 @@ def _bisect_flops(at: Callable[[float], dict], mflops: Callable[[dict], float], 
 
 def bisect_sparsity(at: Callable[[float], dict], cost: Callable[[dict], float], target: float,
                     lo: tuple[float, dict, float], hi: tuple[float, dict, float], tol: float, iters: int = 50,
-                    ) -> tuple[float, dict, float, int]:
+                    reachable: list[float] | None = None) -> tuple[float, dict, float, int]:
     """(sparsity, masks, cost, iterations): bisection on the sparsity between ``lo`` and ``hi`` (each ``(sparsity,
     masks, cost)``; the cost does not increase with the sparsity) for masks whose ``cost`` is within ``tol``
     (absolute) of ``target``; at most ``iters`` calls of ``at(sparsity) -> masks``. Returns the first point within
     ``tol`` (or the closest one seen; on a tie the one with the smaller cost). ``at`` may raise
-    :class:`PrunekitError` for a sparsity its method cannot reach: that point counts as below the target."""
+    :class:`PrunekitError` for a sparsity its method cannot reach (a channel method: above what removing whole
+    channels allows, or below what it must remove): such a point below every sparsity in ``reachable`` (known to
+    work) moves the bracket up, any other one moves it down."""
     s_lo, s_hi = lo[0], hi[0]
+    reachable = list(reachable or [])
     cands = [lo, hi]
 
     def key(c):
@@ -116,8 +119,12 @@ def bisect_sparsity(at: Callable[[float], dict], cost: Callable[[dict], float], 
         try:
             m = at(mid)
         except PrunekitError:
-            s_hi = mid
+            if reachable and mid < min(reachable):
+                s_lo = mid
+            else:
+                s_hi = mid
             continue
+        reachable.append(mid)
         c = cost(m)
         if key((mid, m, c)) < key(best):
             best = (mid, m, c)
@@ -201,7 +208,9 @@ def prune_to_macs(model: nn.Module, method: str, data=None, *, macs: float | Non
         return step.choose(ctx, scores, s)
 
     hi = _highest(at, cost, max(max_sparsity, s_cur))
-    s_best, _, c_best, iters = bisect_sparsity(at, cost, target, (s_cur, current, c_cur), hi, tol * target)
+    reachable = [hi[0]] if hi[1] is not None else _reachable(at, s_cur, hi[0])
+    s_best, _, c_best, iters = bisect_sparsity(at, cost, target, (s_cur, current, c_cur), hi, tol * target,
+                                               reachable=reachable)
     chosen = at(s_best)  # again, so the method's state (its channels, its rescaling) is that of the chosen masks
     step.apply(ctx, chosen)
     hit = abs(c_best - target) <= tol * target
@@ -216,6 +225,19 @@ def prune_to_macs(model: nn.Module, method: str, data=None, *, macs: float | Non
 
 def _macs_of(layers, nnz) -> float:
     return float(macs(layers, nnz))
+
+
+def _reachable(at: Callable[[float], dict], s_cur: float, s_max: float, points: int = 12) -> list[float]:
+    """Sparsities of an even grid over (``s_cur``, ``s_max``) that the method reaches (it may refuse both ends)."""
+    out = []
+    for i in range(1, points):
+        s = s_cur + (s_max - s_cur) * i / points
+        try:
+            at(s)
+            out.append(s)
+        except PrunekitError:
+            pass
+    return out
 
 
 def _highest(at: Callable[[float], dict], cost: Callable[[dict], float], s_max: float

@@ -79,3 +79,26 @@ def test_unstructured_method_counts_masked_macs():
     masks = prune_to_macs(model, "magnitude", data, macs=0.4)
     nnz = {n.rpartition(".")[0]: int(m.sum()) for n, m in masks.as_dict().items() if n.endswith("weight")}
     assert abs(macs(layers, nnz) / dense - 0.4) <= 0.01 * 0.4
+
+
+def test_bisection_finds_a_target_inside_the_reachable_range():
+    """A method that refuses sparsities below 0.3 and above 0.9 (cost 1 - s): the bracket moves up past the refused
+    low end, down past the refused high end."""
+    from prunekit.flops_target import bisect_sparsity
+
+    def at(s):
+        if not 0.3 <= s <= 0.9:
+            raise PrunekitError(f"sparsity {s} out of reach")
+        return {"s": s}
+
+    def cost(m):
+        return 1.0 - m["s"]
+
+    for target in (0.6, 0.2, 0.65):
+        s, m, c, n = bisect_sparsity(at, cost, target, (0.0, {"s": 0.0}, 1.0), (0.999, None, -float("inf")), 1e-4,
+                                     reachable=[0.5])
+        assert abs(c - target) <= 1e-4 and m["s"] == s and n < 50
+    # a target outside the reachable costs: the closest reachable point
+    s, m, c, n = bisect_sparsity(at, cost, 0.05, (0.0, {"s": 0.0}, 1.0), (0.999, None, -float("inf")), 1e-4,
+                                 reachable=[0.5])
+    assert abs(s - 0.9) < 1e-6 and abs(c - 0.1) < 1e-6
