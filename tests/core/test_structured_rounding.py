@@ -114,9 +114,12 @@ def test_transformer_heads_and_neurons_are_rounded():
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
                                   intermediate_size=64, max_position_embeddings=64, num_labels=2)
     model = transformers.BertForSequenceClassification(cfg).eval()
-    for method in ("filter_l1", "filter_random"):
+    from tests.core.test_hf_models import bert_batches
+    for method in ("filter_l1", "filter_random", "pfp"):
         m = copy.deepcopy(model)
-        masks = pk.prune(m, method, 0.5, round_channels=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            masks = pk.prune(m, method, 0.5, bert_batches() if method == "pfp" else None, round_channels=4)
         groups = channel_groups(m, None)
         from prunekit.structured import channel_masks_from_masks
         cm = channel_masks_from_masks(m, groups, masks)

@@ -24,6 +24,13 @@ Order. The candidate channels of the prunable groups are put in one order, and a
   scale; the best channel of each group scores 1); ``normalize="none"`` compares raw scores (network slimming
   compares BN |gamma| across layers as they are).
 
+Rounding (``round_to = k > 1``). A group's candidates are blocks of k channels by rank (its best ``min_keep``
+rounded up to a block are forced, the last block ends at its alive count), so every prefix, and every walk,
+keeps a multiple of k channels in every group, or all its alive channels. A block's uniform key is the fraction
+at its middle, ``(r_first + r_last - 1) / (2 a_g)``; its global key the mean of its channels' normalized scores.
+The walks move whole blocks, and in ``uniform`` mode stay within one block of the common fraction. With k = 1
+this is exactly the order above.
+
 Search. The size grows with the prefix length, so bisection (at most ``ceil(log2(channels + 1))`` <= 40 steps)
 finds the prefixes just below and just above ``target_kept``; the one within ``size_tol`` (relative) is taken,
 the one below when both are. One channel can carry many weights (a conv channel feeding a flattened linear
