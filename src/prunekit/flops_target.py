@@ -135,18 +135,19 @@ def bisect_sparsity(at: Callable[[float], dict], cost: Callable[[dict], float], 
     return best[0], best[1], best[2], n
 
 
-def _fraction(macs_kept: float | None, speedup: float | None) -> float:
-    if (macs_kept is None) == (speedup is None):
-        raise PrunekitError("prune_to_macs needs exactly one target: macs= (the fraction of the dense MACs to keep, "
-                            "e.g. 0.5) or speedup= (dense MACs / pruned MACs, e.g. 2)")
-    if macs_kept is not None:
-        f = float(macs_kept)
+def _fraction(kept: float | None, speedup: float | None, what: str = "macs") -> float:
+    unit = "MACs" if what == "macs" else "latency"
+    if (kept is None) == (speedup is None):
+        raise PrunekitError(f"prune_to_{what} needs exactly one target: {what}= (the fraction of the dense {unit} to "
+                            f"keep, e.g. 0.5) or speedup= (dense {unit} / pruned {unit}, e.g. 2)")
+    if kept is not None:
+        f = float(kept)
         if not 0.0 < f <= 1.0:
-            raise PrunekitError(f"macs= is the fraction of the dense MACs kept, in (0, 1]; got {macs_kept!r} (for "
+            raise PrunekitError(f"{what}= is the fraction of the dense {unit} kept, in (0, 1]; got {kept!r} (for "
                                 "a speedup use speedup=)")
         return f
     if not float(speedup) >= 1.0:
-        raise PrunekitError(f"speedup= must be >= 1 (dense MACs / pruned MACs), got {speedup!r}")
+        raise PrunekitError(f"speedup= must be >= 1 (dense {unit} / pruned {unit}), got {speedup!r}")
     return 1.0 / float(speedup)
 
 
@@ -171,31 +172,84 @@ def prune_to_macs(model: nn.Module, method: str, data=None, *, macs: float | Non
     see the same random draws at every bisection step.
     """
     frac = _fraction(macs, speedup)
-    if not 0.0 < tol < 1.0:
-        raise PrunekitError(f"tol is relative to the MACs target and must be in (0, 1), got {tol!r}")
     info = get_method(method)
     step = PruningStep(model, method, data, masks, loss, options)
-    masks = step.masks
     layers = layer_positions(model, input_shape, example)
-    dense = _macs_of(layers, {})
-    target = frac * dense
-    names = {p.name: p.module_name for p in masks.params if p.attr == "weight"}
-    structured = bool(info.structured)
-    groups = cached_channel_groups(model, data) if structured else None
-    shape = {p.name: p.tensor.shape for p in masks.params}
+    names = {p.name: p.module_name for p in step.masks.params if p.attr == "weight"}
+    shrunk = _shrunk(model, step, data) if info.structured else (lambda m: m)
 
     def cost(m: dict) -> float:
-        if structured:  # the shrunk model: the channels each group keeps, whole
-            cm = channel_masks_from_masks(model, groups, m)
-            ones = {n: torch.ones(shape[n], dtype=torch.bool) for n in m}
-            m = masks_from_channels(model, groups, cm, ones)
-        return _macs_of(layers, {names[n]: int(v.sum()) for n, v in m.items() if n in names})
+        return _macs_of(layers, {names[n]: int(v.sum()) for n, v in shrunk(m).items() if n in names})
 
+    dense = _macs_of(layers, {})
+    return _prune_to_cost(step, frac * dense, dense, cost, tol, max_sparsity, "macs", "MACs")
+
+
+def prune_to_latency(model: nn.Module, method: str, data=None, *, latency: float | None = None,
+                     speedup: float | None = None, batch: int = 1, table=None, tol: float = 0.02,
+                     masks: Masks | None = None, loss=None, input_shape=None, max_sparsity: float = 0.999,
+                     **options) -> Masks:
+    """Prune ``model`` in place with a structured ``method`` until its PREDICTED latency is ``latency`` times the
+    dense one (or ``1 / speedup``), within ``tol``: :func:`prune_to_macs` with the cost of a selection the summed
+    milliseconds, from the per-layer latency table (:class:`prunekit.structured.latency_table.LatencyTable`,
+    measured once per device and layer shape, cached on disk; ``table=`` to pass one), of every Conv2d
+    (``groups == 1``) and Linear layer at the widths the shrunk model would have, at batch ``batch``. Other layers
+    (depthwise convs, norms, activations) are not predicted. ``masks.report``: ``target_ms``, ``ms``,
+    ``dense_ms``, ``ms_fraction``, ``speedup`` (predicted), ``sparsity``, ``bisection_iterations``, ``hit``."""
+    from .structured.latency_table import LatencyTable, predicted_ms, timed_layers
+
+    frac = _fraction(latency, speedup, what="latency")
+    info = get_method(method)
+    if not info.structured:
+        raise PrunekitError(f"prune_to_latency predicts the latency of a shrunk model, so it needs a structured "
+                            f"method (filter_l1, filter_l2, filter_random, bn_scale, pfp), got {info.name!r}")
+    step = PruningStep(model, method, data, masks, loss, options)
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        raise PrunekitError("prune_to_latency needs the input shape: pass input_shape=(C, H, W) or set "
+                            "model.input_shape")
+    table = table if table is not None else LatencyTable()
+    layers = timed_layers(model, shape)
+    names = {p.name: p.module_name for p in step.masks.params if p.attr == "weight"}
+    shrunk = _shrunk(model, step, data)
+
+    def cost(m: dict) -> float:
+        widths = {}
+        for n, v in shrunk(m).items():
+            mod = names.get(n)
+            if mod in layers:
+                w = v.reshape(v.shape[0], v.shape[1], -1)
+                widths[mod] = (int(w.any(0).any(1).sum()), int(w.any(2).any(1).sum()))
+        return predicted_ms(table, layers, widths, batch)
+
+    dense = predicted_ms(table, layers, {}, batch)
+    return _prune_to_cost(step, frac * dense, dense, cost, tol, max_sparsity, "ms", "predicted latency")
+
+
+def _shrunk(model: nn.Module, step: PruningStep, data) -> Callable[[dict], dict]:
+    """masks -> the masks of the shrunk structure: every kept channel of each group whole (``pk.shrink``)."""
+    groups = cached_channel_groups(model, data)
+    shape = {p.name: p.tensor.shape for p in step.masks.params}
+
+    def shrunk(m: dict) -> dict:
+        cm = channel_masks_from_masks(model, groups, m)
+        ones = {n: torch.ones(shape[n], dtype=torch.bool) for n in m}
+        return masks_from_channels(model, groups, cm, ones)
+    return shrunk
+
+
+def _prune_to_cost(step: PruningStep, target: float, dense: float, cost: Callable[[dict], float], tol: float,
+                   max_sparsity: float, key: str, what: str) -> Masks:
+    """The bisection of :func:`prune_to_macs` / :func:`prune_to_latency` on ``cost`` (``key`` names it in the
+    report, ``what`` in messages)."""
+    if not 0.0 < tol < 1.0:
+        raise PrunekitError(f"tol is relative to the {what} target and must be in (0, 1), got {tol!r}")
+    masks, name = step.masks, step.info.name
     current = masks.as_dict()
     c_cur, s_cur = cost(current), masks.sparsity()
-    report = {"method": info.name, "target_macs": target, "dense_macs": dense, "macs_before": c_cur}
+    report = {"method": name, f"target_{key}": target, f"dense_{key}": dense, f"{key}_before": c_cur}
     if c_cur <= target * (1.0 + tol):
-        masks.report = {**report, "macs": c_cur, "macs_fraction": c_cur / dense, "speedup": dense / c_cur,
+        masks.report = {**report, key: c_cur, f"{key}_fraction": c_cur / dense, "speedup": dense / c_cur,
                         "sparsity": s_cur, "achieved_sparsity": s_cur, "bisection_iterations": 0, "hit": True,
                         "skipped": True}
         return masks
@@ -215,9 +269,9 @@ def prune_to_macs(model: nn.Module, method: str, data=None, *, macs: float | Non
     step.apply(ctx, chosen)
     hit = abs(c_best - target) <= tol * target
     if not hit:
-        warnings.warn(f"prune_to_macs ({info.name}): no sparsity keeps {frac:.4g} of the dense MACs within "
-                      f"tol={tol:g}; the closest keeps {c_best / dense:.4f} (sparsity {s_best:.4f})", stacklevel=2)
-    masks.report = {**report, "macs": c_best, "macs_fraction": c_best / dense, "speedup": dense / max(c_best, 1),
+        warnings.warn(f"prune to {what} ({name}): no sparsity keeps {target / dense:.4g} of the dense {what} within "
+                      f"tol={tol:g}; the closest keeps {c_best / dense:.4f} (sparsity {s_best:.4f})", stacklevel=3)
+    masks.report = {**report, key: c_best, f"{key}_fraction": c_best / dense, "speedup": dense / max(c_best, 1e-12),
                     "sparsity": s_best, "achieved_sparsity": masks.sparsity(), "bisection_iterations": iters,
                     "hit": hit}
     return masks

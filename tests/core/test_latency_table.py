@@ -88,3 +88,30 @@ def test_round_channels_values_are_checked():
             check_round_channels(bad)
     with pytest.raises(PrunekitError, match="round_channels"):
         pk.prune(get_model("lenet5_caffe"), "filter_l1", 0.5, round_channels="fast")
+
+
+def test_prune_to_latency_meets_the_predicted_latency(tmp_path):
+    """filter_l1 on ResNet-20 to half the predicted latency (deterministic timer): the shrunk model's layers, looked
+    up in the same table at their real widths, add up to the reported time, within tol of half the dense one."""
+    from prunekit.flops_target import prune_to_latency
+    from prunekit.structured.latency_table import layer_ms, timed_layers
+
+    table = LatencyTable(tmp_path / "lat.json", timer=fake_timer(8), repeats=1)
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10).eval()
+    dense_layers = timed_layers(model, (3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = prune_to_latency(model, "filter_l1", latency=0.5, table=table, tol=0.03, round_channels=8)
+    r = masks.report
+    small = pk.shrink(model, masks, torch.randn(2, 3, 32, 32))
+    total = 0.0
+    for name, (mod, shape) in timed_layers(small, (3, 32, 32)).items():
+        c = (mod.in_channels, mod.out_channels) if isinstance(mod, nn.Conv2d) else (mod.in_features, mod.out_features)
+        total += layer_ms(table, mod, (c[0],) + tuple(shape[1:]) if isinstance(mod, nn.Conv2d) else shape, *c)
+    dense = sum(layer_ms(table, m, s, *((m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
+                                       else (m.in_features, m.out_features))) for m, s in dense_layers.values())
+    assert r["hit"] and abs(r["ms_fraction"] - 0.5) <= 0.03 * 0.5
+    assert total == pytest.approx(r["ms"], rel=1e-9) and r["dense_ms"] == pytest.approx(dense, rel=1e-9)
+    with pytest.raises(PrunekitError, match="structured method"):
+        prune_to_latency(get_model("lenet5_caffe"), "magnitude", latency=0.5, table=table)

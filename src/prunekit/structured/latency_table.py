@@ -216,3 +216,33 @@ def resolve_round_channels(value, model: nn.Module, example) -> int:
         raise PrunekitError("round_channels='auto' times Conv2d/Linear layers on the model's input shape and needs a "
                             "tensor input (not a dict batch); give an int, e.g. round_channels=8")
     return auto_round_channels(model, tuple(example.shape[1:]))
+
+
+def timed_layers(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[nn.Module, tuple]]:
+    """``{module name: (module, input shape without batch)}`` of the layers a table times: Conv2d with
+    ``groups == 1`` and Linear, from one forward of zeros."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(m)]: (m, shape) for m, shape in _layers(model, input_shape)}
+
+
+def layer_ms(table: LatencyTable, mod: nn.Module, shape: tuple, c_in: int, c_out: int, batch: int = 1) -> float:
+    """Milliseconds of layer ``mod`` (input shape ``shape`` without batch) with ``c_in`` input and ``c_out``
+    output channels (features for a Linear layer, whose input ``shape[-1]`` scales with ``c_in``)."""
+    if isinstance(mod, nn.Conv2d):
+        pad = mod.padding[0] if isinstance(mod.padding, tuple) else 0
+        return table.conv2d(c_in, c_out, mod.kernel_size[0], mod.stride[0], pad, shape[1:], batch)
+    positions = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    return table.linear(c_in, c_out, positions, batch)
+
+
+def predicted_ms(table: LatencyTable, layers: dict[str, tuple[nn.Module, tuple]],
+                 widths: dict[str, tuple[int, int]], batch: int = 1) -> float:
+    """Summed milliseconds of ``layers`` (:func:`timed_layers`) at ``widths`` (``{module name: (in, out)}``; a layer
+    left out keeps its full widths)."""
+    total = 0.0
+    for name, (mod, shape) in layers.items():
+        full = (mod.in_channels, mod.out_channels) if isinstance(mod, nn.Conv2d) else (mod.in_features,
+                                                                                        mod.out_features)
+        c_in, c_out = widths.get(name, full)
+        total += layer_ms(table, mod, shape, max(1, c_in), max(1, c_out), batch)
+    return total
