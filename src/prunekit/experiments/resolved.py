@@ -39,7 +39,8 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
 #: Fields added after runs were first stored: left out of the identity while unset, so older runs keep their ids.
 ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads", "prune.options.targets",
                     "prune.options.ignore", "data.channels", "data.test_size", "data.max_length", "train.freeze",
-                    "prune.options.pattern", "prune.method_options.pattern", "prune.method_options.round_channels")
+                    "prune.options.pattern", "prune.method_options.pattern", "prune.method_options.round_channels",
+                    "prune.method_options.per_weight_scores")
 
 
 @dataclass(frozen=True)

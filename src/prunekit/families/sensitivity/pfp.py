@@ -136,7 +136,7 @@ class PfpOptions(SensitivityOptions):
 
     variant: Literal["det", "rand", "top"] = "det"
     round_channels: int | Literal["auto"] = 1
-    per_weight_scores: bool = False
+    per_weight_scores: bool | None = None  # None = False (None keeps the ids of runs made before the option)
 
     def validate(self, path, error) -> None:
         super().validate(path, error)
