@@ -20,9 +20,9 @@ _LENET = {"model": "lenet_300_100", "data": {"name": "mnist", "subset": 10000}, 
 
 
 _EFFNET = {"model": {"name": "efficientnet_lite0", "pretrained": {"source": "zoo"}},
-           "data": {"name": "fashion_mnist", "subset": 1024, "resize": 64, "channels": 3, "val_size": 200,
-                    "test_size": 1000},
-           "train": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+           "data": {"name": "fashion_mnist", "subset": 1024, "resize": 64, "channels": 3, "val_size": 100,
+                    "test_size": 500},
+           "train": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
                      "progress": False},
            "seed": 0}
 
