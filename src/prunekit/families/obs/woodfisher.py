@@ -286,15 +286,8 @@ def obs_statistics(ctx: ScoreContext, *, taylor: bool, dynamic: bool, G: torch.T
     active = torch.cat([m.reshape(-1) for m in masks]).to(cdev)
     if cols is not None:
         w, active = w[cols], active[cols]
-    gbar = h = None
-    if taylor:
-        if o.grad_samples is not None:
-            gfull = mean_gradient(model, params, ctx.data, n_examples=o.grad_samples, loss=ctx.loss,
-                                  masks=ctx.masks, label_smoothing=o.hess_label_smoothing).to(cdev)
-            gbar = gfull if cols is None else gfull[cols]
-        else:
-            gbar = _col_mean(G).to(cdev)
-        h = torch.zeros_like(w)
+    gbar, h = _taylor_terms(o, ctx, model, params, cdev, cols, w, lambda: _col_mean(G).to(cdev)) if taylor \
+        else (None, None)
     # DDP: the batches of blocks are shared out round robin (prunekit.distributed.owns); each rank inverts its own
     # blocks and the per-weight results are summed over the ranks (disjoint supports: the sum is exact)
     diag = torch.zeros_like(w)
@@ -389,15 +382,8 @@ def _streamed_statistics(ctx: ScoreContext, layout: BlockLayout, mplan, *, taylo
                       f"{N} × {o.fisher_batch}: the streamed Fisher normalizes by N = {N}; pass fisher_samples="
                       f"{rows} for the mean over the gradients read", stacklevel=4)
     factors = [ShermanMorrisonFactor.from_inverse(f, r, lam, N) for f, r in zip(finv, fro2)]
-    gbar = h = None
-    if taylor:
-        if o.grad_samples is not None:
-            gfull = mean_gradient(model, params, ctx.data, n_examples=o.grad_samples, loss=ctx.loss,
-                                  masks=ctx.masks, label_smoothing=o.hess_label_smoothing).to(cdev)
-            gbar = gfull if cols is None else gfull[cols]
-        else:
-            gbar = gsum / max(1, rows)
-        h = torch.zeros_like(w)
+    gbar, h = _taylor_terms(o, ctx, model, params, cdev, cols, w, lambda: gsum / max(1, rows)) if taylor \
+        else (None, None)
     diag = torch.zeros_like(w)
     covered = torch.zeros_like(w)
     for i, (batch, f) in enumerate(zip(batches, factors)):
@@ -441,6 +427,18 @@ def _col_mean(G: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     for a in range(0, G.shape[1], chunk):
         out[a: a + chunk] = G[:, a: a + chunk].to(F64).mean(0)
     return out
+
+
+def _taylor_terms(o, ctx, model, params, cdev, cols, w, gradient_mean):
+    """WoodTaylor's (ḡ, h): ḡ the mean gradient over ``grad_samples`` examples when set, else
+    ``gradient_mean()`` (the mean of the Fisher's own gradients: stored or streamed); h the zero accumulator."""
+    if o.grad_samples is not None:
+        gfull = mean_gradient(model, params, ctx.data, n_examples=o.grad_samples, loss=ctx.loss,
+                              masks=ctx.masks, label_smoothing=o.hess_label_smoothing).to(cdev)
+        gbar = gfull if cols is None else gfull[cols]
+    else:
+        gbar = gradient_mean()
+    return gbar, torch.zeros_like(w)
 
 
 def _flops_divisors(model, params, masks, o: OBSOptions, data=None) -> dict[str, float]:
