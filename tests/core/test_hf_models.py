@@ -125,6 +125,15 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def assert_exact_kept(masks, sparsity: float, layer_scope: bool) -> None:
+    """Exactly round((1 - s) * n) kept: per tensor (at least 1) for a layer-scope method, else over all of them."""
+    if layer_scope:
+        for p in masks.params:
+            assert int(masks.as_dict()[p.name].sum()) == max(1, pk.keep_count(p.tensor.numel(), sparsity))
+    else:
+        assert masks.kept() == pk.keep_count(masks.total(), sparsity)
+
+
 @pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
 @pytest.mark.parametrize("method", ["magnitude", "random", "globalmagni", "magni"])
 def test_data_free_methods_exact_counts_and_only_prunable_tensors_change(build, method):
@@ -132,11 +141,7 @@ def test_data_free_methods_exact_counts_and_only_prunable_tensors_change(build, 
     before = _state(model)
     masks = pk.prune(model, method, 0.7, seed=3)
     names = set(masks.names())
-    if method == "magni":  # layer scope
-        for p in masks.params:
-            assert int(masks.as_dict()[p.name].sum()) == max(1, pk.keep_count(p.tensor.numel(), 0.7))
-    else:
-        assert masks.kept() == pk.keep_count(masks.total(), 0.7)
+    assert_exact_kept(masks, 0.7, layer_scope=method == "magni")
     after = model.state_dict()
     for k, v in before.items():
         if k in names:
@@ -322,11 +327,7 @@ def test_every_one_shot_code_works_on_a_transformer_or_refuses_with_its_reason(m
         assert abs(masks.kept() - pk.keep_count(masks.total(), 0.7)) <= 0.02 * masks.total()
     else:
         assert masks.names() == (BERT_BLOCK if build is tiny_bert else GPT2_BLOCK)
-        if info.scope == "layer":
-            for p in masks.params:
-                assert int(masks.as_dict()[p.name].sum()) == max(1, pk.keep_count(p.tensor.numel(), 0.7))
-        else:
-            assert masks.kept() == pk.keep_count(masks.total(), 0.7)
+        assert_exact_kept(masks, 0.7, layer_scope=info.scope == "layer")
     after = model.state_dict()
     for k, v in before.items():
         if k in names:
