@@ -112,19 +112,23 @@ class ResolvedModel:
         return out
 
 
-def hf_source(model: ResolvedModel) -> PretrainedHF | None:
-    """The Hugging Face encoder a model comes from, directly or through the runs it starts from."""
+def _origin(model: ResolvedModel):
+    """Where a model's weights come from, following the runs it starts from back to the first one."""
     pre = model.pretrained
     while isinstance(pre, PretrainedRun):
         pre = pre.resolved.model.pretrained
+    return pre
+
+
+def hf_source(model: ResolvedModel) -> PretrainedHF | None:
+    """The Hugging Face encoder a model comes from, directly or through the runs it starts from."""
+    pre = _origin(model)
     return pre if isinstance(pre, PretrainedHF) else None
 
 
 def zoo_source(model: ResolvedModel) -> PretrainedZoo | None:
     """The zoo model's published weights a model comes from, directly or through the runs it starts from."""
-    pre = model.pretrained
-    while isinstance(pre, PretrainedRun):
-        pre = pre.resolved.model.pretrained
+    pre = _origin(model)
     return pre if isinstance(pre, PretrainedZoo) else None
 
 
