@@ -184,7 +184,8 @@ class PruningCallback(Callback):
     """Calls ``prunekit.prune(model, method, sparsity, data=data(), **options)`` whenever the schedule ``when`` says so.
 
     ``data(step)`` returns the scoring batches of pruning step ``step`` (0, 1, ...; built lazily, only when a
-    method needs them; later steps draw fresh samples). Every pruning event is appended to ``self.events`` (epoch, method, sparsity reached, seconds, collapsed
+    method needs them; later steps draw fresh samples). ``before_prune(model)`` runs before every step, ``on_prune(masks,
+    event)`` after it. Every pruning event is appended to ``self.events`` (epoch, method, sparsity reached, seconds, collapsed
     tensors), and restored on resume.
 
     With ``pattern="N:M"`` in ``options`` the schedule's final sparsity must be 1 − N/M (a PrunekitError here
@@ -195,9 +196,10 @@ class PruningCallback(Callback):
     """
 
     def __init__(self, when, method: str, data: Callable[[int], Iterable] | None = None, loss=None,
-                 on_prune: Callable[[Any, dict], None] | None = None, **options):
+                 on_prune: Callable[[Any, dict], None] | None = None,
+                 before_prune: Callable[[Any], None] | None = None, **options):
         self.when, self.method, self.data, self.loss, self.options = when, method, data, loss, options
-        self.on_prune = on_prune
+        self.on_prune, self.before_prune = on_prune, before_prune
         self.events: list[dict] = []
         self.nm = parse_pattern(options.get("pattern"))
         if self.nm is not None:
@@ -219,6 +221,8 @@ class PruningCallback(Callback):
         for i, s in enumerate(steps):
             step = len(self.events)  # a fresh scoring draw for every pruning (sub-)step
             data = self.data(step) if (needs and self.data is not None) else None
+            if self.before_prune is not None:
+                self.before_prune(trainer.model)
             masks = prune(trainer.model, self.method, sparsity=s, data=data, masks=trainer.masks, loss=self.loss,
                           **self.options)
             trainer.set_masks(masks, final=final and i == len(steps) - 1)

@@ -13,6 +13,7 @@ import torch
 
 from ..data import loaders, random_subset
 from ..diagnostics import collapse_report
+from ..families.layerwise.reconstruction import held_out, reconstruction_errors
 from ..flops import theoretical_speedup
 from ..hf import TextClassifier
 from ..latency import compare_latency, example_input
@@ -54,11 +55,18 @@ class PostPrune:
     (before fine-tuning) on the :func:`diagnose_sets`. Evaluations go through ``trainer``, set once it exists."""
 
     def __init__(self, splits, eval_batch_size: int, device: str, val_dl, test_dl, epochs: int,
-                 warn: Callable[[str], None]):
+                 warn: Callable[[str], None], reconstruction: int | None = None):
         self.splits, self.eval_batch_size, self.device = splits, eval_batch_size, device
         self.val_dl, self.test_dl, self.epochs, self.warn = val_dl, test_dl, epochs, warn
+        self.reconstruction = reconstruction
         self.trainer = None
         self._sets: dict = {}
+        self._dense: dict | None = None
+
+    def before(self, model) -> None:
+        """The ``before_prune`` hook: with ``reconstruction`` set, keep the weights the pruning starts from."""
+        if self.reconstruction is not None:
+            self._dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def __call__(self, masks, event: dict) -> None:
         t0 = time.perf_counter()
@@ -69,6 +77,12 @@ class PostPrune:
             event["val_acc_before"] = self.trainer.evaluate(self._sets["val"][0])[1]
             event["test_acc_before"] = self.trainer.evaluate(self._sets["test"][0])[1]
             event["before_samples"] = {k: n for k, (_, n) in self._sets.items()}
+        if event.get("final") and self._dense is not None:  # against the weights just before this pruning
+            t1 = time.perf_counter()
+            event["reconstruction"] = reconstruction_errors(masks.model, self._dense, masks,
+                                                            held_out(self.val_dl, self.reconstruction))
+            event["reconstruction"]["seconds"] = time.perf_counter() - t1
+            self._dense = None
         event["diagnostics"] = collapse_report(masks.model, masks).to_dict()
         event["diagnostics_seconds"] = time.perf_counter() - t0
         if event["diagnostics"]["connected"] is False:

@@ -83,8 +83,9 @@ def schedule_protocol(ctx: RunContext) -> tuple[RunRecord, list[dict]]:
     pruner = post = None
     if p.kind != "dense":
         post = measure.PostPrune(ctx.splits, tcfg.eval_batch_size, ctx.device, val_dl, test_dl, tcfg.epochs,
-                                 warn=lambda msg: ctx.log(f"[{ctx.rid}] {msg}"))
-        pruner = PruningCallback(p.schedule(), p.method, data=score_data(ctx), on_prune=post, **p.prune_kwargs())
+                                 warn=lambda msg: ctx.log(f"[{ctx.rid}] {msg}"), reconstruction=p.reconstruction)
+        pruner = PruningCallback(p.schedule(), p.method, data=score_data(ctx), on_prune=post, before_prune=post.before,
+                                 **p.prune_kwargs())
         callbacks.insert(0, pruner)
     trainer = Trainer(ctx.model, tcfg, train_dl, val_dl, test_dl, callbacks=callbacks, run_dir=ctx.run_dir,
                       owner=ctx.rid, seed=r.seed, masks=ctx.start_masks, log=ctx.log)
@@ -114,7 +115,7 @@ def _schedule_record(ctx: RunContext, summary: dict, masks: Masks, events: list[
     return RunRecord(
         run_id=ctx.rid, name=r.name, method=p.method, sparsity=p.sparsity, seed=r.seed,
         structured=structured, val_acc_before_finetune=before.get("val_acc_before"),
-        test_acc_before_finetune=before.get("test_acc_before"),
+        test_acc_before_finetune=before.get("test_acc_before"), reconstruction=before.get("reconstruction"),
         before_finetune_samples=before.get("before_samples"),
         compression=1.0 / max(1.0 - masks.sparsity(), 1e-12),
         theoretical_speedup=measure.speedup(ctx.model, masks, ctx.splits.input_shape),

@@ -42,6 +42,7 @@ class RunRecord:
     val_acc_before_finetune: float | None = None   # right after the final pruning step, before any retraining
     test_acc_before_finetune: float | None = None
     before_finetune_samples: dict | None = None     # {'val': n, 'test': n}: the samples those two were measured on
+    reconstruction: dict | None = None  # prune.reconstruction: layer / output errors vs the weights before pruning
     compression: float | None = None               # prunable weights / kept ones, 1 / (1 - achieved sparsity)
     theoretical_speedup: float | None = None       # dense MACs / masked MACs (prunekit.flops)
     peak_memory_mb: float | None = None            # peak RSS of the process (CPU) or peak CUDA allocation

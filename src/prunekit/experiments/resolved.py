@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 #: Keys of the prune section that are not options of prunekit.prune.
 PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform", "gradual",
-              "cascade")
+              "cascade", "reconstruction")
 
 #: Resolved fields that do not change a run's result and so are left out of its identity.
 NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size",
@@ -40,7 +40,7 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
 ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads", "prune.options.targets",
                     "prune.options.ignore", "data.channels", "data.test_size", "data.max_length", "train.freeze",
                     "prune.options.pattern", "prune.method_options.pattern", "prune.method_options.round_channels",
-                    "prune.method_options.per_weight_scores")
+                    "prune.method_options.per_weight_scores", "prune.reconstruction")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,7 @@ class ResolvedPrune:
     score_transform: str | None = None
     gradual: Gradual | None = None
     cascade: ResolvedCascade | None = None
+    reconstruction: int | None = None  # held-out validation samples the reconstruction errors are measured on
 
     @property
     def method(self) -> str:
@@ -203,6 +204,8 @@ class ResolvedPrune:
                "method_options": to_dict(self.method_options)}
         if self.kind != "levels":  # the levels methods never had the field (stored configs stay as they were)
             out["cascade"] = self.cascade.to_dict() if self.cascade is not None else None
+        if self.reconstruction is not None:
+            out["reconstruction"] = self.reconstruction
         return out
 
 
@@ -284,7 +287,23 @@ def resolve_prune(cfg: ExperimentConfig) -> ResolvedPrune:
     gradual = _resolve_gradual(p.get("gradual"), s, warmup, cfg.train.epochs)
     samples, transform = _resolve_scoring(info, p) if scores_with_data(info) else (None, None)
     return ResolvedPrune(info, s, common, method_opts, warmup=warmup, samples=samples, score_transform=transform,
-                         gradual=gradual, cascade=cascade)
+                         gradual=gradual, cascade=cascade,
+                         reconstruction=_resolve_reconstruction(p.get("reconstruction"), gradual, cascade))
+
+
+def _resolve_reconstruction(n, gradual, cascade) -> int | None:
+    """``prune.reconstruction: N``: after the (one-shot) pruning, the layer and output reconstruction errors of the
+    pruned model against its weights just before it, on the first N validation samples
+    (:mod:`prunekit.families.layerwise.reconstruction`)."""
+    if n is None:
+        return None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"field 'prune.reconstruction': expected a number of validation samples >= 1 (e.g. 128), "
+                          f"got {n!r}")
+    if gradual is not None or cascade is not None:
+        raise ConfigError("field 'prune.reconstruction': measured against the weights before a one-shot pruning; "
+                          "a gradual schedule or a cascade has no single such point (leave reconstruction out)")
+    return n
 
 
 def scores_with_data(info: MethodInfo) -> bool:
@@ -375,6 +394,9 @@ def _resolve_levels(info: MethodInfo, p: dict, cfg: ExperimentConfig) -> Resolve
                     "rewind: step:<k>ep is the IMP form of dense warm-up" if key == "warmup" else
                     "IMP prunes between training levels, with no scoring data")
             raise ConfigError(f"field 'prune.{key}' does not apply to {info.name!r}: {hint}; remove it")
+    if p.get("reconstruction") is not None:
+        raise ConfigError(f"field 'prune.reconstruction' does not apply to {info.name!r}: it is measured after a "
+                          "one-shot pruning, and IMP prunes between training levels; remove it")
     rest = {k: v for k, v in p.items() if k not in PRUNE_KEYS}
     rest.setdefault("seed", cfg.seed)
     rest.setdefault("scope", DEFAULT_SCOPE[info.name])

@@ -70,9 +70,9 @@ class Layer:
     def module(self) -> nn.Module:
         return self.param.module
 
-    def matrices(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as [G, rows, cols] (a copy in ``dtype``)."""
-        w = self.param.tensor.detach()
+    def matrices(self, dtype: torch.dtype, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (or ``weight``, a tensor of the parameter's shape) as [G, rows, cols] (a copy in ``dtype``)."""
+        w = (self.param.tensor if weight is None else weight).detach()
         m = w.t() if self.kind == "conv1d_hf" else w.reshape(w.shape[0], -1)
         return self._cols(m.to(dtype).reshape(self.groups, self.rows, self.cols)).clone()
 
