@@ -17,7 +17,7 @@ from pathlib import Path
 from ..io import atomic_write_text
 from .report import plot_runs, render_texts, structured_rows, table_rows
 from .store import Store
-from .summary import split_level_runs, value
+from .summary import labelled, split_level_runs, value
 from .tables import html_table, percent_cell
 
 _CSS = """
@@ -56,7 +56,7 @@ def html_report(store: Store, runs: list[dict], path: str | Path, metric: str = 
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>{len(runs)} finished run(s). Accuracies in %, mean ± std over seeds; click a column header to "
              "sort.</p>"]
-    other = split_level_runs(runs)[1]
+    other = split_level_runs(labelled(runs))[1]
     for block in table_rows(other, metric):
         parts.append(f"<h2>{html.escape(block['title'])}</h2>")
         if block.get("dense"):

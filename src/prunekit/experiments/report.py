@@ -18,8 +18,9 @@ from . import figures
 from .figures import Panel
 from .downstream import downstream_report
 from .imp_report import imp_report
+from .reconstruction_report import reconstruction_report
 from .store import Store
-from .summary import METRICS, aggregate, metric_column, recipe, split_level_runs, value, with_levels
+from .summary import METRICS, aggregate, labelled, metric_column, recipe, split_level_runs, value, with_levels
 from .tables import cell_text, delta_rows, group_title, mean_std, method_order, text_table
 
 __all__ = ["METRICS", "aggregate", "fairness_notes", "plot", "plot_layers", "plot_runs", "plot_speedup", "recipe",
@@ -188,12 +189,13 @@ def render(store: Store, runs: list[dict], metric: str = "test_acc", plot_path: 
     tables of IMP runs (:mod:`.imp_report`); with ``plot_path``, the plot of the former at that path and the IMP
     plots beside it (``<stem>_accuracy.png``, ``<stem>_epochs.png``). Returns (text, plot paths)."""
     col = metric_column(metric)
-    imp, other = split_level_runs(runs)
+    imp, other = split_level_runs(labelled(runs))
     parts, plots = [], []
     if other or not imp:
         parts.append(table(other, metric))
         parts += [t for t in (within_delta_table(other, metric), structured_table(other),
-                              downstream_report(store, other, metric), fairness_notes(other)) if t]
+                              downstream_report(store, other, metric), reconstruction_report(store, other),
+                              fairness_notes(other)) if t]
         if plot_path is not None and other:
             plots += plot_runs(other, plot_path, metric, title=title)
     if imp:

@@ -40,6 +40,22 @@ def value(run: dict, col: str):
     return json.loads(rec).get(col) if rec else None
 
 
+def pattern_of(run: dict) -> str | None:
+    """The N:M pattern a run pruned to (``prune.options.pattern`` / ``prune.method_options.pattern``), or None."""
+    prune = json.loads(run["config"]).get("prune", {})
+    return (prune.get("options") or {}).get("pattern") or (prune.get("method_options") or {}).get("pattern")
+
+
+def labelled(runs: list[dict]) -> list[dict]:
+    """``runs`` with each N:M run's ``method`` shown as ``"<method> N:M"`` (``code`` keeps the method), so that a
+    report never averages a pattern with the unstructured runs of the same method and sparsity."""
+    out = []
+    for r in runs:
+        pat = pattern_of(r)
+        out.append({**r, "code": r["method"], "method": f"{r['method']} {pat}"} if pat else r)
+    return out
+
+
 def recipe(run: dict) -> str:
     """Short hash of what a comparison must hold equal: model, data and training recipe (not seed, not method)."""
     cfg = json.loads(run["config"])
