@@ -67,8 +67,9 @@ def _add_run(sub) -> None:
     p.add_argument("config", help="a YAML or JSON config, or a folder of them (each file in name order; finished "
                                   "runs are skipped, failures recorded, a summary at the end)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.epochs=3 --set prune.sparsity=0.95 (with a "
-                        "folder: in every file)")
+                   help="override a config field, e.g. --set train.epochs=3 --set prune.sparsity=0.95; a MACs "
+                        "budget instead of the sparsity: --set prune.sparsity=null --set prune.macs=0.5 (or "
+                        "prune.speedup=2, prune.latency=0.5); with a folder: in every file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's train.device)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress output")
     p.add_argument("--tensorboard", action="store_true",

@@ -10,11 +10,16 @@ runs per bisection step, and the method's own allocation decides which weights o
   (``speedup=2``) within a relative tolerance. A structured method's MACs are those of the shrunk model
   (``pk.shrink``): every Conv/Linear weight counted with the channels its groups keep, so a zero input slice inside
   a kept channel (pfp drops slices per reader) still counts, as it does after shrinking.
+- :func:`prune_to_latency`: a structured method to a fraction of the dense predicted latency.
+- :class:`Budget` and :func:`prune_by_budget`: the form ``pk.prune(model, method, macs=0.5 | speedup=2 |
+  latency=0.5, data=...)`` and the experiment harness (``prune: {method: pfp, macs: 0.5}``) go through.
 """
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
@@ -176,7 +181,11 @@ def prune_to_macs(model: nn.Module, method: str, data=None, *, macs: float | Non
     step = PruningStep(model, method, data, masks, loss, options)
     layers = layer_positions(model, input_shape, example)
     names = {p.name: p.module_name for p in step.masks.params if p.attr == "weight"}
-    shrunk = _shrunk(model, step, data) if info.structured else (lambda m: m)
+    if info.structured:  # every counted layer as shrinking leaves it, prunable or not (an excluded reader too)
+        names.update({f"{mod}.weight": mod for mod in layers})
+        shrunk = _shrunk(model, data, names)
+    else:
+        shrunk = _identity
 
     def cost(m: dict) -> float:
         return _macs_of(layers, {names[n]: int(v.sum()) for n, v in shrunk(m).items() if n in names})
@@ -211,7 +220,8 @@ def prune_to_latency(model: nn.Module, method: str, data=None, *, latency: float
     table = table if table is not None else LatencyTable()
     layers = timed_layers(model, shape)
     names = {p.name: p.module_name for p in step.masks.params if p.attr == "weight"}
-    shrunk = _shrunk(model, step, data)
+    names.update({f"{mod}.weight": mod for mod in layers})
+    shrunk = _shrunk(model, data, names)
 
     def cost(m: dict) -> float:
         widths = {}
@@ -226,14 +236,21 @@ def prune_to_latency(model: nn.Module, method: str, data=None, *, latency: float
     return _prune_to_cost(step, frac * dense, dense, cost, tol, max_sparsity, "ms", "predicted latency")
 
 
-def _shrunk(model: nn.Module, step: PruningStep, data) -> Callable[[dict], dict]:
-    """masks -> the masks of the shrunk structure: every kept channel of each group whole (``pk.shrink``)."""
+def _identity(m: dict) -> dict:
+    return m
+
+
+def _shrunk(model: nn.Module, data, weights) -> Callable[[dict], dict]:
+    """masks -> the masks of the shrunk structure for every tensor of ``weights`` (parameter names: the masked
+    tensors and any other layer that shrinking narrows, such as an excluded output layer reading pruned channels):
+    every kept channel of each group whole (``pk.shrink``)."""
     groups = cached_channel_groups(model, data)
-    shape = {p.name: p.tensor.shape for p in step.masks.params}
+    params = dict(model.named_parameters())
+    shape = {n: params[n].shape for n in weights if n in params}
 
     def shrunk(m: dict) -> dict:
         cm = channel_masks_from_masks(model, groups, m)
-        ones = {n: torch.ones(shape[n], dtype=torch.bool) for n in m}
+        ones = {n: torch.ones(s, dtype=torch.bool) for n, s in shape.items()}
         return masks_from_channels(model, groups, cm, ones)
     return shrunk
 
@@ -247,7 +264,8 @@ def _prune_to_cost(step: PruningStep, target: float, dense: float, cost: Callabl
     masks, name = step.masks, step.info.name
     current = masks.as_dict()
     c_cur, s_cur = cost(current), masks.sparsity()
-    report = {"method": name, f"target_{key}": target, f"dense_{key}": dense, f"{key}_before": c_cur}
+    report = {"method": name, "scope": step.common.scope, f"target_{key}": target, f"dense_{key}": dense,
+              f"{key}_before": c_cur}
     if c_cur <= target * (1.0 + tol):
         masks.report = {**report, key: c_cur, f"{key}_fraction": c_cur / dense, "speedup": dense / c_cur,
                         "sparsity": s_cur, "achieved_sparsity": s_cur, "bisection_iterations": 0, "hit": True,
@@ -304,3 +322,157 @@ def _highest(at: Callable[[float], dict], cost: Callable[[dict], float], s_max: 
         return s_max, m, cost(m)
     except PrunekitError:
         return s_max, None, -math.inf
+
+
+# ------------------------------------------------------------------------------------------------ budget knob
+BUDGET_COSTS = ("macs", "latency")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one pruning step must reach instead of a sparsity: ``fraction`` of the dense ``cost`` kept.
+
+    - ``cost``: ``macs`` (:mod:`prunekit.flops`; a structured method counts the shrunk model, an unstructured one
+      its kept weights) or ``latency`` (the latency predicted by the per-layer latency table at batch ``batch``;
+      structured methods only).
+    - ``fraction``: in (0, 1]; ``1 / fraction`` is the speedup asked for.
+    - ``tol``: relative to the target (default 0.01 for MACs, 0.02 for latency); ``max_sparsity``: the top of the
+      bisection.
+
+    :meth:`of` builds one from the keywords of ``pk.prune`` (``macs=``, ``speedup=``, ``latency=``,
+    ``latency_batch=``, ``budget_tol=``).
+    """
+
+    cost: str
+    fraction: float
+    batch: int = 1
+    tol: float | None = None
+    max_sparsity: float = 0.999
+
+    def __post_init__(self):
+        if self.cost not in BUDGET_COSTS:
+            raise PrunekitError(f"unknown budget cost {self.cost!r}: use one of {', '.join(BUDGET_COSTS)}")
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise PrunekitError(f"a {self.cost} budget keeps a fraction of the dense {self.unit} in (0, 1], got "
+                                f"{f!r} (for a speedup s give speedup=s, i.e. a fraction 1/s)")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise PrunekitError(f"latency_batch must be a whole number >= 1, got {self.batch!r}")
+        if self.cost == "macs" and self.batch != 1:
+            raise PrunekitError("latency_batch applies to a latency budget (latency=...); MACs are counted per "
+                                "example: remove it")
+        if self.tol is not None and not 0.0 < float(self.tol) < 1.0:
+            raise PrunekitError(f"budget_tol is relative to the target and must be in (0, 1), got {self.tol!r}")
+        if not 0.0 < self.max_sparsity < 1.0:
+            raise PrunekitError(f"max_sparsity must be in (0, 1), got {self.max_sparsity!r}")
+
+    @property
+    def unit(self) -> str:
+        return "MACs" if self.cost == "macs" else "predicted latency"
+
+    @property
+    def speedup(self) -> float:
+        """The speedup asked for: dense cost / target cost."""
+        return 1.0 / self.fraction
+
+    @property
+    def tolerance(self) -> float:
+        return float(self.tol) if self.tol is not None else (0.01 if self.cost == "macs" else 0.02)
+
+    @classmethod
+    def of(cls, macs: float | None = None, speedup: float | None = None, latency: float | None = None,
+           latency_batch: int | None = None, budget_tol: float | None = None) -> "Budget | None":
+        """The budget of ``pk.prune``'s keywords: ``macs`` (fraction of the dense MACs), ``speedup`` (dense MACs /
+        pruned MACs) or ``latency`` (fraction of the dense predicted latency, at batch ``latency_batch``, default
+        1); None when none of the three is given (then ``latency_batch`` and ``budget_tol`` must be absent)."""
+        given = [k for k, v in (("macs", macs), ("speedup", speedup), ("latency", latency)) if v is not None]
+        if not given:
+            extra = [k for k, v in (("latency_batch", latency_batch), ("budget_tol", budget_tol)) if v is not None]
+            if extra:
+                raise PrunekitError(f"{extra[0]} belongs to a budget: give macs=, speedup= or latency= with it, or "
+                                    "remove it")
+            return None
+        if len(given) > 1:
+            raise PrunekitError(f"give one budget, not {' and '.join(given)}: macs= (fraction of the dense MACs), "
+                                "speedup= (dense MACs / pruned MACs) or latency= (fraction of the dense predicted "
+                                "latency; a latency speedup s is latency=1/s)")
+        if latency is not None:
+            return cls("latency", _number(latency, "latency"), batch=1 if latency_batch is None else latency_batch,
+                       tol=budget_tol)
+        if latency_batch is not None:
+            raise PrunekitError("latency_batch applies to a latency budget (latency=...), not to macs=/speedup=: "
+                                "remove it")
+        frac = _fraction(None if macs is None else _number(macs, "macs"),
+                         None if speedup is None else _number(speedup, "speedup"))
+        return cls("macs", frac, tol=budget_tol)
+
+    def to_dict(self) -> dict:
+        return {"cost": self.cost, "fraction": self.fraction, "batch": self.batch, "tol": self.tol,
+                "max_sparsity": self.max_sparsity}
+
+
+def _number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PrunekitError(f"{name}= must be a number, got {v!r}")
+    return float(v)
+
+
+def prune_by_budget(model: nn.Module, method: str, budget: Budget, data=None, *, masks: Masks | None = None,
+                    loss=None, input_shape=None, example=None, **options) -> Masks:
+    """``pk.prune`` with a :class:`Budget` instead of a sparsity: :func:`prune_to_macs` or :func:`prune_to_latency`
+    in one step (``rounds`` and ``pattern`` do not apply), with the report of ``pk.prune`` (``seconds``,
+    ``scope``, ``rounds``, ``collapsed``, ``pattern``) and ``budget`` added. Without ``input_shape`` or
+    ``model.input_shape`` (a transformer) the MACs are counted on the first example of the first batch of
+    ``data``."""
+    info = get_method(method)
+    if info.kind == "dense":
+        raise PrunekitError(f"method {info.name!r} prunes nothing, so a {budget.cost} budget cannot be met: use a "
+                            "pruning method")
+    if options.get("pattern") is not None:
+        raise PrunekitError(f"pattern {options['pattern']} fixes the sparsity (1 - N/M), so it does not combine "
+                            f"with a {budget.cost} budget: give one of them")
+    if options.get("rounds") not in (None, 1):
+        raise PrunekitError(f"a {budget.cost} budget is met in one pruning step (the method's selection is "
+                            f"bisected on its sparsity), got rounds={options['rounds']}: remove rounds")
+    options = {k: v for k, v in options.items() if k != "rounds"}
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None and example is None:
+        example = _first_example(data)
+    t0 = time.perf_counter()
+    if budget.cost == "macs":
+        masks = prune_to_macs(model, method, data, macs=budget.fraction, tol=budget.tolerance, masks=masks,
+                              loss=loss, input_shape=shape, example=example, max_sparsity=budget.max_sparsity,
+                              **options)
+    else:
+        masks = prune_to_latency(model, method, data, latency=budget.fraction, batch=budget.batch,
+                                 tol=budget.tolerance, masks=masks, loss=loss, input_shape=shape,
+                                 max_sparsity=budget.max_sparsity, **options)
+    collapsed = masks.collapsed()
+    if collapsed:
+        warnings.warn(f"layer collapse: {len(collapsed)} prunable tensor(s) have no weight left: "
+                      f"{', '.join(collapsed)}", stacklevel=3)
+    masks.report = {**masks.report, "seconds": time.perf_counter() - t0, "rounds": 1, "collapsed": collapsed,
+                    "pattern": None, "budget": budget.to_dict()}
+    return masks
+
+
+def _first_example(data):
+    """The first example of the first batch of ``data`` (a dict of tensors, a :class:`DictInputs` or a tensor with
+    a batch dimension of 1), to count a transformer's MACs on."""
+    if data is None:
+        raise PrunekitError("a MACs budget counts the MACs of one example: the model has no input_shape, so pass "
+                            "data= (its first example is used) or set model.input_shape")
+    if iter(data) is data:
+        raise PrunekitError("a MACs budget counts the MACs of the first example of data=, so data must be "
+                            "re-iterable (a list of batches or a DataLoader), not a one-pass iterator")
+    try:
+        batch = next(iter(data))
+    except (TypeError, StopIteration):
+        raise PrunekitError("a MACs budget counts the MACs of the first example of data=, but data gave no batch; "
+                            "pass an iterable of batches") from None
+    x = batch
+    if isinstance(batch, (tuple, list)):
+        x = batch[0]
+    if isinstance(x, dict):
+        return {k: v[:1] for k, v in x.items() if k not in ("labels", "label") and torch.is_tensor(v)}
+    return x[:1]

@@ -10,7 +10,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from .registry import methods as _methods
 from .select import check_sparsity, keep_count, select
 from .seeding import generator
 from .typed import from_dict
+
+if TYPE_CHECKING:
+    from .flops_target import Budget
 
 
 @dataclass(frozen=True)
@@ -268,20 +271,56 @@ def _check_reachable(masks: Masks, s: float, given: bool) -> None:
         f"{1 - kept / total:.4f}" + ("" if given else ", or pass masks= to start from other masks"))
 
 
+def _budget(sparsity, density, compression, macs, speedup, latency, latency_batch, budget_tol) -> Budget | None:
+    """The compute budget of a :func:`prune` call (None: a sparsity call); a sparsity (or density, compression)
+    together with a budget is an error."""
+    from .flops_target import Budget
+
+    budget = Budget.of(macs, speedup, latency, latency_batch, budget_tol)
+    if isinstance(sparsity, Budget):
+        if budget is not None:
+            raise PrunekitError("give the budget once: as sparsity=Budget(...) or as macs=/speedup=/latency=")
+        budget, sparsity = sparsity, None
+    if budget is not None:
+        given = [k for k, v in (("sparsity", sparsity), ("density", density), ("compression", compression))
+                 if v is not None]
+        if given:
+            raise PrunekitError(f"{given[0]}= and a {budget.cost} budget exclude each other: the budget chooses the "
+                                f"sparsity (by bisection); remove {given[0]}= or the budget")
+    return budget
+
+
 def prune(
     model: nn.Module,
     method: str,
-    sparsity: float | None = None,
+    sparsity: float | Budget | None = None,
     data: Iterable | None = None,
     scope: str | None = None,
     *,
     density: float | None = None,
     compression: float | None = None,
+    macs: float | None = None,
+    speedup: float | None = None,
+    latency: float | None = None,
+    latency_batch: int | None = None,
+    budget_tol: float | None = None,
     masks: Masks | None = None,
     loss: Callable | None = None,
     **options,
 ) -> Masks:
-    """Prune ``model`` in place with ``method`` to ``sparsity`` and return its :class:`Masks`.
+    """Prune ``model`` in place with ``method`` to ``sparsity`` (or to a compute budget) and return its
+    :class:`Masks`.
+
+    A compute budget instead of a sparsity (one of, and not with ``sparsity`` / ``density`` / ``compression``):
+    ``macs=0.5`` keeps half the dense MACs (:mod:`prunekit.flops`), ``speedup=2`` the same as a MACs speedup,
+    ``latency=0.5`` half the dense latency predicted at batch ``latency_batch`` (default 1) by the per-layer
+    latency table (structured methods only); ``budget_tol`` is the relative tolerance (default 0.01 for MACs,
+    0.02 for latency). The method scores once and its own selection is bisected on its sparsity until the budget
+    is met (:func:`prunekit.flops_target.prune_by_budget`); ``masks.report`` then also has ``macs_fraction`` (or
+    ``ms_fraction``), ``speedup``, ``hit`` and ``budget``. A structured method's MACs are those of the shrunk model
+    (``pk.shrink``); an unstructured method's are its kept weights times their output positions (a count, not a
+    speedup on dense hardware). ``sparsity`` may also be a :class:`prunekit.flops_target.Budget` (the form the
+    harness's schedules pass).
 
     ``scope``: ``global`` (default) or ``layer``; codes that fix their scope (``magni``, ``globalmagni``) use it.
 
@@ -307,6 +346,11 @@ def prune(
     (see :func:`check_data`).
     """
     check_model(model, "prune")
+    budget = _budget(sparsity, density, compression, macs, speedup, latency, latency_batch, budget_tol)
+    if budget is not None:
+        from .flops_target import prune_by_budget
+
+        return prune_by_budget(model, method, budget, data, masks=masks, loss=loss, scope=scope, **options)
     if options.get("pattern") is not None:
         s = pattern_sparsity(options["pattern"], sparsity, density, compression)
     else:

@@ -19,7 +19,9 @@ A grid entry that is a mapping is merged into the section it names, which gives 
         - {method: woodfisher, fisher_samples: 8000}
         - {method: magni}
 
-``prune`` takes ``method``, one of ``sparsity`` / ``density`` / ``compression``, ``warmup`` (epochs of dense
+``prune`` takes ``method``, one of ``sparsity`` / ``density`` / ``compression`` or a compute budget instead
+(``macs: 0.5`` of the dense MACs, ``speedup: 2``, or ``latency: 0.5`` of the dense predicted latency with
+``latency_batch``; ``budget_tol``; see :class:`prunekit.flops_target.Budget`), ``warmup`` (epochs of dense
 training before the mask) or ``gradual`` (a :class:`prunekit.schedules.Gradual` schedule without its target, which
 is the sparsity), ``samples`` and ``score_transform`` (the scoring set of data-dependent methods, see
 :mod:`prunekit.data.scoring`), the options every method shares (``scope``, ``rounds``, ...) and the method's own

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..families.imp.codes import DEFAULT_SCOPE, check_imp_options
 from ..data.scoring import check_samples
 from ..errors import ConfigError, PrunekitError, closest
+from ..flops_target import Budget
 from ..prune import PruneOptions, pattern_sparsity, resolve_sparsity, split_options
 from ..registry import MethodInfo, get_method, methods
 from ..schedules import Cascade, Gradual, OneShot
@@ -28,9 +29,12 @@ from ..typed import from_dict, to_dict
 if TYPE_CHECKING:
     from .config import DataSection, ExperimentConfig
 
+#: Keys of the prune section that set a compute budget instead of a sparsity (:class:`prunekit.flops_target.Budget`).
+BUDGET_KEYS = ("macs", "speedup", "latency", "latency_batch", "budget_tol")
+
 #: Keys of the prune section that are not options of prunekit.prune.
 PRUNE_KEYS = ("method", "sparsity", "density", "compression", "warmup", "samples", "score_transform", "gradual",
-              "cascade", "reconstruction")
+              "cascade", "reconstruction") + BUDGET_KEYS
 
 #: Resolved fields that do not change a run's result and so are left out of its identity.
 NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_every", "train.eval_batch_size",
@@ -40,7 +44,7 @@ NOT_IDENTITY = ("name", "train.progress", "train.device", "train.checkpoint_ever
 ABSENT_WHEN_NONE = ("prune.gradual", "data.resize", "prune.cascade", "train.threads", "prune.options.targets",
                     "prune.options.ignore", "data.channels", "data.test_size", "data.max_length", "train.freeze",
                     "prune.options.pattern", "prune.method_options.pattern", "prune.method_options.round_channels",
-                    "prune.method_options.per_weight_scores", "prune.reconstruction")
+                    "prune.method_options.per_weight_scores", "prune.reconstruction", "prune.budget")
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,10 @@ class ResolvedCascade:
 
 @dataclass(frozen=True)
 class ResolvedPrune:
-    """The prune section of one run. ``sparsity`` is None for a levels method (IMP: it follows from the levels);
-    ``gradual`` holds the target sparsity; ``options`` and ``method_options`` are split and typed."""
+    """The prune section of one run. ``sparsity`` is None for a levels method (IMP: it follows from the levels) and
+    for a run with a compute ``budget`` (``prune.macs`` / ``speedup`` / ``latency``: the sparsity is bisected when
+    it prunes, and recorded in its prune event); ``gradual`` holds the target sparsity; ``options`` and
+    ``method_options`` are split and typed."""
 
     info: MethodInfo = field(repr=False, compare=False)
     sparsity: float | None
@@ -164,6 +170,7 @@ class ResolvedPrune:
     gradual: Gradual | None = None
     cascade: ResolvedCascade | None = None
     reconstruction: int | None = None  # held-out validation samples the reconstruction errors are measured on
+    budget: Budget | None = None  # a compute budget instead of a sparsity (one-shot)
 
     @property
     def method(self) -> str:
@@ -189,6 +196,8 @@ class ResolvedPrune:
 
     def schedule(self) -> Gradual | OneShot:
         """When the masks are set: the gradual schedule, or once after ``warmup`` epochs."""
+        if self.budget is not None:  # pk.prune takes the Budget in place of the sparsity
+            return OneShot(self.budget, at_epoch=self.warmup)  # type: ignore[arg-type]
         return self.gradual if self.gradual is not None else OneShot(self.sparsity, at_epoch=self.warmup)
 
     def prune_kwargs(self) -> dict:
@@ -206,6 +215,8 @@ class ResolvedPrune:
             out["cascade"] = self.cascade.to_dict() if self.cascade is not None else None
         if self.reconstruction is not None:
             out["reconstruction"] = self.reconstruction
+        if self.budget is not None:
+            out["budget"] = self.budget.to_dict()
         return out
 
 
@@ -270,6 +281,8 @@ def resolve_prune(cfg: ExperimentConfig) -> ResolvedPrune:
         raise ConfigError(f"field 'prune.warmup': {warmup} epochs of warm-up exceed train.epochs={cfg.train.epochs}")
     if info.kind == "dense":
         return _resolve_dense(info, p, cfg)
+    if any(p.get(k) is not None for k in BUDGET_KEYS):
+        return _resolve_budget(info, p, cfg, warmup)
     cascade = _resolve_cascade(p, cfg) if p.get("cascade") is not None else None
     rest = {k: v for k, v in p.items() if k not in PRUNE_KEYS}
     rest.setdefault("seed", cfg.seed)  # the mask generator follows the run's seed unless set explicitly
@@ -289,6 +302,38 @@ def resolve_prune(cfg: ExperimentConfig) -> ResolvedPrune:
     return ResolvedPrune(info, s, common, method_opts, warmup=warmup, samples=samples, score_transform=transform,
                          gradual=gradual, cascade=cascade,
                          reconstruction=_resolve_reconstruction(p.get("reconstruction"), gradual, cascade))
+
+
+def _resolve_budget(info: MethodInfo, p: dict, cfg: ExperimentConfig, warmup: int) -> ResolvedPrune:
+    """A one-shot prune section with a compute budget (``macs``, ``speedup`` or ``latency``, with
+    ``latency_batch`` and ``budget_tol``) instead of a sparsity: pruned once after ``warmup`` epochs by
+    :func:`prunekit.flops_target.prune_by_budget`."""
+    for key in ("sparsity", "density", "compression", "gradual", "cascade"):
+        if p.get(key) is not None:
+            raise ConfigError(f"field 'prune.{key}' does not combine with a compute budget (prune.macs, "
+                              "prune.speedup or prune.latency): the budget chooses the sparsity in one pruning "
+                              f"step; remove one of them")
+    rest = {k: v for k, v in p.items() if k not in PRUNE_KEYS}
+    rest.setdefault("seed", cfg.seed)
+    if rest.get("pattern") is not None:
+        raise ConfigError("field 'prune.pattern' fixes the sparsity (1 - N/M), so it does not combine with a "
+                          "compute budget; remove one of them")
+    if rest.get("rounds") not in (None, 1):
+        raise ConfigError(f"field 'prune.rounds': a compute budget is met in one pruning step, got "
+                          f"{rest['rounds']!r}; remove it")
+    try:
+        budget = Budget.of(*(p.get(k) for k in BUDGET_KEYS))
+        if budget.cost == "latency" and not info.structured:
+            raise PrunekitError(f"a latency budget predicts the latency of the shrunk model, so it needs a "
+                                f"structured method (filter_l1, filter_l2, filter_random, bn_scale, pfp), got "
+                                f"{info.name!r}")
+        common, method_opts = split_options(info, rest)
+    except PrunekitError as e:
+        raise ConfigError(f"section 'prune': {e}") from None
+    common = dataclasses.replace(common, rounds=1)
+    samples, transform = _resolve_scoring(info, p) if scores_with_data(info) else (None, None)
+    return ResolvedPrune(info, None, common, method_opts, warmup=warmup, samples=samples, score_transform=transform,
+                         reconstruction=_resolve_reconstruction(p.get("reconstruction"), None, None), budget=budget)
 
 
 def _resolve_reconstruction(n, gradual, cascade) -> int | None:
@@ -387,10 +432,10 @@ def _resolve_cascade(p: dict, cfg: ExperimentConfig) -> ResolvedCascade:
 
 def _resolve_levels(info: MethodInfo, p: dict, cfg: ExperimentConfig) -> ResolvedPrune:
     """The prune section of an IMP code (lth, sap, ciap, giap): its options, checked; no target sparsity."""
-    for key in ("sparsity", "density", "compression", "warmup", "gradual", "samples", "score_transform"):
+    for key in ("sparsity", "density", "compression", "warmup", "gradual", "samples", "score_transform") + BUDGET_KEYS:
         if p.get(key) is not None:
             hint = ("its final sparsity follows from levels and prune_fraction (lth) or the PQ rule (sap, ciap, giap)"
-                    if key in ("sparsity", "density", "compression") else
+                    if key in ("sparsity", "density", "compression") + BUDGET_KEYS else
                     "rewind: step:<k>ep is the IMP form of dense warm-up" if key == "warmup" else
                     "IMP prunes between training levels, with no scoring data")
             raise ConfigError(f"field 'prune.{key}' does not apply to {info.name!r}: {hint}; remove it")
