@@ -13,11 +13,18 @@ With ``--quality``, each pruned model is also compared with the dense one on hel
 drawn like the calibration set): the relative output error ‖f(x) − f̂(x)‖/‖f(x)‖ (MiniLM: the last hidden state;
 LeNet: the logits).
 
+``--memory``: instead, each method in a fresh process: the growth of the process's peak resident memory during
+``pk.prune`` (VmHWM after minus VmRSS before, with the model and the calibration set already loaded and one forward
+pass done) beside the memory planner's peak (:func:`prunekit.families.layerwise.base.memory_plan`: the calibration
+statistics, SparseGPT's two d×d working matrices, and the scores, masks and weight copies of the call). ``wide``: 4 Linear 4096→4096 layers and 2,048 calibration
+rows, where the statistics dominate; ``minilm``: where they do not (d ≤ 1536: activations and the forward dominate).
+
 ``--sweep 128,1024,4096``: instead, LeNet-300-100 pruned to 50% by sparsegpt, wanda and magnitude with that many
 calibration images, and the output error on 256 held-out images (the rank-deficient-Hessian check).
 
     OMP_NUM_THREADS=1 python bench/bench_layerwise.py [--threads 1] [--models lenet,minilm] [--repeat 2] [--quality]
     OMP_NUM_THREADS=1 python bench/bench_layerwise.py --sweep 128,1024,4096
+    OMP_NUM_THREADS=1 python bench/bench_layerwise.py --memory --models wide,minilm
 """
 from __future__ import annotations
 
@@ -56,7 +63,63 @@ def minilm():
     return model, data[:8], data[8:]
 
 
-MODELS = {"lenet": lenet, "minilm": minilm}
+def wide():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(4)])
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(256, 4096, generator=g), torch.zeros(256, dtype=torch.long)) for _ in range(9)]
+    return model, data[:8], data[8:]
+
+
+MODELS = {"lenet": lenet, "minilm": minilm, "wide": wide}
+
+MEMORY_CODES = [("wanda", {}), ("sparsegpt", {"sequential": False}), ("sparsegpt", {})]
+
+
+def memory_one(name: str, index: int) -> dict:
+    """One method on one model, in this (fresh) process: peak resident growth during pk.prune vs the plan."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _memory import proc_status, reset_peak_rss
+    from prunekit.families.layerwise.base import memory_plan
+
+    code, kw = MEMORY_CODES[index]
+    model, data, _ = MODELS[name]()
+    model.eval()
+    forward_time(model, data)  # the forward's own buffers are allocated once before the baseline
+    plan = memory_plan(model, code, **kw)
+    if not reset_peak_rss():
+        raise SystemExit("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
+    base = proc_status("VmRSS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pk.prune(model, code, sparsity=0.5, data=data, **kw)
+    peak = proc_status("VmHWM")
+    return {"model": name, "method": code + "".join(f" {k}={v}" for k, v in kw.items()),
+            "measured_mib": (peak - base) / 2**20, "plan_mib": plan.peak / 2**20,
+            "statistics_mib": plan.statistics / 2**20}
+
+
+def memory(models: list[str]) -> None:
+    import subprocess
+    import sys
+
+    rows = []
+    for name in models:
+        for i in range(len(MEMORY_CODES)):
+            out = subprocess.run([sys.executable, __file__, "--memory-one", f"{name}:{i}"], capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                print(f"{name} {MEMORY_CODES[i][0]}: failed ({out.stderr.strip().splitlines()[-1:]})")
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{row['model']:8s} {row['method']:28s} planned {row['plan_mib']:8.1f} MiB (statistics "
+                  f"{row['statistics_mib']:6.1f})   measured peak growth {row['measured_mib']:8.1f} MiB   "
+                  f"measured / planned {row['measured_mib'] / row['plan_mib']:.2f}")
+            rows.append(row)
+    print(json.dumps(rows))
 
 
 def outputs(model, data) -> torch.Tensor:
@@ -112,8 +175,17 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--sweep", default=None)
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.memory_one:
+        name, i = a.memory_one.split(":")
+        print(json.dumps(memory_one(name, int(i))))
+        return
+    if a.memory:
+        memory(a.models.split(","))
+        return
     if a.sweep:
         sweep([int(v) for v in a.sweep.split(",")])
         return

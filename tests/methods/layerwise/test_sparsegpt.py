@@ -264,7 +264,7 @@ def test_the_memory_plan_refuses_before_reading_any_data():
 
     m = conv_net()
     before = {n: t.clone() for n, t in m.state_dict().items()}
-    with pytest.raises(pk.PrunekitError, match=r"statistics need .* MiB but 0\.0 MiB are allowed .*'5.weight'.*72 "
+    with pytest.raises(pk.PrunekitError, match=r"needs .* MiB but 0\.0 MiB are allowed.*statistics .*'5.weight'.*72 "
                                                r"input columns.*memory_limit"):
         pk.prune(m, "sparsegpt", sparsity=0.5, data=Data(), memory_limit=1000)
     assert not reads
@@ -310,11 +310,18 @@ def test_the_memory_plan_counts_one_layers_hessian_at_a_time_when_sequential():
     work = 2 * 72 * 72 * 4  # SparseGPT's two d×d working matrices of the widest layer
     seq = memory_plan(m, "sparsegpt")
     assert [c for _, c, _ in seq.layers] == [27, 36, 72]
-    assert seq.peak == 72 * 72 * 4 + work and seq.fits
-    assert memory_plan(m, "sparsegpt", sequential=False).peak == (27 ** 2 + 2 * 36 ** 2 + 72 ** 2) * 4 + work
-    assert memory_plan(m, "sparsegpt", float64=True).peak == 2 * seq.peak
-    assert memory_plan(m, "sparsegpt", ignore=["5"]).peak == 2 * 36 ** 2 * 4 + 2 * 36 * 36 * 4
-    assert memory_plan(m, "wanda").peak == (27 + 2 * 36 + 72) * 8  # ‖X_j‖² per column, float64, every layer
+    assert seq.statistics == 72 * 72 * 4 + work and seq.fits
+    assert memory_plan(m, "sparsegpt", sequential=False).statistics == (27 ** 2 + 2 * 36 ** 2 + 72 ** 2) * 4 + work
+    assert memory_plan(m, "sparsegpt", float64=True).statistics == 2 * seq.statistics
+    assert memory_plan(m, "sparsegpt", ignore=["5"]).statistics == 2 * 36 ** 2 * 4 + 2 * 36 * 36 * 4
+    wanda = memory_plan(m, "wanda")
+    assert wanda.statistics == (27 + 2 * 36 + 72) * 8  # ‖X_j‖² per column, float64, every layer
+    # besides: per weight a float64 score, a backup (and for sparsegpt the solved copy) and two masks; plus the
+    # largest layer's selection temporaries
+    sizes = [p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1]
+    assert seq.working == sum(sizes) * (8 + 4 + 2 + 4) + max(sizes) * 24
+    assert wanda.working == sum(sizes) * (8 + 4 + 2) + max(sizes) * 40
+    assert seq.peak == seq.statistics + seq.working
 
 
 def test_fewer_calibration_rows_than_input_columns_warn():

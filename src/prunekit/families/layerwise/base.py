@@ -90,11 +90,19 @@ def row_keep(scores: torch.Tensor, alive: torch.Tensor, quota: torch.Tensor) -> 
 
 @dataclass
 class Plan:
-    """Bytes of the calibration statistics: per layer (name, columns, bytes), and the peak of the whole pass."""
+    """Bytes of one call: the calibration statistics per layer (name, columns, bytes) and their peak
+    (``statistics``: the largest group's, plus SparseGPT's two d×d working matrices), and ``working``: what the
+    call holds besides them (:meth:`LayerwiseMethod.working_bytes`). ``peak`` is their sum, checked against
+    ``limit``."""
 
     layers: list[tuple[str, int, int]]
-    peak: int
+    statistics: int
     limit: int
+    working: int = 0
+
+    @property
+    def peak(self) -> int:
+        return self.statistics + self.working
 
     @property
     def fits(self) -> bool:
@@ -102,8 +110,9 @@ class Plan:
 
     def summary(self) -> str:
         name, cols, b = max(self.layers, key=lambda t: t[2])
-        return (f"layer-wise statistics: peak {self.peak / 2**20:.1f} MiB of {self.limit / 2**20:.1f} MiB allowed; "
-                f"largest {name!r}: {cols} columns, {b / 2**20:.1f} MiB")
+        return (f"layer-wise memory: peak {self.peak / 2**20:.1f} MiB of {self.limit / 2**20:.1f} MiB allowed "
+                f"(statistics {self.statistics / 2**20:.1f} MiB, largest {name!r}: {cols} columns, "
+                f"{b / 2**20:.1f} MiB; scores, masks and weight copies {self.working / 2**20:.1f} MiB)")
 
 
 class LayerwiseMethod(PruningMethod):
@@ -126,8 +135,22 @@ class LayerwiseMethod(PruningMethod):
             return torch.float64
         return torch.float32
 
+    #: Bytes per weight of the largest layer's selection temporaries (:meth:`working_bytes`).
+    transient_per_weight = 40
+
     def stat_bytes(self, layer: Layer, itemsize: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def working_bytes(self, layers: list[Layer], itemsize: int) -> int:
+        """What a call holds besides the statistics, counted from what :meth:`score` and :meth:`select` allocate:
+        for every weight the float64 score (8 B), the backup of the weight (``itemsize``), the alive and the new
+        mask (2 B) and, for a method that updates, the reconstructed weight (``itemsize``); plus the largest
+        layer's selection temporaries, :attr:`transient_per_weight` bytes per weight (Wanda's row ranking: the
+        float64 scores, their masked copy, the sorted values and int64 indices, the kept mask). Checked against the
+        measured peak by ``bench/bench_layerwise.py --memory``."""
+        sizes = [L.groups * L.rows * L.cols for L in layers]
+        per = 8 + itemsize + 2 + (itemsize if self.updates else 0)
+        return sum(sizes) * per + max(sizes, default=0) * self.transient_per_weight
 
     def make_plan(self, model, layers: list[Layer], options, device) -> Plan:
         """The memory of the statistics of ``layers`` under ``options``: the largest group's (sequential: a
@@ -145,7 +168,7 @@ class LayerwiseMethod(PruningMethod):
             group[key] = group.get(key, 0) + b
         stats = max(group.values())
         limit = options.memory_limit or int(0.7 * available_bytes(device))
-        return Plan(per, stats + work, limit)
+        return Plan(per, stats + work, limit, self.working_bytes(layers, item))
 
     def plan(self, ctx: ScoreContext) -> Plan:
         """:meth:`make_plan` for this call; a PrunekitError with the numbers when the peak exceeds the limit."""
@@ -156,9 +179,10 @@ class LayerwiseMethod(PruningMethod):
             name, cols, b = max(plan.layers, key=lambda t: t[2])
             hint = "" if ctx.options.sequential else "sequential: true (one layer's statistics at a time), "
             raise PrunekitError(
-                f"the calibration statistics need {plan.peak / 2**20:.1f} MiB but {plan.limit / 2**20:.1f} MiB are "
-                f"allowed (the largest, {name!r}, has {cols} input columns: {b / 2**20:.1f} MiB); use {hint}leave "
-                "the largest layers out with ignore=[...], or raise memory_limit")
+                f"the call needs {plan.peak / 2**20:.1f} MiB but {plan.limit / 2**20:.1f} MiB are allowed: the "
+                f"calibration statistics {plan.statistics / 2**20:.1f} MiB (the largest, {name!r}, has {cols} input "
+                f"columns: {b / 2**20:.1f} MiB), scores, masks and weight copies {plan.working / 2**20:.1f} MiB; use "
+                f"{hint}leave the largest layers out with ignore=[...], or raise memory_limit")
         return plan
 
     def keep_target(self, layer: Layer, alive: torch.Tensor, sparsity: float, pattern) -> int:

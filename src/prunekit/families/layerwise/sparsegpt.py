@@ -129,6 +129,7 @@ class SparseGPT(LayerwiseMethod):
     """``sparsegpt`` (see the module docstring)."""
 
     updates = True
+    transient_per_weight = 24  # the layer as a matrix, its solved copy, W·mask, the alive and kept masks
 
     def check_pattern(self, ctx, pattern) -> None:
         if ctx.options.block_size % pattern.m:
