@@ -164,3 +164,16 @@ def test_a_model_without_input_shape_counts_its_first_example():
     assert abs(macs(layer_positions(small, example=x[:1])) / dense - 0.5) <= 0.05 * 0.5
     with pytest.raises(PrunekitError, match="re-iterable"):
         pk.prune(model, "filter_l1", macs=0.5, data=iter([(x, torch.zeros(6, dtype=torch.long))]))
+
+
+def test_a_second_budget_continues_from_the_first_masks():
+    """masks= carries over: 0.7 then 0.4 of the dense MACs, the second masks nested in the first."""
+    model, x, data = _setup()
+    dense = macs(layer_positions(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = pk.prune(model, "filter_l1", macs=0.7, data=data)
+        kept = {n: m.clone() for n, m in first.as_dict().items()}
+        second = pk.prune(model, "filter_l1", macs=0.4, data=data, masks=first)
+    assert all(not (m & ~kept[n]).any() for n, m in second.as_dict().items())
+    assert abs(_shrunk_macs(model, second, x) / dense - 0.4) <= 0.01 * 0.4
