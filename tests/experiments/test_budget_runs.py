@@ -102,9 +102,6 @@ def test_the_schedule_prunes_to_the_budget(method):
     assert event["budget"]["cost"] == "macs" and event["epoch"] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="experiments/lifecycle.py _describe reads method_options.levels when prune.sparsity is "
-                          "None; needs the lead's patch (a budget run's description), see the issue-19 report")
 def test_a_budget_run_runs_and_records_its_macs(tmp_path):
     from prunekit.experiments import run
 

@@ -129,8 +129,11 @@ class RunLifecycle:
 
     def _describe(self) -> str:
         r, p = self.resolved, self.resolved.prune
-        target = f"at sparsity {p.sparsity:g}" if p.sparsity is not None else \
-            f"for {p.method_options.levels} levels"
+        if p.budget is not None:
+            target = f"to {p.budget.fraction:g} of the dense {p.budget.unit}"
+        else:
+            target = f"at sparsity {p.sparsity:g}" if p.sparsity is not None else \
+                f"for {p.method_options.levels} levels"
         return f"{r.model.name} on {r.data.name}, {p.method} {target}, seed {r.seed}"
 
     def _resuming(self) -> bool:

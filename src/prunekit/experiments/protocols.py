@@ -113,8 +113,9 @@ def _schedule_record(ctx: RunContext, summary: dict, masks: Masks, events: list[
                      before: dict) -> RunRecord:
     r, p = ctx.resolved, ctx.resolved.prune
     return RunRecord(
-        run_id=ctx.rid, name=r.name, method=p.method, sparsity=p.sparsity, seed=r.seed,
-        structured=structured, val_acc_before_finetune=before.get("val_acc_before"),
+        run_id=ctx.rid, name=r.name, method=p.method, seed=r.seed, structured=structured,
+        sparsity=p.sparsity if p.sparsity is not None else masks.sparsity(),  # a budget run: the one reached
+        val_acc_before_finetune=before.get("val_acc_before"),
         test_acc_before_finetune=before.get("test_acc_before"), reconstruction=before.get("reconstruction"),
         before_finetune_samples=before.get("before_samples"),
         compression=1.0 / max(1.0 - masks.sparsity(), 1e-12),

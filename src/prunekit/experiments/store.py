@@ -302,11 +302,12 @@ class Store:
             c.execute(
                 """UPDATE runs SET status='done', finished=?, updated=?, final_test_acc=?, best_val_acc=?,
                        test_acc_at_best_val=?, best_epoch=?, achieved_sparsity=?, prune_seconds=?, train_seconds=?,
-                       total_seconds=?, collapsed=?, error=NULL, record=? WHERE run_id=?""",
+                       total_seconds=?, collapsed=?, error=NULL, record=?,
+                       sparsity=COALESCE(sparsity, ?) WHERE run_id=?""",  # a budget run: the sparsity reached
                 (now, now, record.get("final_test_acc"), record.get("best_val_acc"), record.get("test_acc_at_best_val"),
                  record.get("best_epoch"), record.get("achieved_sparsity"), record.get("prune_seconds"),
                  record.get("train_seconds"), record.get("total_seconds"), json.dumps(record.get("collapsed", [])),
-                 json.dumps(record, default=str), run_id),
+                 json.dumps(record, default=str), record.get("sparsity"), run_id),
             )
 
     def fail_run(self, run_id: str, error: str) -> None:
