@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
+from .group_cache import groups_by_structure
 from .groups import ChannelGroup, channel_groups, row_channels, transposed
 from .transformer_groups import is_transformer
 
@@ -57,14 +58,15 @@ def _signature(model: nn.Module) -> tuple:
 
 def cached_channel_groups(model: nn.Module, ctx_or_data: Any = None) -> list[ChannelGroup]:
     """:func:`prunekit.structured.channel_groups` of ``model`` on :func:`example_input_for`, cached per model
-    object (recomputed when its modules or parameter shapes change); pruning rounds reuse one trace."""
+    object (recomputed when its modules or parameter shapes change); pruning rounds reuse one trace. A new object
+    of an architecture traced before gets that trace's groups (:mod:`prunekit.structured.group_cache`)."""
     sig = _signature(model)
     hit = _GROUP_CACHE.get(model)
     if hit is not None and hit[0] == sig:
         return hit[1]
     # a transformers model's groups come from its module structure: no example input needed
     example = None if is_transformer(model) else example_input_for(model, ctx_or_data)
-    groups = channel_groups(model, example)
+    groups = groups_by_structure(model, example, channel_groups)
     _GROUP_CACHE[model] = (sig, groups)
     return groups
 
@@ -87,20 +89,31 @@ def filter_norm_scores(model: nn.Module, groups: Sequence[ChannelGroup], p: floa
     all its filters together: ``p=1`` sums the l1 norms (Li et al.), ``p=2`` is the l2 norm of the concatenated
     filters (sqrt of the summed squares; SoftNet, He et al.). A channel that owns several rows (an attention head:
     its ``head_dim`` rows of each of query, key and value) is aggregated the same way: the l1 norms of all its rows
-    summed, the l2 norm of all its rows together.
+    summed, the l2 norm of all its rows together. Each row is summed in float64 (converted a few rows at a time).
     """
     mods = dict(model.named_modules())
     out = {}
     for g in groups:
         acc = torch.zeros(g.size, dtype=torch.float64)
         for name in g.producers:
-            rows = _producer_rows(mods[name]).to(torch.float64)
-            per_row = (rows.abs().pow(p).sum(1) if p != 1 else rows.abs().sum(1)).cpu()
+            per_row = _row_norms(_producer_rows(mods[name]), p).cpu()
             if per_row.numel() != g.size:  # several units per channel (heads)
                 per_row = torch.zeros(g.size, dtype=torch.float64).index_add_(0, row_channels(g), per_row)
             acc += per_row
         out[g.name] = acc if p == 1 else acc.pow(1.0 / p)
     return out
+
+
+def _row_norms(rows: torch.Tensor, p: float) -> torch.Tensor:
+    """Σ_k |rows[r, k]|^p per row, in float64: the rows converted in slices of about 64k entries (the same
+    per-row reductions as converting the whole tensor, without its float64 copy); rows longer than that at once."""
+    n, k = rows.shape
+    step = (1 << 16) // k if 0 < k <= (1 << 15) else max(n, 1)
+    out = []
+    for r0 in range(0, rows.shape[0], step):
+        x = rows[r0:r0 + step].to(torch.float64).abs()
+        out.append((x.pow(p) if p != 1 else x).sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=rows.device)
 
 
 @torch.no_grad()

@@ -125,8 +125,10 @@ def _index(groups: Sequence[ChannelGroup]) -> dict[str, dict]:
     return by
 
 
-def _plans(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor]) -> list[_Plan]:
-    """One plan per tensor of ``alive``, over ``groups`` (the selectable ones), with its count matrix."""
+def _plans(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor],
+           full: Mapping[str, bool] | None = None) -> list[_Plan]:
+    """One plan per tensor of ``alive``, over ``groups`` (the selectable ones), with its count matrix (exact
+    integer counts; ``full``: the tensors already known to be entirely alive, by name)."""
     mods = dict(model.named_modules())
     by = _index(groups)
     sizes = {g.name: g.size for g in groups}
@@ -136,14 +138,14 @@ def _plans(model: nn.Module, groups: Sequence[ChannelGroup], alive: Mapping[str,
         n_out = sizes[plan.out_g] if plan.out_g else 1
         n_in = sizes[plan.in_g] if plan.in_g else 1
         units = a.shape[plan.out_dim] if plan.out_g else 1  # output units: channels x rows x splits
-        if bool(a.all()):  # every entry alive (a first round): the same count in every cell
+        if (full[name] if full is not None and name in full else bool(a.all())):  # every entry alive (a first round): the same count in every cell
             C = torch.full((units, n_in), a.numel() / (units * n_in), dtype=torch.float64)
         else:
-            x = a.detach().to(torch.float32)
+            x = a.detach()
             lead = [d for d, g in ((plan.out_dim, plan.out_g), (plan.in_dim, plan.in_g)) if g]
             if lead:
                 x = x.permute(lead + [d for d in range(x.dim()) if d not in lead])
-            C = x.reshape(units, n_in, -1).sum(-1).to(device="cpu", dtype=torch.float64)
+            C = torch.count_nonzero(x.reshape(units, n_in, -1), dim=-1).to(device="cpu", dtype=torch.float64)
         if plan.out_rows is not None:
             C = torch.zeros((n_out, n_in), dtype=torch.float64).index_add_(0, plan.out_rows, C)
         plan.C = C
@@ -175,14 +177,15 @@ def masks_from_channels(model: nn.Module, groups: Sequence[ChannelGroup], channe
     for name, a in alive.items():
         a = a.to(torch.bool)
         plan = _sides(mods, name, tuple(a.shape), by)
-        m = a.clone()
+        cut = None  # the kept (output unit, input feature) pairs as a small broadcastable mask
         if plan.out_g:
             k = keep[plan.out_g] if plan.out_rows is None else keep[plan.out_g][plan.out_rows]
-            m &= _view(k.to(a.device), plan.out_dim, a.dim())
+            cut = _view(k.to(a.device), plan.out_dim, a.dim())
         if plan.in_g:
             k = keep[plan.in_g].repeat_interleave(plan.block) if plan.block != 1 else keep[plan.in_g]
-            m &= _view(k.to(a.device), plan.in_dim, a.dim())
-        out[name] = m
+            k = _view(k.to(a.device), plan.in_dim, a.dim())
+            cut = k if cut is None else cut & k
+        out[name] = a.clone() if cut is None else a & cut  # one pass over the tensor
     return out
 
 
@@ -273,43 +276,71 @@ class _Selector:
         self.active = [i for i, p in enumerate(plans) if p.out_g or p.in_g]
         self.fixed_count = sum(float(p.C.sum()) for p in plans if not (p.out_g or p.in_g))
         self.pos: dict[str, torch.Tensor] = {}   # per channel: -1 forced, >= 0 position in the order, inf dead
-        items: list[tuple[float, int, torch.Tensor, int, int, int]] = []  # (key, group, channels, r_s, r_e, a)
+        # the candidate items (blocks of round_to channels by rank), per group in rank order: key, group, ranks
+        keys, gids, r_first, r_last, sizes, spans = [], [], [], [], [], []
+        self._ranked: list[torch.Tensor] = []
         for gi, g in enumerate(groups):
             s, live = scores[g.name], alive_ch[g.name]
             a = int(live.sum())
             key = torch.where(live, s, torch.full_like(s, -math.inf))
             ranked = torch.sort(key, descending=True, stable=True).indices[:a]
+            self._ranked.append(ranked)
             m = min(_round_up(min(min_keep, a), round_to), a)
             pos = torch.full((g.size,), math.inf, dtype=torch.float64)
             pos[ranked[:m]] = -1.0
             self.pos[g.name] = pos
             if m >= a:
+                spans.append(None)
                 continue
-            scale = 1.0
-            if mode == "global" and normalize == "max":
-                top = float(s[ranked].abs().max())
-                scale = top if math.isfinite(top) and top > 0 else 1.0
             # blocks of round_to channels by rank: ranks m+1..m+k, m+k+1..m+2k, ..., the last one ends at a
-            for r_s in range(m + 1, a + 1, round_to):
-                r_e = min(r_s + round_to - 1, a)
-                chans = ranked[r_s - 1:r_e]
-                if mode == "uniform":
-                    k = (r_s + r_e - 1) / (2.0 * a)   # (r - 0.5) / a for single channels
+            r_s = torch.arange(m + 1, a + 1, round_to, dtype=torch.int64)
+            r_e = torch.clamp(r_s + (round_to - 1), max=a)
+            if mode == "uniform":
+                k = (r_s + r_e - 1).to(torch.float64) / (2.0 * a)   # (r - 0.5) / a for single channels
+            else:
+                scale = 1.0
+                if normalize == "max":
+                    top = float(s[ranked].abs().max())
+                    scale = top if math.isfinite(top) and top > 0 else 1.0
+                if round_to == 1:
+                    k = -(s[ranked[m:]] / scale)
                 else:
-                    k = float(-(s[chans] / scale).mean())
-                items.append((k, gi, chans, r_s, r_e, a))
-        order = sorted(range(len(items)), key=lambda i: items[i][0])  # stable: forward order of groups, then rank
-        self.item_key = [items[i][0] for i in order]
-        self.item_g = [items[i][1] for i in order]
-        self.item_c = [items[i][2] for i in order]
-        self.item_rs = [items[i][3] for i in order]
-        self.item_re = [items[i][4] for i in order]
-        self.item_a = [float(items[i][5]) for i in order]
-        for j, (gi, c) in enumerate(zip(self.item_g, self.item_c)):
-            self.pos[groups[gi].name][c] = float(j)
+                    k = torch.tensor([float(-(s[ranked[f - 1:e]] / scale).mean()) for f, e in
+                                      zip(r_s.tolist(), r_e.tolist())], dtype=torch.float64)
+            spans.append((len(keys), m))
+            keys.append(k)
+            gids.append(torch.full((r_s.numel(),), gi, dtype=torch.int64))
+            r_first.append(r_s)
+            r_last.append(r_e)
+            sizes.append(torch.full((r_s.numel(),), float(a), dtype=torch.float64))
+        cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))
+        key_all = cat(keys, torch.float64)
+        # stable: forward order of groups, then rank (the order of a stable sort of the keys in that order)
+        order = torch.sort(key_all, stable=True).indices
+        item_of = torch.empty_like(order)
+        item_of[order] = torch.arange(order.numel())
+        g_all, rs_all, re_all, a_all = (cat(gids, torch.int64), cat(r_first, torch.int64), cat(r_last, torch.int64),
+                                        cat(sizes, torch.float64))
+        self.item_key = key_all[order].tolist()
+        self.item_g = g_all[order].tolist()
+        self.item_rs = rs_all[order].tolist()
+        self.item_re = re_all[order].tolist()
+        self.item_a = a_all[order].tolist()
+        offsets = torch.cumsum(torch.tensor([0] + [x.numel() for x in keys], dtype=torch.int64), 0).tolist()
+        for gi, span in enumerate(spans):
+            if span is None:
+                continue
+            ki, m = span
+            ranked = self._ranked[gi]
+            block = torch.arange(ranked.numel() - m, dtype=torch.int64) // round_to   # each channel's item
+            self.pos[groups[gi].name][ranked[m:]] = item_of[offsets[ki] + block].to(torch.float64)
         self.n_items = len(self.item_g)
         self.mode = mode
         self.evaluations = 0
+
+    def _channels(self, j: int) -> torch.Tensor:
+        """The channels of item ``j`` of the order."""
+        return self._ranked[self.item_g[j]][self.item_rs[j] - 1:self.item_re[j]]
 
     def keep(self, k: int) -> dict[str, torch.Tensor]:
         return {name: (pos < k).to(torch.float64) for name, pos in self.pos.items()}
@@ -349,7 +380,7 @@ class _Selector:
             gi = self.item_g[j]
             if gi in blocked:
                 continue
-            name, c = self.groups[gi].name, self.item_c[j]
+            name, c = self.groups[gi].name, self._channels(j)
             keep[name][c] = 1.0 if add else 0.0
             touched = self.by_group[name]
             new = {i: self.plans[i].count(keep) for i in touched}
@@ -501,18 +532,19 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], channel_sc
     target = int(target_kept)
     alive = {n: torch.as_tensor(m).to(torch.bool) for n, m in alive.items()}
     total = sum(m.numel() for m in alive.values())
-    n_alive = sum(int(m.sum()) for m in alive.values())
+    full = {n: bool(m.all()) for n, m in alive.items()}   # one pass; the counts only where entries are pruned
+    n_alive = sum(m.numel() if full[n] else int(m.sum()) for n, m in alive.items())
     if target < 0 or target > n_alive:
         raise PrunekitError(f"target of {target} kept weights is outside [0, {n_alive}] (the alive entries; masks "
                             "are nested, so pruned weights cannot come back)")
     chosen = _selectable_groups(groups, channel_scores, alive)
     _warn_fixed(model, groups, alive, n_alive)
     scores = _group_scores(chosen, channel_scores)
-    if all(bool(m.all()) for m in alive.values()):  # nothing pruned yet: every channel is alive
+    if all(full.values()):  # nothing pruned yet: every channel is alive
         alive_ch = {g.name: torch.ones(g.size, dtype=torch.bool) for g in chosen}
     else:
         alive_ch = channel_masks_from_masks(model, chosen, alive, side="either") if chosen else {}
-    plans = _plans(model, chosen, alive)
+    plans = _plans(model, chosen, alive, full)
     sel = _Selector(chosen, scores, alive_ch, plans, mode, min_keep, normalize, round_to)
     c_min = sel.count(0)
     if c_min > target and not _within(c_min, target, size_tol):
