@@ -10,6 +10,7 @@ from torch import nn
 
 import prunekit as pk
 import prunekit.criteria.pfp as pfp
+from prunekit.families.sensitivity.pfp_reader import Reader
 from prunekit.errors import PrunekitError
 from prunekit.masks import Masks
 from prunekit.models import get_model
@@ -273,7 +274,7 @@ def test_top_keeps_large_probability_channels_unscaled():
     s = torch.tensor([0.9, 0.8, 0.05, 0.04, 0.03, 0.03, 0.02, 0.02, 0.01, 0.01], dtype=torch.float64)
     p = torch.nn.Linear(10, 2)
     param = pk.params.PrunableParam("fc.weight", "fc", "weight", p)
-    r = pfp._Reader(param, "g", 1, s, torch.ones(10, dtype=torch.bool), 1, 1, 1e-16, 3.0, 1)
+    r = Reader(param, "g", 1, s, torch.ones(10, dtype=torch.bool), 1, 1, 1e-16, 3.0, 1)
     keep, scale, m_r = r.select(4, "top", seed=0)
     m = r.draws_for(r.p, 4)
     fixed = r.p >= 1.0 / m

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import prunekit as pk
-from prunekit.families.sensitivity import scores as S
+from prunekit.families.sensitivity import channel_bounds as B
+from prunekit.families.sensitivity import kernels as K
 from prunekit.models import get_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _dense_channel_max(w, a, k, alive):
     """The plain reference (the per-weight path): every g_ij, zero on dead entries, then the max per channel."""
-    g = S.relative_contributions(w, a, "max") * alive
+    g = K.relative_contributions(w, a, "max") * alive
     return g.view(w.shape[0], -1, k).amax(dim=(0, 2))
 
 
@@ -27,15 +28,15 @@ def test_channel_contributions_equal_the_dense_maximum(dtype):
     a = torch.relu(torch.randn(n, C * k, P, generator=g, dtype=dtype)) ** 3   # heavy-tailed, sparse inputs
     a[:, :k] = 0  # a channel never active: 0
     alive = torch.rand(I, C * k, generator=g) > 0.2
-    assert n * P * I * C * k > S.BLOCK_ELEMS
+    assert n * P * I * C * k > K.BLOCK_ELEMS
     best = torch.zeros(C, dtype=dtype)
-    S.channel_contributions(w, a, k, best, alive.to(dtype))
+    B.channel_contributions(w, a, k, best, alive.to(dtype))
     want = _dense_channel_max(w, a, k, alive.to(dtype))
     assert torch.equal(best, want)
     assert float(best[0]) == 0.0 and bool((best[1:] > 0).all())
     # a running maximum: a second chunk only raises it, to the maximum over both
     a2 = torch.relu(torch.randn(n, C * k, P, generator=g, dtype=dtype))
-    S.channel_contributions(w, a2, k, best, alive.to(dtype))
+    B.channel_contributions(w, a2, k, best, alive.to(dtype))
     assert torch.equal(best, torch.maximum(want, _dense_channel_max(w, a2, k, alive.to(dtype))))
 
 

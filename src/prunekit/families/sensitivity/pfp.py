@@ -83,8 +83,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -92,22 +92,17 @@ from torch import nn
 from ...errors import PrunekitError
 from ...params import PrunableParam, prunable_params
 from ...registry import PruningMethod, ScoreContext, register
-from ...seeding import derive_seed
 from ...select import check_sparsity, keep_count
-from ...structured.groups import ChannelGroup, channel_groups, channel_masks_to_masks, make_exact, row_channels
-from ...structured.latency_table import check_round_channels, resolve_round_channels
+from ...structured.group_cache import groups_by_structure
+from ...structured.groups import ChannelGroup, channel_groups, make_exact
+from ...structured.latency_table import check_round_channels
 from ..filters.baselines import why_fixed
-from .budget import draws_for_unique, log_factor
-from .scores import (DRAW_CAP, EXAMPLES_PER_FORWARD, KAPPA_MIN, S_ZERO, SensitivityOptions, collect, is_conv1d,
-                     out_first, sample_inputs, sensitivities)
+from .pfp_plan import LAYERS, Plan, input_group, readers_of
+from .scores import (EXAMPLES_PER_FORWARD, KAPPA_MIN, SensitivityOptions, collect, is_conv1d, out_first,
+                     sample_inputs, sensitivities)
 from .search import search_keep_ratio
 
 log = logging.getLogger("prunekit.pfp")
-
-#: log ε range of the search (methods/sensitivity.md §5).
-LOG_EPS_MIN, LOG_EPS_MAX = math.log(1e-300), math.log(1e150)
-#: Bisection steps of the (cheap, deterministic) det prediction.
-PREDICT_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -128,7 +123,7 @@ class PfpOptions(SensitivityOptions):
       (:func:`prunekit.structured.latency_table.auto_round_channels`).
     - ``per_weight_scores``: by default the score of a layer whose input channels PFP prunes (a reader) is its
       channel sensitivity s_c on every alive entry of channel c (computed directly, with bounds that skip most
-      products: :func:`prunekit.families.sensitivity.scores.channel_contributions`), and the other layers, which
+      products: :func:`prunekit.families.sensitivity.channel_bounds.channel_contributions`), and the other layers, which
       PFP never ranks (the first layer, layers reading a group that cannot shrink), score +inf and are not
       measured. True computes every weight's own sensitivity in every layer (the old path: several times slower;
       the same s_c, so the same masks).
@@ -153,13 +148,9 @@ def channel_sensitivity(s: torch.Tensor, channels: int) -> torch.Tensor:
     return s.reshape(s.shape[0], channels, -1).amax(dim=(0, 2))
 
 
-#: The layers whose weights pfp prunes.
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def _check_layer(p: PrunableParam) -> None:
     m, w = p.module, p.tensor
-    if p.attr == "weight" and w is not None and w.dim() >= 2 and (isinstance(m, _LAYERS) or is_conv1d(m)):
+    if p.attr == "weight" and w is not None and w.dim() >= 2 and (isinstance(m, LAYERS) or is_conv1d(m)):
         return
     raise PrunekitError(
         f"pfp prunes the weights of Linear, Conv1d and Conv2d layers (and Conv3d, GPT-2's Conv1D); {p.name!r} "
@@ -174,30 +165,6 @@ def _no_reader_message(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
             "instead of a grouped conv) so their channels can be removed together")
 
 
-def _readers(groups: Sequence[ChannelGroup]) -> dict[str, list[tuple[ChannelGroup, int]]]:
-    out: dict[str, list[tuple[ChannelGroup, int]]] = {}
-    for g in groups:
-        for cname, block in g.consumers:
-            out.setdefault(cname, []).append((g, block))
-    return out
-
-
-def _input_group(p: PrunableParam, readers: Mapping[str, list]) -> tuple[ChannelGroup, int] | None:
-    """(group, features per channel) when ``p``'s input channels may be pruned, else None."""
-    got = readers.get(p.module_name, [])
-    if p.attr != "weight" or len(got) != 1:
-        return None
-    g, block = got[0]
-    m, w = p.module, p.tensor
-    if not g.prunable or not (isinstance(m, _LAYERS) or is_conv1d(m)):
-        return None
-    if is_conv1d(m):  # weight (in, out)
-        return (g, block) if w.dim() == 2 and w.shape[0] == g.size * block else None
-    if isinstance(m, nn.Linear):
-        return (g, block) if w.dim() == 2 and w.shape[1] == g.size * block else None
-    return (g, block) if m.groups == 1 and block == 1 and w.shape[1] == g.size else None
-
-
 def channel_sensitivities(model: nn.Module, inputs: torch.Tensor, params: Sequence[PrunableParam] | None = None,
                           groups: Sequence[ChannelGroup] | None = None,
                           chunk: int = EXAMPLES_PER_FORWARD) -> dict[str, torch.Tensor]:
@@ -206,388 +173,14 @@ def channel_sensitivities(model: nn.Module, inputs: torch.Tensor, params: Sequen
     params = list(params) if params is not None else prunable_params(model)
     groups = groups if groups is not None else channel_groups(model, inputs[:2])
     s = sensitivities(model, params, inputs, aggregate="max", chunk=chunk)
-    readers = _readers(groups)
+    readers = readers_of(groups)
     out = {}
     for p in params:
-        ig = _input_group(p, readers)
+        ig = input_group(p, readers)
         if ig is not None:
             out[p.name] = channel_sensitivity(out_first(p.module, s[p.name]), ig[0].size)
     return out
 
-
-# ----------------------------------------------------------------------------------------------- allocation (§5)
-
-
-@dataclass
-class _Reader:
-    """One compressed layer: the channel sensitivities of its input group and its sampling state."""
-
-    param: PrunableParam
-    group: str
-    block: int
-    s: torch.Tensor          # (C,) float64 channel sensitivities (0 for dead channels)
-    alive: torch.Tensor      # (C,) bool: the layer still reads the channel
-    positions: int
-    k: int
-    delta_s: float
-    C_const: float
-    min_keep: int
-    S: float = 0.0
-    p: torch.Tensor = field(default=None)
-    K: float = 0.0
-    nnz: int = 0
-    n_alive: int = 0
-    order: torch.Tensor = field(default=None)  # channels by (alive, s) descending, lower index first on ties
-    uniforms: torch.Tensor | None = None
-    cache: dict = field(default_factory=dict)  # selections by (u, variant, draws)
-
-    def __post_init__(self):
-        self.n_alive = int(self.alive.sum())
-        self.S = float(self.s.sum())
-        pos = self.s > 0
-        self.nnz = int(pos.sum())
-        self.p = self.s / self.S if self.S > S_ZERO else torch.zeros_like(self.s)
-        if self.S <= S_ZERO:
-            self.nnz = 0
-        self.K = log_factor(self.positions, self.k, self.delta_s, self.C_const) * self.S
-        key = self.s + self.alive.double()  # s ∈ [0, 1]: alive channels first
-        self.order = torch.sort(key, descending=True, stable=True).indices
-        self.floor = min(self.min_keep, self.n_alive)
-
-    @property
-    def channels(self) -> int:
-        return self.s.numel()
-
-    # -- the ε rule
-    def draws(self, t: float) -> float:
-        """m_ℓ(ε) = ⌈3·(6 + 2ε)·K/ε²⌉ at log ε = t (inf when it overflows)."""
-        lm = math.log(3.0 * (6.0 + 2.0 * math.exp(t)) * self.K) - 2.0 * t
-        return math.ceil(math.exp(lm)) if lm < 700.0 else math.inf
-
-    def unique(self, t: float) -> int:
-        """u_ℓ(ε) = min(#alive, round(Σ_c [1 − (1 − p_c)^m])), before the min-keep floor."""
-        if self.nnz == 0:
-            return 0
-        m = self.draws(t)
-        e = self.expected_unique(m) if math.isfinite(m) else float(self.nnz)
-        return min(self.n_alive, int(math.floor(e + 0.5)))
-
-    def t_single(self) -> float:
-        """log ε above which m_ℓ = 1: ε² − 6Kε − 18K ≥ 0."""
-        K = self.K
-        return math.log(3.0 * K + math.sqrt(9.0 * K * K + 18.0 * K))
-
-    def t_full(self) -> float:
-        """log ε below which u_ℓ = nnz: m ≥ ln(4·nnz)/(−ln(1 − p_min)) makes Σ_c (1 − p_c)^m ≤ 1/4."""
-        pmin = float(self.p[self.p > 0].min())
-        M = math.log(4.0 * self.nnz) / max(-math.log1p(-min(pmin, 1.0 - 1e-16)), 1e-300) + 1.0
-        K = self.K
-        return math.log((6.0 * K + math.sqrt(36.0 * K * K + 72.0 * K * M)) / (2.0 * M))
-
-    # -- selection at u
-    def _top(self, u: int) -> torch.Tensor:
-        keep = torch.zeros(self.channels, dtype=torch.bool)
-        keep[self.order[:u]] = True
-        return keep & self.alive
-
-    def _pad(self, keep: torch.Tensor) -> torch.Tensor:
-        """The min-keep floor: the best alive channels not yet kept, unscaled."""
-        short = self.floor - int(keep.sum())
-        if short > 0:
-            extra = self.order[~keep[self.order] & self.alive[self.order]][:short]
-            keep = keep.clone()
-            keep[extra] = True
-        return keep
-
-    def _uniforms(self, seed: int) -> torch.Tensor:
-        if self.uniforms is None:
-            gen = torch.Generator().manual_seed(derive_seed(seed, "pfp", self.param.name))
-            self.uniforms = torch.rand(DRAW_CAP * max(self.nnz, 1), generator=gen, dtype=torch.float64)
-        return self.uniforms
-
-    def draws_for(self, p: torch.Tensor, u: int) -> int:
-        """m′: the draw count whose E[unique] is closest to ``u`` (1 ≤ u < nnz of ``p``)."""
-        return int(draws_for_unique(p[None], torch.tensor([float(u)], dtype=torch.float64))[0])
-
-    def expected_unique(self, m: int) -> float:
-        q = self.p[self.p > 0]
-        return float((-torch.expm1(m * torch.log1p(-q.clamp(max=1.0)))).sum())
-
-    def _sample(self, p: torch.Tensor, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``m`` draws of Multinomial(·, p) from the layer's fixed uniforms: (kept, scale)."""
-        cdf = torch.cumsum(p, 0)
-        last = int(torch.nonzero(p > 0).max())
-        u = self._uniforms(seed)
-        if m > u.numel():  # beyond the cap (only reachable through an explicit draw count)
-            m = u.numel()
-        j = torch.searchsorted(cdf, u[:m], right=True).clamp(max=last)
-        counts = torch.bincount(j, minlength=p.numel()).double()
-        kept = counts > 0
-        scale = torch.where(kept, counts / (m * p.clamp(min=1e-300)), torch.ones_like(counts))
-        return kept, scale
-
-    def select(self, u: int, variant: str, seed: int, m: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(kept channels, per-channel scale or None, draws m′) for u_ℓ = ``u`` kept channels (before the floor);
-        ``m`` overrides rand's draw count (the fill's draw-by-draw steps)."""
-        key = (u, variant, m)
-        hit = self.cache.get(key)
-        if hit is None:
-            hit = self.cache[key] = self._select(u, variant, seed, m)
-        return hit
-
-    def _select(self, u: int, variant: str, seed: int, m: int | None):
-        if variant == "det" or u >= self.nnz or u == 0:
-            return self._pad(self._top(min(u, self.nnz))), None, 0
-        if variant == "rand":
-            m = m if m is not None else self.draws_for(self.p, u)
-            keep, scale = self._sample(self.p, m, seed)
-            keep = self._pad(keep)
-            return keep, torch.where(keep, scale, torch.ones_like(scale)), m
-        # top
-        m = self.draws_for(self.p, u)
-        fixed = self.p >= 1.0 / m
-        if int(fixed.sum()) >= u:
-            return self._pad(self._top(u)), None, m
-        rest = (self.p > 0) & ~fixed
-        u_r, n_r = u - int(fixed.sum()), int(rest.sum())
-        if u_r >= n_r:
-            return self._pad(fixed | rest), None, m
-        pr = torch.where(rest, self.p, torch.zeros_like(self.p))
-        pr = pr / pr.sum()
-        m_r = self.draws_for(pr, u_r)
-        drawn, scale = self._sample(pr, m_r, seed)
-        keep = self._pad(fixed | drawn)
-        return keep, torch.where(drawn & ~fixed, scale, torch.ones_like(scale)), m_r
-
-    def entry(self, v: int, t_lo: float, t_hi: float) -> float:
-        """The largest log ε in [t_lo, t_hi] at which u_ℓ ≥ v (u_ℓ does not increase with ε); t_lo if none."""
-        if self.unique(t_hi) >= v:
-            return t_hi
-        lo, hi = t_lo, t_hi  # unique(lo) >= v > unique(hi)
-        for _ in range(PREDICT_STEPS):
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            if self.unique(mid) >= v:
-                lo = mid
-            else:
-                hi = mid
-        return lo
-
-
-@dataclass
-class _Counter:
-    """Kept entries of one prunable weight for given kept rows and input channels: r^T A c."""
-
-    name: str
-    A: torch.Tensor              # (out, C or 1) float64: alive entries per (row, input channel)
-    row_group: str | None        # group whose removed channels mask the rows
-    reader: int | None           # index of the _Reader compressing the input, or None
-    units: torch.Tensor | None = None  # the channel of each row when a channel owns several (attention heads)
-
-
-class _Plan:
-    """PFP's selection for one round: the readers, the groups that may lose channels, the counters."""
-
-    def __init__(self, ctx: ScoreContext, scores: Mapping[str, torch.Tensor], st: dict, seed: int, min_keep: int):
-        o = ctx.options
-        self.model, self.variant, self.seed = ctx.model, o.variant, seed
-        self.groups: list[ChannelGroup] = st["groups"]
-        positions = st["positions"]
-        self.params = list(ctx.params)
-        self.alive = {p.name: ctx.masks[p.name].to(torch.bool) for p in self.params}
-        readers = _readers(self.groups)
-        self.readers: list[_Reader] = []
-        reader_of: dict[str, int] = {}
-        for p in self.params:
-            ig = _input_group(p, readers)
-            if ig is None:
-                continue
-            g, block = ig
-            out = out_first(p.module, p.tensor).shape[0]
-            alive = out_first(p.module, self.alive[p.name]).reshape(out, g.size, -1).cpu()
-            sc = out_first(p.module, scores[p.name].detach())
-            s = (sc.reshape(out, g.size, -1).cpu().double() * alive).amax(dim=(0, 2))
-            pos, k = positions[p.name]
-            reader_of[p.module_name] = len(self.readers)
-            self.readers.append(_Reader(p, g.name, block, s.clamp(0.0, 1.0), alive.any(2).any(0), pos, k,
-                                        o.delta_s, o.C, min_keep))
-        # groups that lose the channels all their readers drop
-        self.removable: dict[str, list[int]] = {}
-        for g in self.groups:
-            if g.prunable and g.consumers and all(c in reader_of for c, _ in g.consumers):
-                self.removable[g.name] = [reader_of[c] for c, _ in g.consumers]
-        self.round_to = resolve_round_channels(o.round_channels, ctx.model, st.get("example"))
-        self.group_order: dict[str, tuple[torch.Tensor, int]] = {}  # rank of a group's channels, alive count
-        for gname, idx in self.removable.items():
-            best = torch.stack([self.readers[i].s for i in idx]).amax(0)
-            alive = torch.stack([self.readers[i].alive for i in idx]).any(0)
-            order = torch.sort(best + alive.double(), descending=True, stable=True).indices
-            self.group_order[gname] = (order, int(alive.sum()))
-        row_group = {pr: g for g in self.groups if g.name in self.removable for pr in g.producers}
-        self.counters: list[_Counter] = []
-        for p in self.params:
-            a = out_first(p.module, self.alive[p.name])
-            out = a.shape[0]
-            r = reader_of.get(p.module_name) if p.attr == "weight" else None
-            cols = self.readers[r].channels if r is not None else 1
-            A = a.reshape(out, cols, -1).sum(2).cpu().double()
-            g = row_group.get(p.module_name) if p.attr == "weight" else None
-            units = row_channels(g) if g is not None and (g.rows != 1 or g.splits != 1) else None
-            self.counters.append(_Counter(p.name, A, g.name if g is not None else None, r, units))
-        active = [r for r in self.readers if r.nnz > 0]
-        if active:
-            t_hi = max(r.t_single() for r in active) + 1.0
-            t_lo = min(r.t_full() for r in active) - 1.0
-            self.t_hi = min(LOG_EPS_MAX, t_hi)
-            self.t_lo = max(LOG_EPS_MIN, min(t_lo, self.t_hi - 1.0))
-        else:
-            self.t_lo, self.t_hi = LOG_EPS_MIN, LOG_EPS_MAX
-
-    def t_of(self, x: float) -> float:
-        return self.t_hi - x * (self.t_hi - self.t_lo)
-
-    def units(self, t: float) -> list[int]:
-        """u_ℓ(ε) of every reader at log ε = t."""
-        return [r.unique(t) for r in self.readers]
-
-    def evaluate_u(self, us: Sequence[int], variant: str | None = None,
-                   ms: Sequence[int | None] | None = None) -> tuple[int, dict]:
-        """(kept prunable weights, selection) when reader ℓ keeps u_ℓ = ``us[ℓ]`` input channels (``ms``: rand
-        draw counts overriding those of u_ℓ)."""
-        variant = variant or self.variant
-        ms = ms if ms is not None else [None] * len(us)
-        sel = [r.select(u, variant, self.seed, m) for r, u, m in zip(self.readers, us, ms)]
-        group_keep = {}
-        for gname, idx in self.removable.items():
-            keep = torch.zeros_like(sel[idx[0]][0])
-            for i in idx:
-                keep |= sel[i][0]
-            if not bool(keep.any()):
-                keep[0] = True
-            if self.round_to > 1:
-                added = self._round_up(gname, keep)
-                if added is not None:
-                    keep = keep | added
-                    for i in idx:  # every reader reads the channels the rounding brings back (unscaled)
-                        sel[i] = (sel[i][0] | added, sel[i][1], sel[i][2])
-            group_keep[gname] = keep
-        kept = 0.0
-        for c in self.counters:
-            v = c.A @ sel[c.reader][0].double() if c.reader is not None else c.A[:, 0]
-            if c.row_group is not None:
-                gk = group_keep[c.row_group]
-                kept += float(v @ (gk if c.units is None else gk[c.units]).double())
-            else:
-                kept += float(v.sum())
-        kept = int(round(kept))
-        return kept, {"u": list(us), "select": sel, "groups": group_keep}
-
-    def _round_up(self, gname: str, keep: torch.Tensor) -> torch.Tensor | None:
-        """The channels that bring group ``gname``'s kept count up to a multiple of ``round_channels`` (or to all its
-        alive channels): the best ones not yet kept, by the largest sensitivity any reader gives them; None when
-        the count is already one."""
-        order, n_alive = self.group_order[gname]
-        n = int(keep.sum())
-        want = min(self.round_to * math.ceil(n / self.round_to), max(n_alive, n))
-        if want <= n:
-            return None
-        free = order[~keep[order]][:want - n]
-        added = torch.zeros_like(keep)
-        added[free] = True
-        return added
-
-    def evaluate_t(self, t: float, variant: str | None = None) -> tuple[int, dict]:
-        kept, res = self.evaluate_u(self.units(t), variant)
-        res["t"] = t
-        return kept, res
-
-    def evaluate(self, x: float) -> tuple[int, dict]:
-        return self.evaluate_t(self.t_of(x))
-
-    def predict(self, count: float) -> float:
-        """x whose det size is closest to ``count`` (bisection; the det size does not decrease with x)."""
-        lo, hi = 0.0, 1.0
-        k_lo = self.evaluate_t(self.t_of(lo), "det")[0]
-        k_hi = self.evaluate_t(self.t_of(hi), "det")[0]
-        if count <= k_lo:
-            return KAPPA_MIN
-        if count >= k_hi:
-            return 1.0
-        for _ in range(PREDICT_STEPS):
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            k = self.evaluate_t(self.t_of(mid), "det")[0]
-            if k == count:
-                return mid
-            if k < count:
-                lo, k_lo = mid, k
-            else:
-                hi, k_hi = mid, k
-        return max(KAPPA_MIN, lo if count - k_lo <= k_hi - count else hi)
-
-    def fill(self, t: float, target: int, tol: float) -> tuple[int, dict, int, list[str]]:
-        """Continue the shared-ε path past log ε = ``t`` (a selection below the target) one step at a time.
-
-        A step is u_ℓ → u_ℓ + 1 (det, top), or one more draw for a sampling rand layer (each adds at most one
-        channel; the draws of u_ℓ + 1 belong to the ε where u_ℓ + 1 is reached). The next step is the one the
-        shared ε reaches first as it decreases (largest entry ε, lower reader index on ties); it is taken if the
-        size stays ≤ target·(1 + tol), else that reader is frozen where it is. Stops within tol, or when every
-        reader is frozen or full. Returns (kept, selection, steps taken, frozen readers)."""
-        us = self.units(t)
-        sampling = [self.variant == "rand" and 0 < u < r.nnz for r, u in zip(self.readers, us)]
-        ms = [r.draws_for(r.p, u) if smp else None for r, u, smp in zip(self.readers, us, sampling)]
-        kept, res = self.evaluate_u(us, ms=ms)
-        taken, frozen, nxt = 0, set(), {}
-        hi_ok = target * (1.0 + tol)
-
-        def step(i: int) -> tuple[float, int, int | None]:
-            """(entry log ε, new u, new draws) of reader i's next step."""
-            r = self.readers[i]
-            if ms[i] is None:
-                return r.entry(us[i] + 1, self.t_lo, t), us[i] + 1, None
-            v = int(math.floor(r.expected_unique(ms[i] + 1) + 0.5))
-            if v >= r.nnz or ms[i] >= DRAW_CAP * r.nnz:  # the layer becomes full (every channel, unscaled)
-                return r.entry(r.nnz, self.t_lo, t), r.nnz, None
-            return (r.entry(v, self.t_lo, t) if v > us[i] else t), max(us[i], v), ms[i] + 1
-
-        while kept < target * (1.0 - tol):
-            for i, r in enumerate(self.readers):
-                if i not in frozen and i not in nxt and us[i] < r.nnz:
-                    nxt[i] = step(i)
-            if not nxt:
-                break
-            i = max(nxt, key=lambda j: (nxt[j][0], -j))
-            _, u_new, m_new = nxt.pop(i)
-            trial_u, trial_m = list(us), list(ms)
-            trial_u[i], trial_m[i] = u_new, m_new
-            k, r = self.evaluate_u(trial_u, ms=trial_m)
-            if k <= hi_ok:
-                us, ms, kept, res = trial_u, trial_m, k, r
-                taken += 1
-            else:
-                frozen.add(i)
-        res["t"] = t
-        return kept, res, taken, [self.readers[i].param.name for i in sorted(frozen)]
-
-    def masks(self, result: dict) -> dict[str, torch.Tensor]:
-        """Per-weight masks of a selection: current masks AND removed channels AND dropped input slices."""
-        removed = {g: k for g, k in result["groups"].items() if not bool(k.all())}
-        wm = channel_masks_to_masks(self.model, self.groups, removed) if removed else {}
-        out = {}
-        for c in self.counters:
-            m = self.alive[c.name].clone()
-            if c.name in wm:
-                m &= wm[c.name].to(m.device)
-            if c.reader is not None:
-                keep = result["select"][c.reader][0].to(m.device)
-                mo = out_first(self.readers[c.reader].param.module, m)  # a view: writes reach m
-                view = mo.view(mo.shape[0], keep.numel(), -1)
-                view[:, ~keep, :] = False
-            out[c.name] = m
-        return out
 
 
 # --------------------------------------------------------------------------------------------------- the method
@@ -615,7 +208,7 @@ def _select(ctx: ScoreContext, scores: dict, sparsity: float, st: dict) -> dict[
     if target == n_alive:
         return {n: alive[n].clone() for n in names}
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
-    plan = _Plan(ctx, scores, st, seed, min_keep)
+    plan = Plan(ctx, scores, st, seed, min_keep)
     if not plan.readers:
         raise PrunekitError(_no_reader_message(ctx.model, st["groups"]))
     k_min = plan.evaluate_t(plan.t_of(0.0), "det")[0]
@@ -687,7 +280,7 @@ def _update(ctx: ScoreContext, st: dict) -> None:
 def pfp(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Scores = the per-weight empirical sensitivities (max over conv positions), in [0, 1]; unless
     ``per_weight_scores``, a layer whose input channels PFP prunes gets the channel sensitivity on each alive entry
-    and the other layers +inf (see :class:`PfpOptions`). The selection reduces them to channel sensitivities. Also traces the channel groups (one eval forward of two examples)."""
+    and the other layers +inf (see :class:`PfpOptions`). The selection reduces them to channel sensitivities. Also traces the channel groups (one eval forward of two examples, once per architecture)."""
     return pfp_scores(ctx)[0]
 
 
@@ -699,14 +292,14 @@ def pfp_scores(ctx: ScoreContext) -> tuple[dict[str, torch.Tensor], dict]:
     for p in ctx.params:
         _check_layer(p)
     x, need = sample_inputs(ctx, o, who="pfp")
-    groups = channel_groups(ctx.model, x[:2])
-    readers = _readers(groups)
-    if not any(_input_group(p, readers) is not None for p in ctx.params):  # before the sensitivities
+    groups = groups_by_structure(ctx.model, x[:2], channel_groups)  # traced once per architecture
+    readers = readers_of(groups)
+    if not any(input_group(p, readers) is not None for p in ctx.params):  # before the sensitivities
         raise PrunekitError(_no_reader_message(ctx.model, groups))
     channels = {}
     if not o.per_weight_scores:  # the readers' channel maxima only (what the selection reads), same values
         for p in ctx.params:
-            ig = _input_group(p, readers)
+            ig = input_group(p, readers)
             if ig is not None:
                 k = out_first(p.module, p.tensor)[0].numel() // ig[0].size  # entries per input channel
                 channels[p.name] = (k, ctx.masks[p.name])

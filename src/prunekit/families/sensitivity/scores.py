@@ -1,6 +1,7 @@
 """Empirical sensitivities of single weights (seed 002; methods/sensitivity.md §1–2), shared by SiPP and PFP: the
-sample set size |S| (§1), the relative contributions g_ij(x) and their maximum over S (§2), and the first |S|
-examples of the scoring data."""
+sample set size |S| (§1), the layers' input patches, the collection of the maxima over S in forward hooks (§2;
+the kernels are :mod:`prunekit.families.sensitivity.kernels`, PFP's channel maxima
+:mod:`prunekit.families.sensitivity.channel_bounds`), and the first |S| examples of the scoring data."""
 from __future__ import annotations
 
 import math
@@ -18,12 +19,10 @@ from ...errors import PrunekitError
 from ...modes import model_device, scoring_mode
 from ...params import PrunableParam, hf_conv1d, is_prunable_type
 from ...registry import ScoreContext
+from .channel_bounds import channel_contributions, channel_contributions_rows
+from .kernels import relative_contributions
 
 
-#: |z| at or below this is treated as 0 (the denominator becomes infinite and g = 0), whatever the model's dtype.
-EPS = float(torch.finfo(torch.float32).eps)
-#: Elements of the temporary tensors formed at once by the sensitivity kernels.
-BLOCK_ELEMS = 1 << 22
 #: Examples per forward pass while collecting sensitivities.
 EXAMPLES_PER_FORWARD = 32
 #: A side draws at most DRAW_CAP·nnz_i samples (then E[unique] may fall short of m_i; the size search compensates).
@@ -177,163 +176,21 @@ def patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, ks, dilation=dil, padding=pad, stride=st)
 
 
-def _reciprocal(z: torch.Tensor) -> torch.Tensor:
-    """|1/z|, and 0 where |z| ≤ eps (an infinite denominator)."""
-    az = z.abs()
-    return torch.where(az > EPS, az.clamp(min=EPS).reciprocal(), torch.zeros_like(az))
-
-
-def _max_product(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """max over rows R of r[R, i]·a[R, j] -> (I, J), for nonnegative r (R, I) and a (R, J), in bounded blocks."""
-    R, I = r.shape
-    J = a.shape[1]
-    out = torch.zeros((I, J), dtype=a.dtype, device=a.device)
-    ic = min(I, max(1, BLOCK_ELEMS // max(J, 1)))
-    rb = max(1, BLOCK_ELEMS // (ic * max(J, 1)))
-    for i0 in range(0, I, ic):
-        acc = out[i0:i0 + ic]
-        for r0 in range(0, R, rb):
-            blk = r[r0:r0 + rb, i0:i0 + ic, None] * a[r0:r0 + rb, None, :]
-            torch.maximum(acc, blk.amax(0), out=acc)
-    return out
-
-
-def _max_mean(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """max over examples n of (1/P)·Σ_p r[n, i, p]·a[n, j, p] -> (I, J): one batched matmul per block."""
-    n, J, P = a.shape
-    I = r.shape[1]
-    out = torch.zeros((I, J), dtype=a.dtype, device=a.device)
-    nb = max(1, BLOCK_ELEMS // max(I * J, 1))
-    for n0 in range(0, n, nb):
-        blk = torch.bmm(r[n0:n0 + nb], a[n0:n0 + nb].transpose(1, 2))
-        torch.maximum(out, blk.amax(0), out=out)
-    return out / P
-
-
-def relative_contributions(w: torch.Tensor, a: torch.Tensor, aggregate: str) -> torch.Tensor:
-    """max over the examples of ``a`` of g_ij aggregated over positions (section 2 fast paths).
-
-    ``w``: (I, J) weights of one group; ``a``: (n, J, P) nonnegative patches. ``aggregate``: ``mean`` or ``max`` over
-    the P positions. Result (I, J) in [0, 1]."""
-    n, J, P = a.shape
-    I = w.shape[0]
-    pos, neg = w > 0, w < 0
-    rp = _reciprocal(torch.einsum("ij,njp->nip", w.clamp(min=0), a))
-    rn = _reciprocal(torch.einsum("ij,njp->nip", w.clamp(max=0), a))
-    if aggregate == "mean" and P > 1:
-        mp, mn = _max_mean(a, rp), _max_mean(a, rn)
-    else:  # max over positions then over examples = max over the n·P rows (MAX fast path; P = 1: mean = max)
-        ar = a.permute(0, 2, 1).reshape(n * P, J)
-        mp = _max_product(rp.permute(0, 2, 1).reshape(n * P, I), ar)
-        mn = _max_product(rn.permute(0, 2, 1).reshape(n * P, I), ar)
-    g = w.abs() * torch.where(pos, mp, torch.where(neg, mn, torch.zeros_like(mp)))
-    return g.clamp_(max=1.0)
-
-
-def _scatter_max(best: torch.Tensor, channel: torch.Tensor, values: torch.Tensor) -> None:
-    """best[c] = max(best[c], values of the entries of channel c), in place."""
-    if values.numel():
-        best.scatter_reduce_(0, channel, values.to(best.dtype), "amax")
-
-
-#: Rows per block of the block bounds of :func:`channel_contributions`.
-ROW_BLOCK = 64
-
-
-def _blocks(t: torch.Tensor) -> torch.Tensor:
-    """(X, R) -> (X, nb, ROW_BLOCK), zero padded at the end of R when needed."""
-    X, R = t.shape
-    nb = -(-R // ROW_BLOCK)
-    if nb * ROW_BLOCK != R:
-        t = F.pad(t, (0, nb * ROW_BLOCK - R))
-    return t.reshape(X, nb, ROW_BLOCK)
-
-
-class _Rows:
-    """r (I, R) and a (J, R), cut into blocks of ROW_BLOCK rows, with each block's maximum."""
-
-    def __init__(self, r: torch.Tensor, a: torch.Tensor, ab: torch.Tensor):
-        self.r, self.a, self.ab = r, a, ab          # (I, nb, B), (J, nb, B), (J, nb)
-        self.nb = r.shape[1]
-        self.rb = r.amax(2)                         # (I, nb)
-
-    def exact(self, fi: torch.Tensor, fj: torch.Tensor, wf: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-        """min(1, wf·max_R r[R, i]·a[R, j]) for the entries (fi, fj), over the blocks whose bound
-        min(1, wf·max r·max a) exceeds ``floor`` (the entry's channel maximum so far); entries whose every block
-        is below it get 0 (they cannot raise the maximum)."""
-        out = torch.zeros(fi.numel(), dtype=self.r.dtype, device=self.r.device)
-        step = max(1, BLOCK_ELEMS // (4 * self.nb))
-        for f0 in range(0, fi.numel(), step):
-            i, j, w = fi[f0:f0 + step], fj[f0:f0 + step], wf[f0:f0 + step]
-            bound = (w[:, None] * (self.rb[i] * self.ab[j])).clamp_(max=1.0)
-            e, b = torch.nonzero(bound > floor[f0:f0 + step, None], as_tuple=True)
-            for e0 in range(0, e.numel(), BLOCK_ELEMS // ROW_BLOCK):
-                ee, bb = e[e0:e0 + BLOCK_ELEMS // ROW_BLOCK], b[e0:e0 + BLOCK_ELEMS // ROW_BLOCK]
-                vals = (w[ee] * (self.r[i[ee], bb] * self.a[j[ee], bb]).amax(1)).clamp_(max=1.0)
-                out[f0:f0 + step].scatter_reduce_(0, ee, vals, "amax")
-        return out
-
-
-#: Entries per channel computed exactly in the first refinement round of :func:`channel_contributions` (doubling
-#: each round), and the rounds before every remaining entry is computed.
-FIRST_PICKS, PICK_ROUNDS = 4, 6
-
-
-def channel_contributions(w: torch.Tensor, a: torch.Tensor, k: int, best: torch.Tensor,
-                          alive: torch.Tensor | None = None) -> None:
-    """``best[c] = max(best[c], max over i and the k entries j of input channel c of g_ij)``, in place, for the
-    MAX aggregation: exactly ``(relative_contributions(w, a, "max") * alive).view(I, C, k).amax((0, 2))`` (the same
-    float products; dead entries (``alive`` 0) give 0), without forming every g_ij.
-
-    ``w``: (I, C·k); ``a``: (n, C·k, P) nonnegative patches; ``best`` (C,) holds a running maximum (e.g. of
-    earlier chunks). Per sign of the weights, with r = 1/|z±| and the rows R = (example, position), an entry's
-    g = min(1, |w_ij|·max_R r[R, i]·a[R, j]) is at most U_ij = min(1, |w_ij|·max_R r[R, i]·max_R a[R, j]). An entry
-    whose U does not exceed its channel's running maximum cannot raise it and is skipped. Rounds: the live entries
-    of largest U in each channel (4, then 8, 16, ...) are computed exactly over every row, the maxima rise, the
-    live set shrinks; after a few rounds (or once the rest is cheap) every live entry is computed exactly. Max and
-    rounding are monotone, so the result is bitwise that of the dense computation."""
-    n, J, P = a.shape
-    I = w.shape[0]
-    R = n * P
-    C = J // k
-    channel_of = torch.arange(J, device=w.device) // k
-    at = a.permute(1, 0, 2).reshape(J, R)   # rows per input
-    amax = at.amax(1)
-    a_blocks = ab = None
-    for sign in (1, -1):
-        ws = w.clamp(min=0) if sign > 0 else w.clamp(max=0)
-        z = torch.einsum("ij,njp->nip", ws, a)   # the same call as relative_contributions: the same r, bit for bit
-        rt = _reciprocal(z).permute(1, 0, 2).reshape(I, R)
-        W = w.abs() * ((w > 0) if sign > 0 else (w < 0))
-        if alive is not None:
-            W = W * alive
-        if R * I * J <= BLOCK_ELEMS:
-            g = (W * _max_product(rt.t(), at.t())).clamp_(max=1.0)
-            torch.maximum(best, g.view(I, C, k).amax(dim=(0, 2)), out=best)
-            continue
-        U = (W * (rt.amax(1)[:, None] * amax[None, :])).clamp_(max=1.0)
-        if a_blocks is None:  # the a side is the same for both signs
-            a_blocks = _blocks(at)
-            ab = a_blocks.amax(2)
-        rows = _Rows(_blocks(rt), a_blocks, ab)
-        live = (U > best[channel_of][None, :]) & (W > 0)
-        picks = FIRST_PICKS
-        for _ in range(PICK_ROUNDS):
-            n_live = int(live.sum())
-            if n_live * rows.nb <= BLOCK_ELEMS // 8 or picks >= I * k:
-                break
-            Uc = torch.where(live, U, torch.full_like(U, -1.0)).view(I, C, k).permute(1, 0, 2).reshape(C, I * k)
-            val, t = torch.topk(Uc, min(picks, I * k), dim=1)
-            c_idx = torch.arange(C, device=w.device)[:, None].expand_as(t)
-            keep = val > 0  # live entries only (dead ones carry -1; U > 0 for a live entry)
-            fi, fj = (t // k)[keep], (c_idx * k + t % k)[keep]
-            _scatter_max(best, channel_of[fj], rows.exact(fi, fj, W[fi, fj], best[channel_of[fj]]))
-            live[fi, fj] = False
-            live &= U > best[channel_of][None, :]
-            picks *= 2
-        fi, fj = torch.nonzero(live, as_tuple=True)
-        if fi.numel():
-            _scatter_max(best, channel_of[fj], rows.exact(fi, fj, W[fi, fj], best[channel_of[fj]]))
+def patch_rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The patches of :func:`patches` laid out (J, n·P): one row per input entry, the columns in (example,
+    position) order, i.e. ``patches(layer, x).permute(1, 0, 2).reshape(J, -1)``. A Conv2d with zero padding copies
+    its windows straight from the padded input into that layout (one copy instead of unfold's and the transpose's)."""
+    m = layer.param.module
+    if layer.kind != "conv2d" or m.padding_mode != "zeros" or isinstance(m.padding, str) or x.dim() != 4:
+        a = patches(layer, x)
+        return a.permute(1, 0, 2).reshape(a.shape[1], -1)
+    (ph, pw), (kh, kw), (sh, sw), (dh, dw) = m.padding, m.kernel_size, m.stride, m.dilation
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
+    n, C, H, W = xp.shape
+    oh, ow = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = xp.stride()
+    win = xp.as_strided((C, kh, kw, n, oh, ow), (sc, dh * sy, dw * sx, sn, sh * sy, sw * sx))
+    return win.reshape(C * kh * kw, n * oh * ow)
 
 
 def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Tensor | DictInputs, aggregate: str,
@@ -380,8 +237,18 @@ def collect(model: nn.Module, params: Sequence[PrunableParam], inputs: torch.Ten
         for lay in by_module[id(module)]:
             acc = run[lay.param.name]
             w = out_first(module, lay.param.tensor.detach()).reshape(lay.out, -1).to(acc.dtype)
-            a = patches(lay, x.to(acc.dtype))
-            if bool((a < 0).any()):  # every example becomes the two points max(a, 0) and max(-a, 0)
+            x = x.to(acc.dtype)
+            negative = bool((x < 0).any())  # the patches hold x's values (and padding zeros)
+            if lay.param.name in channels and x.device.type == "cpu":  # the (input, row) layout the bounds read
+                at = patch_rows(lay, x)
+                lay.positions = max(lay.positions, at.shape[1] // x.shape[0])
+                if negative:  # every example becomes the two points max(a, 0) and max(-a, 0)
+                    at = torch.cat([at.clamp(min=0), (-at).clamp(min=0)], dim=1)
+                k, alive = channels[lay.param.name]
+                channel_contributions_rows(w, at, k, acc, alive)
+                continue
+            a = patches(lay, x)
+            if negative:  # every example becomes the two points max(a, 0) and max(-a, 0)
                 a = torch.cat([a.clamp(min=0), (-a).clamp(min=0)])
             lay.positions = max(lay.positions, a.shape[2])
             if lay.param.name in channels:
