@@ -155,11 +155,33 @@ def speedup(model, masks, input_shape) -> float | None:
         return None
 
 
+def reset_peak_memory(device: str) -> bool:
+    """Start the run's peak-memory count: the CUDA peak on a GPU run, else the process's resident high-water mark
+    (Linux ``/proc/self/clear_refs``), so that a sweep worker's later runs do not report an earlier run's peak.
+    False where the platform does not allow it (the peak then covers the process's life)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_mb(device: str) -> float | None:
-    """Peak CUDA allocation on a GPU run; otherwise the process's peak resident memory (for a sweep worker that
-    is the peak over the runs it has done)."""
+    """Peak CUDA allocation on a GPU run; otherwise the peak resident memory of the process since
+    :func:`reset_peak_memory` (VmHWM), or over the process's life where that is not available."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     try:
         import resource  # not on every platform
 

@@ -29,6 +29,7 @@ from ..seeding import seed_everything
 from ..train.config import resolve_device
 from .config import resolve_run
 from .lifecycle import RankStore, RunLifecycle
+from .measure import reset_peak_memory
 from .pretrained import build_model, hf_folder
 from .protocols import PROTOCOLS, RunContext
 from .record import RunRecord, hardware, versions
@@ -62,6 +63,7 @@ def run(
         if done is not None:
             return done
         t_start = time.perf_counter()
+        reset_peak_memory(device)  # the record's peak_memory_mb is this run's
         with life.recording_failure():
             seed_everything(resolved.seed)
             model = build_model(resolved, splits, data_dir)
