@@ -135,47 +135,48 @@ def channel_contributions_rows(w: torch.Tensor, at: torch.Tensor, k: int, best: 
     J, R = at.shape
     I = w.shape[0]
     C = J // k
-    channel_of = torch.arange(J, device=w.device) // k
-    r_pos = reciprocal(_pre_activations(w.clamp(min=0), a, at))   # (I, R): the entries with w > 0 read these
-    r_neg = reciprocal(_pre_activations(w.clamp(max=0), a, at))   # and those with w < 0 these
     if R * I * J <= BLOCK_ELEMS:  # small: every g_ij
-        for rt, sign in ((r_pos, w > 0), (r_neg, w < 0)):
+        for ws, sign in ((w.clamp(min=0), w > 0), (w.clamp(max=0), w < 0)):
             W = w.abs() * sign
             if alive is not None:
                 W = W * alive
-            g = (W * max_product(rt.t(), at.t())).clamp_(max=1.0)
+            g = (W * max_product(reciprocal(_pre_activations(ws, a, at)).t(), at.t())).clamp_(max=1.0)
             torch.maximum(best, g.view(I, C, k).amax(dim=(0, 2)), out=best)
         return
-    # both signs at once: entry (i, j) reads row i of r_pos, or row I + i of the stacked reciprocals if w_ij < 0
+    # both signs at once: entry (i, j) reads row i of the reciprocals of z+, or row I + i (those of z−) if w_ij < 0
+    r = reciprocal(torch.cat([_pre_activations(w.clamp(min=0), a, at), _pre_activations(w.clamp(max=0), a, at)]))
     neg = w < 0
-    W = w.abs()   # w = 0: W = 0, never live (g = 0)
+    W = w.abs()   # w = 0: W = 0, U = 0, never live (g = 0)
     if alive is not None:
         W = W * alive
-    r_max = torch.where(neg, r_neg.amax(1)[:, None], r_pos.amax(1)[:, None])
-    U = (W * (r_max * at.amax(1)[None, :])).clamp_(max=1.0)
+    r_max = r.amax(1)
+    U = (W * (torch.where(neg, r_max[I:, None], r_max[:I, None]) * at.amax(1)[None, :])).clamp_(max=1.0)
     a_blocks = _blocks(at)
     asb = sub_maxima(a_blocks)
-    rows = _Rows(_blocks(torch.cat([r_pos, r_neg])), a_blocks, asb.view(J, -1, SUB_BLOCKS).amax(2), asb)
-    del r_pos, r_neg
-    live = (U > best[channel_of][None, :]) & (W > 0)
+    rows = _Rows(_blocks(r), a_blocks, asb.view(J, -1, SUB_BLOCKS).amax(2), asb)
+    del r
+    # channel-major (C, I·k): entry t of channel c is (i, j) = (t // k, c·k + t % k); an entry is live while its
+    # bound beats its channel's maximum (best >= 0, so a live entry has W > 0); computed entries are set to -1
+    V = U.view(I, C, k).permute(1, 0, 2).reshape(C, I * k)
+    del U
+    c_idx = torch.arange(C, device=w.device)[:, None]
+
+    def compute(c: torch.Tensor, t: torch.Tensor) -> None:
+        fi, fj = t // k, c * k + t % k
+        scatter_max(best, c, rows.exact(fi + I * neg[fi, fj], fj, W[fi, fj], best[c]))
+
     picks = FIRST_PICKS
-
-    def compute(fi: torch.Tensor, fj: torch.Tensor) -> None:
-        scatter_max(best, channel_of[fj], rows.exact(fi + I * neg[fi, fj], fj, W[fi, fj], best[channel_of[fj]]))
-
     for _ in range(PICK_ROUNDS):
-        n_live = int(live.sum())
+        n_live = int(torch.count_nonzero(V > best[:, None]))
         if n_live * rows.nb <= BLOCK_ELEMS // 8 or picks >= I * k:
             break
-        Uc = torch.where(live, U, torch.full_like(U, -1.0)).view(I, C, k).permute(1, 0, 2).reshape(C, I * k)
-        val, t = torch.topk(Uc, min(picks, I * k), dim=1)
-        c_idx = torch.arange(C, device=w.device)[:, None].expand_as(t)
-        keep = val > 0  # live entries only (dead ones carry -1; U > 0 for a live entry)
-        fi, fj = (t // k)[keep], (c_idx * k + t % k)[keep]
-        compute(fi, fj)
-        live[fi, fj] = False
-        live &= U > best[channel_of][None, :]
+        val, t = torch.topk(V, min(picks, I * k), dim=1)
+        c = c_idx.expand_as(t)
+        keep = val > best[:, None]  # live entries only
+        c, t = c[keep], t[keep]
+        compute(c, t)
+        V[c, t] = -1.0
         picks *= 2
-    fi, fj = torch.nonzero(live, as_tuple=True)
-    if fi.numel():
-        compute(fi, fj)
+    c, t = torch.nonzero(V > best[:, None], as_tuple=True)
+    if c.numel():
+        compute(c, t)
