@@ -59,10 +59,11 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     thr = torch.kthvalue(scores, n - k + 1).values
-    greater = scores > thr
-    need = k - int(greater.sum())
-    equal = scores == thr
-    return greater | (equal & (torch.cumsum(equal, 0) <= need))
+    keep = scores > thr
+    need = k - int(keep.sum())
+    if need > 0:  # the first `need` entries equal to the threshold, in index order (int64 of the ties only)
+        keep[torch.nonzero(scores == thr, as_tuple=True)[0][:need]] = True
+    return keep
 
 
 def clean_scores(name: str, s: torch.Tensor, nan_policy: str) -> torch.Tensor:
@@ -165,6 +166,8 @@ def select(
 
 def keep_among_alive(flat_scores: torch.Tensor, flat_alive: torch.Tensor, k: int) -> torch.Tensor:
     """Flat bool mask keeping the k alive entries with the largest score (ties: lower flat index)."""
+    if bool(flat_alive.all()):  # nothing pruned yet: no index list or gathered copy of the scores
+        return top_k_mask(flat_scores, k) if k > 0 else torch.zeros_like(flat_alive)
     idx = torch.nonzero(flat_alive, as_tuple=True)[0]
     keep = torch.zeros_like(flat_alive)
     if k > 0 and idx.numel():
