@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...gradstats import grad_stats
+from ...gradstats.frontend import grad_stats
 from ...modes import model_device
 from ...registry import ScoreContext, register
 

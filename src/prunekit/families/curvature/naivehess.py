@@ -13,7 +13,7 @@ from torch import nn
 
 from ... import distributed
 from ...batches import call
-from ...gradstats import twice_differentiable
+from ...gradstats.attention import twice_differentiable
 from ...modes import model_device, scoring_mode
 from ...registry import ScoreContext, register
 

@@ -38,7 +38,8 @@ from torch import nn
 from ... import distributed
 from ...batches import BatchStream, DictInputs, call
 from ...errors import PrunekitError, is_count
-from ...gradstats import Unsupported, batch_coupled, capture_io, gradient_edge, hook_kind, is_default_ce, unfolder
+from ...gradstats.capture import Unsupported, batch_coupled, capture_io, gradient_edge, hook_kind, unfolder
+from ...gradstats.losses import is_default_ce
 from ...modes import eval_mode, model_device, scoring_mode
 from ...params import PrunableParam
 from ...registry import default_loss as model_loss

@@ -14,7 +14,8 @@ import torch
 from ... import distributed
 from ...batches import DictInputs, call, rebatch
 from ...errors import PrunekitError
-from ...gradstats import grad_stats, twice_differentiable
+from ...gradstats.attention import twice_differentiable
+from ...gradstats.frontend import grad_stats
 from ...modes import model_device, scoring_mode
 from ...registry import ScoreContext, register
 
