@@ -27,7 +27,7 @@ from torch import nn
 import torch
 
 from .errors import PrunekitError
-from .families.obs.woodfisher import FlopsOptions
+from .families.obs.options import FlopsOptions
 from .flops import layer_positions, macs
 from .masks import Masks
 from .prune import PruningStep
