@@ -114,7 +114,7 @@ def one_step(model, params, data, code, sparsity, device, G=None, **opts):
     sync(device)
     t = time.perf_counter()
     with torch.no_grad():
-        obs.obs_update(ctx, before, new)
+        obs.obs_update(ctx, st, before, new)
     sync(device)
     times["pass2"] = time.perf_counter() - t
     w1 = [p.tensor.detach().clone() for p in params]
