@@ -120,10 +120,11 @@ class Masks:
             cur = self._masks[name]
             if tuple(m.shape) != tuple(cur.shape):
                 raise PrunekitError(f"mask for {name!r} has shape {tuple(m.shape)}, the tensor has {tuple(cur.shape)}")
+            given = m
             m = m.to(device=cur.device, dtype=torch.bool)
             if nested and bool((m & ~cur).any()):
                 raise PrunekitError(f"mask for {name!r} revives pruned entries, but masks must be nested")
-            self._masks[name] = m.clone()
+            self._masks[name] = m.clone() if m is given else m  # never the caller's tensor itself
         self._float = None
         self.apply()
         for opt in self.optimizers():
@@ -218,11 +219,11 @@ class Masks:
     # ------------------------------------------------------------------------------------------------------ stats
     def layer_stats(self) -> list[LayerStat]:
         return [
-            LayerStat(n, tuple(m.shape), int(m.sum()), m.numel()) for n, m in self._masks.items()
+            LayerStat(n, tuple(m.shape), int(torch.count_nonzero(m)), m.numel()) for n, m in self._masks.items()
         ]
 
     def kept(self) -> int:
-        return sum(int(m.sum()) for m in self._masks.values())
+        return sum(int(torch.count_nonzero(m)) for m in self._masks.values())
 
     def total(self) -> int:
         return sum(m.numel() for m in self._masks.values())

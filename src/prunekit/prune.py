@@ -239,10 +239,9 @@ def starting_masks(model: nn.Module, spec: ParamSpec, action: str = "prune", sta
         total += n
         if n == 0:
             continue
-        nz = t != 0
-        z = n - int(nz.sum())
+        z = n - int(torch.count_nonzero(t))
         if 0 < z < n:
-            found[p.name] = nz
+            found[p.name] = t != 0
             zeros += z
     masks = Masks(model, params, masks=found or None)
     if zeros:
