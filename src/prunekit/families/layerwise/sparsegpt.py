@@ -6,15 +6,16 @@ inputs over the calibration set (im2col columns for a convolution, solved per co
 fixed, each row's optimum is the least-squares solution of Eq. (2); SparseGPT approximates it row-parallel by the
 OBS step of Eq. (3) — remove weight m, update the rest by δ = −(w_m/[H⁻¹]_mm)·H⁻¹_{:,m}, error
 ε_m = w_m²/[H⁻¹]_mm — applied column by column left to right, every row sharing the sequence of inverse Hessians
-(H_{F_j})⁻¹ of the columns F_j = {j, …, d−1} not yet processed (Eq. (4): each is the previous one with column j
-eliminated by one Gaussian-elimination step).
+(H_{F_j})⁻¹ of the columns F_j = {j, …, d−1} not yet processed (the index sets of Eq. (4), F_{j+1} = F_j − {j};
+each inverse is the previous one with column j eliminated by one Gaussian-elimination step, Eq. (5)).
 
 Algorithm 1 of the paper, as implemented by :func:`sparsegpt_matrix`:
 
 1. H = 2XXᵀ/N (N tokens), dampened: H += λI with λ = ``damp``·mean(diag H) (default 1%).
 2. U = the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU): row j of U is (H_{F_j})⁻¹_{j,F_j}/√[(H_{F_j})⁻¹]_jj, so the
-   whole sequence of Eq. (4) is read off U with no further inversion.
-3. Columns in blocks of B = ``block_size`` (default 128). At the start of a block, the mask of its B columns is
+   whole sequence of Eq. (5) is read off U with no further inversion.
+3. Columns in blocks of B = ``block_size`` (default 128; the paper's lazy-batch block B and mask-selection block
+   B_s, both 128 there, are one size here). At the start of a block, the mask of its B columns is
    chosen adaptively: the kept entries are those of largest w_c²/U_cc² (the OBS error of Eq. (3) with the current,
    already-updated weights). Each column j of the block: the pruned rows' error e = w_j/U_jj, the block's remaining
    columns updated at once (W[:, j:] −= e·U[j, j:]); after the block, one matrix product applies the block's
