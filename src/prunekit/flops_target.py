@@ -33,7 +33,7 @@ from .masks import Masks
 from .prune import PruningStep
 from .registry import get_method
 from .structured.channel_scores import cached_channel_groups
-from .structured.groups import channel_masks_from_masks
+from .structured.channel_masks import channel_masks_from_masks
 from .structured.select import masks_from_channels
 
 

@@ -12,8 +12,10 @@ and ``save_shrunk_hf`` / ``load_shrunk_hf`` store and rebuild the shrunk model (
 """
 from .archive import MODULE_TYPES, export_onnx, load_shrunk, save_shrunk
 from .archive_hf import load_shrunk_hf, save_shrunk_hf
-from .groups import (ChannelGroup, channel_groups, channel_masks_from_masks, channel_masks_to_masks,
-                     check_channel_masks, make_exact, trace)
+from .channel_group import ChannelGroup
+from .channel_masks import channel_masks_from_masks, channel_masks_to_masks, check_channel_masks, make_exact
+from .fx_trace import trace
+from .groups import channel_groups
 from .shrink import TOLERANCE, masked_copy, relative_error, shrink, shrink_report, transformer_example
 from .transformer_groups import transformer_groups
 

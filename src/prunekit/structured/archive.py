@@ -34,7 +34,7 @@ from ..errors import PrunekitError
 from ..io import atomic_torch_save
 from .archive_rules import (MODULE_TYPES, SCALARS, allowed_function, resolve_function,
                             validate_archive)
-from .groups import inputs_tuple, trace
+from .fx_trace import inputs_tuple, trace
 
 __all__ = ["save_shrunk", "load_shrunk", "export_onnx", "FORMAT", "MODULE_TYPES"]
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
+from .channel_group import ChannelGroup, row_channels, transposed
 from .group_cache import groups_by_structure
-from .groups import ChannelGroup, channel_groups, row_channels, transposed
+from .groups import channel_groups
 from .transformer_groups import is_transformer
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .groups import ChannelGroup
+from .channel_group import ChannelGroup
 
 #: Architectures remembered (least recently used first out).
 CACHE_SIZE = 16

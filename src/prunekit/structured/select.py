@@ -55,8 +55,9 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError, closest
+from .channel_group import ChannelGroup, row_channels, transposed
+from .channel_masks import channel_masks_from_masks
 from .channel_scores import bn_scale_scores, cached_channel_groups, example_input_for, filter_norm_scores
-from .groups import ChannelGroup, channel_masks_from_masks, row_channels, transposed
 
 log = logging.getLogger(__name__)
 

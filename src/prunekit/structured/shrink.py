@@ -30,8 +30,10 @@ from ..errors import PrunekitError
 from ..flops import layer_positions, macs
 from ..masks import Masks
 from ..params import hf_conv1d
-from .groups import (CONV_TYPES, CONVT_TYPES, ChannelGroup, inputs_tuple, channel_groups, channel_masks_from_masks,
-                     channel_masks_to_masks, check_channel_masks, expand_rows, make_exact)
+from .channel_group import CONV_TYPES, CONVT_TYPES, ChannelGroup, expand_rows
+from .channel_masks import channel_masks_from_masks, channel_masks_to_masks, check_channel_masks, make_exact
+from .fx_trace import inputs_tuple
+from .groups import channel_groups
 from .transformer_groups import is_transformer
 
 __all__ = ["shrink", "shrink_report", "masked_copy", "relative_error", "TOLERANCE", "transformer_example"]

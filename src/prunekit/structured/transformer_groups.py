@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..params import hf_conv1d, is_hf_model
-from .groups import ChannelGroup
+from .channel_group import ChannelGroup
 
 __all__ = ["is_transformer", "transformer_groups", "SUPPORTED"]
 

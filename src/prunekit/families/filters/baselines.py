@@ -45,7 +45,8 @@ import torch
 from ...errors import PrunekitError
 from ...registry import PruningMethod, ScoreContext, register
 from ...select import check_sparsity, keep_count
-from ...structured.groups import ChannelGroup, make_exact
+from ...structured.channel_group import ChannelGroup
+from ...structured.channel_masks import make_exact
 from ...structured.latency_table import check_round_channels, resolve_round_channels
 from ...structured.select import (bn_scale_scores, broadcast_channel_scores, cached_channel_groups,
                                  example_input_for, filter_norm_scores, masks_from_channels, select_channels)

@@ -93,8 +93,10 @@ from ...errors import PrunekitError
 from ...params import PrunableParam, prunable_params
 from ...registry import PruningMethod, ScoreContext, register
 from ...select import check_sparsity, keep_count
+from ...structured.channel_group import ChannelGroup
+from ...structured.channel_masks import make_exact
 from ...structured.group_cache import groups_by_structure
-from ...structured.groups import ChannelGroup, channel_groups, make_exact
+from ...structured.groups import channel_groups
 from ...structured.latency_table import check_round_channels
 from ..filters.baselines import why_fixed
 from .pfp_plan import LAYERS, Plan, input_group, readers_of

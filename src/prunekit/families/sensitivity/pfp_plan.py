@@ -14,7 +14,8 @@ from torch import nn
 
 from ...params import PrunableParam
 from ...registry import ScoreContext
-from ...structured.groups import ChannelGroup, channel_masks_to_masks, row_channels
+from ...structured.channel_group import ChannelGroup, row_channels
+from ...structured.channel_masks import channel_masks_to_masks
 from ...structured.latency_table import resolve_round_channels
 from .pfp_reader import PREDICT_STEPS, Reader
 from .scores import DRAW_CAP, KAPPA_MIN, is_conv1d, out_first
