@@ -2,8 +2,9 @@
 over the same calibration set, on the CPU (``magnitude`` with layer scope: the cost of pk.prune itself).
 
 For each model, the calibration set (random inputs: the cost does not depend on the values) is fed once through
-the model in eval mode without gradients (the "forward" time, best of ``--repeat``), then ``pk.prune`` runs each
-method at ``--sparsity`` on a fresh copy of the model (best of ``--repeat``):
+the model in eval mode without gradients (the "forward" time), then ``pk.prune`` runs each method at ``--sparsity``
+on a fresh copy of the model (best of ``--repeat``), each call right after a forward pass whose best time over the
+same repeats is the ratio's denominator (the machine's speed drifts by 10-20% between minutes):
 
 - ``lenet_300_100``: 128 images 1×28×28 in batches of 32 (3 Linear layers, 266,200 weights);
 - ``minilm``: the fetched MiniLM encoder (``prunekit.models.fetch.minilm_path()``, skipped when absent), 128
@@ -203,8 +204,9 @@ def main() -> None:
         print(f"{name}: {n:,} prunable weights, one forward pass over {sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in data)} "
               f"samples: {fwd:.3f} s ({a.threads} thread(s))")
         for code, kw in CODES:
-            best = float("inf")
-            for _ in range(a.repeat):
+            best, fwd = float("inf"), float("inf")
+            for _ in range(a.repeat):  # a forward pass timed right before each call: the ratio's two sides
+                fwd = min(fwd, forward_time(model, data))  # share the machine's state of the moment
                 m = copy.deepcopy(model)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -217,7 +219,8 @@ def main() -> None:
             if a.quality:
                 row["rel_error"] = float((outputs(m, held_out) - dense_out).norm() / dense_out.norm())
                 extra = f"  output error {row['rel_error']:.4f}"
-            print(f"  {label:32s} {best:8.3f} s = {best / fwd:6.1f} forwards  (sparsity {masks.sparsity():.4f}){extra}")
+            print(f"  {label:32s} {best:8.3f} s = {best / fwd:6.1f} forwards of {fwd:.3f} s  (sparsity "
+                  f"{masks.sparsity():.4f}){extra}")
             rows.append(row)
     print(json.dumps(rows))
 

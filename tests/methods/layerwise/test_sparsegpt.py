@@ -331,3 +331,33 @@ def test_fewer_calibration_rows_than_input_columns_warn():
     with pytest.warns(CalibrationWarning, match=r"'weight' saw 20 calibration rows .* for 32 input columns.*at "
                                                 r"least as many calibration samples as input columns"):
         pk.prune(linear_model(), "sparsegpt", sparsity=0.5, data=[(X, torch.zeros(20, dtype=torch.long))])
+
+
+@pytest.mark.parametrize("d", [40, 513, 1030])
+def test_gram_is_xtx_for_narrow_wide_and_grouped_inputs(d):
+    """The banded upper-triangle product equals XᵀX (float64, 1e-10), wide single groups and grouped inputs."""
+    from prunekit.families.layerwise.sparsegpt import gram, symmetric
+
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(300, 1, d, generator=g, dtype=F64)
+    want = X[:, 0].T @ X[:, 0]
+    assert torch.allclose(gram(X)[0], want, rtol=1e-10, atol=1e-10)
+    X2 = torch.randn(200, 1, d, generator=g, dtype=F64)  # summed unmirrored, mirrored once: the same
+    summed = symmetric(gram(X, mirror=False) + gram(X2, mirror=False))[0]
+    assert torch.allclose(summed, want + X2[:, 0].T @ X2[:, 0], rtol=1e-10, atol=1e-10)
+    Xg = torch.randn(50, 3, 17, generator=g, dtype=F64)
+    for j in range(3):
+        assert torch.allclose(gram(Xg)[j], Xg[:, j].T @ Xg[:, j], rtol=1e-10, atol=1e-10)
+
+
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_explicit_inverse():
+    """U from one factorisation of the reversed H and a triangular inverse equals cholesky(inv(H + λI), upper)."""
+    X = correlated_inputs(200, 60, seed=3)
+    H = X.T @ X
+    U = inverse_factor(H, 0.01)
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.allclose(U, want, rtol=1e-10, atol=1e-12) and bool((torch.tril(U, -1) == 0).all())
+    with pytest.raises(pk.PrunekitError, match="not positive definite"):
+        inverse_factor(-torch.eye(4, dtype=F64), 0.0)

@@ -6,7 +6,8 @@ One :func:`prunekit.prune` round of a layer-wise method:
 1. **score**: the layers are checked (:func:`~.calibration.as_layer`), the memory plan is made and refused when it
    does not fit (before any forward), the calibration inputs are read once, and ONE pass over them records the
    forward order and ‖X_j‖₂² of every input column of every layer; the scores are Wanda's |W_ij|·‖X_j‖₂ of the
-   current model (for ``sparsegpt`` they are informative only: its masks come from its own selection).
+   current model (for ``sparsegpt`` they are informative only: its masks come from its own selection, so its pass
+   reads the first calibration batch only, :attr:`LayerwiseMethod.solve_reads_norms`).
 2. **select**: the method's own layer-wise solve, at the round's sparsity. ``sequential: true`` goes through the
    groups in forward order (one per transformer block of a Hugging Face model, else one per layer): each group's
    inputs are captured with every earlier group already pruned (and, for SparseGPT, reconstructed) in the model,
@@ -135,6 +136,11 @@ class LayerwiseMethod(PruningMethod):
             return torch.float64
         return torch.float32
 
+    #: Whether the solve reads the score pass's column norms (wanda); if not (sparsegpt, obc) the score pass reads
+    #: only the first calibration batch: it records the forward order, and the returned |W|·‖X‖ (over that batch)
+    #: is informative only.
+    solve_reads_norms = True
+
     #: Bytes per weight of the largest layer's selection temporaries (:meth:`working_bytes`).
     transient_per_weight = 40
 
@@ -193,16 +199,16 @@ class LayerwiseMethod(PruningMethod):
     def check_pattern(self, ctx: ScoreContext, pattern: Pattern) -> None:
         """Refuse the method's options that do not combine with ``pattern`` (before any forward)."""
 
-    def column_norms(self, which, record: bool = False) -> dict[int, torch.Tensor]:
+    def column_norms(self, which, record: bool = False, batches: int | None = None) -> dict[int, torch.Tensor]:
         """‖X_j‖₂² per layer in ``which`` as [G, cols] (float64, on the CPU), from one capture pass (``record``:
-        the pass also records the forward order)."""
+        the pass also records the forward order; ``batches``: over the first that many calibration batches)."""
         dt = self._dtype
         sq = {i: torch.zeros(self.layers[i].groups, self.layers[i].cols, dtype=torch.float64) for i in which}
 
         def add(i, x):
             sq[i] += self.layers[i].inputs(x, dt).square().sum(0).double().cpu()
 
-        self.calib.capture(list(sq), add, record=record)
+        self.calib.capture(list(sq), add, record=record, batches=batches)
         distributed.all_sum(*sq.values())  # DDP: each rank's share of the batches, summed
         return sq
 
@@ -217,7 +223,10 @@ class LayerwiseMethod(PruningMethod):
         self.memory = self.plan(ctx)
         log.info(self.memory.summary())
         self.calib = Calibration(ctx.model, self.layers, ctx.data)
-        self.norms = sq = self.column_norms(range(len(self.layers)), record=True)
+        # the pass that records the forward order; its norms are the scores. A method whose solve reads no norms
+        # reads one batch here (its scores are informative only), saving a forward over the rest
+        self.norms = sq = self.column_norms(range(len(self.layers)), record=True,
+                                            batches=None if self.solve_reads_norms else 1)
         return {L.name: self.wanda_scores(L, sq[i]) for i, L in enumerate(self.layers)}
 
     def wanda_scores(self, layer: Layer, sq: torch.Tensor) -> torch.Tensor:

