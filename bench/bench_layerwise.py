@@ -17,7 +17,7 @@ LeNet: the logits).
 ``--memory``: instead, each method in a fresh process: the growth of the process's peak resident memory during
 ``pk.prune`` (VmHWM after minus VmRSS before, with the model and the calibration set already loaded and one forward
 pass done) beside the memory planner's peak (:func:`prunekit.families.layerwise.base.memory_plan`: the calibration
-statistics, SparseGPT's two d×d working matrices, and the scores, masks and weight copies of the call). ``wide``: 4 Linear 4096→4096 layers and 2,048 calibration
+statistics, SparseGPT's three d×d working matrices, and the scores, masks and weight copies of the call). ``wide``: 4 Linear 4096→4096 layers and 2,048 calibration
 rows, where the statistics dominate; ``minilm``: where they do not (d ≤ 1536: activations and the forward dominate).
 
 ``--sweep 128,1024,4096``: instead, LeNet-300-100 pruned to 50% by sparsegpt, wanda and magnitude with that many

@@ -92,7 +92,7 @@ def row_keep(scores: torch.Tensor, alive: torch.Tensor, quota: torch.Tensor) -> 
 @dataclass
 class Plan:
     """Bytes of one call: the calibration statistics per layer (name, columns, bytes) and their peak
-    (``statistics``: the largest group's, plus SparseGPT's two d×d working matrices), and ``working``: what the
+    (``statistics``: the largest group's, plus SparseGPT's three d×d working matrices), and ``working``: what the
     call holds besides them (:meth:`LayerwiseMethod.working_bytes`). ``peak`` is their sum, checked against
     ``limit``."""
 
@@ -161,14 +161,14 @@ class LayerwiseMethod(PruningMethod):
     def make_plan(self, model, layers: list[Layer], options, device) -> Plan:
         """The memory of the statistics of ``layers`` under ``options``: the largest group's (sequential: a
         transformer block of a Hugging Face model, else one layer), every layer's at once otherwise; plus
-        SparseGPT's two d×d working matrices of the widest layer."""
+        SparseGPT's three d×d working matrices of the widest layer."""
         from ..obs.planner import available_bytes
 
         self.layers = layers
         item = torch.finfo(torch.float64 if options.float64 or any(
             L.param.tensor.dtype == torch.float64 for L in layers) else torch.float32).bits // 8
         per = [(L.name, L.cols, self.stat_bytes(L, item)) for L in layers]
-        work = max(2 * L.cols * L.cols * item for L in layers) if self.updates else 0
+        work = max(3 * L.cols * L.cols * item for L in layers) if self.updates else 0
         group: dict[str, int] = {}
         for key, (_, _, b) in zip(group_keys(model, layers) if options.sequential else [""] * len(per), per):
             group[key] = group.get(key, 0) + b

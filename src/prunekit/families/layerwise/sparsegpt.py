@@ -38,7 +38,7 @@ forward pass for the scores plus, when sequential, one pass per group stopped af
 (groups + 1)/2 forwards), or for a Hugging Face model whose blocks pass the check of
 :meth:`~.calibration.Calibration.prepare_blocks` each block run twice on its cached inputs (about 2 forwards,
 whatever the depth; the cache holds one hidden state per calibration token). Memory: one group's Hessians at a time
-(sequential), d² values per layer and convolution group, plus two d×d working matrices; the plan is checked before
+(sequential), d² values per layer and convolution group, plus three d×d working matrices; the plan is checked before
 any forward (:meth:`~.base.LayerwiseMethod.plan`).
 
 ``pk.score`` of ``sparsegpt`` gives Wanda's |W_ij|·‖X_j‖₂ of the current model (the OBS error with a diagonal H),
