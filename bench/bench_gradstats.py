@@ -28,12 +28,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _memory import proc_status, reset_peak_rss  # noqa: E402
 import torch.nn.functional as F
 
 from prunekit.gradstats import grad_stats
 from prunekit.models import canonical_name, get_model, model_info
+from prunekit.peak_memory import proc_status, reset_peak_rss
 from prunekit.params import prunable_params
 
 DEFAULT_SAMPLES = {"lenet5_caffe": 1000, "resnet18": 64}  # others: 64

@@ -79,12 +79,8 @@ MEMORY_CODES = [("wanda", {}), ("sparsegpt", {"sequential": False}), ("sparsegpt
 
 def memory_one(name: str, index: int) -> dict:
     """One method on one model, in this (fresh) process: peak resident growth during pk.prune vs the plan."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _memory import proc_status, reset_peak_rss
     from prunekit.families.layerwise.base import memory_plan
+    from prunekit.peak_memory import proc_status, reset_peak_rss
 
     code, kw = MEMORY_CODES[index]
     model, data, _ = MODELS[name]()

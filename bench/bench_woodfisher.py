@@ -35,13 +35,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _memory import proc_status, reset_peak_rss  # noqa: E402
-
 import prunekit as pk
 import prunekit.criteria.obs as obs
 from prunekit.masks import Masks
 from prunekit.models import get_model
+from prunekit.peak_memory import proc_status, reset_peak_rss
 from prunekit.prune import default_loss
 from prunekit.registry import ScoreContext
 from prunekit.second_order import planner

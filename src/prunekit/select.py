@@ -167,7 +167,7 @@ def select(
 def keep_among_alive(flat_scores: torch.Tensor, flat_alive: torch.Tensor, k: int) -> torch.Tensor:
     """Flat bool mask keeping the k alive entries with the largest score (ties: lower flat index)."""
     if bool(flat_alive.all()):  # nothing pruned yet: no index list or gathered copy of the scores
-        return top_k_mask(flat_scores, k) if k > 0 else torch.zeros_like(flat_alive)
+        return top_k_mask(flat_scores, k)
     idx = torch.nonzero(flat_alive, as_tuple=True)[0]
     keep = torch.zeros_like(flat_alive)
     if k > 0 and idx.numel():

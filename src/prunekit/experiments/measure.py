@@ -17,6 +17,7 @@ from ..families.layerwise.reconstruction import held_out, reconstruction_errors
 from ..flops import theoretical_speedup
 from ..hf import TextClassifier
 from ..latency import compare_latency, example_input
+from ..peak_memory import proc_status, reset_peak_rss
 from ..seeding import derive_seed
 from ..structured import save_shrunk, shrink
 from ..structured.archive_hf import save_shrunk_hf
@@ -162,12 +163,7 @@ def reset_peak_memory(device: str) -> bool:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return reset_peak_rss()
 
 
 def peak_memory_mb(device: str) -> float | None:
@@ -176,11 +172,8 @@ def peak_memory_mb(device: str) -> float | None:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
+        return proc_status("VmHWM") / 2**20
+    except (OSError, KeyError):
         pass
     try:
         import resource  # not on every platform

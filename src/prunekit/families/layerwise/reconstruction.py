@@ -72,7 +72,7 @@ def reconstruction_errors(model: torch.nn.Module, dense: Mapping[str, torch.Tens
         cal.capture(range(len(layers)), add, stop=False)
     errors = {L.name: float(lo / k) if k > 0 else 0.0 for L, lo, k in zip(layers, lost, kept)}
     ref = copy.deepcopy(model)
-    ref.load_state_dict({**ref.state_dict(), **{k: v for k, v in dense.items()}})
+    ref.load_state_dict({**ref.state_dict(), **dense})
     diff = norm = 0.0
     with calibrating(model), calibrating(ref):
         for x in cal.inputs:

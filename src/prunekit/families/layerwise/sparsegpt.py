@@ -134,10 +134,10 @@ def sparsegpt_matrix(W: torch.Tensor, U: torch.Tensor, alive: torch.Tensor, quot
     return W, keep
 
 
-def banded(X: torch.Tensor) -> bool:
-    """Whether :func:`gram` computes XᵀX of inputs X [tokens, G, cols] over the upper block triangle only (one
+def banded(groups: int, cols: int) -> bool:
+    """Whether :func:`gram` computes XᵀX of inputs [tokens, groups, cols] over the upper block triangle only (one
     group of 512+ columns)."""
-    return X.shape[1] == 1 and X.shape[2] >= 512
+    return groups == 1 and cols >= 512
 
 
 def gram(X: torch.Tensor, mirror: bool = True) -> torch.Tensor:
@@ -146,7 +146,7 @@ def gram(X: torch.Tensor, mirror: bool = True) -> torch.Tensor:
     work for k bands; the same sums, grouped differently), about 35% faster than the full product on a 1536-column
     layer; the lower triangle is then zero, and ``mirror`` fills it (a sum of such matrices can be mirrored once,
     :func:`symmetric`)."""
-    if not banded(X):
+    if not banded(X.shape[1], X.shape[2]):
         Xg = X.permute(1, 0, 2)  # [G, tokens, cols]
         return Xg.transpose(1, 2) @ Xg
     x, d, k = X[:, 0, :], X.shape[2], 4
@@ -185,26 +185,24 @@ class SparseGPT(LayerwiseMethod):
         dt = self._dtype
         H = {i: None for i in group}
         n = {i: 0 for i in group}
-        half: dict[int, bool] = {}  # Hessians summed as upper triangles (gram's banded product), mirrored once
-        last: list = []  # (input, version, XᵀX, tokens, banded) of the last Linear call: q, k and v share one input
+        last: list = []  # (input, version, XᵀX, tokens) of the last Linear call: q, k and v share one input
 
         def add(i, x):
             L = self.layers[i]
             shared = L.kind != "conv" and last and last[0] is x and last[1] == x._version  # the same tensor object
             if shared:
-                h, tokens, half[i] = last[2], last[3], last[4]
+                h, tokens = last[2], last[3]
             else:
                 X = L.inputs(x, dt)  # [tokens, G, cols]
-                h, tokens = gram(X, mirror=False), X.shape[0]
-                half[i] = banded(X)
-                last[:] = [x, x._version, h, tokens, half[i]] if L.kind != "conv" else []
+                h, tokens = gram(X, mirror=False), X.shape[0]  # banded: summed as upper triangles, mirrored once
+                last[:] = [x, x._version, h, tokens] if L.kind != "conv" else []
             H[i] = h.clone() if H[i] is None else H[i].add_(h)
             n[i] += tokens
 
         self.calib.capture(group, add)
         last.clear()
         for i in group:
-            if half.get(i) and H[i] is not None:
+            if H[i] is not None and banded(self.layers[i].groups, self.layers[i].cols):
                 H[i] = symmetric(H[i])
         # DDP: each rank saw its share of the batches (Calibration.capture); the sums make every rank's H the same
         summed = distributed.all_sum_optional([H[i] for i in group])

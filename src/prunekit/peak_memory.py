@@ -1,4 +1,6 @@
-"""Process peak-memory helpers shared by the benchmarks (Linux /proc; callers fall back where it is missing)."""
+"""The process's peak resident memory on Linux (``/proc``): reset its high-water mark, read a byte count. Shared by
+the run records (:mod:`prunekit.experiments.measure`) and the benchmarks; callers fall back where ``/proc`` is
+missing."""
 from __future__ import annotations
 
 
@@ -13,7 +15,8 @@ def reset_peak_rss() -> bool:
 
 
 def proc_status(key: str) -> int:
-    """A byte count from /proc/self/status (e.g. ``VmHWM``, ``VmRSS``)."""
+    """A byte count from /proc/self/status (e.g. ``VmHWM``, ``VmRSS``); KeyError when the line is missing, OSError
+    without /proc."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
