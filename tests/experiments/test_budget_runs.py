@@ -1,8 +1,6 @@
 """A compute budget in the experiment harness: ``prune: {method: pfp, macs: 0.5}`` (or ``speedup: 2``,
 ``latency: 0.5``) instead of a sparsity resolves to a one-shot run whose schedule hands pk.prune a Budget, and the
 run records the MACs it reached."""
-import copy
-
 import pytest
 import torch
 
@@ -12,23 +10,17 @@ from prunekit.flops import layer_positions, macs
 from prunekit.flops_target import Budget
 from prunekit.models import get_model
 from prunekit.schedules import OneShot, PruningCallback
+from tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = {
-    "name": "budget",
-    "model": "lenet_300_100",
-    "data": {"name": "synthetic"},
-    "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "progress": False},
-    "prune": {"method": "pfp", "macs": 0.5, "sample_size": 4},
-    "seed": 0,
-}
-
 
 def cfg(**prune):
-    c = copy.deepcopy(BASE)
-    c["prune"] = prune
-    return c
+    """The shared tiny experiment (tests/tiny.py) with this prune section."""
+    return tiny("budget", prune=prune)
+
+
+BASE = cfg(method="pfp", macs=0.5, sample_size=4)
 
 
 def test_a_budget_resolves_to_a_one_shot_budget_run():
