@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -266,7 +265,8 @@ def run_model(name: str, args, tp) -> list[dict]:
                 key = f"TP {'global' if glob else 'uniform'} round_to={r}"
                 m, secs, _ = tp_prune(tp, dense, shape, args.macs, glob, r)
                 models[key] = m
-                info[key] = (_count(m, shape)[0] / dense_macs, _count(m, shape)[1], secs)
+                mac, params = _count(m, shape)
+                info[key] = (mac / dense_macs, params, secs)
                 print(f"  {name}: {key}: {info[key][0]:.3f} MACs, {secs:.2f} s", flush=True)
     configs = [("filter_l1", {"allocation": "uniform"}), ("filter_l1", {"allocation": "global"}),
                ("pfp", {"sample_size": args.pfp_samples})]
@@ -275,7 +275,8 @@ def run_model(name: str, args, tp) -> list[dict]:
             key = f"pk {method}{' ' + opts['allocation'] if 'allocation' in opts else ''} round={r}"
             m, secs, search = pk_prune(dense, shape, args.macs, method, data, round_channels=r, **opts)
             models[key] = m
-            info[key] = (_count(m, shape)[0] / dense_macs, _count(m, shape)[1], secs)
+            mac, params = _count(m, shape)
+            info[key] = (mac / dense_macs, params, secs)
             print(f"  {name}: {key}: {info[key][0]:.3f} MACs, {secs:.2f} s (prune_to_macs with its bisection "
                   f"{search:.2f} s)", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
