@@ -86,7 +86,7 @@ def main() -> None:
         base[m] = (statistics.median(t for t, _ in runs), runs[-1][1])
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_rank, args=(a.cores, folder, a.methods, a.samples, a.repeats), nprocs=a.cores, join=True)
-        ddp = torch.load(os.path.join(folder, "ddp.pt"))
+        ddp = torch.load(os.path.join(folder, "ddp.pt"), weights_only=True)
     print(f"LeNet-300-100, {a.samples} {what} images, sparsity 0.9; 1 process x {a.cores} threads vs "
           f"{a.cores} gloo processes x 1 thread (median of {a.repeats})")
     print(f"{'method':<18}{'1 process s':>12}{'DDP s':>10}{'speedup':>9}  masks")
